@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any, Callable, TypeVar, cast
 
@@ -205,6 +206,8 @@ def reload_from_environment() -> DebugLevel:
     _debug_level = int(level)
     raw_format = os.environ.get(LOG_FORMAT_ENV_VAR)
     _log_format, format_warning = _parse_log_format(raw_format)
+    for handler in list(_console_handlers):
+        handler.forget_color_decision()
     if level_warning:
         _warn_once(f"level:{raw_level}", level_warning)
     if format_warning:
@@ -320,7 +323,7 @@ _ASSIGNED_VALUE = (
 _LOWER_CASE_RULES = tuple(
     re.compile(pattern)
     for pattern in (
-        r"(?P<secret>bearer(?<![a-z0-9_]bearer)\s+[^\s\"',;\\]+)",
+        r"(?P<secret>bearer(?<![a-z0-9_]bearer)\s+[a-z0-9\-._~+/]{8,}=*)",  # RFC 6750 token68
         r"://(?P<secret>[^/\s:@\"'\\]+:[^/\s@\"'\\]+)@",
         # ``name=value`` / ``name: value``: the name stays, the value goes.
         r"pass(?:word|wd|phrase)?" + _ASSIGNED_VALUE,
@@ -714,11 +717,19 @@ class AnyclaudeFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
+_console_handlers: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at the time of the line (pytest, redirection)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self._color_stream_id = 0
+        _console_handlers.add(self)
+
+    def forget_color_decision(self) -> None:
+        """Decide colour again at the next line (the environment may have changed)."""
         self._color_stream_id = 0
 
     @property
@@ -741,7 +752,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             stream.flush()
         except RecursionError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - reported by logging's own handleError, as StreamHandler does
             self.handleError(record)
 
 
@@ -1231,7 +1242,7 @@ def write_error_debug_file(status_code: int, request_info: object, response_info
         if not _debug_level or int(status_code) < 400:
             return None
         content = _debug_document(int(status_code), request_info, response_info)
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{_FILE_PREFIX}{int(status_code)}-{stamp}-{secrets.token_hex(8)}.json"
         path = get_debug_directory()
         with _file_lock:

@@ -26,7 +26,7 @@ for version in 3.9 3.10 3.12 3.13; do
         "$venv/bin/python" -m pip install --quiet pytest hypothesis
     fi
     echo "== utils_logging tests on $("$venv/bin/python" --version)"
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/logging
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/logging_module
     tested+=("$version")
 done
 echo "utils_logging tested on Python ${tested[*]:-(none besides the project's own)}"
