@@ -49,6 +49,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any, Callable, TypeVar, cast
 
 __all__ = [
+    "REDACTED",
+    "AnyclaudeFormatter",
     "DebugLevel",
     "PerformanceTimer",
     "debug",
@@ -98,7 +100,7 @@ MAX_DEBUG_FILE_STRING_CHARS = 64 * 1024
 #: The index of error files is rotated once it passes this size.
 MAX_INDEX_BYTES = 256 * 1024
 #: Cache keys longer than this are shown as a digest.
-MAX_DISPLAYED_KEY_CHARS = 64
+MAX_DISPLAYED_KEY_CHARS = 32
 
 _TRUNCATION_MARKER = "…[truncated {} chars]"
 
