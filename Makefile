@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench clean
+.PHONY: install serve test lint test-python-versions bench-logging clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ test-python-versions:
 test: lint test-python-versions
 	$(BIN)/python -m pytest
 
-bench: install
+bench-logging: install
 	$(BIN)/python bench/bench_logging.py
 
 clean:

@@ -302,67 +302,62 @@ def _safe_key_text(key: object) -> str:
     return _scrub_text(key if type(key) is str else _safe_str(key))
 
 
-# Secret-shaped values in free text, masked wholly (no prefix is kept).  Every
-# rule starts with a literal so that ``re`` scans for it at C speed; a long
-# prompt costs one fast pass per rule.  Case-sensitive rules run on the text,
-# the others on its lower-cased copy; each names the group that is masked.
-_CASE_SENSITIVE_RULES = tuple(
-    re.compile(pattern)
-    for pattern in (
-        r"sk-(?<![A-Za-z0-9_]sk-)(?:ant-)?[A-Za-z0-9_\-]{6,}",
-        r"A(?<![A-Za-z0-9_]A)(?:Iza[0-9A-Za-z_\-]{20,}|[KS]IA[0-9A-Z]{16}(?![0-9A-Za-z]))",
-        r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{20,}",
-        r"github_pat_[A-Za-z0-9_]{20,}",
-        r"hf_(?<![A-Za-z0-9_]hf_)[A-Za-z0-9]{20,}",
-        r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9\-]{10,}",
-        r"eyJ(?<![A-Za-z0-9_]eyJ)[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
-        r"-----BEGIN[A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END[A-Z ]*PRIVATE KEY-----|\Z)",
-    )
-)
+# Secret-shaped values in free text, masked wholly (no prefix is kept).  Each
+# rule is (a literal it needs, whether it runs on the lower-cased text, its
+# pattern): a rule whose literal is absent costs one ``in`` test, and every
+# pattern starts with its literal so that ``re`` scans for it at C speed, so
+# a long prompt costs one fast pass per rule.  Case-insensitive rules name the
+# group that is masked; the others mask the whole match.
 _ASSIGNED_VALUE = (
-    r"""(?:\\?["'])?\s*[:=]\s*(?:\\?["'])?(?P<secret>(?:(?:basic|bearer|token|digest)\s+)?[^\s"'\\,;&}]+)"""
+    r"""(?:\\?["'])?\s*[:=]\s*(?:\\?["'])?"""  # a quote (JSON-escaped or not), then = or :
+    r"""(?P<secret>(?:(?:basic|bearer|token|digest)\s+)?[^\s"'\\,;&}]+)"""
 )
-_LOWER_CASE_RULES = tuple(
-    re.compile(pattern)
-    for pattern in (
-        r"(?P<secret>bearer(?<![a-z0-9_]bearer)\s+[a-z0-9\-._~+/]{8,}=*)",  # RFC 6750 token68
-        r"://(?P<secret>[^/\s:@\"'\\]+:[^/\s@\"'\\]+)@",
+_TEXT_RULES: tuple[tuple[str, bool, re.Pattern[str]], ...] = tuple(
+    (literal, lowered, re.compile(pattern))
+    for literal, lowered, pattern in (
+        ("sk-", False, r"sk-(?<![A-Za-z0-9_]sk-)(?:ant-)?[A-Za-z0-9_\-]{6,}"),
+        ("A", False, r"A(?<![A-Za-z0-9_]A)(?:Iza[0-9A-Za-z_\-]{20,}|[KS]IA[0-9A-Z]{16}(?![0-9A-Za-z]))"),
+        ("gh", False, r"gh(?<![A-Za-z0-9_]gh)[pousr]_[A-Za-z0-9]{20,}"),
+        ("github_pat_", False, r"github_pat_[A-Za-z0-9_]{20,}"),
+        ("hf_", False, r"hf_(?<![A-Za-z0-9_]hf_)[A-Za-z0-9]{20,}"),
+        ("xox", False, r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9\-]{10,}"),
+        ("eyJ", False, r"eyJ(?<![A-Za-z0-9_]eyJ)[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
+        ("-----BEGIN", False, r"-----BEGIN[A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END[A-Z ]*PRIVATE KEY-----|\Z)"),
+        ("bearer", True, r"(?P<secret>bearer(?<![a-z0-9_]bearer)\s+[a-z0-9\-._~+/]{8,}=*)"),  # RFC 6750 token68
+        ("://", True, r"://(?P<secret>[^/\s:@\"'\\]+:[^/\s@\"'\\]+)@"),
         # ``name=value`` / ``name: value``: the name stays, the value goes.
-        r"pass(?:word|wd|phrase)?" + _ASSIGNED_VALUE,
-        r"secret" + _ASSIGNED_VALUE,
-        r"api[_-]?key" + _ASSIGNED_VALUE,
-        r"token" + _ASSIGNED_VALUE,
-        r"auth(?:orization)?" + _ASSIGNED_VALUE,
-        r"cookie" + _ASSIGNED_VALUE,
+        ("pass", True, r"pass(?:word|wd|phrase)?" + _ASSIGNED_VALUE),
+        ("secret", True, r"secret" + _ASSIGNED_VALUE),
+        ("api", True, r"api[_-]?key" + _ASSIGNED_VALUE),
+        ("token", True, r"token" + _ASSIGNED_VALUE),
+        ("auth", True, r"auth(?:orization)?" + _ASSIGNED_VALUE),
+        ("cookie", True, r"cookie" + _ASSIGNED_VALUE),
     )
 )
 #: No rule can match text shorter than this ("token=x").
 _MIN_SECRET_CHARS = 7
-#: Every rule needs one of these; text with none of them is returned at once.
-_RULE_CHARACTERS = ("-", "_", ":", "=", ".", "A", "earer", "EARER", "Earer")
 _scrub_memo: dict[str, str] = {}
 _MAX_MEMO_TEXT_CHARS = 256
 
 
 def _secret_spans(text: str) -> list[tuple[int, int]]:
-    spans = []
-    for rule in _CASE_SENSITIVE_RULES:
-        for match in rule.finditer(text):
-            spans.append(match.span())
+    spans: list[tuple[int, int]] = []
     lowered = text.lower()
-    if len(lowered) == len(text):  # offsets agree unless lower() changed a length
-        for rule in _LOWER_CASE_RULES:
-            for match in rule.finditer(lowered):
-                spans.append(match.span("secret"))
-    else:
-        for rule in _LOWER_CASE_RULES:
-            for match in re.finditer(rule.pattern, text, re.IGNORECASE):
-                spans.append(match.span("secret"))
+    same_offsets = len(lowered) == len(text)  # lower() can change a few characters' lengths
+    for literal, on_lowered, rule in _TEXT_RULES:
+        if not on_lowered:
+            if literal in text:
+                spans.extend(match.span() for match in rule.finditer(text))
+        elif literal in lowered:
+            if same_offsets:
+                spans.extend(match.span("secret") for match in rule.finditer(lowered))
+            else:
+                spans.extend(match.span("secret") for match in re.finditer(rule.pattern, text, re.IGNORECASE))
     return spans
 
 
 def _scrub_uncached(text: str) -> str:
-    if len(text) < _MIN_SECRET_CHARS or not any(needed in text for needed in _RULE_CHARACTERS):
+    if len(text) < _MIN_SECRET_CHARS:
         return text
     spans = _secret_spans(text)
     if not spans:
