@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""OpenAI-compatible MLX inference server with ANYCLAUDE_DEBUG-aware logging.
+
+    ANYCLAUDE_DEBUG=2 python3 scripts/mlx-server.py [--model PATH] [--port 8081]
+
+The implementation lives in the ``mlx_server`` package beside this file; this
+entry point parses the command line and sets up logging as
+MLX_SERVER_LOGGING_INTEGRATION.md's Step 1 shows.  ``--help`` lists every
+option and its MLX_SERVER_* environment variable.
+"""
+
+import sys
+from pathlib import Path
+
+# Add scripts directory to path for utils_logging and mlx_server
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mlx_server.settings import parse_settings
+from mlx_server.startup import run
+from utils_logging import display_debug_startup, setup_logger
+
+
+def main() -> int:
+    settings = parse_settings()
+    logger = setup_logger("mlx", log_file=settings.log_file)
+    display_debug_startup()
+    return run(settings, logger)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The HTTP layer: OpenAI-compatible routes over the generation engine.
+
+Each chat request is timed by a ``PerformanceTimer("chat_completion")`` with the
+guide's checkpoints (request_parsed, cache_check, prompt_processed,
+inference_complete) and logged as the guide shows: "Processing chat request",
+then "Chat request completed successfully" with the numbers a user wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_server import responses
+from mlx_server.blas import BlasInfo
+from mlx_server.errors import APIError, error_body, install_error_handlers, report_unexpected_error
+from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings
+from mlx_server.prompts import render_prompt
+from mlx_server.schemas import ChatCompletionRequest
+from mlx_server.settings import Settings
+from utils_logging import PerformanceTimer, debug, request_context, write_error_debug_file
+
+__all__ = ["ServerState", "create_app"]
+
+logger = logging.getLogger("mlx")
+MAX_CAPTURED_BODY_BYTES = 256 * 1024
+
+
+@dataclass
+class ServerState:
+    """What the routes share: settings, the BLAS in use, and the engine (None while loading)."""
+
+    settings: Settings
+    blas: BlasInfo
+    engine: GenerationEngine | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class RequestContextMiddleware:
+    """Binds a request id to every log line of a request, and is the last line of defence.
+
+    It keeps the first 256 KiB of the body for error reports, adds an
+    ``x-request-id`` header, and turns any exception that escaped the routes
+    into a 500 in OpenAI's shape (with a debug file), so the server keeps
+    serving and no traceback reaches the client.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"req_{secrets.token_hex(8)}"
+        captured = bytearray()
+        scope.setdefault("state", {})["raw_body"] = captured
+        response_started = False
+
+        async def capturing_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and len(captured) < MAX_CAPTURED_BODY_BYTES:
+                captured.extend(message.get("body", b"")[: MAX_CAPTURED_BODY_BYTES - len(captured)])
+            return message
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        with request_context(request_id):
+            try:
+                await self.app(scope, capturing_receive, send_with_request_id)
+            except Exception as error:  # noqa: BLE001 - the global handler: report, answer 500, keep serving
+                request = Request(scope, capturing_receive)
+                response = await report_unexpected_error(request, error)
+                if not response_started:
+                    await response(scope, capturing_receive, send_with_request_id)
+
+
+def _engine(state: ServerState) -> GenerationEngine:
+    if state.engine is None:
+        raise APIError(
+            503, "the model is still loading; retry shortly", error_type="server_error", code="model_loading"
+        )
+    return state.engine
+
+
+def _sampling_settings(
+    body: ChatCompletionRequest, prompt_length: int, context_length: int, default_max: int
+) -> SamplingSettings:
+    """Validate lengths against the context and fill in defaults."""
+    room = context_length - prompt_length
+    requested = body.requested_max_tokens()
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if room < 1 or (requested is not None and requested > room):
+        asked = f" plus {requested} completion tokens" if requested is not None else ""
+        raise APIError(
+            400,
+            f"this model's context is {context_length} tokens; the prompt has {prompt_length}{asked}. "
+            "Shorten the messages or lower max_tokens.",
+            param="messages" if room < 1 else param,
+            code="context_length_exceeded",
+        )
+    return SamplingSettings(
+        max_tokens=requested if requested is not None else min(default_max, room),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_sequences()),
+    )
+
+
+def _log_completion(stats: GenerationStats, streamed: bool) -> None:
+    if stats.finish_reason == "cancelled":
+        logger.info("Chat request cancelled: the client disconnected after %d tokens", stats.completion_tokens)
+        return
+    logger.info(
+        "Chat request completed successfully: %d prompt tokens (%d cached), %d completion tokens, finish_reason=%s, "
+        "queue %.0fms, time to first token %.0fms, %.1f tokens/s%s",
+        stats.prompt_tokens,
+        stats.cached_tokens,
+        stats.completion_tokens,
+        stats.finish_reason,
+        stats.queue_ms,
+        stats.time_to_first_token_ms,
+        stats.tokens_per_second,
+        ", streamed" if streamed else "",
+    )
+
+
+async def _cancel_when_disconnected(request: Request, cancelled: threading.Event) -> None:
+    """Set ``cancelled`` when the client goes away (the body is already read, so the next message says so)."""
+    while not cancelled.is_set():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancelled.set()
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application; the engine may be attached later (health answers 503 until then)."""
+    app = FastAPI(title="mlx-server", summary="OpenAI-compatible MLX inference", docs_url=None, redoc_url=None)
+    app.state.server = state
+    app.state.model_name = "loading"
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+
+    @app.get("/health")
+    async def health() -> Response:
+        uptime = round(time.monotonic() - state.started_at, 1)
+        blas = {"name": state.blas.name, "path": state.blas.path, "optimized": state.blas.optimized}
+        if state.engine is None:
+            return JSONResponse({"status": "loading", "blas": blas, "uptime_seconds": uptime}, status_code=503)
+        loaded = state.engine.loaded
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": loaded.name,
+                "model_source": loaded.source,
+                "model_kind": loaded.kind,
+                "quantized": loaded.quantized,
+                "device": loaded.device,
+                "blas": blas,
+                "context_length": loaded.context_length,
+                "uptime_seconds": uptime,
+                "queue": state.engine.queue_depth,
+            }
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        loaded = _engine(state).loaded
+        return {"object": "list", "data": [_model_card(loaded.name, state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        loaded = _engine(state).loaded
+        if model_id != loaded.name:
+            raise APIError(
+                404,
+                f"model {model_id!r} is not served here (this server serves {loaded.name!r})",
+                param="model",
+                code="model_not_found",
+            )
+        return _model_card(loaded.name, state)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = _engine(state)
+        timer = PerformanceTimer("chat_completion").start()
+        try:
+            logger.info("Processing chat request")
+            debug(3, "Chat request", lambda: body.model_dump(exclude_unset=True))
+            body.check_supported()
+            timer.checkpoint("request_parsed")
+            prompt = render_prompt(engine.loaded.tokenizer, body.messages)
+            settings = _sampling_settings(
+                body, len(prompt), engine.loaded.context_length, state.settings.default_max_tokens
+            )
+            timer.checkpoint("cache_check")
+            debug(2, "Generation settings", lambda: {"prompt_tokens": len(prompt), **settings.__dict__})
+        except BaseException as error:
+            timer.stop(error)
+            raise
+        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                _stream_events(engine, prompt, settings, body, timer, completion_id, created),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await _complete(engine, prompt, settings, body, timer, request, completion_id, created)
+
+    return app
+
+
+def _model_card(name: str, state: ServerState) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(time.time() - (time.monotonic() - state.started_at)),
+        "owned_by": "mlx-server",
+    }
+
+
+async def _complete(
+    engine: GenerationEngine,
+    prompt: list[int],
+    settings: SamplingSettings,
+    body: ChatCompletionRequest,
+    timer: PerformanceTimer,
+    request: Request,
+    completion_id: str,
+    created: int,
+) -> Response:
+    cancelled = threading.Event()
+    watcher = asyncio.create_task(_cancel_when_disconnected(request, cancelled))
+    parts: list[str] = []
+    stats: GenerationStats | None = None
+    try:
+        async for event in engine.stream(prompt, settings, cancelled):
+            if len(timer.checkpoints) == 2:
+                timer.checkpoint("prompt_processed")
+            parts.append(event.text)
+            stats = event.stats or stats
+        timer.checkpoint("inference_complete")
+    except BaseException as error:
+        timer.stop(error)
+        raise
+    finally:
+        watcher.cancel()
+    timer.stop()
+    assert stats is not None
+    _log_completion(stats, streamed=False)
+    return JSONResponse(responses.completion(completion_id, created, body.model, "".join(parts), stats))
+
+
+async def _stream_events(
+    engine: GenerationEngine,
+    prompt: list[int],
+    settings: SamplingSettings,
+    body: ChatCompletionRequest,
+    timer: PerformanceTimer,
+    completion_id: str,
+    created: int,
+) -> AsyncIterator[bytes]:
+    """OpenAI's wire format: role delta, content deltas as generated, finish chunk, usage chunk, [DONE]."""
+    cancelled = threading.Event()
+    failure: BaseException | None = None
+    try:
+        yield responses.sse(responses.chunk(completion_id, created, body.model, {"role": "assistant", "content": ""}))
+        stats: GenerationStats | None = None
+        async for event in engine.stream(prompt, settings, cancelled):
+            if len(timer.checkpoints) == 2:
+                timer.checkpoint("prompt_processed")
+            if event.text:
+                yield responses.sse(responses.chunk(completion_id, created, body.model, {"content": event.text}))
+            stats = event.stats or stats
+        assert stats is not None
+        timer.checkpoint("inference_complete")
+        yield responses.sse(responses.chunk(completion_id, created, body.model, {}, finish_reason=stats.finish_reason))
+        if body.include_usage_in_stream():
+            yield responses.sse(responses.chunk(completion_id, created, body.model, None, stats=stats))
+        yield responses.DONE
+        _log_completion(stats, streamed=True)
+    except (asyncio.CancelledError, GeneratorExit) as error:
+        failure = error
+        logger.info("Chat request cancelled: the client disconnected during the stream")
+        raise
+    except Exception as error:
+        failure = error
+        write_error_debug_file(500, {"stream": True, "model": body.model}, {"statusCode": 500, "body": repr(error)})
+        logger.error("Chat stream failed: %s: %s", type(error).__name__, error, exc_info=error)
+        yield responses.sse(
+            error_body("the server hit an internal error during the stream", "server_error", code="internal_error")
+        )
+    finally:
+        cancelled.set()
+        timer.stop(failure)

@@ -1,0 +1,157 @@
+"""Resolve ``--model`` to a loaded model: a GGUF file, an MLX directory, or a Hugging Face repo id.
+
+Every failure becomes a ModelLoadError with a message a person can act on
+(a missing file, an unsupported architecture, a repo that is not cached while
+offline), never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+
+from mlx_server.default_model import find_default_model
+from mlx_server.gguf import UnsupportedGgufError, load_gguf
+
+__all__ = ["LoadedModel", "ModelLoadError", "export_mlx_model", "load_model"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything generation needs about the model, and what /health reports."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    name: str
+    source: str
+    kind: str
+    context_length: int
+    quantized: bool
+    config: dict[str, Any]
+    identity: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        device = mx.default_device()
+        return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+
+
+def _identity(*parts: object) -> str:
+    """A stable id of the model's weights and settings, for cache keys."""
+    return hashlib.sha256(json.dumps([str(part) for part in parts]).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _load_gguf_file(path: Path, keep_quantized: bool) -> LoadedModel:
+    try:
+        loaded = load_gguf(path, keep_quantized=keep_quantized)
+    except UnsupportedGgufError as error:
+        raise ModelLoadError(f"{path.name}: {error}") from error
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{path}: not a readable GGUF model ({error})") from error
+    tokenizer = TokenizerWrapper(loaded.tokenizer, detokenizer_class=BPEStreamingDetokenizer)
+    return LoadedModel(
+        model=loaded.model,
+        tokenizer=tokenizer,
+        name=path.stem,
+        source=str(path),
+        kind="gguf",
+        context_length=loaded.context_length,
+        quantized=loaded.quantized,
+        config=loaded.config,
+        identity=_identity(_file_identity(path), keep_quantized),
+        warnings=loaded.warnings,
+    )
+
+
+def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: str) -> LoadedModel:
+    from mlx_lm.utils import load
+
+    try:
+        model, tokenizer, config = cast(
+            "tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", load(reference, return_config=True)
+        )
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{reference}: {error}") from error
+    except ValueError as error:
+        raise ModelLoadError(f"{reference}: {error}") from error
+    context_length = int(config.get("max_position_embeddings") or config.get("max_seq_len") or 4096)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=display_name,
+        source=reference,
+        kind=kind,
+        context_length=context_length,
+        quantized="quantization" in config,
+        config=config,
+        identity=identity,
+    )
+
+
+def _load_hub_repo(repo_id: str) -> LoadedModel:
+    """A Hugging Face repo id, from the local cache only: no test or default may need the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo_id, local_files_only=True)
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the Hugging Face cache and this server does not download: "
+            f"fetch it first (huggingface-cli download {repo_id}), or pass a .gguf file or MLX directory"
+        ) from error
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{repo_id!r} is neither a file, a directory, nor a valid repo id ({error})") from error
+    return _load_with_mlx_lm(local, repo_id, "huggingface", _identity(repo_id, Path(local).name))
+
+
+def load_model(reference: str | None, keep_quantized: bool = False) -> LoadedModel:
+    """Load ``reference`` (None: the bundled default); raises ModelLoadError with a clear reason."""
+    if reference is None:
+        try:
+            reference = str(find_default_model())
+        except FileNotFoundError as error:
+            raise ModelLoadError(str(error)) from error
+    path = Path(reference).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return _load_gguf_file(path, keep_quantized)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but not an MLX model (no config.json)")
+        return _load_with_mlx_lm(str(path), path.name, "mlx", _identity(_file_identity(path / "config.json")))
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor an MLX model directory")
+    if os.sep in reference.strip("/").replace("/", "", 1) or reference.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not found: {reference}")
+    return _load_hub_repo(reference)
+
+
+def export_mlx_model(loaded: LoadedModel, destination: Path) -> Path:
+    """Write the loaded weights as an MLX model directory that mlx-lm's own tools can load."""
+    from mlx_lm.utils import save_config, save_model
+
+    destination.mkdir(parents=True, exist_ok=True)
+    save_model(destination, loaded.model)
+    save_config(dict(loaded.config), destination / "config.json")
+    loaded.tokenizer._tokenizer.save_pretrained(str(destination))
+    return destination
