@@ -61,14 +61,21 @@ def _response(error: APIError) -> JSONResponse:
 
 def _param_path(location: Sequence[Any]) -> str | None:
     """``("body", "messages", 0, "role")`` -> ``"messages[0].role"``."""
-    parts = [part for part in location if part != "body"]
     path = ""
-    for part in parts:
+    for part in location:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "constrained-", "list[", "str", "nullable[")):
+        elif part != "body" and not _is_union_member_tag(str(part)):
             path += f".{part}" if path else str(part)
     return path or None
+
+
+def _is_union_member_tag(part: str) -> bool:
+    """pydantic names the member of a union that failed (``str``, ``list[str]``, ``function-after[...]``)."""
+    return part in _TYPE_TAGS or "[" in part or part.startswith(("function-", "constrained-"))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "StreamOptions"})
 
 
 def _validation_message(error: dict[str, Any], param: str | None) -> str:
@@ -96,7 +103,7 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
 
 async def _request_info(request: Request) -> dict[str, Any]:
     body = getattr(request.state, "raw_body", None)
-    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else None
+    text = bytes(body).decode("utf-8", errors="replace") if isinstance(body, (bytes, bytearray)) else None
     return {"method": request.method, "url": str(request.url), "headers": dict(request.headers), "body": text}
 
 

@@ -12,6 +12,7 @@ detokenization and stop-text holdback are mlx-lm's (``make_sampler``,
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_server.model_loading import LoadedModel
 
 __all__ = ["GenerationEngine", "GenerationStats", "SamplingSettings", "TokenEvent"]
+
+logger = logging.getLogger("mlx")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ class GenerationEngine:
         started = time.perf_counter()
         prompt = list(self.loaded.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         settings = SamplingSettings(max_tokens=2, temperature=0.0)
-        self._executor.submit(self._generate, prompt, settings, threading.Event(), lambda _event: None, started).result()
+        self._executor.submit(
+            self._generate, prompt, settings, threading.Event(), lambda _event: None, started
+        ).result()
         return (time.perf_counter() - started) * 1000
 
     def shutdown(self) -> None:
@@ -208,4 +213,6 @@ class GenerationEngine:
         finally:
             responses.close()
         stats.generation_ms = (time.perf_counter() - started) * 1000
+        if stats.finish_reason == "cancelled":
+            logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)
         return TokenEvent("", stats=stats)

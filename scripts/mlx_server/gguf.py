@@ -226,7 +226,10 @@ def _build_tokenizer(metadata: dict[str, Any], warnings: list[str]) -> PreTraine
 
 def load_gguf(path: Path, keep_quantized: bool = False) -> GgufModel:
     """Load a llama-architecture GGUF; raises UnsupportedGgufError naming what is not supported."""
-    loaded = cast("tuple[dict[str, mx.array], dict[str, Any]]", mx.load(str(path), return_metadata=True))
+    try:
+        loaded = cast("tuple[dict[str, mx.array], dict[str, Any]]", mx.load(str(path), return_metadata=True))
+    except RuntimeError as error:  # MLX reports unreadable files as RuntimeError
+        raise ValueError(f"MLX could not read it: {error}") from error
     tensors, metadata = loaded
     config = _model_config(metadata, tensors)
     weights = {_rename(name): tensor for name, tensor in tensors.items()}

@@ -1,0 +1,121 @@
+"""Fixtures that run the real server (real model, real HTTP) for the specifications."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mlx_server.blas import preload_optimized_blas
+
+# In-process tests import MLX; the BLAS must be chosen first, as the server does.
+BLAS = preload_optimized_blas()
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY_POINT = ROOT / "scripts" / "mlx-server.py"
+STARTUP_TIMEOUT_SECONDS = 180
+
+
+@dataclass
+class RunningServer:
+    """A server process, its address, and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Poll /health until no generation runs or waits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queue = httpx.get(f"{self.base_url}/health", timeout=10).json()["queue"]
+            if queue == {"waiting": 0, "running": 0}:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the server did not become idle")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(
+    log_path: Path, extra_env: dict[str, str] | None = None, arguments: list[str] | None = None
+) -> RunningServer:
+    """Start scripts/mlx-server.py and poll /health until the model is served."""
+    port = free_port()
+    environment = {**os.environ, "ANYCLAUDE_DEBUG": "0", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, str(ENTRY_POINT), "--port", str(port), *(arguments or [])],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=environment,
+    )
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not start in {STARTUP_TIMEOUT_SECONDS}s:\n{server.log_text()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def loaded_model() -> Any:
+    """The default model loaded in this process (for in-process tests)."""
+    from mlx_server.model_loading import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The default server: default model, ANYCLAUDE_DEBUG=0."""
+    running = start_server(tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def trace_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server at ANYCLAUDE_DEBUG=3 with its own debug directory."""
+    directory = tmp_path_factory.mktemp("trace")
+    running = start_server(
+        directory / "server.log", {"ANYCLAUDE_DEBUG": "3", "ANYCLAUDE_DEBUG_DIR": str(directory / "debug-files")}
+    )
+    yield running
+    stop_server(running)

@@ -1,0 +1,185 @@
+"""Bad input gets a clear OpenAI-shaped error with the right status, and the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import RunningServer
+
+GOOD_MESSAGES = [{"role": "user", "content": "Hi"}]
+HUGE_PROMPT = "word " * 9_000  # past SmolLM2's 8,192-token context
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": GOOD_MESSAGES, "max_tokens": 1, **fields}
+
+
+# (case, method, path, raw body or JSON, status, error code, param)
+BAD_REQUESTS: list[tuple[str, str, str, bytes | dict[str, Any], int, str | None, str | None]] = [
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"messages": [', 400, "invalid_json", None),
+    ("empty body", "POST", "/v1/chat/completions", b"", 400, None, None),
+    ("body is a list", "POST", "/v1/chat/completions", b"[]", 400, None, None),
+    ("missing messages", "POST", "/v1/chat/completions", {"model": "m"}, 400, "invalid_value", "messages"),
+    ("empty messages", "POST", "/v1/chat/completions", _body(messages=[]), 400, "invalid_value", "messages"),
+    ("messages is a string", "POST", "/v1/chat/completions", _body(messages="hello"), 400, "invalid_value", "messages"),
+    (
+        "message without role",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"content": "x"}]),
+        400,
+        None,
+        "messages[0].role",
+    ),
+    (
+        "unknown role",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"role": "wizard", "content": "x"}]),
+        400,
+        "invalid_value",
+        "messages[0].role",
+    ),
+    (
+        "content is a number",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": 5}]),
+        400,
+        None,
+        None,
+    ),
+    (
+        "user content is null",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": None}]),
+        400,
+        None,
+        None,
+    ),
+    (
+        "image content part",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]),
+        400,
+        None,
+        None,
+    ),
+    ("negative max_tokens", "POST", "/v1/chat/completions", _body(max_tokens=-5), 400, "invalid_value", "max_tokens"),
+    ("zero max_tokens", "POST", "/v1/chat/completions", _body(max_tokens=0), 400, "invalid_value", "max_tokens"),
+    ("max_tokens as text", "POST", "/v1/chat/completions", _body(max_tokens="10"), 400, "invalid_value", "max_tokens"),
+    (
+        "temperature as text",
+        "POST",
+        "/v1/chat/completions",
+        _body(temperature="hot"),
+        400,
+        "invalid_value",
+        "temperature",
+    ),
+    ("temperature too high", "POST", "/v1/chat/completions", _body(temperature=5), 400, "invalid_value", "temperature"),
+    (
+        "temperature NaN",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages":[{"role":"user","content":"x"}],"temperature":NaN}',
+        400,
+        None,
+        "temperature",
+    ),
+    ("top_p zero", "POST", "/v1/chat/completions", _body(top_p=0), 400, "invalid_value", "top_p"),
+    ("seed as float", "POST", "/v1/chat/completions", _body(seed=1.5), 400, "invalid_value", "seed"),
+    ("n above one", "POST", "/v1/chat/completions", _body(n=2), 400, "unsupported_parameter", "n"),
+    ("logprobs", "POST", "/v1/chat/completions", _body(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    (
+        "five stop sequences",
+        "POST",
+        "/v1/chat/completions",
+        _body(stop=["a", "b", "c", "d", "e"]),
+        400,
+        "invalid_value",
+        "stop",
+    ),
+    ("empty stop sequence", "POST", "/v1/chat/completions", _body(stop=""), 400, "invalid_value", "stop"),
+    ("stream as text", "POST", "/v1/chat/completions", _body(stream="yes"), 400, "invalid_value", "stream"),
+    (
+        "stream_options without stream",
+        "POST",
+        "/v1/chat/completions",
+        _body(stream_options={"include_usage": True}),
+        400,
+        "unsupported_parameter",
+        "stream_options",
+    ),
+    (
+        "huge prompt",
+        "POST",
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": HUGE_PROMPT}]),
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "max_tokens past the context",
+        "POST",
+        "/v1/chat/completions",
+        _body(max_tokens=10_000),
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    ("unknown route", "POST", "/v1/completions/nope", _body(), 404, "unknown_url", None),
+    ("wrong method", "GET", "/v1/chat/completions", b"", 405, "method_not_allowed", None),
+    ("unknown model id", "GET", "/v1/models/not-this-one", b"", 404, "model_not_found", "model"),
+]
+
+
+@pytest.fixture(scope="module")
+def http(server: RunningServer) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, timeout=120)
+
+
+class TestBadRequests:
+    @pytest.mark.parametrize(
+        ("case", "method", "path", "payload", "status", "code", "param"),
+        BAD_REQUESTS,
+        ids=[row[0] for row in BAD_REQUESTS],
+    )
+    def test_rejected_clearly_and_server_keeps_serving(
+        self,
+        http: httpx.Client,
+        case: str,
+        method: str,
+        path: str,
+        payload: bytes | dict[str, Any],
+        status: int,
+        code: str | None,
+        param: str | None,
+    ) -> None:
+        """Each bad request gets its status and an OpenAI error; a good request right after still works."""
+        if isinstance(payload, bytes):
+            response = http.request(method, path, content=payload, headers={"content-type": "application/json"})
+        else:
+            response = http.request(method, path, json=payload)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"}
+        assert error["message"] and "Traceback" not in response.text
+        assert error["type"] == "invalid_request_error"
+        if code is not None:
+            assert error["code"] == code
+        if param is not None:
+            assert error["param"] == param
+        after = http.post("/v1/chat/completions", json=_body(temperature=0))
+        assert after.status_code == 200
+        assert after.json()["usage"]["completion_tokens"] == 1
+
+    def test_at_least_twenty_cases(self) -> None:
+        """The table covers the classes of bad input the issue asks for."""
+        assert len(BAD_REQUESTS) >= 20
