@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench-logging clean
+.PHONY: install serve test lint test-python-versions bench-logging bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: lint test-python-versions
 
 bench-logging: install
 	$(BIN)/python bench/bench_logging.py
+
+bench-server: install
+	$(BIN)/python bench/bench_server.py
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis
