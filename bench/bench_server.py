@@ -56,7 +56,9 @@ def _in_process(loaded: LoadedModel, prompt: list[int], max_tokens: int) -> Tria
     started = time.perf_counter()
     first = last = started
     count = 0
-    for response in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
+    for response in stream_generate(
+        loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)
+    ):
         now = time.perf_counter()
         if count == 0:
             first = now
@@ -99,7 +101,9 @@ def _start_server(model: str | None) -> tuple[subprocess.Popen[bytes], str]:
     command = [sys.executable, str(ROOT / "scripts" / "mlx-server.py"), "--port", str(port)]
     if model:
         command += ["--model", model]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ANYCLAUDE_DEBUG": "0"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ANYCLAUDE_DEBUG": "0"}
+    )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -141,15 +145,21 @@ def main() -> None:
     ttft = (median(baseline, "time_to_first_token_ms"), median(served, "time_to_first_token_ms"))
     decode = (median(baseline, "decode_tokens_per_second"), median(served, "decode_tokens_per_second"))
     ttft_ratio, decode_ratio = ttft[1] / ttft[0], decode[1] / decode[0]
-    print(f"model {loaded.name}, prompt {len(prompt)} tokens, {arguments.max_tokens} generated, "
-          f"{arguments.trials} trials each, BLAS {BLAS.name}, python {sys.version.split()[0]}")
+    print(
+        f"model {loaded.name}, prompt {len(prompt)} tokens, {arguments.max_tokens} generated, "
+        f"{arguments.trials} trials each, BLAS {BLAS.name}, python {sys.version.split()[0]}"
+    )
     print(f"\n| {'metric (median)':28} | {'mlx-lm in-process':>17} | {'server':>9} | {'ratio':>6} | {'target':>12} |")
     print(f"|{'-' * 30}|{'-' * 18}:|{'-' * 10}:|{'-' * 7}:|{'-' * 13}:|")
     ttft_met, decode_met = ttft_ratio <= 1.10, decode_ratio >= 0.90
-    print(f"| {'time to first token (ms)':28} | {ttft[0]:17.1f} | {ttft[1]:9.1f} | {ttft_ratio:5.2f}x | "
-          f"{'<=1.10x ' + ('ok' if ttft_met else 'MISSED'):>12} |")
-    print(f"| {'decode (tokens/s)':28} | {decode[0]:17.1f} | {decode[1]:9.1f} | {decode_ratio:5.2f}x | "
-          f"{'>=0.90x ' + ('ok' if decode_met else 'MISSED'):>12} |")
+    print(
+        f"| {'time to first token (ms)':28} | {ttft[0]:17.1f} | {ttft[1]:9.1f} | {ttft_ratio:5.2f}x | "
+        f"{'<=1.10x ' + ('ok' if ttft_met else 'MISSED'):>12} |"
+    )
+    print(
+        f"| {'decode (tokens/s)':28} | {decode[0]:17.1f} | {decode[1]:9.1f} | {decode_ratio:5.2f}x | "
+        f"{'>=0.90x ' + ('ok' if decode_met else 'MISSED'):>12} |"
+    )
     counts = {trial.completion_tokens for trial in baseline + served}
     print(f"\ncompletion tokens per trial: {sorted(counts)}")
     sys.exit(0 if ttft_met and decode_met else 1)
