@@ -140,7 +140,7 @@ def main() -> None:
         process.wait(timeout=60)
 
     def median(trials: list[Trial], field: str) -> float:
-        return statistics.median(getattr(trial, field) for trial in trials)
+        return float(statistics.median(float(getattr(trial, field)) for trial in trials))
 
     ttft = (median(baseline, "time_to_first_token_ms"), median(served, "time_to_first_token_ms"))
     decode = (median(baseline, "decode_tokens_per_second"), median(served, "decode_tokens_per_second"))
