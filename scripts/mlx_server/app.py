@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlx_server import responses
 from mlx_server.blas import BlasInfo
 from mlx_server.errors import APIError, error_body, install_error_handlers, report_unexpected_error
-from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings
-from mlx_server.prompts import render_prompt
-from mlx_server.schemas import ChatCompletionRequest
+from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings, TokenEvent
+from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
+from mlx_server.response_cache import CachedResponse, ResponseCache
+from mlx_server.schemas import ChatCompletionRequest, ChatMessage
 from mlx_server.settings import Settings
 from utils_logging import PerformanceTimer, debug, request_context, write_error_debug_file
 
@@ -44,6 +45,7 @@ class ServerState:
     settings: Settings
     blas: BlasInfo
     engine: GenerationEngine | None = None
+    response_cache: ResponseCache | None = None
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -182,8 +184,18 @@ def create_app(state: ServerState) -> FastAPI:
                 "context_length": loaded.context_length,
                 "uptime_seconds": uptime,
                 "queue": state.engine.queue_depth,
+                "prompt_cache": state.engine.kv_cache.stats(),
+                "response_cache": state.response_cache.stats() if state.response_cache else None,
             }
         )
+
+    @app.get("/v1/cache")
+    async def cache_report() -> dict[str, Any]:
+        engine = _engine(state)
+        return {
+            "prompt_cache": {**engine.kv_cache.stats(), "entries_detail": engine.kv_cache.describe_entries()},
+            "response_cache": state.response_cache.stats() if state.response_cache else None,
+        }
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -211,108 +223,162 @@ def create_app(state: ServerState) -> FastAPI:
             debug(3, "Chat request", lambda: body.model_dump(exclude_unset=True))
             body.check_supported()
             timer.checkpoint("request_parsed")
-            prompt = render_prompt(engine.loaded.tokenizer, body.messages)
+            messages = body.messages
+            if not state.settings.keep_billing_header:
+                messages, removed = normalize_billing_header(messages)
+                if removed:
+                    debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
+            tokenizer = engine.loaded.tokenizer
+            prompt = render_prompt(tokenizer, messages)
             settings = _sampling_settings(
                 body, len(prompt), engine.loaded.context_length, state.settings.default_max_tokens
             )
+            stable_prefix = stable_prefix_length(tokenizer, messages, prompt)
+            answer_key, cached = _look_up_answer(state.response_cache, messages, settings)
             timer.checkpoint("cache_check")
-            debug(2, "Generation settings", lambda: {"prompt_tokens": len(prompt), **settings.__dict__})
+            debug(
+                2,
+                "Generation settings",
+                lambda: {"prompt_tokens": len(prompt), "stable_prefix": stable_prefix, **settings.__dict__},
+            )
         except BaseException as error:
             timer.stop(error)
             raise
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
+        cancelled = threading.Event()
+        if cached is not None:
+            events = _replay(cached, len(prompt))
+        else:
+            events = engine.stream(prompt, settings, cancelled, stable_prefix)
+        remember = _remember_answer(state.response_cache, answer_key) if cached is None else None
+        reply = _Reply(completion_id, created, body, timer, cancelled, remember)
         if body.stream:
             return StreamingResponse(
-                _stream_events(engine, prompt, settings, body, timer, completion_id, created),
+                _stream_events(events, reply),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _complete(engine, prompt, settings, body, timer, request, completion_id, created)
+        return await _complete(events, reply, request)
 
     return app
 
 
 def _model_card(name: str, state: ServerState) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": int(time.time() - (time.monotonic() - state.started_at)),
-        "owned_by": "mlx-server",
-    }
+    created = int(time.time() - (time.monotonic() - state.started_at))
+    return {"id": name, "object": "model", "created": created, "owned_by": "mlx-server"}
 
 
-async def _complete(
-    engine: GenerationEngine,
-    prompt: list[int],
-    settings: SamplingSettings,
-    body: ChatCompletionRequest,
-    timer: PerformanceTimer,
-    request: Request,
-    completion_id: str,
-    created: int,
-) -> Response:
-    cancelled = threading.Event()
-    watcher = asyncio.create_task(_cancel_when_disconnected(request, cancelled))
+def _look_up_answer(
+    cache: ResponseCache | None, messages: list[ChatMessage], settings: SamplingSettings
+) -> tuple[str | None, CachedResponse | None]:
+    """Deterministic requests (greedy, or seeded) may be answered from the response cache."""
+    if cache is None or not cache.max_entries or (settings.temperature > 0 and settings.seed is None):
+        return None, None
+    shaping = {"messages": [message.model_dump(exclude_none=True) for message in messages], **settings.__dict__}
+    key = cache.key_for(shaping)
+    return key, cache.get(key)
+
+
+def _remember_answer(cache: ResponseCache | None, key: str | None) -> Callable[[str, GenerationStats], None] | None:
+    if cache is None or key is None:
+        return None
+
+    def remember(text: str, stats: GenerationStats) -> None:
+        if stats.finish_reason in ("stop", "length"):
+            cache.put(key, CachedResponse(text, stats.finish_reason, stats.prompt_tokens, stats.completion_tokens))
+
+    return remember
+
+
+async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[TokenEvent]:
+    """A cached answer, delivered like a generation: its text, then its stats (all prompt tokens cached)."""
+    yield TokenEvent(cached.text)
+    stats = GenerationStats(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=cached.completion_tokens,
+        cached_tokens=prompt_tokens,
+        cache_source="response",
+        finish_reason=cached.finish_reason,
+    )
+    yield TokenEvent("", stats=stats)
+
+
+@dataclass
+class _Reply:
+    """What every way of answering one request shares."""
+
+    completion_id: str
+    created: int
+    body: ChatCompletionRequest
+    timer: PerformanceTimer
+    cancelled: threading.Event
+    remember: Callable[[str, GenerationStats], None] | None
+
+    def chunk(self, delta: dict[str, Any] | None, **extra: Any) -> bytes:
+        return responses.sse(responses.chunk(self.completion_id, self.created, self.body.model, delta, **extra))
+
+
+async def _complete(events: AsyncIterator[TokenEvent], reply: _Reply, request: Request) -> Response:
+    watcher = asyncio.create_task(_cancel_when_disconnected(request, reply.cancelled))
     parts: list[str] = []
     stats: GenerationStats | None = None
     try:
-        async for event in engine.stream(prompt, settings, cancelled):
-            if len(timer.checkpoints) == 2:
-                timer.checkpoint("prompt_processed")
+        async for event in events:
+            if len(reply.timer.checkpoints) == 2:
+                reply.timer.checkpoint("prompt_processed")
             parts.append(event.text)
             stats = event.stats or stats
-        timer.checkpoint("inference_complete")
+        reply.timer.checkpoint("inference_complete")
     except BaseException as error:
-        timer.stop(error)
+        reply.timer.stop(error)
         raise
     finally:
         watcher.cancel()
-    timer.stop()
+    reply.timer.stop()
     assert stats is not None
+    text = "".join(parts)
+    if reply.remember is not None:
+        reply.remember(text, stats)
     _log_completion(stats, streamed=False)
-    return JSONResponse(responses.completion(completion_id, created, body.model, "".join(parts), stats))
+    return JSONResponse(responses.completion(reply.completion_id, reply.created, reply.body.model, text, stats))
 
 
-async def _stream_events(
-    engine: GenerationEngine,
-    prompt: list[int],
-    settings: SamplingSettings,
-    body: ChatCompletionRequest,
-    timer: PerformanceTimer,
-    completion_id: str,
-    created: int,
-) -> AsyncIterator[bytes]:
+async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> AsyncIterator[bytes]:
     """OpenAI's wire format: role delta, content deltas as generated, finish chunk, usage chunk, [DONE]."""
-    cancelled = threading.Event()
     failure: BaseException | None = None
     try:
-        yield responses.sse(responses.chunk(completion_id, created, body.model, {"role": "assistant", "content": ""}))
+        yield reply.chunk({"role": "assistant", "content": ""})
         stats: GenerationStats | None = None
-        async for event in engine.stream(prompt, settings, cancelled):
-            if len(timer.checkpoints) == 2:
-                timer.checkpoint("prompt_processed")
+        parts: list[str] = []
+        async for event in events:
+            if len(reply.timer.checkpoints) == 2:
+                reply.timer.checkpoint("prompt_processed")
             if event.text:
-                yield responses.sse(responses.chunk(completion_id, created, body.model, {"content": event.text}))
+                parts.append(event.text)
+                yield reply.chunk({"content": event.text})
             stats = event.stats or stats
         assert stats is not None
-        timer.checkpoint("inference_complete")
-        yield responses.sse(responses.chunk(completion_id, created, body.model, {}, finish_reason=stats.finish_reason))
-        if body.include_usage_in_stream():
-            yield responses.sse(responses.chunk(completion_id, created, body.model, None, stats=stats))
+        reply.timer.checkpoint("inference_complete")
+        yield reply.chunk({}, finish_reason=stats.finish_reason)
+        if reply.body.include_usage_in_stream():
+            yield reply.chunk(None, stats=stats)
         yield responses.DONE
+        if reply.remember is not None:
+            reply.remember("".join(parts), stats)
         _log_completion(stats, streamed=True)
     except (asyncio.CancelledError, GeneratorExit) as error:
         failure = error
         logger.info("Chat request cancelled: the client disconnected during the stream")
         raise
-    except Exception as error:
+    except Exception as error:  # headers are sent: the failure is reported in-stream, as OpenAI does
         failure = error
-        write_error_debug_file(500, {"stream": True, "model": body.model}, {"statusCode": 500, "body": repr(error)})
-        logger.error("Chat stream failed: %s: %s", type(error).__name__, error, exc_info=error)
-        yield responses.sse(
-            error_body("the server hit an internal error during the stream", "server_error", code="internal_error")
+        write_error_debug_file(
+            500, {"stream": True, "model": reply.body.model}, {"statusCode": 500, "body": repr(error)}
         )
+        logger.error("Chat stream failed: %s: %s", type(error).__name__, error, exc_info=error)
+        body = error_body("the server hit an internal error during the stream", "server_error", code="internal_error")
+        yield responses.sse(body)
     finally:
-        cancelled.set()
-        timer.stop(failure)
+        reply.cancelled.set()
+        reply.timer.stop(failure)

@@ -1,6 +1,9 @@
 """Generation: one owner of the model, one request at a time, tokens streamed as they come.
 
-The engine runs MLX on a single worker thread.  Requests wait in arrival order
+The engine runs MLX on a single worker thread.  Each request leases KV state
+from the prompt cache (the longest cached prefix of its tokens), keeps a
+checkpoint at the end of the stable prefix (system prompt plus tools), and
+stores its state back when it ends, cancelled or not.  Requests wait in arrival order
 (the executor's queue is FIFO) and none fails because another is running.  Each
 token is handed to the request's asyncio queue as soon as it is decoded; a
 request whose client has gone sets its ``cancelled`` event and the worker stops
@@ -12,19 +15,23 @@ detokenization and stop-text holdback are mlx-lm's (``make_sampler``,
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, stream_generate
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_server.model_loading import LoadedModel
+from mlx_server.prompt_cache import MIN_REUSED_TOKENS, KVPromptCache
+from utils_logging import log_cache_hit, log_cache_miss
 
 __all__ = ["GenerationEngine", "GenerationStats", "SamplingSettings", "TokenEvent"]
 
@@ -54,6 +61,8 @@ class GenerationStats:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prefill_tokens: int = 0
+    cache_source: str = "miss"
     finish_reason: str = "stop"
     queue_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
@@ -81,11 +90,16 @@ class TokenEvent:
         return self.stats is not None or self.error is not None
 
 
+#: Prompt tokens evaluated per model call during prefill (mlx-lm's default step).
+PREFILL_STEP = 2048
+
+
 class GenerationEngine:
     """Owns the model and serializes generation on one worker thread (the lock is the thread itself)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, kv_cache: KVPromptCache) -> None:
         self.loaded = loaded
+        self.kv_cache = kv_cache
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-generation")
         self._counter_lock = threading.Lock()
         self._waiting = 0
@@ -101,21 +115,39 @@ class GenerationEngine:
         started = time.perf_counter()
         prompt = list(self.loaded.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         settings = SamplingSettings(max_tokens=2, temperature=0.0)
-        self._executor.submit(
-            self._generate, prompt, settings, threading.Event(), lambda _event: None, started
-        ).result()
+        job = self._executor.submit(
+            self._generate, prompt, 0, settings, threading.Event(), lambda _event: None, started, False
+        )
+        job.result()
         return (time.perf_counter() - started) * 1000
+
+    def prefill_checkpoint(self, tokens: list[int]) -> bool:
+        """Compute the KV state of ``tokens`` and pin it as a checkpoint (the --warm-prompt path)."""
+
+        def run() -> bool:
+            if self.kv_cache.has_checkpoint(tokens):
+                return False
+            cache = self.kv_cache.new_cache()
+            self._prefill(cache, tokens, threading.Event())
+            return self.kv_cache.add_checkpoint(cache, tokens)
+
+        return self._executor.submit(run).result()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def stream(
-        self, prompt_tokens: list[int], settings: SamplingSettings, cancelled: threading.Event
+        self,
+        prompt_tokens: list[int],
+        settings: SamplingSettings,
+        cancelled: threading.Event,
+        stable_prefix: int = 0,
     ) -> AsyncIterator[TokenEvent]:
         """Yield text as it is generated, then a final event with the stats.
 
         Leaving the iteration early (a client that disconnected) sets
         ``cancelled``, which stops the worker within a token.
+        ``stable_prefix`` is where a checkpoint should be kept (0: none).
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -126,7 +158,18 @@ class GenerationEngine:
         with self._counter_lock:
             self._waiting += 1
         enqueued = time.perf_counter()
-        job = loop.run_in_executor(self._executor, self._run, prompt_tokens, settings, cancelled, deliver, enqueued)
+        context = contextvars.copy_context()  # the worker's log lines keep this request's id
+        job = loop.run_in_executor(
+            self._executor,
+            context.run,
+            self._run,
+            prompt_tokens,
+            stable_prefix,
+            settings,
+            cancelled,
+            deliver,
+            enqueued,
+        )
         try:
             while True:
                 event = await events.get()
@@ -142,6 +185,7 @@ class GenerationEngine:
     def _run(
         self,
         prompt_tokens: list[int],
+        stable_prefix: int,
         settings: SamplingSettings,
         cancelled: threading.Event,
         deliver: Callable[[TokenEvent], None],
@@ -151,26 +195,103 @@ class GenerationEngine:
             self._waiting -= 1
             self._running += 1
         try:
-            deliver(self._generate(prompt_tokens, settings, cancelled, deliver, enqueued))
+            deliver(self._generate(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued, True))
         except Exception as error:  # noqa: BLE001 - handed to the request, which reports it
             deliver(TokenEvent("", error=error))
         finally:
             with self._counter_lock:
                 self._running -= 1
 
+    def _prefill(self, cache: list[Any], tokens: list[int], cancelled: threading.Event) -> int:
+        """Run ``tokens`` through the model into ``cache``, in steps; returns how many were processed.
+
+        mlx-lm's generate_step does the same inside generation; it is done
+        here only to stop exactly at the stable prefix and snapshot it.
+        """
+        done = 0
+        while done < len(tokens) and not cancelled.is_set():
+            chunk = tokens[done : done + PREFILL_STEP]
+            self.loaded.model(mx.array(chunk)[None], cache=cache)
+            mx.eval([layer.state for layer in cache])
+            done += len(chunk)
+        return done
+
     def _generate(
         self,
         prompt_tokens: list[int],
+        stable_prefix: int,
         settings: SamplingSettings,
         cancelled: threading.Event,
         deliver: Callable[[TokenEvent], None],
         enqueued: float,
+        use_cache: bool,
     ) -> TokenEvent:
         started = time.perf_counter()
         stats = GenerationStats(prompt_tokens=len(prompt_tokens), queue_ms=(started - enqueued) * 1000)
         if cancelled.is_set():
             stats.finish_reason = "cancelled"
             return TokenEvent("", stats=stats)
+        lease = self.kv_cache.acquire(prompt_tokens) if use_cache else None
+        cache = lease.cache if lease is not None else self.kv_cache.new_cache()
+        start = lease.cached_tokens if lease is not None else 0
+        stats.cached_tokens, stats.cache_source = start, lease.source if lease is not None else "off"
+        if use_cache:
+            self._log_lookup(prompt_tokens, stats)
+        generated: list[int] = []
+        completed = False
+        try:
+            if use_cache and stable_prefix >= MIN_REUSED_TOKENS:
+                start = self._keep_checkpoint(cache, prompt_tokens, start, stable_prefix, cancelled)
+            stats.prefill_tokens = len(prompt_tokens) - stats.cached_tokens
+            if not cancelled.is_set():
+                self._decode(cache, prompt_tokens[start:], settings, cancelled, deliver, stats, generated, started)
+            else:
+                stats.finish_reason = "cancelled"
+            completed = True
+        finally:
+            # A request that ended normally or was cancelled leaves consistent state; an error leaves none.
+            if use_cache and completed:
+                self.kv_cache.release(cache, prompt_tokens + generated)
+        stats.generation_ms = (time.perf_counter() - started) * 1000
+        if stats.finish_reason == "cancelled":
+            logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)
+        return TokenEvent("", stats=stats)
+
+    def _keep_checkpoint(
+        self, cache: list[Any], prompt: list[int], start: int, stable_prefix: int, cancelled: threading.Event
+    ) -> int:
+        """Make sure a checkpoint exists at the stable prefix; returns where generation resumes."""
+        prefix = prompt[:stable_prefix]
+        if start >= stable_prefix:
+            if not self.kv_cache.has_checkpoint(prefix):
+                self.kv_cache.add_checkpoint(cache, prefix)
+            return start
+        if self.kv_cache.has_checkpoint(prefix):
+            return start
+        processed = self._prefill(cache, prompt[start:stable_prefix], cancelled)
+        if start + processed == stable_prefix:
+            self.kv_cache.add_checkpoint(cache, prefix)
+        return start + processed
+
+    def _log_lookup(self, prompt: list[int], stats: GenerationStats) -> None:
+        key = hashlib.sha256(str(prompt).encode()).hexdigest()[:16]
+        details = {"cached_tokens": stats.cached_tokens, "new_tokens": len(prompt) - stats.cached_tokens}
+        if stats.cached_tokens:
+            log_cache_hit("prompt", key, {**details, "source": stats.cache_source})
+        else:
+            log_cache_miss("prompt", key, f"no cached prefix; {details['new_tokens']} new tokens")
+
+    def _decode(
+        self,
+        cache: list[Any],
+        remaining: list[int],
+        settings: SamplingSettings,
+        cancelled: threading.Event,
+        deliver: Callable[[TokenEvent], None],
+        stats: GenerationStats,
+        generated: list[int],
+        started: float,
+    ) -> None:
         if settings.seed is not None:
             mx.random.seed(settings.seed % 2**64)
         stop_text = TextStateMachine({"normal": [(stop, None) for stop in settings.stop]})
@@ -178,7 +299,7 @@ class GenerationEngine:
         responses = stream_generate(
             self.loaded.model,
             self.loaded.tokenizer,
-            mx.array(prompt_tokens),
+            mx.array(remaining),
             max_tokens=settings.max_tokens,
             sampler=make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k),
             logits_processors=make_logits_processors(
@@ -186,10 +307,12 @@ class GenerationEngine:
                 presence_penalty=settings.presence_penalty,
                 frequency_penalty=settings.frequency_penalty,
             ),
-            prompt_cache=make_prompt_cache(self.loaded.model),
+            prompt_cache=cache,
+            prefill_step_size=PREFILL_STEP,
         )
         try:
             for response in responses:
+                generated.append(int(response.token))
                 if stats.completion_tokens == 0:
                     stats.time_to_first_token_ms = (time.perf_counter() - started) * 1000
                 stats.completion_tokens = response.generation_tokens
@@ -212,7 +335,3 @@ class GenerationEngine:
                     break
         finally:
             responses.close()
-        stats.generation_ms = (time.perf_counter() - started) * 1000
-        if stats.finish_reason == "cancelled":
-            logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)
-        return TokenEvent("", stats=stats)

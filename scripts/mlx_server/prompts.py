@@ -1,7 +1,19 @@
-"""Chat messages -> prompt token ids, through the model's own chat template."""
+"""Chat messages -> prompt token ids, through the model's own chat template.
+
+Two things here exist for the prompt cache: the volatile billing-header line
+that Claude Code puts at the start of its system prompt is removed before
+tokenizing (it changes every request and would defeat any prefix cache), and
+the stable prefix (system messages, rendered alone) is measured so that the
+cache can keep a checkpoint there.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from jinja2 import TemplateError
@@ -10,7 +22,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_server.errors import APIError
 from mlx_server.schemas import ChatMessage
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "render_prompt"]
+__all__ = ["FALLBACK_CHAT_TEMPLATE", "normalize_billing_header", "render_prompt", "stable_prefix_length"]
+
+# ``x-anthropic-billing-header: ...cch=<changes every request>`` as a whole line.
+_BILLING_HEADER_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.IGNORECASE | re.MULTILINE)
+_SYSTEM_ROLES = ("system", "developer")
 
 # ChatML, for models that ship without a template; every role is rendered.
 FALLBACK_CHAT_TEMPLATE = (
@@ -32,16 +48,69 @@ def _as_template_message(message: ChatMessage) -> dict[str, Any]:
     return rendered
 
 
-def render_prompt(tokenizer: TokenizerWrapper, messages: list[ChatMessage]) -> list[int]:
-    """Token ids for ``messages`` plus the assistant turn's opening; a template error is a 400."""
-    conversation = [_as_template_message(message) for message in messages]
+def normalize_billing_header(messages: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
+    """Drop the volatile billing-header line from system messages; returns the messages and lines removed."""
+    removed = 0
+    normalized: list[ChatMessage] = []
+    for message in messages:
+        if message.role in _SYSTEM_ROLES and "billing-header" in message.text().lower():
+            text, count = _BILLING_HEADER_LINE.subn("", message.text())
+            if count:
+                removed += count
+                message = message.model_copy(update={"content": text})
+        normalized.append(message)
+    return normalized, removed
+
+
+def _render(tokenizer: TokenizerWrapper, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
     template = None if tokenizer.has_chat_template else FALLBACK_CHAT_TEMPLATE
-    try:
-        tokens = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, chat_template=template
-        )
-    except TemplateError as error:
-        raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
+    tokens = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=template
+    )
     if isinstance(tokens, dict):  # some transformers versions return a BatchEncoding
         tokens = tokens["input_ids"]
     return [int(token) for token in tokens]
+
+
+def render_prompt(tokenizer: TokenizerWrapper, messages: list[ChatMessage]) -> list[int]:
+    """Token ids for ``messages`` plus the assistant turn's opening; a template error is a 400."""
+    try:
+        return _render(tokenizer, [_as_template_message(message) for message in messages], True)
+    except TemplateError as error:
+        raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
+
+
+_prefix_memo: OrderedDict[str, list[int]] = OrderedDict()
+_prefix_memo_lock = threading.Lock()
+_PREFIX_MEMO_ENTRIES = 64
+
+
+def stable_prefix_length(tokenizer: TokenizerWrapper, messages: list[ChatMessage], prompt: list[int]) -> int:
+    """How many leading prompt tokens are the system messages alone (0 if the template mixes them).
+
+    The leading system/developer messages are rendered on their own; if the
+    prompt starts with exactly those tokens, that is where a conversation's
+    stable part ends, whatever its last message is (user, tool or assistant).
+    """
+    leading = []
+    for message in messages:
+        if message.role not in _SYSTEM_ROLES:
+            break
+        leading.append(_as_template_message(message))
+    if not leading:
+        return 0
+    key = hashlib.sha256(json.dumps(leading, sort_keys=True).encode()).hexdigest()
+    with _prefix_memo_lock:
+        prefix = _prefix_memo.get(key)
+    if prefix is None:
+        try:
+            prefix = _render(tokenizer, leading, False)
+        except TemplateError:
+            prefix = []
+        with _prefix_memo_lock:
+            _prefix_memo[key] = prefix
+            while len(_prefix_memo) > _PREFIX_MEMO_ENTRIES:
+                _prefix_memo.popitem(last=False)
+    if prefix and len(prefix) < len(prompt) and prompt[: len(prefix)] == prefix:
+        return len(prefix)
+    return 0

@@ -14,6 +14,9 @@ ENV_PREFIX = "MLX_SERVER_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_PROMPT_CACHE_SIZE = 32
+DEFAULT_RESPONSE_CACHE_SIZE = 64
+_BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ class Settings:
     blas: str | None = None
     log_file: Path | None = None
     export_mlx: Path | None = None
+    prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
+    prompt_cache_bytes: int | None = None  # None: a quarter of physical memory
+    prompt_cache_dir: Path | None = None
+    warm_prompt: Path | None = None
+    keep_billing_header: bool = False
+    response_cache_size: int = DEFAULT_RESPONSE_CACHE_SIZE
 
 
 def _flag(environment: Mapping[str, str], name: str) -> bool:
@@ -39,6 +48,26 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``512M``, ``8GiB`` or ``2G`` -> bytes."""
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = cleaned[-1:] if cleaned[-1:] in _BYTE_UNITS else ""
+    try:
+        value = float(cleaned[: len(cleaned) - len(unit)]) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or a K/M/G/T suffix)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value)
 
 
 def _port(text: str) -> int:
@@ -88,6 +117,45 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-file", type=Path, default=env("LOG_FILE"), help="also log to this rotating file (mode 0600)"
     )
+    cache = parser.add_argument_group("prompt cache")
+    cache.add_argument(
+        "--prompt-cache-size",
+        type=_non_negative_int,
+        default=env("PROMPT_CACHE_SIZE", str(DEFAULT_PROMPT_CACHE_SIZE)),
+        help="KV cache entries kept, conversations and checkpoints "
+        f"(0 turns reuse off; default {DEFAULT_PROMPT_CACHE_SIZE})",
+    )
+    cache.add_argument(
+        "--prompt-cache-bytes",
+        type=parse_bytes,
+        default=env("PROMPT_CACHE_BYTES"),
+        help="bound on the KV cache's memory, e.g. 4G (default: a quarter of physical memory)",
+    )
+    cache.add_argument(
+        "--prompt-cache-dir",
+        type=Path,
+        default=env("PROMPT_CACHE_DIR"),
+        help="save checkpoints here and load them at start, so the cache survives a restart",
+    )
+    cache.add_argument(
+        "--warm-prompt",
+        type=Path,
+        default=env("WARM_PROMPT"),
+        metavar="FILE",
+        help='prefill this system prompt at start (plain text, or JSON {"system": ..., "tools": [...]})',
+    )
+    cache.add_argument(
+        "--keep-billing-header",
+        action="store_true",
+        default=_flag(environment, "KEEP_BILLING_HEADER"),
+        help="do not remove Claude Code's per-request x-anthropic-billing-header line (it defeats the cache)",
+    )
+    cache.add_argument(
+        "--response-cache-size",
+        type=_non_negative_int,
+        default=env("RESPONSE_CACHE_SIZE", str(DEFAULT_RESPONSE_CACHE_SIZE)),
+        help=f"exact answers kept for deterministic requests (0 turns it off; default {DEFAULT_RESPONSE_CACHE_SIZE})",
+    )
     parser.add_argument(
         "--export-mlx",
         type=Path,
@@ -111,4 +179,10 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         blas=namespace.blas,
         log_file=namespace.log_file,
         export_mlx=namespace.export_mlx,
+        prompt_cache_size=int(namespace.prompt_cache_size),
+        prompt_cache_bytes=None if namespace.prompt_cache_bytes is None else int(namespace.prompt_cache_bytes),
+        prompt_cache_dir=namespace.prompt_cache_dir,
+        warm_prompt=namespace.warm_prompt,
+        keep_billing_header=namespace.keep_billing_header,
+        response_cache_size=int(namespace.response_cache_size),
     )

@@ -7,8 +7,11 @@ server.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 from mlx_server.blas import preload_optimized_blas
 from mlx_server.settings import Settings
@@ -56,10 +59,26 @@ def run(settings: Settings, logger: logging.Logger) -> int:
 
     from mlx_server.app import ServerState, create_app
     from mlx_server.generation import GenerationEngine
+    from mlx_server.prompt_cache import KVPromptCache, default_max_bytes
+    from mlx_server.response_cache import ResponseCache
 
-    engine = GenerationEngine(loaded)
+    kv_cache = KVPromptCache(
+        loaded.model,
+        loaded.identity,
+        max_entries=settings.prompt_cache_size,
+        max_bytes=settings.prompt_cache_bytes or default_max_bytes(),
+        directory=settings.prompt_cache_dir,
+    )
+    logger.info(
+        "Prompt cache: %s",
+        f"up to {kv_cache.max_entries} entries, {kv_cache.max_bytes / 2**30:.1f} GiB" if kv_cache.enabled else "off",
+    )
+    engine = GenerationEngine(loaded, kv_cache)
     logger.info("Warm-up generation took %.0fms", engine.warm_up())
-    app = create_app(ServerState(settings=settings, blas=blas, engine=engine))
+    if settings.warm_prompt is not None:
+        warm_prompt_cache(engine, settings.warm_prompt, logger)
+    response_cache = ResponseCache(loaded.identity, settings.response_cache_size)
+    app = create_app(ServerState(settings=settings, blas=blas, engine=engine, response_cache=response_cache))
     app.state.model_name = loaded.name
     for name in ("uvicorn", "uvicorn.access"):  # uvicorn.error propagates into uvicorn
         setup_logger(name, log_file=settings.log_file)
@@ -68,4 +87,37 @@ def run(settings: Settings, logger: logging.Logger) -> int:
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10)
     finally:
         engine.shutdown()
+        if settings.prompt_cache_dir is not None:
+            logger.info("Prompt cache: saved %d entries to %s", kv_cache.persist_all(), settings.prompt_cache_dir)
     return 0
+
+
+def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
+    """Prefill the --warm-prompt system prompt so the first real request starts warm."""
+    from mlx_server.prompts import stable_prefix_length
+    from mlx_server.schemas import ChatMessage
+
+    try:
+        text = path.read_text()
+    except OSError as error:
+        logger.warning("Warm prompt %s not read: %s", path, error)
+        return
+    system = text
+    if path.suffix == ".json":
+        try:
+            document = json.loads(text)
+            system = str(document["system"])
+        except (ValueError, KeyError, TypeError) as error:
+            logger.warning("Warm prompt %s: expected JSON with a 'system' string (%s)", path, error)
+            return
+    messages = [ChatMessage(role="system", content=system), ChatMessage(role="user", content="")]
+    from mlx_server.prompts import render_prompt
+
+    prompt = render_prompt(engine.loaded.tokenizer, messages)
+    prefix = stable_prefix_length(engine.loaded.tokenizer, messages, prompt)
+    if prefix == 0:
+        logger.warning("Warm prompt %s: the chat template does not render the system prompt on its own", path)
+        return
+    started = time.perf_counter()
+    engine.prefill_checkpoint(prompt[:prefix])
+    logger.info("Warm prompt: %d tokens prefilled in %.0fms", prefix, (time.perf_counter() - started) * 1000)

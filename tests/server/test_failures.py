@@ -15,6 +15,7 @@ from mlx_server import app as app_module
 from mlx_server.app import ServerState, create_app
 from mlx_server.blas import BlasInfo
 from mlx_server.generation import GenerationEngine
+from mlx_server.prompt_cache import KVPromptCache
 from mlx_server.settings import Settings
 
 SECRET = "sk-ant-api03-failuresecret0000"
@@ -23,7 +24,7 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_t
 
 @pytest.fixture(scope="module")
 def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
-    engine = GenerationEngine(loaded_model)
+    engine = GenerationEngine(loaded_model, KVPromptCache(loaded_model.model, loaded_model.identity, 4, 2**30))
     yield engine
     engine.shutdown()  # MLX must not be mid-call on a worker thread when the interpreter exits
 

@@ -1,0 +1,380 @@
+"""Reuse the KV state of earlier prompts: a true LRU of token-prefix entries, bounded by count and bytes.
+
+A coding agent resends a long system prompt (and tools) every turn, then a
+conversation that only grows.  Each entry holds mlx-lm's per-layer KV cache for
+a token sequence.  A request is matched against every entry by longest common
+token prefix, so only the tokens after the match are computed.
+
+How an entry is handed out and stored back, so that a hit never doubles memory:
+
+* A conversation entry that the request fully extends (the usual next turn) is
+  *removed* from the cache and handed to the request, which extends the very
+  same arrays in place; afterwards it is stored back under the longer token
+  sequence.  No copy is made.
+* A partial match (a retry, an edited message, a second conversation sharing
+  the system prompt) copies only the shared prefix into fresh arrays and leaves
+  the entry in place for its own conversation.  The copy is the KV the new
+  request needs anyway.
+* Checkpoints (the stable prefix: system prompt plus tools) are pinned: they
+  are always copied, never handed out, so every new conversation starts warm.
+
+Bounds (entry count and bytes) are enforced whenever an entry is stored, and
+the recency of an entry is refreshed on every use.  All methods are safe to call
+from any thread (one lock); the engine calls acquire/release from its worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
+
+__all__ = ["CacheLease", "KVPromptCache", "default_max_bytes"]
+
+logger = logging.getLogger("mlx")
+
+#: A match shorter than this is not worth a copy; the request starts cold.
+MIN_REUSED_TOKENS = 8
+#: Cache files are named ``<model identity>-<token digest>.safetensors``.
+CACHE_FILE_SUFFIX = ".safetensors"
+
+
+def default_max_bytes() -> int:
+    """A quarter of physical memory (at least 256 MiB): room for KV state without starving the model."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        physical = 8 * 1024**3
+    return max(256 * 1024**2, physical // 4)
+
+
+def token_digest(tokens: np.ndarray | list[int]) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _nbytes(cache: list[Any]) -> int:
+    return sum(int(layer.nbytes) for layer in cache)
+
+
+def _offset(cache: list[Any]) -> int | None:
+    """How many tokens the cache holds, or None if its type does not say."""
+    offsets = {getattr(layer, "offset", None) for layer in cache}
+    if len(offsets) != 1:
+        return None
+    held = offsets.pop()
+    return int(held) if isinstance(held, int) else None
+
+
+def copy_prefix(cache: list[Any], length: int) -> list[Any]:
+    """Fresh cache objects holding the first ``length`` tokens of ``cache``; the source is untouched."""
+    if all(type(layer) is KVCache for layer in cache):
+        copied: list[Any] = []
+        for layer in cache:
+            fresh = KVCache()
+            if layer.keys is not None and length > 0:
+                fresh.keys = mx.contiguous(layer.keys[..., :length, :])
+                fresh.values = mx.contiguous(layer.values[..., :length, :])
+                fresh.offset = length
+            copied.append(fresh)
+        mx.eval([state for layer in copied for state in (layer.keys, layer.values) if state is not None])
+        return copied
+    duplicate = copy.deepcopy(cache)
+    held = _offset(duplicate)
+    if held is not None and held > length:
+        trim_prompt_cache(duplicate, held - length)
+    return duplicate
+
+
+@dataclass
+class CacheEntry:
+    """The KV state of ``tokens``; ``pinned`` entries (checkpoints) are copied, never handed out."""
+
+    tokens: np.ndarray
+    cache: list[Any]
+    nbytes: int
+    pinned: bool
+    created: float = field(default_factory=time.monotonic)
+    hits: int = 0
+
+    @property
+    def key(self) -> str:
+        return token_digest(self.tokens)
+
+
+@dataclass
+class CacheLease:
+    """What a request got from the cache: the KV objects to extend and how many tokens they hold."""
+
+    cache: list[Any]
+    cached_tokens: int
+    source: str  # "miss", "extended", "copied-prefix", "checkpoint"
+
+
+class KVPromptCache:
+    """The LRU of KV entries; ``max_entries=0`` turns reuse off."""
+
+    def __init__(
+        self, model: Any, model_identity: str, max_entries: int, max_bytes: int, directory: Path | None = None
+    ) -> None:
+        self._model = model
+        self._identity = model_identity
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # oldest first
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.tokens_saved = 0
+        self.evictions = 0
+        self._directory = directory
+        if directory is not None and max_entries > 0:
+            self._load_directory(directory)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0
+
+    def new_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self._model)
+
+    # -- lookup ---------------------------------------------------------------
+
+    def acquire(self, tokens: list[int]) -> CacheLease:
+        """KV state for the longest cached prefix of ``tokens``; at least one token is left to compute."""
+        if not self.enabled:
+            return CacheLease(self.new_cache(), 0, "miss")
+        request = np.asarray(tokens, dtype=np.int64)
+        limit = len(request) - 1
+        with self._lock:
+            best: CacheEntry | None = None
+            best_length = 0
+            for entry in reversed(self._entries.values()):  # most recent first wins ties
+                length = _common_prefix(entry.tokens, request)
+                if length > best_length or (
+                    length == best_length and best is not None and best.pinned and not entry.pinned
+                ):
+                    best, best_length = entry, length
+            usable = min(best_length, limit)
+            if best is None or usable < MIN_REUSED_TOKENS:
+                self.misses += 1
+                return CacheLease(self.new_cache(), 0, "miss")
+            whole = usable == len(best.tokens)
+            if not whole and not can_trim_prompt_cache(best.cache):
+                self.misses += 1
+                return CacheLease(self.new_cache(), 0, "miss")
+            best.hits += 1
+            self.hits += 1
+            self.tokens_saved += usable
+            if whole and not best.pinned:
+                del self._entries[best.key]  # handed out: the request owns these arrays now
+                self._bytes -= best.nbytes
+                return CacheLease(best.cache, usable, "extended")
+            self._entries.move_to_end(best.key)
+            source = "checkpoint" if best.pinned else "copied-prefix"
+            return CacheLease(copy_prefix(best.cache, usable), usable, source)
+
+    # -- storing --------------------------------------------------------------
+
+    def release(self, cache: list[Any], tokens: list[int]) -> None:
+        """Store a request's KV state back under the tokens it holds (never raises on odd state)."""
+        if not self.enabled:
+            return
+        held = _offset(cache)
+        if held is None or held == 0 or held > len(tokens):
+            return
+        self._store(CacheEntry(np.asarray(tokens[:held], dtype=np.int64), cache, _nbytes(cache), pinned=False))
+
+    def add_checkpoint(self, cache: list[Any], tokens: list[int]) -> bool:
+        """Pin a copy of ``cache`` (which holds exactly ``tokens``) as a checkpoint; False if it exists."""
+        if not self.enabled or len(tokens) < MIN_REUSED_TOKENS:
+            return False
+        key = token_digest(tokens)
+        with self._lock:
+            existing = self._entries.get(key)
+            if existing is not None and existing.pinned:
+                self._entries.move_to_end(key)
+                return False
+        snapshot = copy_prefix(cache, len(tokens))
+        entry = CacheEntry(np.asarray(tokens, dtype=np.int64), snapshot, _nbytes(snapshot), pinned=True)
+        self._store(entry)
+        self._persist(entry)
+        return True
+
+    def has_checkpoint(self, tokens: list[int]) -> bool:
+        with self._lock:
+            entry = self._entries.get(token_digest(tokens))
+            return entry is not None and entry.pinned
+
+    def _store(self, entry: CacheEntry) -> None:
+        if entry.nbytes > self.max_bytes:
+            logger.info(
+                "Prompt cache: an entry of %d bytes exceeds the %d-byte bound; not kept", entry.nbytes, self.max_bytes
+            )
+            return
+        key = entry.key
+        with self._lock:
+            previous = self._entries.pop(key, None)
+            if previous is not None:
+                self._bytes -= previous.nbytes
+                entry.pinned = entry.pinned or previous.pinned
+            if not entry.pinned:
+                # Conversation entries that are prefixes of this one are now redundant.
+                for other_key, other in list(self._entries.items()):
+                    if (
+                        not other.pinned
+                        and len(other.tokens) < len(entry.tokens)
+                        and _is_prefix(other.tokens, entry.tokens)
+                    ):
+                        del self._entries[other_key]
+                        self._bytes -= other.nbytes
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+            self._evict_to_bounds(keep=key)
+
+    def _evict_to_bounds(self, keep: str) -> None:
+        """Drop least recently used entries until both bounds hold (caller holds the lock)."""
+        while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            oldest_key = next(iter(self._entries))
+            if oldest_key == keep and len(self._entries) == 1:
+                break
+            if oldest_key == keep:
+                self._entries.move_to_end(keep)
+                continue
+            evicted = self._entries.pop(oldest_key)
+            self._bytes -= evicted.nbytes
+            self.evictions += 1
+
+    # -- persistence ----------------------------------------------------------
+
+    def _file_for(self, entry: CacheEntry) -> Path | None:
+        if self._directory is None:
+            return None
+        return self._directory / f"{self._identity}-{entry.key[:24]}{CACHE_FILE_SUFFIX}"
+
+    def _persist(self, entry: CacheEntry) -> None:
+        """Write a pinned entry to the cache directory (best effort; a failure is a warning)."""
+        path = self._file_for(entry)
+        if path is None:
+            return
+        metadata = {
+            "model_identity": self._identity,
+            "token_digest": entry.key,
+            "tokens": json.dumps(entry.tokens.tolist()),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{CACHE_FILE_SUFFIX}")
+            save_prompt_cache(str(temporary), entry.cache, metadata)
+            os.replace(temporary, path)
+            self._bound_directory()
+        except (OSError, ValueError, RuntimeError) as error:
+            logger.warning("Prompt cache: could not save %s: %s", path.name, error)
+
+    def persist_all(self) -> int:
+        """Save every entry (at shutdown); returns how many were written."""
+        if self._directory is None:
+            return 0
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            self._persist(entry)
+        return len(entries)
+
+    def _bound_directory(self) -> None:
+        """Keep the directory within the same count and byte bounds as memory, newest files first."""
+        assert self._directory is not None
+        files = sorted(
+            self._directory.glob(f"*{CACHE_FILE_SUFFIX}"), key=lambda path: path.stat().st_mtime, reverse=True
+        )
+        total = 0
+        for index, path in enumerate(files):
+            total += path.stat().st_size
+            if index >= self.max_entries or total > self.max_bytes:
+                path.unlink(missing_ok=True)
+
+    def _load_directory(self, directory: Path) -> None:
+        """Load saved entries for this model; skip (with a warning) anything corrupt, truncated or foreign."""
+        if not directory.is_dir():
+            return
+        loaded = 0
+        for path in sorted(directory.glob(f"*{CACHE_FILE_SUFFIX}"), key=lambda item: item.stat().st_mtime):
+            if path.name.startswith("."):
+                continue
+            if not path.name.startswith(f"{self._identity}-"):
+                continue  # another model's cache: not ours to judge
+            try:
+                cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+                tokens = json.loads(metadata["tokens"])
+                if metadata.get("model_identity") != self._identity or token_digest(tokens) != metadata.get(
+                    "token_digest"
+                ):
+                    raise ValueError("its metadata does not match this model or its tokens")
+                if _offset(cache) != len(tokens):
+                    raise ValueError("its KV length does not match its tokens")
+            except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+                logger.warning("Prompt cache: skipped %s (%s: %s)", path.name, type(error).__name__, error)
+                continue
+            self._store(CacheEntry(np.asarray(tokens, dtype=np.int64), cache, _nbytes(cache), pinned=True))
+            loaded += 1
+        if loaded:
+            logger.info("Prompt cache: loaded %d saved entries from %s", loaded, directory)
+
+    # -- visibility -----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "enabled": self.enabled,
+                "entries": len(self._entries),
+                "checkpoints": sum(entry.pinned for entry in self._entries.values()),
+                "bytes": self._bytes,
+                "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "tokens_saved": self.tokens_saved,
+                "evictions": self.evictions,
+                "persisted_to": str(self._directory) if self._directory else None,
+            }
+
+    def describe_entries(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {
+                    "key": entry.key[:12],
+                    "tokens": len(entry.tokens),
+                    "bytes": entry.nbytes,
+                    "pinned": entry.pinned,
+                    "hits": entry.hits,
+                    "age_seconds": round(now - entry.created, 1),
+                }
+                for entry in reversed(self._entries.values())
+            ]
+
+
+def _common_prefix(stored: np.ndarray, request: np.ndarray) -> int:
+    length = min(len(stored), len(request))
+    if length == 0:
+        return 0
+    mismatches = np.flatnonzero(stored[:length] != request[:length])
+    return int(mismatches[0]) if len(mismatches) else length
+
+
+def _is_prefix(shorter: np.ndarray, longer: np.ndarray) -> bool:
+    return bool(np.array_equal(shorter, longer[: len(shorter)]))
