@@ -319,6 +319,8 @@ class KVPromptCache:
                 continue  # another model's cache: not ours to judge
             try:
                 cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+                # MLX streams are per thread: evaluate now, or the worker thread cannot run the lazy load.
+                mx.eval([layer.state for layer in cache])
                 tokens = json.loads(metadata["tokens"])
                 if metadata.get("model_identity") != self._identity or token_digest(tokens) != metadata.get(
                     "token_digest"
