@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench-logging bench-server clean
+.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-logging: install
 
 bench-server: install
 	$(BIN)/python bench/bench_server.py
+
+bench-cache: install
+	$(BIN)/python bench/bench_cache.py
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -90,8 +90,14 @@ class TokenEvent:
         return self.stats is not None or self.error is not None
 
 
-#: Prompt tokens evaluated per model call during prefill (mlx-lm's default step).
-PREFILL_STEP = 2048
+def prefill_step() -> int:
+    """Prompt tokens per model call during prefill: mlx-lm's 2048 on a GPU, 256 on CPU.
+
+    Measured here (SmolLM2-135M, 2 cores, OpenBLAS): prefilling 2,048 tokens
+    took 15.3 s in steps of 256 and 23.5 s in one step; CPU attention over
+    large blocks is memory-bound.
+    """
+    return 2048 if mx.default_device().type == mx.DeviceType.gpu else 256
 
 
 class GenerationEngine:
@@ -104,6 +110,7 @@ class GenerationEngine:
         self._counter_lock = threading.Lock()
         self._waiting = 0
         self._running = 0
+        self._prefill_step = prefill_step()
 
     @property
     def queue_depth(self) -> dict[str, int]:
@@ -210,7 +217,7 @@ class GenerationEngine:
         """
         done = 0
         while done < len(tokens) and not cancelled.is_set():
-            chunk = tokens[done : done + PREFILL_STEP]
+            chunk = tokens[done : done + self._prefill_step]
             self.loaded.model(mx.array(chunk)[None], cache=cache)
             mx.eval([layer.state for layer in cache])
             done += len(chunk)
@@ -308,7 +315,7 @@ class GenerationEngine:
                 frequency_penalty=settings.frequency_penalty,
             ),
             prompt_cache=cache,
-            prefill_step_size=PREFILL_STEP,
+            prefill_step_size=self._prefill_step,
         )
         try:
             for response in responses:
