@@ -166,7 +166,7 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 def _ask(client: httpx.Client, messages: list[dict[str, Any]], max_tokens: int) -> tuple[float, int, int]:
     """Stream one request; returns (TTFT ms, prompt tokens, cached tokens)."""
     body = {
-        "model": "bench",
+        "model": "default_model",  # mlx_lm.server loads any other name as a model; this server echoes it
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -318,7 +318,10 @@ def main() -> None:
         run_our_server("no cache", ["--prompt-cache-size", "0"], arguments.turns, arguments.max_tokens),
     ]
     if not arguments.skip_mlx_lm:
-        runs.append(run_mlx_lm_server(arguments.turns, arguments.max_tokens))
+        try:
+            runs.append(run_mlx_lm_server(arguments.turns, arguments.max_tokens))
+        except (httpx.HTTPError, subprocess.CalledProcessError, SystemExit) as error:
+            print(f"mlx_lm.server run failed ({error}); reporting the other runs", file=sys.stderr)
     sys.exit(0 if report(runs, arguments.turns) else 1)
 
 
