@@ -325,7 +325,7 @@ async def _complete(events: AsyncIterator[TokenEvent], reply: _Reply, request: R
     stats: GenerationStats | None = None
     try:
         async for event in events:
-            if len(reply.timer.checkpoints) == 2:
+            if "prompt_processed" not in reply.timer.checkpoints:
                 reply.timer.checkpoint("prompt_processed")
             parts.append(event.text)
             stats = event.stats or stats
@@ -352,7 +352,7 @@ async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> As
         stats: GenerationStats | None = None
         parts: list[str] = []
         async for event in events:
-            if len(reply.timer.checkpoints) == 2:
+            if "prompt_processed" not in reply.timer.checkpoints:
                 reply.timer.checkpoint("prompt_processed")
             if event.text:
                 parts.append(event.text)

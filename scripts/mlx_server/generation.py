@@ -258,7 +258,7 @@ class GenerationEngine:
         finally:
             # A request that ended normally or was cancelled leaves consistent state; an error leaves none.
             if use_cache and completed:
-                self.kv_cache.release(cache, prompt_tokens + generated)
+                self.kv_cache.release(cache, prompt_tokens + generated, len(prompt_tokens))
         stats.generation_ms = (time.perf_counter() - started) * 1000
         if stats.finish_reason == "cancelled":
             logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)

@@ -7,10 +7,12 @@ token prefix, so only the tokens after the match are computed.
 
 How an entry is handed out and stored back, so that a hit never doubles memory:
 
-* A conversation entry that the request fully extends (the usual next turn) is
+* A conversation entry that the request extends (the usual next turn) is
   *removed* from the cache and handed to the request, which extends the very
   same arrays in place; afterwards it is stored back under the longer token
-  sequence.  No copy is made.
+  sequence.  No copy is made.  This includes a next turn that matches only
+  part of the entry's *generated* tokens (the client sent the answer back
+  re-formatted): nobody else can use that tail, so it is trimmed away.
 * A partial match (a retry, an edited message, a second conversation sharing
   the system prompt) copies only the shared prefix into fresh arrays and leaves
   the entry in place for its own conversation.  The copy is the KV the new
@@ -105,6 +107,7 @@ class CacheEntry:
     cache: list[Any]
     nbytes: int
     pinned: bool
+    prompt_length: int  # tokens[:prompt_length] came from a prompt; the rest were generated
     created: float = field(default_factory=time.monotonic)
     hits: int = 0
 
@@ -180,9 +183,11 @@ class KVPromptCache:
             best.hits += 1
             self.hits += 1
             self.tokens_saved += usable
-            if whole and not best.pinned:
+            if not best.pinned and (whole or usable >= best.prompt_length):
                 del self._entries[best.key]  # handed out: the request owns these arrays now
                 self._bytes -= best.nbytes
+                if not whole:
+                    trim_prompt_cache(best.cache, len(best.tokens) - usable)  # an unused generated tail
                 return CacheLease(best.cache, usable, "extended")
             self._entries.move_to_end(best.key)
             source = "checkpoint" if best.pinned else "copied-prefix"
@@ -190,14 +195,18 @@ class KVPromptCache:
 
     # -- storing --------------------------------------------------------------
 
-    def release(self, cache: list[Any], tokens: list[int]) -> None:
-        """Store a request's KV state back under the tokens it holds (never raises on odd state)."""
+    def release(self, cache: list[Any], tokens: list[int], prompt_length: int) -> None:
+        """Store a request's KV state back under the tokens it holds (never raises on odd state).
+
+        ``tokens`` is the prompt followed by what was generated; ``prompt_length`` says where one ends.
+        """
         if not self.enabled:
             return
         held = _offset(cache)
         if held is None or held == 0 or held > len(tokens):
             return
-        self._store(CacheEntry(np.asarray(tokens[:held], dtype=np.int64), cache, _nbytes(cache), pinned=False))
+        kept = np.asarray(tokens[:held], dtype=np.int64)
+        self._store(CacheEntry(kept, cache, _nbytes(cache), pinned=False, prompt_length=min(prompt_length, held)))
 
     def add_checkpoint(self, cache: list[Any], tokens: list[int]) -> bool:
         """Pin a copy of ``cache`` (which holds exactly ``tokens``) as a checkpoint; False if it exists."""
@@ -210,7 +219,9 @@ class KVPromptCache:
                 self._entries.move_to_end(key)
                 return False
         snapshot = copy_prefix(cache, len(tokens))
-        entry = CacheEntry(np.asarray(tokens, dtype=np.int64), snapshot, _nbytes(snapshot), pinned=True)
+        entry = CacheEntry(
+            np.asarray(tokens, dtype=np.int64), snapshot, _nbytes(snapshot), pinned=True, prompt_length=len(tokens)
+        )
         self._store(entry)
         self._persist(entry)
         return True
@@ -331,7 +342,8 @@ class KVPromptCache:
             except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never fatal
                 logger.warning("Prompt cache: skipped %s (%s: %s)", path.name, type(error).__name__, error)
                 continue
-            self._store(CacheEntry(np.asarray(tokens, dtype=np.int64), cache, _nbytes(cache), pinned=True))
+            kept = np.asarray(tokens, dtype=np.int64)
+            self._store(CacheEntry(kept, cache, _nbytes(cache), pinned=True, prompt_length=len(tokens)))
             loaded += 1
         if loaded:
             logger.info("Prompt cache: loaded %d saved entries from %s", loaded, directory)

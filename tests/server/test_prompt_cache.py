@@ -270,15 +270,28 @@ class TestCacheMechanics:
         kv = self._cache_with(engine, 4, 2**30)
         tokens = list(range(100, 140))
         state = self._state_for(engine, tokens)
-        kv.release(state, tokens)
+        kv.release(state, tokens, len(tokens))
         lease = kv.acquire([*tokens, 7, 8, 9])
         assert lease.source == "extended" and lease.cached_tokens == 40
         assert lease.cache is state and kv.stats()["entries"] == 0
-        kv.release(lease.cache, tokens)
+        kv.release(lease.cache, tokens, len(tokens))
         partial = kv.acquire([*tokens[:20], 1, 2, 3])
         assert partial.source == "copied-prefix" and partial.cached_tokens == 20
         assert partial.cache is not state and kv.stats()["entries"] == 1
         assert partial.cache[0].offset == 20 and state[0].offset == 40
+
+    def test_unused_generated_tail_is_trimmed_not_copied(
+        self, engines: tuple[GenerationEngine, GenerationEngine]
+    ) -> None:
+        """A next turn that diverges inside the entry's generated tokens takes the entry and trims that tail."""
+        engine = engines[0]
+        kv = self._cache_with(engine, 4, 2**30)
+        prompt, generated = list(range(100, 130)), [5, 6, 7, 8]
+        state = self._state_for(engine, prompt + generated)
+        kv.release(state, prompt + generated, len(prompt))
+        lease = kv.acquire([*prompt, 5, 6, 99, 98])  # the answer came back re-tokenized after two tokens
+        assert lease.source == "extended" and lease.cached_tokens == 32
+        assert lease.cache is state and state[0].offset == 32 and kv.stats()["entries"] == 0
 
     def test_lru_is_refreshed_on_use(self, engines: tuple[GenerationEngine, GenerationEngine]) -> None:
         """A hit makes an entry recent: the least recently used one is evicted, not the oldest inserted."""
@@ -286,10 +299,10 @@ class TestCacheMechanics:
         kv = self._cache_with(engine, 2, 2**30)
         first, second, third = ([base + i for i in range(20)] for base in (1000, 2000, 3000))
         for tokens in (first, second):
-            kv.release(self._state_for(engine, tokens), tokens)
+            kv.release(self._state_for(engine, tokens), tokens, len(tokens))
         used = kv.acquire([*first[:12], 5])  # partial hit on `first`: copied, entry refreshed
         assert used.cached_tokens == 12
-        kv.release(self._state_for(engine, third), third)
+        kv.release(self._state_for(engine, third), third, len(third))
         assert kv.acquire([*first, 1]).cached_tokens == 20
         assert kv.acquire([*second, 1]).cached_tokens == 0
 
@@ -300,11 +313,11 @@ class TestCacheMechanics:
         kv = self._cache_with(engine, 10, int(one_entry * 2.5))
         for base in range(5):
             tokens = [base * 100 + i for i in range(20)]
-            kv.release(self._state_for(engine, tokens), tokens)
+            kv.release(self._state_for(engine, tokens), tokens, len(tokens))
             assert kv.stats()["bytes"] <= kv.max_bytes
         assert kv.stats()["entries"] == 2
         tiny = self._cache_with(engine, 10, one_entry // 2)
-        tiny.release(self._state_for(engine, list(range(20))), list(range(20)))
+        tiny.release(self._state_for(engine, list(range(20))), list(range(20)), 20)
         assert tiny.stats()["entries"] == 0 and tiny.stats()["bytes"] == 0
 
     def test_checkpoints_are_never_handed_out(self, engines: tuple[GenerationEngine, GenerationEngine]) -> None:
