@@ -90,6 +90,19 @@ class TokenEvent:
         return self.stats is not None or self.error is not None
 
 
+@dataclass
+class _Job:
+    """One request's work, as the worker thread sees it."""
+
+    prompt: list[int]
+    stable_prefix: int
+    settings: SamplingSettings
+    cancelled: threading.Event
+    deliver: Callable[[TokenEvent], None]
+    enqueued: float
+    use_cache: bool = True
+
+
 def prefill_step() -> int:
     """Prompt tokens per model call during prefill: mlx-lm's 2048 on a GPU, 256 on CPU.
 
@@ -122,10 +135,8 @@ class GenerationEngine:
         started = time.perf_counter()
         prompt = list(self.loaded.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         settings = SamplingSettings(max_tokens=2, temperature=0.0)
-        job = self._executor.submit(
-            self._generate, prompt, 0, settings, threading.Event(), lambda _event: None, started, False
-        )
-        job.result()
+        job = _Job(prompt, 0, settings, threading.Event(), lambda _event: None, started, use_cache=False)
+        self._executor.submit(self._generate, job).result()
         return (time.perf_counter() - started) * 1000
 
     def prefill_checkpoint(self, tokens: list[int]) -> bool:
@@ -166,17 +177,8 @@ class GenerationEngine:
             self._waiting += 1
         enqueued = time.perf_counter()
         context = contextvars.copy_context()  # the worker's log lines keep this request's id
-        job = loop.run_in_executor(
-            self._executor,
-            context.run,
-            self._run,
-            prompt_tokens,
-            stable_prefix,
-            settings,
-            cancelled,
-            deliver,
-            enqueued,
-        )
+        work = _Job(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued)
+        job = loop.run_in_executor(self._executor, context.run, self._run, work)
         try:
             while True:
                 event = await events.get()
@@ -189,22 +191,14 @@ class GenerationEngine:
         finally:
             cancelled.set()
 
-    def _run(
-        self,
-        prompt_tokens: list[int],
-        stable_prefix: int,
-        settings: SamplingSettings,
-        cancelled: threading.Event,
-        deliver: Callable[[TokenEvent], None],
-        enqueued: float,
-    ) -> None:
+    def _run(self, job: _Job) -> None:
         with self._counter_lock:
             self._waiting -= 1
             self._running += 1
         try:
-            deliver(self._generate(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued, True))
+            job.deliver(self._generate(job))
         except Exception as error:  # noqa: BLE001 - handed to the request, which reports it
-            deliver(TokenEvent("", error=error))
+            job.deliver(TokenEvent("", error=error))
         finally:
             with self._counter_lock:
                 self._running -= 1
@@ -223,16 +217,9 @@ class GenerationEngine:
             done += len(chunk)
         return done
 
-    def _generate(
-        self,
-        prompt_tokens: list[int],
-        stable_prefix: int,
-        settings: SamplingSettings,
-        cancelled: threading.Event,
-        deliver: Callable[[TokenEvent], None],
-        enqueued: float,
-        use_cache: bool,
-    ) -> TokenEvent:
+    def _generate(self, job: _Job) -> TokenEvent:
+        prompt_tokens, stable_prefix, settings = job.prompt, job.stable_prefix, job.settings
+        cancelled, deliver, enqueued, use_cache = job.cancelled, job.deliver, job.enqueued, job.use_cache
         started = time.perf_counter()
         stats = GenerationStats(prompt_tokens=len(prompt_tokens), queue_ms=(started - enqueued) * 1000)
         if cancelled.is_set():
