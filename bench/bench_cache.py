@@ -26,18 +26,18 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from serverlib import free_port, start_and_wait, stream_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "scripts" / "mlx-server.py"
@@ -143,52 +143,13 @@ class Run:
     cache_bound: int = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url}: the server did not start")
-
-
 def _ask(client: httpx.Client, messages: list[dict[str, Any]], max_tokens: int) -> tuple[float, int, int]:
     """Stream one request; returns (TTFT ms, prompt tokens, cached tokens)."""
-    body = {
-        "model": "default_model",  # mlx_lm.server loads any other name as a model; this server echoes it
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started = time.perf_counter()
-    first: float | None = None
-    usage: dict[str, Any] = {}
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            choices = chunk.get("choices") or []
-            if first is None and choices and (choices[0]["delta"].get("content") or choices[0].get("finish_reason")):
-                first = time.perf_counter()
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return ((first or time.perf_counter()) - started) * 1000, int(usage["prompt_tokens"]), cached
+    # mlx_lm.server loads any other model name as a model; this server merely echoes it.
+    body = {"model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    reply = stream_chat(client, body)
+    cached = int((reply.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return reply.time_to_first_token_ms, int(reply.usage["prompt_tokens"]), cached
 
 
 def drive(
@@ -211,14 +172,11 @@ def drive(
 
 
 def run_our_server(name: str, extra: list[str], turns: int, max_tokens: int) -> Run:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, str(SERVER), "--port", str(port), "--response-cache-size", "0", *extra]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ANYCLAUDE_DEBUG": "0"}
-    )
+    process = start_and_wait(command, f"http://127.0.0.1:{port}/health", {**os.environ, "ANYCLAUDE_DEBUG": "0"})
     run = Run(name)
     try:
-        _wait_ready(process, f"http://127.0.0.1:{port}/health")
         drive(
             run,
             f"http://127.0.0.1:{port}",
@@ -238,7 +196,7 @@ def run_mlx_lm_server(turns: int, max_tokens: int) -> Run:
     with tempfile.TemporaryDirectory() as directory:
         exported = Path(directory) / "model"
         subprocess.run([sys.executable, str(SERVER), "--export-mlx", str(exported)], check=True, capture_output=True)
-        port = _free_port()
+        port = free_port()
         launcher = (
             "import sys, runpy; sys.path.insert(0, sys.argv[1]); "
             "from mlx_server.blas import preload_optimized_blas; preload_optimized_blas(); "
@@ -248,9 +206,8 @@ def run_mlx_lm_server(turns: int, max_tokens: int) -> Run:
             sys.executable, "-c", launcher, str(ROOT / "scripts"),
             "--model", str(exported), "--port", str(port), "--prefill-step-size", PREFILL_STEP, "--log-level", "ERROR",
         ]  # fmt: skip
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = start_and_wait(command, f"http://127.0.0.1:{port}/v1/models")
         try:
-            _wait_ready(process, f"http://127.0.0.1:{port}/v1/models")
             drive(run, f"http://127.0.0.1:{port}", turns, max_tokens, None)
         finally:
             process.terminate()

@@ -5,7 +5,8 @@
 
 The baseline is the same model and weights driven in this process through
 ``mlx_lm.stream_generate``; the server is scripts/mlx-server.py on a free local
-port, driven by a streaming HTTP client.  Trials alternate between the two so
+port with its prompt and response caches off (the baseline has none), driven by a
+streaming HTTP client.  Trials alternate between the two so
 that machine noise hits both alike, and medians are compared.  The target:
 the server's overhead stays within 10% (TTFT ratio <= 1.10, decode ratio >= 0.90).
 Exits 1 if a target is missed.
@@ -14,9 +15,7 @@ Exits 1 if a target is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from mlx_lm.generate import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_server.model_loading import LoadedModel, load_model  # noqa: E402
+from serverlib import free_port, start_and_wait, stream_chat  # noqa: E402
 
 PROMPT = (
     "You are reviewing a pull request for a Python web service. The change adds a cache in front of a slow "
@@ -73,47 +73,24 @@ def _server(client: httpx.Client, max_tokens: int) -> Trial:
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
     }
-    started = time.perf_counter()
-    first = last = 0.0
-    completion_tokens = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                completion_tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    return Trial((first - started) * 1000, (completion_tokens - 1) / (last - first), completion_tokens)
+    reply = stream_chat(client, body)
+    assert reply.first_content is not None and reply.last_content is not None
+    completion_tokens = int(reply.usage["completion_tokens"])
+    decode_seconds = reply.last_content - reply.first_content
+    return Trial(reply.time_to_first_token_ms, (completion_tokens - 1) / decode_seconds, completion_tokens)
 
 
 def _start_server(model: str | None) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
+    # Both caches off: the in-process baseline recomputes every prompt, so the server must too.
     command = [sys.executable, str(ROOT / "scripts" / "mlx-server.py"), "--port", str(port)]
+    command += ["--prompt-cache-size", "0", "--response-cache-size", "0"]
     if model:
         command += ["--model", model]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ANYCLAUDE_DEBUG": "0"}
-    )
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return process, base_url
-        except httpx.TransportError:
-            time.sleep(0.25)
-    process.kill()
-    raise SystemExit("the server did not start")
+    process = start_and_wait(command, f"{base_url}/health", {**os.environ, "ANYCLAUDE_DEBUG": "0"})
+    return process, base_url
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""What the server benchmarks share: starting a server on a free port, and timing one streamed reply."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+__all__ = ["StreamedReply", "free_port", "start_and_wait", "stream_chat"]
+
+STARTUP_TIMEOUT_SECONDS = 600
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_and_wait(command: list[str], ready_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a server process and poll ``ready_url`` until it answers 200; exits the benchmark if it never does."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{ready_url}: the server exited with {process.returncode}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise SystemExit(f"{ready_url}: the server did not start")
+
+
+@dataclass
+class StreamedReply:
+    """When a streamed reply began, when its content tokens arrived, and its usage."""
+
+    started: float
+    first_content: float | None = None
+    last_content: float | None = None
+    finished: float | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def time_to_first_token_ms(self) -> float:
+        first = self.first_content or self.finished or time.perf_counter()
+        return (first - self.started) * 1000
+
+
+def stream_chat(client: httpx.Client, body: dict[str, Any]) -> StreamedReply:
+    """POST a streaming chat completion (with usage) and time its events."""
+    reply = StreamedReply(started=time.perf_counter())
+    request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=request) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("usage"):
+                reply.usage = chunk["usage"]
+            choices = chunk.get("choices") or []
+            if not choices:
+                continue
+            now = time.perf_counter()
+            if choices[0]["delta"].get("content"):
+                reply.first_content = reply.first_content or now
+                reply.last_content = now
+            if choices[0].get("finish_reason"):
+                reply.finished = now
+    return reply
