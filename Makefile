@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache clean
+.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-server: install
 
 bench-cache: install
 	$(BIN)/python bench/bench_cache.py
+
+bench-constrained: install
+	$(BIN)/python bench/bench_constrained.py
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -26,10 +26,21 @@ from mlx_server import responses
 from mlx_server.blas import BlasInfo
 from mlx_server.errors import APIError, error_body, install_error_handlers, report_unexpected_error
 from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings, TokenEvent
+from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
 from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
 from mlx_server.response_cache import CachedResponse, ResponseCache
-from mlx_server.schemas import ChatCompletionRequest, ChatMessage
+from mlx_server.schemas import ChatCompletionRequest
 from mlx_server.settings import Settings
+from mlx_server.tool_parsing import (
+    HERMES,
+    CallPiece,
+    ContentPiece,
+    ParsedToolCall,
+    ToolCalling,
+    detect_tool_call_format,
+    parse_tool_calls,
+)
+from mlx_server.tool_prompts import template_tool_support
 from utils_logging import PerformanceTimer, debug, request_context, write_error_debug_file
 
 __all__ = ["ServerState", "create_app"]
@@ -101,8 +112,32 @@ def _engine(state: ServerState) -> GenerationEngine:
     return state.engine
 
 
+def _output_rules(body: ChatCompletionRequest, engine: GenerationEngine) -> tuple[str | None, ToolCalling | None]:
+    """The grammar the output must follow (None: free) and how to find tool calls in it (None: do not look)."""
+    mode = body.tool_mode()
+    constraint = OutputConstraint(
+        tools=tuple(body.tools or ()),
+        tool_mode=mode,
+        forced_function=body.forced_function(),
+        parallel_calls=body.parallel_tool_calls,
+        json_schema=body.response_format.output_schema() if body.response_format else None,
+    )
+    try:
+        grammar = build_grammar(constraint)
+        if grammar is not None:
+            engine.grammar_tokenizer.get()
+    except GrammarError as error:
+        raise APIError(400, str(error), param=error.param, code="invalid_schema") from error
+    if mode == "none":
+        return grammar, None
+    tokenizer = engine.loaded.tokenizer
+    call_format = detect_tool_call_format(tokenizer) if template_tool_support(tokenizer).tools else HERMES
+    names = frozenset(tool.function.name for tool in body.tools or ())
+    return grammar, ToolCalling(call_format, names, body.parallel_tool_calls)
+
+
 def _sampling_settings(
-    body: ChatCompletionRequest, prompt_length: int, context_length: int, default_max: int
+    body: ChatCompletionRequest, prompt_length: int, context_length: int, default_max: int, grammar: str | None
 ) -> SamplingSettings:
     """Validate lengths against the context and fill in defaults."""
     room = context_length - prompt_length
@@ -128,10 +163,11 @@ def _sampling_settings(
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=tuple(body.stop_sequences()),
+        grammar=grammar,
     )
 
 
-def _log_completion(stats: GenerationStats, streamed: bool) -> None:
+def _log_completion(stats: GenerationStats, streamed: bool, tool_calls: int = 0) -> None:
     if stats.finish_reason == "cancelled":
         logger.info("Chat request cancelled: the client disconnected after %d tokens", stats.completion_tokens)
         return
@@ -141,12 +177,18 @@ def _log_completion(stats: GenerationStats, streamed: bool) -> None:
         stats.prompt_tokens,
         stats.cached_tokens,
         stats.completion_tokens,
-        stats.finish_reason,
+        _finish_reason(stats, tool_calls),
         stats.queue_ms,
         stats.time_to_first_token_ms,
         stats.tokens_per_second,
-        ", streamed" if streamed else "",
+        (f", {tool_calls} tool call{'s' if tool_calls != 1 else ''}" if tool_calls else "")
+        + (", streamed" if streamed else ""),
     )
+
+
+def _finish_reason(stats: GenerationStats, tool_calls: int) -> str:
+    """``tool_calls`` when the model stopped after calling tools, as OpenAI reports it."""
+    return "tool_calls" if tool_calls and stats.finish_reason == "stop" else stats.finish_reason
 
 
 async def _cancel_when_disconnected(request: Request, cancelled: threading.Event) -> None:
@@ -229,17 +271,24 @@ def create_app(state: ServerState) -> FastAPI:
                 if removed:
                     debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
             tokenizer = engine.loaded.tokenizer
-            prompt = render_prompt(tokenizer, messages)
+            grammar, tool_calling = _output_rules(body, engine)
+            prompt = render_prompt(tokenizer, messages, body.tools)
             settings = _sampling_settings(
-                body, len(prompt), engine.loaded.context_length, state.settings.default_max_tokens
+                body, len(prompt), engine.loaded.context_length, state.settings.default_max_tokens, grammar
             )
-            stable_prefix = stable_prefix_length(tokenizer, messages, prompt)
-            answer_key, cached = _look_up_answer(state.response_cache, messages, settings)
+            stable_prefix = stable_prefix_length(tokenizer, messages, prompt, body.tools)
+            answer_key, cached = _look_up_answer(state.response_cache, prompt, settings)
             timer.checkpoint("cache_check")
             debug(
                 2,
                 "Generation settings",
-                lambda: {"prompt_tokens": len(prompt), "stable_prefix": stable_prefix, **settings.__dict__},
+                lambda: {
+                    "prompt_tokens": len(prompt),
+                    "stable_prefix": stable_prefix,
+                    "tool_calls": "off" if tool_calling is None else tool_calling.call_format.name,
+                    **settings.__dict__,
+                    "grammar": "none" if grammar is None else f"{len(grammar)} characters",
+                },
             )
         except BaseException as error:
             timer.stop(error)
@@ -252,7 +301,7 @@ def create_app(state: ServerState) -> FastAPI:
         else:
             events = engine.stream(prompt, settings, cancelled, stable_prefix)
         remember = _remember_answer(state.response_cache, answer_key) if cached is None else None
-        reply = _Reply(completion_id, created, body, timer, cancelled, remember)
+        reply = _Reply(completion_id, created, body, timer, cancelled, remember, tool_calling)
         if body.stream:
             return StreamingResponse(
                 _stream_events(events, reply),
@@ -270,12 +319,15 @@ def _model_card(name: str, state: ServerState) -> dict[str, Any]:
 
 
 def _look_up_answer(
-    cache: ResponseCache | None, messages: list[ChatMessage], settings: SamplingSettings
+    cache: ResponseCache | None, prompt: list[int], settings: SamplingSettings
 ) -> tuple[str | None, CachedResponse | None]:
-    """Deterministic requests (greedy, or seeded) may be answered from the response cache."""
+    """Deterministic requests (greedy, or seeded) may be answered from the response cache.
+
+    The key is the rendered prompt (messages, tools and template together) and every sampling setting.
+    """
     if cache is None or not cache.max_entries or (settings.temperature > 0 and settings.seed is None):
         return None, None
-    shaping = {"messages": [message.model_dump(exclude_none=True) for message in messages], **settings.__dict__}
+    shaping = {"prompt": prompt, **settings.__dict__}
     key = cache.key_for(shaping)
     return key, cache.get(key)
 
@@ -314,6 +366,7 @@ class _Reply:
     timer: PerformanceTimer
     cancelled: threading.Event
     remember: Callable[[str, GenerationStats], None] | None
+    tool_calling: ToolCalling | None = None
 
     def chunk(self, delta: dict[str, Any] | None, **extra: Any) -> bytes:
         return responses.sse(responses.chunk(self.completion_id, self.created, self.body.model, delta, **extra))
@@ -340,8 +393,15 @@ async def _complete(events: AsyncIterator[TokenEvent], reply: _Reply, request: R
     text = "".join(parts)
     if reply.remember is not None:
         reply.remember(text, stats)
-    _log_completion(stats, streamed=False)
-    return JSONResponse(responses.completion(reply.completion_id, reply.created, reply.body.model, text, stats))
+    calls: list[ParsedToolCall] = []
+    if reply.tool_calling is not None:
+        text, calls = parse_tool_calls(
+            text, reply.tool_calling.call_format, reply.tool_calling.allowed_names, reply.tool_calling.parallel
+        )
+    _log_completion(stats, streamed=False, tool_calls=len(calls))
+    finish_reason = _finish_reason(stats, len(calls))
+    body = responses.completion(reply.completion_id, reply.created, reply.body.model, text, stats, calls, finish_reason)
+    return JSONResponse(body)
 
 
 async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> AsyncIterator[bytes]:
@@ -351,22 +411,31 @@ async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> As
         yield reply.chunk({"role": "assistant", "content": ""})
         stats: GenerationStats | None = None
         parts: list[str] = []
+        extractor = reply.tool_calling.extractor() if reply.tool_calling is not None else None
         async for event in events:
             if "prompt_processed" not in reply.timer.checkpoints:
                 reply.timer.checkpoint("prompt_processed")
             if event.text:
                 parts.append(event.text)
-                yield reply.chunk({"content": event.text})
+                if extractor is None:
+                    yield reply.chunk({"content": event.text})
+                else:
+                    for delta in _deltas(extractor.feed(event.text), extractor.calls):
+                        yield reply.chunk(delta)
             stats = event.stats or stats
         assert stats is not None
+        if extractor is not None:
+            for delta in _deltas(extractor.finish(), extractor.calls):
+                yield reply.chunk(delta)
+        calls = len(extractor.calls) if extractor is not None else 0
         reply.timer.checkpoint("inference_complete")
-        yield reply.chunk({}, finish_reason=stats.finish_reason)
+        yield reply.chunk({}, finish_reason=_finish_reason(stats, calls))
         if reply.body.include_usage_in_stream():
             yield reply.chunk(None, stats=stats)
         yield responses.DONE
         if reply.remember is not None:
             reply.remember("".join(parts), stats)
-        _log_completion(stats, streamed=True)
+        _log_completion(stats, streamed=True, tool_calls=calls)
     except (asyncio.CancelledError, GeneratorExit) as error:
         failure = error
         logger.info("Chat request cancelled: the client disconnected during the stream")
@@ -382,3 +451,14 @@ async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> As
     finally:
         reply.cancelled.set()
         reply.timer.stop(failure)
+
+
+def _deltas(pieces: list[ContentPiece | CallPiece], calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
+    """Stream deltas for content and for whole tool calls (each call's index is its place among the calls)."""
+    deltas: list[dict[str, Any]] = []
+    for piece in pieces:
+        if isinstance(piece, ContentPiece):
+            deltas.append({"content": piece.text})
+        else:
+            deltas += responses.tool_call_deltas(calls.index(piece.call), piece.call)
+    return deltas

@@ -75,7 +75,9 @@ def _is_union_member_tag(part: str) -> bool:
     return part in _TYPE_TAGS or "[" in part or part.startswith(("function-", "constrained-"))
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "StreamOptions"})
+_TYPE_TAGS = frozenset(
+    {"str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "StreamOptions", "NamedToolChoice"}
+)
 
 
 def _validation_message(error: dict[str, Any], param: str | None) -> str:

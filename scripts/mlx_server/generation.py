@@ -9,12 +9,14 @@ token is handed to the request's asyncio queue as soon as it is decoded; a
 request whose client has gone sets its ``cancelled`` event and the worker stops
 after the current token.  Sampling, logits processing, streaming
 detokenization and stop-text holdback are mlx-lm's (``make_sampler``,
-``make_logits_processors``, ``stream_generate``, ``TextStateMachine``).
+``make_logits_processors``, ``stream_generate``, ``TextStateMachine``); a
+grammar, when the request has one, masks the logits last (``grammar``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -29,6 +31,7 @@ import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
 from mlx_server.model_loading import LoadedModel
 from mlx_server.prompt_cache import MIN_REUSED_TOKENS, KVPromptCache
 from utils_logging import log_cache_hit, log_cache_miss
@@ -52,6 +55,7 @@ class SamplingSettings:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # an llguidance grammar the output must follow (None: free)
 
 
 @dataclass
@@ -124,6 +128,7 @@ class GenerationEngine:
         self._waiting = 0
         self._running = 0
         self._prefill_step = prefill_step()
+        self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
 
     @property
     def queue_depth(self) -> dict[str, int]:
@@ -131,12 +136,17 @@ class GenerationEngine:
             return {"waiting": self._waiting, "running": self._running}
 
     def warm_up(self) -> float:
-        """Run one short generation so that no request pays MLX's one-time set-up; returns its ms."""
+        """Run one short generation and build the grammar tokenizer, so that no request pays a one-time set-up.
+
+        Returns the milliseconds it took.
+        """
         started = time.perf_counter()
         prompt = list(self.loaded.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         settings = SamplingSettings(max_tokens=2, temperature=0.0)
         job = _Job(prompt, 0, settings, threading.Event(), lambda _event: None, started, use_cache=False)
         self._executor.submit(self._generate, job).result()
+        with contextlib.suppress(GrammarError):  # logged; constrained requests then get a clear 400
+            self.grammar_tokenizer.get()
         return (time.perf_counter() - started) * 1000
 
     def prefill_checkpoint(self, tokens: list[int]) -> bool:
@@ -275,6 +285,17 @@ class GenerationEngine:
         else:
             log_cache_miss("prompt", key, f"no cached prefix; {details['new_tokens']} new tokens")
 
+    def _logits_processors(self, settings: SamplingSettings) -> list[Callable[[mx.array, mx.array], mx.array]]:
+        """mlx-lm's penalties, then the grammar's mask (last, so that nothing can re-allow a masked token)."""
+        processors: list[Callable[[mx.array, mx.array], mx.array]] = make_logits_processors(
+            repetition_penalty=settings.repetition_penalty,
+            presence_penalty=settings.presence_penalty,
+            frequency_penalty=settings.frequency_penalty,
+        )
+        if settings.grammar is not None:
+            processors.append(GrammarProcessor(self.grammar_tokenizer.get(), settings.grammar))
+        return processors
+
     def _decode(
         self,
         cache: list[Any],
@@ -296,11 +317,7 @@ class GenerationEngine:
             mx.array(remaining),
             max_tokens=settings.max_tokens,
             sampler=make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k),
-            logits_processors=make_logits_processors(
-                repetition_penalty=settings.repetition_penalty,
-                presence_penalty=settings.presence_penalty,
-                frequency_penalty=settings.frequency_penalty,
-            ),
+            logits_processors=self._logits_processors(settings),
             prompt_cache=cache,
             prefill_step_size=self._prefill_step,
         )

@@ -3,7 +3,7 @@
 Two things here exist for the prompt cache: the volatile billing-header line
 that Claude Code puts at the start of its system prompt is removed before
 tokenizing (it changes every request and would defeat any prefix cache), and
-the stable prefix (system messages, rendered alone) is measured so that the
+the stable prefix (system messages and tools, rendered alone) is measured so that the
 cache can keep a checkpoint there.
 """
 
@@ -20,7 +20,8 @@ from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_server.errors import APIError
-from mlx_server.schemas import ChatMessage
+from mlx_server.schemas import ChatMessage, ToolDefinition
+from mlx_server.tool_prompts import template_conversation
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "normalize_billing_header", "render_prompt", "stable_prefix_length"]
 
@@ -33,19 +34,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def _as_template_message(message: ChatMessage) -> dict[str, Any]:
-    """The dict a chat template expects; ``developer`` is rendered as ``system``."""
-    rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-    rendered["content"] = message.text()
-    if message.name is not None:
-        rendered["name"] = message.name
-    if message.tool_call_id is not None:
-        rendered["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        rendered["tool_calls"] = message.tool_calls
-    return rendered
 
 
 def normalize_billing_header(messages: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
@@ -62,20 +50,29 @@ def normalize_billing_header(messages: list[ChatMessage]) -> tuple[list[ChatMess
     return normalized, removed
 
 
-def _render(tokenizer: TokenizerWrapper, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+def _render(
+    tokenizer: TokenizerWrapper,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
     template = None if tokenizer.has_chat_template else FALLBACK_CHAT_TEMPLATE
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
     tokens = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=template
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=template, **extra
     )
     if isinstance(tokens, dict):  # some transformers versions return a BatchEncoding
         tokens = tokens["input_ids"]
     return [int(token) for token in tokens]
 
 
-def render_prompt(tokenizer: TokenizerWrapper, messages: list[ChatMessage]) -> list[int]:
-    """Token ids for ``messages`` plus the assistant turn's opening; a template error is a 400."""
+def render_prompt(
+    tokenizer: TokenizerWrapper, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
+) -> list[int]:
+    """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening; a template error is a 400."""
+    conversation, template_tools = template_conversation(tokenizer, messages, tools)
     try:
-        return _render(tokenizer, [_as_template_message(message) for message in messages], True)
+        return _render(tokenizer, conversation, True, template_tools)
     except TemplateError as error:
         raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
 
@@ -85,26 +82,33 @@ _prefix_memo_lock = threading.Lock()
 _PREFIX_MEMO_ENTRIES = 64
 
 
-def stable_prefix_length(tokenizer: TokenizerWrapper, messages: list[ChatMessage], prompt: list[int]) -> int:
-    """How many leading prompt tokens are the system messages alone (0 if the template mixes them).
+def stable_prefix_length(
+    tokenizer: TokenizerWrapper,
+    messages: list[ChatMessage],
+    prompt: list[int],
+    tools: list[ToolDefinition] | None = None,
+) -> int:
+    """How many leading prompt tokens are the system messages and tools alone (0 if the template mixes them).
 
-    The leading system/developer messages are rendered on their own; if the
-    prompt starts with exactly those tokens, that is where a conversation's
-    stable part ends, whatever its last message is (user, tool or assistant).
+    The leading system/developer messages are rendered on their own, with the
+    tools; if the prompt starts with exactly those tokens, that is where a
+    conversation's stable part ends, whatever its last message is (user, tool
+    or assistant).
     """
+    conversation, template_tools = template_conversation(tokenizer, messages, tools)
     leading = []
-    for message in messages:
-        if message.role not in _SYSTEM_ROLES:
+    for message in conversation:
+        if message["role"] not in _SYSTEM_ROLES:
             break
-        leading.append(_as_template_message(message))
+        leading.append(message)
     if not leading:
         return 0
-    key = hashlib.sha256(json.dumps(leading, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([leading, template_tools], sort_keys=True).encode()).hexdigest()
     with _prefix_memo_lock:
         prefix = _prefix_memo.get(key)
     if prefix is None:
         try:
-            prefix = _render(tokenizer, leading, False)
+            prefix = _render(tokenizer, leading, False, template_tools)
         except TemplateError:
             prefix = []
         with _prefix_memo_lock:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from mlx_server.generation import GenerationStats
+from mlx_server.tool_parsing import ParsedToolCall
 
-__all__ = ["DONE", "chunk", "completion", "sse", "usage"]
+__all__ = ["DONE", "chunk", "completion", "sse", "tool_call_deltas", "usage"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -21,8 +23,19 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     }
 
 
-def completion(completion_id: str, created: int, model: str, text: str, stats: GenerationStats) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
+def completion(
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    stats: GenerationStats,
+    tool_calls: Sequence[ParsedToolCall] = (),
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object; with tool calls, empty content is ``null`` as OpenAI sends it."""
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = [call.as_openai() for call in tool_calls]
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -31,13 +44,19 @@ def completion(completion_id: str, created: int, model: str, text: str, stats: G
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": stats.finish_reason,
+                "message": message,
+                "finish_reason": finish_reason or stats.finish_reason,
                 "logprobs": None,
             }
         ],
         "usage": usage(stats),
     }
+
+
+def tool_call_deltas(index: int, call: ParsedToolCall) -> list[dict[str, Any]]:
+    """A call as stream deltas, in OpenAI's shape: id, type and name first, then the arguments."""
+    opening = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    return [{"tool_calls": [opening]}, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
 
 
 def chunk(

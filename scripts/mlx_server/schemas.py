@@ -8,16 +8,22 @@ server cannot honour are refused with a message that says so.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "AssistantToolCall",
     "ChatCompletionRequest",
     "ChatMessage",
     "ContentPart",
+    "FunctionDefinition",
+    "NamedToolChoice",
+    "ResponseFormat",
     "StreamOptions",
+    "ToolDefinition",
     "UnsupportedOptionError",
 ]
 
@@ -51,6 +57,87 @@ class ContentPart(_Strict):
         return self
 
 
+class FunctionCall(_Strict):
+    """A call as the client echoes it back in history; arguments are a JSON string (an object is accepted)."""
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+    def arguments_object(self) -> Any:
+        """The arguments decoded, for chat templates that render them as JSON; undecodable text stays text."""
+        if isinstance(self.arguments, dict):
+            return self.arguments
+        try:
+            return json.loads(self.arguments) if self.arguments.strip() else {}
+        except ValueError:
+            return self.arguments
+
+
+class AssistantToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """OpenAI treats a function without parameters as one that takes an empty object."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``{"type": "function", "function": {"name": ...}}``: the model must call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The schema the whole output must match (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.json_schema or {"type": "object"}
+        return None
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
 class ChatMessage(_Strict):
     """A chat message; ``developer`` is OpenAI's newer name for ``system``."""
 
@@ -58,7 +145,7 @@ class ChatMessage(_Strict):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -103,9 +190,10 @@ class ChatCompletionRequest(_Strict):
     n: Annotated[int, Field(ge=1)] = 1
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     user: str | None = None
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -141,14 +229,36 @@ class ChatCompletionRequest(_Strict):
             raise UnsupportedOptionError("n", f"n={self.n} is not supported: this server returns one choice (n=1)")
         if self.logprobs or self.top_logprobs:
             raise UnsupportedOptionError("logprobs", "logprobs are not supported by this server")
-        if self.response_format is not None and self.response_format.get("type") not in ("text", None):
-            raise UnsupportedOptionError(
-                "response_format", f"response_format type {self.response_format.get('type')!r} is not supported yet"
-            )
-        if self.tools:
-            raise UnsupportedOptionError("tools", "tool calling is not supported yet by this server")
+        self._check_tools()
         if self.stream_options is not None and not self.stream:
             raise UnsupportedOptionError("stream_options", "stream_options is only allowed when stream is true")
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or []]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise UnsupportedOptionError("tools", f"tool names must be unique; repeated: {', '.join(duplicates)}")
+        if self.tool_choice is None or self.tool_choice == "none":
+            return
+        if not names:
+            raise UnsupportedOptionError("tool_choice", "tool_choice needs a non-empty 'tools' list")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise UnsupportedOptionError(
+                "tool_choice",
+                f"tool_choice names {self.tool_choice.function.name!r}, "
+                f"which is not among the tools: {', '.join(names)}",
+            )
+
+    def tool_mode(self) -> str:
+        """``none``, ``auto`` or ``required`` (a named choice is required too); ``auto`` when tools are given."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        return "required"
+
+    def forced_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
 
 # Responses are plain dicts built by ``responses``: they are written once and

@@ -13,8 +13,16 @@ GOOD_MESSAGES = [{"role": "user", "content": "Hi"}]
 HUGE_PROMPT = "word " * 9_000  # past SmolLM2's 8,192-token context
 
 
+CHAT = "/v1/chat/completions"
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
 def _body(**fields: Any) -> dict[str, Any]:
     return {"model": "m", "messages": GOOD_MESSAGES, "max_tokens": 1, **fields}
+
+
+def _tool(function: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": function}
 
 
 # (case, method, path, raw body or JSON, status, error code, param)
@@ -133,6 +141,98 @@ BAD_REQUESTS: list[tuple[str, str, str, bytes | dict[str, Any], int, str | None,
         400,
         "context_length_exceeded",
         "max_tokens",
+    ),
+    ("tool without type", "POST", CHAT, _body(tools=[{"function": WEATHER}]), 400, None, "tools[0].type"),
+    (
+        "tool name with spaces",
+        "POST",
+        CHAT,
+        _body(tools=[_tool({**WEATHER, "name": "get weather"})]),
+        400,
+        "invalid_value",
+        "tools[0].function.name",
+    ),
+    (
+        "tool schema of an unknown type",
+        "POST",
+        CHAT,
+        _body(tools=[_tool({**WEATHER, "parameters": {"type": "banana"}})]),
+        400,
+        "invalid_schema",
+        "tools[0].function.parameters",
+    ),
+    (
+        "tool schema with a broken pattern",
+        "POST",
+        CHAT,
+        _body(tools=[_tool({**WEATHER, "parameters": {"type": "object", "properties": {"a": {"pattern": "("}}}})]),
+        400,
+        "invalid_schema",
+        "tools[0].function.parameters",
+    ),
+    ("repeated tool names", "POST", CHAT, _body(tools=[_tool(WEATHER), _tool(WEATHER)]), 400, None, "tools"),
+    (
+        "unknown tool_choice",
+        "POST",
+        CHAT,
+        _body(tools=[_tool(WEATHER)], tool_choice="always"),
+        400,
+        None,
+        "tool_choice",
+    ),
+    ("tool_choice without tools", "POST", CHAT, _body(tool_choice="required"), 400, None, "tool_choice"),
+    (
+        "tool_choice names a missing tool",
+        "POST",
+        CHAT,
+        _body(tools=[_tool(WEATHER)], tool_choice={"type": "function", "function": {"name": "launch"}}),
+        400,
+        "unsupported_parameter",
+        "tool_choice",
+    ),
+    (
+        "tool call arguments as a number",
+        "POST",
+        CHAT,
+        _body(
+            messages=[
+                *GOOD_MESSAGES,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": 5}}],
+                },
+            ]
+        ),
+        400,
+        None,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "unknown response_format",
+        "POST",
+        CHAT,
+        _body(response_format={"type": "xml"}),
+        400,
+        None,
+        "response_format.type",
+    ),
+    (
+        "json_schema format without a schema object",
+        "POST",
+        CHAT,
+        _body(response_format={"type": "json_schema"}),
+        400,
+        None,
+        "response_format",
+    ),
+    (
+        "response schema that cannot be satisfied",
+        "POST",
+        CHAT,
+        _body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": []}}}),
+        400,
+        "invalid_schema",
+        "response_format.json_schema.schema",
     ),
     ("unknown route", "POST", "/v1/completions/nope", _body(), 404, "unknown_url", None),
     ("wrong method", "GET", "/v1/chat/completions", b"", 405, "method_not_allowed", None),

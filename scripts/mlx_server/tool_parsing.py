@@ -1,0 +1,323 @@
+"""Tool calls out of generated text: which format a model writes, and parsing it, whole or as a stream.
+
+Every model family writes calls its own way: Hermes and Qwen 2.5 wrap a JSON
+object in ``<tool_call>…</tool_call>``, Mistral writes ``[TOOL_CALLS]`` and a
+JSON list, Llama 3 writes a bare ``{"name": …, "parameters": …}``, and newer
+families have formats of their own.  mlx-lm ships a parser for most of them and
+infers which one a chat template uses; those parsers are used as they are.  The
+Hermes form is always accepted too: it is what the server asks for when it
+injects tools into a template that cannot render them, and what constrained
+decoding produces.
+
+Text that looks like a call but does not parse, or names a function that was
+not offered, is returned as content: a malformed call never crashes a request.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import secrets
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Union
+
+from mlx_lm import tokenizer_utils
+from mlx_lm.generate import TextStateMachine
+
+__all__ = [
+    "HERMES",
+    "LLAMA3_JSON",
+    "CallPiece",
+    "ContentPiece",
+    "ParsedToolCall",
+    "ToolCallExtractor",
+    "ToolCallFormat",
+    "ToolCalling",
+    "detect_tool_call_format",
+    "mlx_lm_format",
+    "new_tool_call_id",
+    "parse_tool_calls",
+]
+
+logger = logging.getLogger("mlx")
+
+ParseFunction = Callable[[str], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ParsedToolCall:
+    """One call, as OpenAI returns it: a unique id, a function name, arguments as a JSON string."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one model family marks and writes its calls.
+
+    ``end`` is empty for formats whose calls run to the end of the output;
+    ``bare_json`` formats (Llama 3) may also write a call with no marker at all.
+    """
+
+    name: str
+    start: str
+    end: str
+    parse: ParseFunction
+    bare_json: bool = False
+
+
+def new_tool_call_id() -> str:
+    """A fresh id for every call: clients match tool results to calls by it."""
+    return f"call_{secrets.token_hex(12)}"
+
+
+def _as_call(value: Any) -> dict[str, Any]:
+    """``{"name", "arguments"|"parameters"}`` with arguments as an object (a JSON string is decoded)."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError("a tool call needs a string 'name'")
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    if not isinstance(arguments, dict):
+        raise ValueError("tool call arguments must be a JSON object")
+    return {"name": value["name"], "arguments": arguments}
+
+
+def _json_values(text: str) -> list[Any]:
+    """Every JSON value in ``text``, separated by whitespace, commas or semicolons (nesting-safe, no regex)."""
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    position = 0
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,;":
+            position += 1
+        if position == len(text):
+            return values
+        value, position = decoder.raw_decode(text, position)
+        values.append(value)
+
+
+def _parse_json_calls(text: str) -> list[dict[str, Any]]:
+    """One or more call objects, or lists of them (Hermes, Qwen 2.5, Llama 3)."""
+    calls: list[dict[str, Any]] = []
+    for value in _json_values(text.strip()):
+        calls.extend(_as_call(item) for item in (value if isinstance(value, list) else [value]))
+    if not calls:
+        raise ValueError("no tool call found")
+    return calls
+
+
+def mlx_lm_format(module_name: str) -> ToolCallFormat:
+    """A format backed by one of mlx-lm's own parsers (``mlx_lm.tool_parsers.<name>``)."""
+    module = importlib.import_module(f"mlx_lm.tool_parsers.{module_name}")
+    parse_one: Callable[[str, Any], Any] = module.parse_tool_call
+
+    def parse(text: str) -> list[dict[str, Any]]:
+        parsed = parse_one(text, None)
+        return [_as_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])]
+
+    return ToolCallFormat(module_name, module.tool_call_start, module.tool_call_end, parse)
+
+
+HERMES = ToolCallFormat("hermes", "<tool_call>", "</tool_call>", _parse_json_calls)
+LLAMA3_JSON = ToolCallFormat("llama3_json", "<|python_tag|>", "", _parse_json_calls, bare_json=True)
+
+
+@functools.lru_cache(maxsize=8)
+def detect_tool_call_format(tokenizer: Any) -> ToolCallFormat:
+    """The format this model's chat template teaches it; Hermes when the template names none.
+
+    mlx-lm infers the parser when it loads a model itself; for GGUF files its
+    inference is applied to the template here.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and "<|python_tag|>" in template:
+        return LLAMA3_JSON
+    infer: Callable[[Any], str | None] | None = getattr(tokenizer_utils, "_infer_tool_parser", None)
+    name = None
+    if infer is not None:
+        try:
+            name = infer(getattr(tokenizer, "_tokenizer", tokenizer))
+        except Exception:  # noqa: BLE001 - a private helper of mlx-lm; Hermes is the safe default
+            name = None
+    if name is None or name == "json_tools":
+        return HERMES
+    try:
+        return mlx_lm_format(name)
+    except (ImportError, AttributeError):
+        return HERMES
+
+
+def _finish_calls(raw_calls: list[dict[str, Any]], allowed_names: Collection[str]) -> list[ParsedToolCall]:
+    """Give each call its id and JSON arguments; a call to a function that was not offered is refused."""
+    calls = []
+    for call in raw_calls:
+        if call["name"] not in allowed_names:
+            raise ValueError(f"the model called {call['name']!r}, which is not among the offered tools")
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        calls.append(ParsedToolCall(new_tool_call_id(), call["name"], arguments))
+    return calls
+
+
+def _try_parse(text: str, parse: ParseFunction, allowed_names: Collection[str]) -> list[ParsedToolCall] | None:
+    try:
+        return _finish_calls(parse(text), allowed_names)
+    except (ValueError, KeyError, TypeError, SyntaxError) as error:
+        logger.debug("Tool call text did not parse (%s); returned as content", error)
+        return None
+
+
+def _with_hermes(call_format: ToolCallFormat) -> list[ToolCallFormat]:
+    """The model's own format and Hermes; one format that tries both when they share markers (Qwen3-Coder)."""
+    if call_format is HERMES:
+        return [HERMES]
+    if (call_format.start, call_format.end) != (HERMES.start, HERMES.end):
+        return [call_format, HERMES]
+
+    def parse_either(text: str) -> list[dict[str, Any]]:
+        try:
+            return call_format.parse(text)
+        except (ValueError, KeyError, TypeError, SyntaxError):
+            return HERMES.parse(text)
+
+    return [ToolCallFormat(call_format.name, call_format.start, call_format.end, parse_either, call_format.bare_json)]
+
+
+@dataclass
+class ContentPiece:
+    text: str
+
+
+@dataclass
+class CallPiece:
+    call: ParsedToolCall
+
+
+Piece = Union[ContentPiece, CallPiece]
+
+
+class ToolCallExtractor:
+    """Splits generated text, as it streams, into content and complete tool calls.
+
+    Content goes out as soon as it cannot be the start of a call marker
+    (mlx-lm's TextStateMachine holds back partial markers); a call goes out
+    when its end marker arrives, or at the end for formats without one.  With
+    ``parallel`` false only the first call is kept.
+    """
+
+    def __init__(self, call_format: ToolCallFormat, allowed_names: Collection[str], parallel: bool = True) -> None:
+        self._formats = {f"tool:{fmt.name}": fmt for fmt in _with_hermes(call_format)}
+        normal = [(fmt.start, state) for state, fmt in self._formats.items()]
+        transitions: dict[str, list[tuple[str, str]]] = {"normal": normal}
+        for state, fmt in self._formats.items():
+            transitions[state] = [(fmt.end, "normal")] if fmt.end else []
+        self._machine = TextStateMachine(transitions)
+        self._state = self._machine.make_state()
+        self._format = call_format
+        self._allowed = allowed_names
+        self._parallel = parallel
+        self._call_text = ""
+        self._content_seen = ""
+        self._bare_json = ""
+        self._pending_space = ""
+        self.calls: list[ParsedToolCall] = []
+
+    def feed(self, text: str) -> list[Piece]:
+        if self._bare_json or self._starts_bare_json(text):
+            self._bare_json += text
+            return []
+        self._state, segments = TextStateMachine.split(self._state, text)
+        return self._pieces(segments)
+
+    def finish(self) -> list[Piece]:
+        """Whatever is still held: a call without an end marker, a bare JSON call, or plain text."""
+        if self._bare_json:
+            calls = _try_parse(self._bare_json, self._format.parse, self._allowed)
+            return self._accept(calls) if calls else [ContentPiece(self._bare_json)]
+        self._state, held, state_name = TextStateMachine.flush(self._state)
+        pieces = self._pieces([(state_name, held)]) if held else []
+        if state_name in self._formats and self._call_text:
+            pieces += self._close_call(state_name, complete=not self._formats[state_name].end)
+        if self._pending_space and not self.calls:
+            pieces.append(ContentPiece(self._pending_space))
+        self._pending_space = ""
+        return pieces
+
+    def _starts_bare_json(self, text: str) -> bool:
+        """Llama 3 may answer with a bare JSON call; such output is held back until it can be parsed."""
+        if not self._format.bare_json or self._content_seen.strip() or self._state[0] != "normal":
+            return False
+        return (self._content_seen + text).lstrip()[:1] in ("{", "[")
+
+    def _pieces(self, segments: list[tuple[str | None, str]]) -> list[Piece]:
+        pieces: list[Piece] = []
+        previous = segments[0][0] if segments else None  # the state this chunk started in
+        for state_name, text in segments:
+            if previous in self._formats and state_name != previous:
+                pieces += self._close_call(previous, complete=True)
+            if state_name in self._formats:
+                self._call_text += text
+            elif text:
+                self._content_seen += text
+                pieces += self._content(text)
+            previous = state_name
+        return pieces
+
+    def _close_call(self, state_name: str, complete: bool) -> list[Piece]:
+        call_format = self._formats[state_name]
+        text, self._call_text = self._call_text, ""
+        calls = _try_parse(text, call_format.parse, self._allowed) if complete else None
+        if calls is None:
+            return [ContentPiece(call_format.start + text + (call_format.end if complete else ""))]
+        return self._accept(calls)
+
+    def _accept(self, calls: list[ParsedToolCall]) -> list[Piece]:
+        """New calls, minus repeats of an earlier one (same function and arguments), one only if not parallel."""
+        accepted: list[Piece] = []
+        for call in calls:
+            seen = any((call.name, call.arguments) == (earlier.name, earlier.arguments) for earlier in self.calls)
+            if seen or (self.calls and not self._parallel):
+                continue
+            self.calls.append(call)
+            accepted.append(CallPiece(call))
+        if accepted:
+            self._pending_space = ""  # whitespace between calls is not content
+        return accepted
+
+    def _content(self, text: str) -> list[Piece]:
+        """Whitespace is held back until real content follows: between and after calls it is dropped."""
+        if not text.strip():
+            self._pending_space += text
+            return []
+        text, self._pending_space = self._pending_space + text, ""
+        return [ContentPiece(text)]
+
+
+@dataclass(frozen=True)
+class ToolCalling:
+    """How one request's output is searched for calls: the format, the offered names, parallel or not."""
+
+    call_format: ToolCallFormat
+    allowed_names: frozenset[str]
+    parallel: bool = True
+
+    def extractor(self) -> ToolCallExtractor:
+        return ToolCallExtractor(self.call_format, self.allowed_names, self.parallel)
+
+
+def parse_tool_calls(
+    text: str, call_format: ToolCallFormat, allowed_names: Collection[str], parallel: bool = True
+) -> tuple[str, list[ParsedToolCall]]:
+    """A whole output -> (content, calls)."""
+    extractor = ToolCallExtractor(call_format, allowed_names, parallel)
+    pieces = extractor.feed(text) + extractor.finish()
+    content = "".join(piece.text for piece in pieces if isinstance(piece, ContentPiece))
+    return content, extractor.calls

@@ -1,0 +1,152 @@
+"""Grammars from tools and schemas, and the logits mask, with the real default model's vocabulary.
+
+Decoding here is driven by random logits instead of the model: whatever a
+sampler picks under the mask must still parse and validate.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import llguidance
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer, OutputConstraint, build_grammar
+from mlx_server.schemas import ToolDefinition
+from mlx_server.tool_parsing import HERMES, parse_tool_calls
+
+WEATHER = ToolDefinition.model_validate(
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1}},
+                "required": ["city", "days"],
+            },
+        },
+    }
+)
+NO_PARAMETERS = ToolDefinition.model_validate({"type": "function", "function": {"name": "list_files"}})
+
+
+@pytest.fixture(scope="module")
+def vocabulary(loaded_model: Any) -> llguidance.LLTokenizer:
+    return GrammarTokenizer(loaded_model.tokenizer).get()
+
+
+def random_decode(tokenizer: llguidance.LLTokenizer, grammar: str, seed: int, limit: int = 400) -> str:
+    """Sample from random logits under the grammar's mask until end-of-sequence."""
+    processor = GrammarProcessor(tokenizer, grammar)
+    rng = np.random.default_rng(seed)
+    tokens: list[int] = [0]
+    for _ in range(limit):
+        logits = mx.array(rng.normal(size=(1, tokenizer.vocab_size + 64)).astype(np.float32))
+        token = int(mx.argmax(processor(mx.array(tokens), logits)[0]))
+        if token in tokenizer.eos_tokens:
+            return tokenizer.decode_str(tokens[1:])
+        tokens.append(token)
+    raise AssertionError("the grammar never allowed end-of-sequence")
+
+
+def test_free_generation_has_no_grammar() -> None:
+    assert build_grammar(OutputConstraint()) is None
+    assert build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="auto")) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forced_call_always_parses_and_validates(vocabulary: llguidance.LLTokenizer, seed: int) -> None:
+    grammar = build_grammar(OutputConstraint(tools=[WEATHER, NO_PARAMETERS], tool_mode="required"))
+    assert grammar is not None
+    text = random_decode(vocabulary, grammar, seed)
+    content, calls = parse_tool_calls(text, HERMES, {"get_weather", "list_files"})
+    assert calls and not content.strip()
+    for call in calls:
+        arguments = json.loads(call.arguments)
+        if call.name == "get_weather":
+            jsonschema.validate(arguments, WEATHER.function.parameters_schema())
+        else:
+            assert arguments == {}
+
+
+def test_named_function_is_the_only_one_called(vocabulary: llguidance.LLTokenizer) -> None:
+    grammar = build_grammar(
+        OutputConstraint(tools=[WEATHER, NO_PARAMETERS], tool_mode="required", forced_function="list_files")
+    )
+    assert grammar is not None
+    for seed in range(3):
+        calls = parse_tool_calls(random_decode(vocabulary, grammar, seed), HERMES, {"get_weather", "list_files"})[1]
+        assert [call.name for call in calls] == ["list_files"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_json_schema_output_validates(vocabulary: llguidance.LLTokenizer, seed: int) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+        "required": ["ok", "tags"],
+    }
+    grammar = build_grammar(OutputConstraint(json_schema=schema))
+    assert grammar is not None
+    value = json.loads(random_decode(vocabulary, grammar, seed))
+    jsonschema.validate(value, schema)
+    assert set(value) == {"ok", "tags"}, "undeclared keys are not generated"
+
+
+def test_objects_are_closed_for_generation_but_data_is_left_alone(vocabulary: llguidance.LLTokenizer) -> None:
+    """additionalProperties is closed on object schemas only, never inside const or enum values."""
+    schema = {
+        "type": "object",
+        "properties": {"mode": {"const": {"properties": {"x": 1}}}},
+        "required": ["mode"],
+    }
+    grammar = build_grammar(OutputConstraint(json_schema=schema))
+    assert grammar is not None
+    assert json.loads(random_decode(vocabulary, grammar, 0)) == {"mode": {"properties": {"x": 1}}}
+
+
+@pytest.mark.parametrize(
+    ("constraint", "param"),
+    [
+        (OutputConstraint(json_schema={"type": "banana"}), "response_format.json_schema.schema"),
+        (
+            OutputConstraint(
+                tools=[
+                    WEATHER.model_copy(
+                        update={"function": WEATHER.function.model_copy(update={"parameters": {"required": 1}})}
+                    )
+                ],
+                tool_mode="auto",
+            ),
+            "tools[0].function.parameters",
+        ),
+    ],
+    ids=["unknown type", "required is not a list"],
+)
+def test_invalid_schemas_name_the_field(constraint: OutputConstraint, param: str) -> None:
+    with pytest.raises(GrammarError) as raised:
+        build_grammar(constraint)
+    assert raised.value.param == param
+    assert param in str(raised.value)
+
+
+def test_a_repeated_call_ends_the_output(vocabulary: llguidance.LLTokenizer) -> None:
+    """Once a call repeats an earlier one, only end-of-sequence is allowed."""
+    grammar = build_grammar(OutputConstraint(tools=[NO_PARAMETERS], tool_mode="required"))
+    assert grammar is not None
+    processor = GrammarProcessor(vocabulary, grammar)
+    call = '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>'
+    tokens = [0]
+    logits = mx.zeros((1, vocabulary.vocab_size))
+    masked = processor(mx.array(tokens), logits)
+    for token in vocabulary.tokenize_str(call + "\n" + call):
+        assert np.array(masked[0])[token] > -np.inf, "every token of the two calls is allowed on the way"
+        tokens.append(token)
+        masked = processor(mx.array(tokens), logits)
+    allowed = np.flatnonzero(np.array(masked[0]) > -np.inf)
+    assert set(allowed.tolist()) == set(vocabulary.eos_tokens)

@@ -1,0 +1,229 @@
+"""Tool calls out of model output: recorded outputs of several model families, whole and streamed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_server.tool_parsing import (
+    HERMES,
+    LLAMA3_JSON,
+    CallPiece,
+    ContentPiece,
+    ToolCallExtractor,
+    ToolCallFormat,
+    detect_tool_call_format,
+    mlx_lm_format,
+    parse_tool_calls,
+)
+
+NAMES = frozenset({"get_weather", "search_web"})
+MISTRAL = mlx_lm_format("mistral")
+QWEN3_CODER = mlx_lm_format("qwen3_coder")
+PYTHONIC = mlx_lm_format("pythonic")
+
+# (family, format, recorded output, expected content, expected [(name, arguments)])
+RECORDED: list[tuple[str, ToolCallFormat, str, str, list[tuple[str, dict[str, Any]]]]] = [
+    (
+        "Qwen 2.5",
+        HERMES,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "Qwen 2.5, two calls after some text",
+        HERMES,
+        "Let me look both up.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London"}}\n</tool_call>',
+        "Let me look both up.\n",
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})],
+    ),
+    (
+        "Hermes 2 Pro, arguments first and braces inside strings",
+        HERMES,
+        '<tool_call>\n{"arguments": {"query": "json {\\"a\\": [1, 2]} }", "max_results": 3}, "name": "search_web"}\n'
+        "</tool_call>",
+        "",
+        [("search_web", {"query": 'json {"a": [1, 2]} }', "max_results": 3})],
+    ),
+    (
+        "Hermes, arguments as a JSON string",
+        HERMES,
+        '<tool_call>{"name": "search_web", "arguments": "{\\"query\\": \\"mlx\\"}"}</tool_call>',
+        "",
+        [("search_web", {"query": "mlx"})],
+    ),
+    (
+        "Llama 3.1, a bare JSON call",
+        LLAMA3_JSON,
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+        "",
+        [("get_weather", {"city": "Paris", "unit": "celsius"})],
+    ),
+    (
+        "Llama 3.1, python tag and two calls",
+        LLAMA3_JSON,
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+        '{"name": "search_web", "parameters": {"query": "Paris events"}}',
+        "",
+        [("get_weather", {"city": "Paris"}), ("search_web", {"query": "Paris events"})],
+    ),
+    (
+        "Llama 3.1, prose that starts like JSON is content",
+        LLAMA3_JSON,
+        "{Paris} is the capital of France.",
+        "{Paris} is the capital of France.",
+        [],
+    ),
+    (
+        "Mistral v3, a JSON list",
+        MISTRAL,
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "search_web", "arguments": {"query": "louvre"}}]',
+        "",
+        [("get_weather", {"city": "Paris"}), ("search_web", {"query": "louvre"})],
+    ),
+    (
+        "Mistral Small 3.2, name[ARGS]",
+        MISTRAL,
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+        "Checking.",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "Qwen3-Coder, XML parameters",
+        QWEN3_CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "LFM2, pythonic",
+        PYTHONIC,
+        '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "Hermes fallback for a model whose own format is Mistral's",
+        MISTRAL,
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+        "",
+        [("get_weather", {"city": "Oslo"})],
+    ),
+]
+
+# (case, output): text that is not a valid call comes back as content, unchanged.
+NOT_CALLS = [
+    ("truncated mid-arguments", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),
+    ("broken JSON", '<tool_call>{"name": "get_weather", "arguments": {city: Paris}}</tool_call>'),
+    ("a function that was not offered", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
+    ("arguments that are not an object", '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>'),
+    ("no name", '<tool_call>{"arguments": {}}</tool_call>'),
+    ("plain prose", "The weather in Paris is mild."),
+]
+
+
+def _calls(text: str, call_format: ToolCallFormat, parallel: bool = True) -> tuple[str, list[tuple[str, Any]]]:
+    content, calls = parse_tool_calls(text, call_format, NAMES, parallel)
+    return content, [(call.name, json.loads(call.arguments)) for call in calls]
+
+
+@pytest.mark.parametrize(
+    ("call_format", "output", "content", "expected"),
+    [case[1:] for case in RECORDED],
+    ids=[case[0] for case in RECORDED],
+)
+def test_recorded_outputs(
+    call_format: ToolCallFormat, output: str, content: str, expected: list[tuple[str, dict[str, Any]]]
+) -> None:
+    assert _calls(output, call_format) == (content, expected)
+
+
+@pytest.mark.parametrize("output", [case[1] for case in NOT_CALLS], ids=[case[0] for case in NOT_CALLS])
+def test_what_does_not_parse_is_content(output: str) -> None:
+    assert _calls(output, HERMES) == (output, [])
+
+
+def test_every_call_gets_a_fresh_id() -> None:
+    output = RECORDED[1][2]
+    first = parse_tool_calls(output, HERMES, NAMES)[1]
+    second = parse_tool_calls(output, HERMES, NAMES)[1]
+    ids = [call.id for call in first + second]
+    assert len(set(ids)) == 4 and all(call_id.startswith("call_") for call_id in ids)
+
+
+def test_one_call_when_not_parallel() -> None:
+    assert _calls(RECORDED[1][2], HERMES, parallel=False)[1] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_repeated_call_is_dropped() -> None:
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert _calls(f"{call}\n{call}\n", HERMES) == ("", [("get_weather", {"city": "Paris"})])
+
+
+def test_whitespace_between_calls_is_not_content_but_prose_keeps_its_spaces() -> None:
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert _calls(f"\n{call}\n\n", HERMES)[0] == ""
+    assert _calls("Hello,\n\n  world\n", HERMES) == ("Hello,\n\n  world\n", [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(RECORDED + [(name, HERMES, text, text, []) for name, text in NOT_CALLS]), data=st.data())
+def test_streaming_in_any_chunks_gives_the_same_result(
+    case: tuple[str, ToolCallFormat, str, str, list[Any]], data: st.DataObject
+) -> None:
+    """However the text is split into deltas, the streamed content and calls equal the whole parse."""
+    _, call_format, output, content, expected = case
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(output) - 1)), max_size=12)))
+    chunks = [output[start:end] for start, end in zip([0, *cuts], [*cuts, len(output)])]
+    extractor = ToolCallExtractor(call_format, NAMES)
+    pieces = [piece for chunk in chunks for piece in extractor.feed(chunk)] + extractor.finish()
+    streamed = "".join(piece.text for piece in pieces if isinstance(piece, ContentPiece))
+    calls = [(piece.call.name, json.loads(piece.call.arguments)) for piece in pieces if isinstance(piece, CallPiece)]
+    assert (streamed, calls) == (content, expected)
+
+
+def test_content_streams_before_the_call_ends() -> None:
+    """Text before a call goes out as it comes; only a possible marker start is held back."""
+    extractor = ToolCallExtractor(HERMES, NAMES)
+    assert extractor.feed("Sure, ") == [ContentPiece("Sure, ")]
+    assert extractor.feed("<tool") == []
+    assert extractor.feed('_call>{"name": "get_weather", "arguments": {}}') == []
+    assert [type(piece) for piece in extractor.feed("</tool_call>")] == [CallPiece]
+
+
+@dataclass
+class TemplateOnly:
+    """What format detection reads from a tokenizer: its chat template and vocabulary."""
+
+    chat_template: str
+    vocab: dict[str, int] = field(default_factory=dict)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+    def __hash__(self) -> int:
+        return hash(self.chat_template)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", "hermes"),
+        ("{%- if tools %}<tool_call>\n{{ tool_call.name }}</tool_call>{% endif %}", "hermes"),
+        ("{{- '[TOOL_CALLS]' + tool_calls|tojson }}", "mistral"),
+        ("{{- '<|python_tag|>' }}{{- '\"parameters\": ' }}", "llama3_json"),
+        ("<tool_call>\n<function={{ tool_call.name }}>", "qwen3_coder"),
+    ],
+    ids=["no tools", "Qwen 2.5", "Mistral", "Llama 3.1", "Qwen3-Coder"],
+)
+def test_format_follows_the_chat_template(template: str, expected: str) -> None:
+    assert detect_tool_call_format(TemplateOnly(template)).name == expected

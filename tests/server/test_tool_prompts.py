@@ -1,0 +1,114 @@
+"""Tools and tool-call history reach the model, whether or not its chat template knows about them."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_server.prompts import render_prompt, stable_prefix_length
+from mlx_server.schemas import ChatMessage, ToolDefinition
+from mlx_server.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
+
+TOOLS = [
+    ToolDefinition.model_validate(
+        {
+            "type": "function",
+            "function": {
+                "name": "read_file",
+                "description": "Read a file",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+            },
+        }
+    )
+]
+LOOP = [
+    ChatMessage(role="system", content="You are a coding agent."),
+    ChatMessage(role="user", content="Show me setup.cfg"),
+    ChatMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"path": "setup.cfg"}'},
+                }
+            ],
+        }
+    ),
+    ChatMessage(role="tool", content="[metadata]\nname = demo", tool_call_id="call_1"),
+]
+
+
+def rendered(loaded_model: Any, messages: list[ChatMessage], tools: list[ToolDefinition] | None = TOOLS) -> str:
+    return str(loaded_model.tokenizer.decode(render_prompt(loaded_model.tokenizer, messages, tools)))
+
+
+def test_smollm2_template_renders_neither_tools_nor_calls(loaded_model: Any) -> None:
+    assert template_tool_support(loaded_model.tokenizer) == TemplateToolSupport(tools=False, tool_calls=False)
+
+
+def test_tools_are_injected_into_the_system_prompt(loaded_model: Any) -> None:
+    text = rendered(loaded_model, LOOP[:2])
+    system = text.split("<|im_end|>")[0]
+    assert system.startswith("<|im_start|>system\nYou are a coding agent.")
+    assert '"name": "read_file"' in system and "<tool_call>" in system
+
+
+def test_tools_get_their_own_system_message_when_there_is_none(loaded_model: Any) -> None:
+    conversation, template_tools = template_conversation(loaded_model.tokenizer, LOOP[1:2], TOOLS)
+    assert template_tools is None
+    assert [message["role"] for message in conversation] == ["system", "user"]
+    assert "read_file" in conversation[0]["content"]
+
+
+def test_history_keeps_calls_and_tool_results_in_their_roles(loaded_model: Any) -> None:
+    """The assistant's call is rendered as a Hermes call; the result stays a tool message, not user text."""
+    text = rendered(loaded_model, LOOP)
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "read_file", "arguments": {"path": "setup.cfg"}}\n</tool_call>'
+        in text
+    )
+    assert "<|im_start|>tool\n[metadata]\nname = demo<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_stable_prefix_covers_system_prompt_and_tools(loaded_model: Any) -> None:
+    """The prompt cache's checkpoint includes the tool block, so every turn of a tool loop reuses it."""
+    tokenizer = loaded_model.tokenizer
+    prompt = render_prompt(tokenizer, LOOP, TOOLS)
+    prefix = stable_prefix_length(tokenizer, LOOP, prompt, TOOLS)
+    assert prefix > 0
+    assert "read_file" in tokenizer.decode(prompt[:prefix])
+    assert "Show me" not in tokenizer.decode(prompt[:prefix])
+
+
+# A Qwen 2.5-style template that renders tools and calls itself (abridged from Qwen's).
+QWEN_STYLE_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n\n# Tools\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for call in message.tool_calls %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif not (message.role == 'system' and tools) %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_template_with_tool_support_renders_them_itself(loaded_model: Any) -> None:
+    """Tools go to the template as ``tools=``; past calls carry their arguments as an object, not a string."""
+    hf_tokenizer = copy.copy(loaded_model.tokenizer._tokenizer)
+    hf_tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    tokenizer = TokenizerWrapper(hf_tokenizer)
+    assert template_tool_support(tokenizer) == TemplateToolSupport(tools=True, tool_calls=True)
+    text = tokenizer.decode(render_prompt(tokenizer, LOOP, TOOLS))
+    assert "You may call one or more functions" not in text, "nothing injected"
+    assert '<tools>{"type": "function", "function": {"name": "read_file"' in text
+    assert '"arguments": {"path": "setup.cfg"}}' in text
+    assert "<|im_start|>tool\n[metadata]" in text
