@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +28,8 @@ from mlx_server.blas import BlasInfo
 from mlx_server.errors import APIError, error_body, install_error_handlers, report_unexpected_error
 from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings, TokenEvent
 from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
+from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
+from mlx_server.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
 from mlx_server.response_cache import CachedResponse, ResponseCache
 from mlx_server.schemas import ChatCompletionRequest
@@ -47,6 +50,8 @@ __all__ = ["ServerState", "create_app"]
 
 logger = logging.getLogger("mlx")
 MAX_CAPTURED_BODY_BYTES = 256 * 1024
+ROUTES = {"/health", "/metrics", "/v1/cache", "/v1/models", "/v1/chat/completions"}
+KEEPALIVE = b": keep-alive\n\n"
 
 
 @dataclass
@@ -58,6 +63,16 @@ class ServerState:
     engine: GenerationEngine | None = None
     response_cache: ResponseCache | None = None
     started_at: float = field(default_factory=time.monotonic)
+
+    def live_stats(self) -> dict[str, Any] | None:
+        """Queue and cache figures for /metrics (None while loading)."""
+        if self.engine is None:
+            return None
+        return {
+            "queue": self.engine.queue_depth,
+            "prompt_cache": self.engine.kv_cache.stats(),
+            "response_cache": self.response_cache.stats() if self.response_cache else None,
+        }
 
 
 class RequestContextMiddleware:
@@ -205,7 +220,26 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     app.state.model_name = "loading"
     install_error_handlers(app)
+    metrics = Metrics(ROUTES, state.live_stats)
+    # Added innermost first: metrics see every response, the request id covers the guards' answers,
+    # CORS headers reach 401s, and unauthenticated requests never take a queue slot.
+    app.add_middleware(QueueLimit, max_waiting=state.settings.max_queue)
+    app.add_middleware(ApiKeyGuard, keys=state.settings.api_keys)
+    app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_request_bytes)
+    if state.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+            expose_headers=["X-Request-Id"],
+        )
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/metrics")
+    async def metrics_report() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Response:
@@ -299,12 +333,13 @@ def create_app(state: ServerState) -> FastAPI:
         if cached is not None:
             events = _replay(cached, len(prompt))
         else:
-            events = engine.stream(prompt, settings, cancelled, stable_prefix)
+            timeout = state.settings.request_timeout or None
+            events = engine.stream(prompt, settings, cancelled, stable_prefix, timeout=timeout)
         remember = _remember_answer(state.response_cache, answer_key) if cached is None else None
-        reply = _Reply(completion_id, created, body, timer, cancelled, remember, tool_calling)
+        reply = _Reply(completion_id, created, body, timer, cancelled, remember, tool_calling, metrics.observe)
         if body.stream:
             return StreamingResponse(
-                _stream_events(events, reply),
+                _stream_events(_with_keepalive(events, state.settings.keepalive_interval), reply),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -367,6 +402,7 @@ class _Reply:
     cancelled: threading.Event
     remember: Callable[[str, GenerationStats], None] | None
     tool_calling: ToolCalling | None = None
+    observe: Callable[[GenerationStats], None] = lambda _stats: None
 
     def chunk(self, delta: dict[str, Any] | None, **extra: Any) -> bytes:
         return responses.sse(responses.chunk(self.completion_id, self.created, self.body.model, delta, **extra))
@@ -390,6 +426,9 @@ async def _complete(events: AsyncIterator[TokenEvent], reply: _Reply, request: R
         watcher.cancel()
     reply.timer.stop()
     assert stats is not None
+    reply.observe(stats)
+    if stats.finish_reason == "timeout":
+        raise _timed_out(stats)
     text = "".join(parts)
     if reply.remember is not None:
         reply.remember(text, stats)
@@ -404,7 +443,45 @@ async def _complete(events: AsyncIterator[TokenEvent], reply: _Reply, request: R
     return JSONResponse(body)
 
 
-async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> AsyncIterator[bytes]:
+async def _with_keepalive(events: AsyncIterator[TokenEvent], interval: float) -> AsyncIterator[TokenEvent | None]:
+    """The events, with a None whenever ``interval`` seconds pass without one (0: never).
+
+    A long prefill, or a wait behind other requests, sends nothing for a
+    while; clients and proxies with read timeouts then hang up.  Each None
+    becomes an SSE comment line, which clients ignore.
+    """
+    iterator = events.__aiter__()
+    pending: asyncio.Future[TokenEvent] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval or None)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+
+
+def _timed_out(stats: GenerationStats) -> APIError:
+    return APIError(
+        504,
+        f"the request ran past the server's --request-timeout and was stopped after {stats.completion_tokens} "
+        "generated tokens; raise the timeout or lower max_tokens",
+        error_type="server_error",
+        code="request_timeout",
+    )
+
+
+async def _stream_events(events: AsyncIterator[TokenEvent | None], reply: _Reply) -> AsyncIterator[bytes]:
     """OpenAI's wire format: role delta, content deltas as generated, finish chunk, usage chunk, [DONE]."""
     failure: BaseException | None = None
     try:
@@ -413,6 +490,9 @@ async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> As
         parts: list[str] = []
         extractor = reply.tool_calling.extractor() if reply.tool_calling is not None else None
         async for event in events:
+            if event is None:
+                yield KEEPALIVE
+                continue
             if "prompt_processed" not in reply.timer.checkpoints:
                 reply.timer.checkpoint("prompt_processed")
             if event.text:
@@ -424,6 +504,12 @@ async def _stream_events(events: AsyncIterator[TokenEvent], reply: _Reply) -> As
                         yield reply.chunk(delta)
             stats = event.stats or stats
         assert stats is not None
+        reply.observe(stats)
+        if stats.finish_reason == "timeout":
+            timed_out = _timed_out(stats)
+            logger.warning("Chat stream stopped: %s", timed_out.message)
+            yield responses.sse(error_body(timed_out.message, timed_out.error_type, code=timed_out.code))
+            return
         if extractor is not None:
             for delta in _deltas(extractor.finish(), extractor.calls):
                 yield reply.chunk(delta)

@@ -162,4 +162,5 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
             return _response(APIError(405, message, code="method_not_allowed"))
         detail = error.detail if isinstance(error.detail, str) else json.dumps(redact(error.detail))
-        return _response(APIError(error.status_code, detail, headers=dict(error.headers or {})))
+        code = "request_too_large" if error.status_code == 413 else None
+        return _response(APIError(error.status_code, detail, code=code, headers=dict(error.headers or {})))

@@ -105,6 +105,17 @@ class _Job:
     deliver: Callable[[TokenEvent], None]
     enqueued: float
     use_cache: bool = True
+    deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
+
+    def stop_reason(self) -> str:
+        return "cancelled" if self.cancelled.is_set() else "timeout"
+
+
+class _PrefillInterruptedError(Exception):
+    """Raised from mlx-lm's prefill progress callback to stop a cancelled or timed-out prefill between steps."""
 
 
 def prefill_step() -> int:
@@ -156,7 +167,7 @@ class GenerationEngine:
             if self.kv_cache.has_checkpoint(tokens):
                 return False
             cache = self.kv_cache.new_cache()
-            self._prefill(cache, tokens, threading.Event())
+            self._prefill(cache, tokens, lambda: False)
             return self.kv_cache.add_checkpoint(cache, tokens)
 
         return self._executor.submit(run).result()
@@ -170,12 +181,15 @@ class GenerationEngine:
         settings: SamplingSettings,
         cancelled: threading.Event,
         stable_prefix: int = 0,
+        timeout: float | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Yield text as it is generated, then a final event with the stats.
 
         Leaving the iteration early (a client that disconnected) sets
-        ``cancelled``, which stops the worker within a token.
-        ``stable_prefix`` is where a checkpoint should be kept (0: none).
+        ``cancelled``, which stops the worker within a token (or a prefill
+        step).  ``stable_prefix`` is where a checkpoint should be kept (0:
+        none).  After ``timeout`` seconds from now, waiting included,
+        generation stops with finish_reason ``timeout``.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -187,7 +201,8 @@ class GenerationEngine:
             self._waiting += 1
         enqueued = time.perf_counter()
         context = contextvars.copy_context()  # the worker's log lines keep this request's id
-        work = _Job(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued)
+        deadline = enqueued + timeout if timeout else None
+        work = _Job(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued, deadline=deadline)
         job = loop.run_in_executor(self._executor, context.run, self._run, work)
         try:
             while True:
@@ -213,14 +228,14 @@ class GenerationEngine:
             with self._counter_lock:
                 self._running -= 1
 
-    def _prefill(self, cache: list[Any], tokens: list[int], cancelled: threading.Event) -> int:
+    def _prefill(self, cache: list[Any], tokens: list[int], should_stop: Callable[[], bool]) -> int:
         """Run ``tokens`` through the model into ``cache``, in steps; returns how many were processed.
 
         mlx-lm's generate_step does the same inside generation; it is done
         here only to stop exactly at the stable prefix and snapshot it.
         """
         done = 0
-        while done < len(tokens) and not cancelled.is_set():
+        while done < len(tokens) and not should_stop():
             chunk = tokens[done : done + self._prefill_step]
             self.loaded.model(mx.array(chunk)[None], cache=cache)
             mx.eval([layer.state for layer in cache])
@@ -228,12 +243,11 @@ class GenerationEngine:
         return done
 
     def _generate(self, job: _Job) -> TokenEvent:
-        prompt_tokens, stable_prefix, settings = job.prompt, job.stable_prefix, job.settings
-        cancelled, deliver, enqueued, use_cache = job.cancelled, job.deliver, job.enqueued, job.use_cache
+        prompt_tokens, stable_prefix, enqueued, use_cache = job.prompt, job.stable_prefix, job.enqueued, job.use_cache
         started = time.perf_counter()
         stats = GenerationStats(prompt_tokens=len(prompt_tokens), queue_ms=(started - enqueued) * 1000)
-        if cancelled.is_set():
-            stats.finish_reason = "cancelled"
+        if job.should_stop():
+            stats.finish_reason = job.stop_reason()
             return TokenEvent("", stats=stats)
         lease = self.kv_cache.acquire(prompt_tokens) if use_cache else None
         cache = lease.cache if lease is not None else self.kv_cache.new_cache()
@@ -245,12 +259,12 @@ class GenerationEngine:
         completed = False
         try:
             if use_cache and stable_prefix >= MIN_REUSED_TOKENS:
-                start = self._keep_checkpoint(cache, prompt_tokens, start, stable_prefix, cancelled)
+                start = self._keep_checkpoint(cache, prompt_tokens, start, stable_prefix, job.should_stop)
             stats.prefill_tokens = len(prompt_tokens) - stats.cached_tokens
-            if not cancelled.is_set():
-                self._decode(cache, prompt_tokens[start:], settings, cancelled, deliver, stats, generated, started)
+            if not job.should_stop():
+                self._decode(cache, prompt_tokens[start:], job, stats, generated, started)
             else:
-                stats.finish_reason = "cancelled"
+                stats.finish_reason = job.stop_reason()
             completed = True
         finally:
             # A request that ended normally or was cancelled leaves consistent state; an error leaves none.
@@ -259,10 +273,12 @@ class GenerationEngine:
         stats.generation_ms = (time.perf_counter() - started) * 1000
         if stats.finish_reason == "cancelled":
             logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)
+        elif stats.finish_reason == "timeout":
+            logger.warning("Generation stopped after %d tokens: the request timed out", stats.completion_tokens)
         return TokenEvent("", stats=stats)
 
     def _keep_checkpoint(
-        self, cache: list[Any], prompt: list[int], start: int, stable_prefix: int, cancelled: threading.Event
+        self, cache: list[Any], prompt: list[int], start: int, stable_prefix: int, should_stop: Callable[[], bool]
     ) -> int:
         """Make sure a checkpoint exists at the stable prefix; returns where generation resumes."""
         prefix = prompt[:stable_prefix]
@@ -272,7 +288,7 @@ class GenerationEngine:
             return start
         if self.kv_cache.has_checkpoint(prefix):
             return start
-        processed = self._prefill(cache, prompt[start:stable_prefix], cancelled)
+        processed = self._prefill(cache, prompt[start:stable_prefix], should_stop)
         if start + processed == stable_prefix:
             self.kv_cache.add_checkpoint(cache, prefix)
         return start + processed
@@ -300,13 +316,17 @@ class GenerationEngine:
         self,
         cache: list[Any],
         remaining: list[int],
-        settings: SamplingSettings,
-        cancelled: threading.Event,
-        deliver: Callable[[TokenEvent], None],
+        job: _Job,
         stats: GenerationStats,
         generated: list[int],
         started: float,
     ) -> None:
+        settings, deliver = job.settings, job.deliver
+
+        def stop_prefill_if_asked(_processed: int, _total: int) -> None:
+            if job.should_stop():
+                raise _PrefillInterruptedError
+
         if settings.seed is not None:
             mx.random.seed(settings.seed % 2**64)
         stop_text = TextStateMachine({"normal": [(stop, None) for stop in settings.stop]})
@@ -320,6 +340,7 @@ class GenerationEngine:
             logits_processors=self._logits_processors(settings),
             prompt_cache=cache,
             prefill_step_size=self._prefill_step,
+            prompt_progress_callback=stop_prefill_if_asked,
         )
         try:
             for response in responses:
@@ -341,8 +362,10 @@ class GenerationEngine:
                     text += held
                 if text:
                     deliver(TokenEvent(text))
-                if cancelled.is_set():
-                    stats.finish_reason = "cancelled"
+                if job.should_stop():
+                    stats.finish_reason = job.stop_reason()
                     break
+        except _PrefillInterruptedError:
+            stats.finish_reason = job.stop_reason()
         finally:
             responses.close()

@@ -169,8 +169,43 @@ class StreamOptions(_Strict):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """Where a string holds a lone UTF-16 surrogate (JSON allows ``"\\ud800"``; UTF-8 and tokenizers do not)."""
+    if isinstance(value, str):
+        return None if _is_valid_unicode(value) else path or "the body"
+    if isinstance(value, dict):
+        if not all(_is_valid_unicode(str(key)) for key in value):
+            return f"a key in {path or 'the body'}"
+        items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return None
+    for item_path, item in items:
+        found = _lone_surrogate_at(item, item_path)
+        if found is not None:
+            return found
+    return None
+
+
 class ChatCompletionRequest(_Strict):
     """POST /v1/chat/completions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, "")
+        if where is not None:
+            raise ValueError(f"{where} is not valid Unicode: it contains a lone surrogate (\\ud800-\\udfff)")
+        return data
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str = "default"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ENV_PREFIX", "Settings", "parse_settings"]
+__all__ = ["ENV_PREFIX", "ApiKeys", "Settings", "parse_settings"]
 
 ENV_PREFIX = "MLX_SERVER_"
 DEFAULT_HOST = "127.0.0.1"
@@ -16,6 +17,10 @@ DEFAULT_PORT = 8081
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_PROMPT_CACHE_SIZE = 32
 DEFAULT_RESPONSE_CACHE_SIZE = 64
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT = 600.0
+DEFAULT_KEEPALIVE = 10.0
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
 _BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -37,6 +42,36 @@ class Settings:
     warm_prompt: Path | None = None
     keep_billing_header: bool = False
     response_cache_size: int = DEFAULT_RESPONSE_CACHE_SIZE
+    max_queue: int = DEFAULT_MAX_QUEUE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # 0: none
+    keepalive_interval: float = DEFAULT_KEEPALIVE  # 0: none
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
+    cors_origins: tuple[str, ...] = ()
+
+
+class ApiKeys:
+    """The accepted API keys; their repr never shows them, so no log line or settings dump can."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = tuple(key.encode() for key in keys if key)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"ApiKeys(<{len(self._keys)} redacted>)"
+
+    def accepts(self, candidate: str) -> bool:
+        """Constant-time: every key is compared in full, whether or not an earlier one matched."""
+        offered = candidate.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(offered, key)
+        return matched
 
 
 def _flag(environment: Mapping[str, str], name: str) -> bool:
@@ -68,6 +103,17 @@ def parse_bytes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return int(value)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _comma_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 def _port(text: str) -> int:
@@ -156,6 +202,51 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env("RESPONSE_CACHE_SIZE", str(DEFAULT_RESPONSE_CACHE_SIZE)),
         help=f"exact answers kept for deterministic requests (0 turns it off; default {DEFAULT_RESPONSE_CACHE_SIZE})",
     )
+    service = parser.add_argument_group("load, faults and access")
+    service.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=env("MAX_QUEUE", str(DEFAULT_MAX_QUEUE)),
+        help="chat requests that may wait behind the running one; more get 429 (0: no limit; "
+        f"default {DEFAULT_MAX_QUEUE})",
+    )
+    service.add_argument(
+        "--request-timeout",
+        type=_non_negative_float,
+        default=env("REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT)),
+        metavar="SECONDS",
+        help="a chat request still generating after this long (waiting included) is stopped with a 504 "
+        f"or an in-stream error (0: never; default {DEFAULT_REQUEST_TIMEOUT:g})",
+    )
+    service.add_argument(
+        "--keepalive",
+        type=_non_negative_float,
+        default=env("KEEPALIVE", str(DEFAULT_KEEPALIVE)),
+        metavar="SECONDS",
+        help="send an SSE comment when a stream has been silent this long, e.g. during a long prefill "
+        f"(0: never; default {DEFAULT_KEEPALIVE:g})",
+    )
+    service.add_argument(
+        "--max-request-bytes",
+        type=parse_bytes,
+        default=env("MAX_REQUEST_BYTES", str(DEFAULT_MAX_REQUEST_BYTES)),
+        help="larger request bodies get 413 before they are read (default 32M)",
+    )
+    service.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"require this key (Authorization: Bearer, or x-api-key) on every route but /health; repeat for "
+        f"several. Prefer {ENV_PREFIX}API_KEY (comma-separated): a flag shows in the process list",
+    )
+    service.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help=f"allow browser requests from this origin, e.g. http://localhost:3000; repeat for several "
+        f"({ENV_PREFIX}CORS_ORIGINS, comma-separated; default: none)",
+    )
     parser.add_argument(
         "--export-mlx",
         type=Path,
@@ -185,4 +276,10 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         warm_prompt=namespace.warm_prompt,
         keep_billing_header=namespace.keep_billing_header,
         response_cache_size=int(namespace.response_cache_size),
+        max_queue=int(namespace.max_queue),
+        request_timeout=float(namespace.request_timeout),
+        keepalive_interval=float(namespace.keepalive),
+        max_request_bytes=int(namespace.max_request_bytes),
+        api_keys=ApiKeys(namespace.api_key or _comma_list(environment.get(ENV_PREFIX + "API_KEY"))),
+        cors_origins=tuple(namespace.cors_origin or _comma_list(environment.get(ENV_PREFIX + "CORS_ORIGINS"))),
     )

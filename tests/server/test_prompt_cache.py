@@ -261,7 +261,7 @@ class TestCacheMechanics:
 
     def _state_for(self, engine: GenerationEngine, tokens: list[int]) -> list[Any]:
         cache = engine.kv_cache.new_cache()
-        engine._prefill(cache, tokens, threading.Event())
+        engine._prefill(cache, tokens, lambda: False)
         return cache
 
     def test_full_extension_hands_out_without_copying(self, engines: tuple[GenerationEngine, GenerationEngine]) -> None:

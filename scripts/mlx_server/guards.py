@@ -1,0 +1,128 @@
+"""What stands between the network and the routes: API keys, body size, and the queue limit.
+
+Each is a small ASGI middleware, so that it works the same for plain and
+streamed responses and answers before a body is read:
+
+* ``ApiKeyGuard``: with keys configured, every route but ``/health`` needs
+  ``Authorization: Bearer <key>`` or ``x-api-key: <key>``; a missing or wrong
+  key is OpenAI's 401.  Keys are compared in constant time and never logged.
+* ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
+  Content-Length before anything is read, or as soon as a chunked body
+  passes the limit.
+* ``QueueLimit``: at most ``--max-queue`` chat requests wait behind the
+  running one; the next gets a 429 with Retry-After.  Counting happens around
+  the whole request, streaming included, so a slot is always given back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_server.errors import error_body
+from mlx_server.settings import ApiKeys
+
+__all__ = ["CHAT_PATH", "ApiKeyGuard", "BodySizeLimit", "QueueLimit"]
+
+CHAT_PATH = "/v1/chat/completions"
+OPEN_PATHS = frozenset({"/health"})
+
+
+async def _send_error(
+    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any], **headers: str
+) -> None:
+    await JSONResponse(body, status, headers=headers or None)(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class ApiKeyGuard:
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    def _offered_key(self, scope: Scope) -> str | None:
+        authorization = _header(scope, b"authorization")
+        if authorization is not None and authorization[:7].lower() == "bearer ":
+            return authorization[7:].strip()
+        return _header(scope, b"x-api-key")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        offered = self._offered_key(scope)
+        if offered is not None and self.keys.accepts(offered):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "missing API key: send it as 'Authorization: Bearer <key>'"
+            if offered is None
+            else "incorrect API key provided"
+        )
+        body = error_body(message, "invalid_request_error", code="invalid_api_key")
+        await _send_error(scope, receive, send, 401, body, **{"WWW-Authenticate": "Bearer"})
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> dict[str, Any]:
+        message = f"the request body is larger than this server accepts ({self.max_bytes} bytes, --max-request-bytes)"
+        return error_body(message, "invalid_request_error", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await _send_error(scope, receive, send, 413, self._too_large(), Connection="close")
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._too_large()["error"]["message"])
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class QueueLimit:
+    def __init__(self, app: ASGIApp, max_waiting: int) -> None:
+        self.app = app
+        self.max_waiting = max_waiting
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limited = scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+        if not limited or not self.max_waiting:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight > self.max_waiting:  # one running, max_waiting waiting
+            message = (
+                f"the server is busy: {self.max_waiting} requests are already waiting (--max-queue); retry shortly"
+            )
+            body = error_body(message, "server_error", code="queue_full")
+            await _send_error(scope, receive, send, 429, body, **{"Retry-After": "1"})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

@@ -1,0 +1,191 @@
+"""Hostile input: fuzzed and pathological requests never get a 500 or a traceback, and the server keeps serving.
+
+The fuzzing is property-based (hypothesis) against the real server: arbitrary
+JSON, valid requests with one field replaced by anything, and raw bytes.  The
+server under fuzz generates at most two tokens per request, so that valid
+requests stay cheap among thousands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import RunningServer, start_server, stop_server
+
+CHAT = "/v1/chat/completions"
+VALID = {
+    "model": "m",
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "max_tokens": 2,
+    "temperature": 0,
+}
+FIELDS = [
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+]
+MESSAGE_FIELDS = ["role", "content", "name", "tool_call_id", "tool_calls"]
+
+# Any text, lone surrogates and control characters included.
+any_text = st.text(st.characters(codec=None, categories=None), max_size=40)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    any_text,
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=12,
+)
+# Lengths the server accepts would generate that many tokens; keep valid ones tiny.
+token_counts = st.one_of(st.integers(max_value=2), st.integers(min_value=10**6), json_values)
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid request with a top-level field, or a field of its last message, replaced by anything."""
+    body: dict[str, Any] = json.loads(json.dumps(VALID))
+    if draw(st.booleans()):
+        field = draw(st.sampled_from(FIELDS))
+        body[field] = draw(token_counts if field in ("max_tokens", "max_completion_tokens") else json_values)
+    else:
+        body["messages"][-1][draw(st.sampled_from(MESSAGE_FIELDS))] = draw(json_values)
+    if body.get("stream") is True:
+        body["stream"] = False  # streamed errors are tested elsewhere; here every answer is one JSON body
+    return body
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    directory = tmp_path_factory.mktemp("fuzz")
+    running = start_server(
+        directory / "server.log",
+        {"ANYCLAUDE_DEBUG": "1", "ANYCLAUDE_DEBUG_DIR": str(directory / "debug")},
+        ["--default-max-tokens", "2", "--request-timeout", "20", "--response-cache-size", "0"],
+    )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def http(fuzz_server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=fuzz_server.base_url, timeout=60) as client:
+        yield client
+
+
+def assert_handled(response: httpx.Response) -> None:
+    """Not a 500; an error is OpenAI's shape with a message and no traceback."""
+    assert response.status_code < 500, response.text
+    assert "Traceback" not in response.text
+    body = response.json()
+    if response.status_code >= 400:
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    else:
+        assert body["object"] == "chat.completion"
+
+
+def fuzz_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        database=None,
+    )
+
+
+@fuzz_settings(1500)
+@given(body=mutated_requests())
+def test_fuzzed_requests(http: httpx.Client, body: dict[str, Any]) -> None:
+    encoded = json.dumps(body).encode()  # NaN and Infinity as JavaScript writes them; surrogates escaped
+    assert_handled(http.post(CHAT, content=encoded, headers={"content-type": "application/json"}))
+
+
+@fuzz_settings(400)
+@given(body=json_values)
+def test_arbitrary_json(http: httpx.Client, body: Any) -> None:
+    assert_handled(http.post(CHAT, content=json.dumps(body).encode(), headers={"content-type": "application/json"}))
+
+
+@fuzz_settings(300)
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes(http: httpx.Client, raw: bytes) -> None:
+    assert_handled(http.post(CHAT, content=raw, headers={"content-type": "application/json"}))
+
+
+# (case, raw body)
+PATHOLOGICAL: list[tuple[str, bytes]] = [
+    ("deeply nested arrays", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("deeply nested objects", b'{"messages": [{"role": "user", "content": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001),
+    ("invalid UTF-8", b'{"messages": [{"role": "user", "content": "\xff\xfe\xc3\x28"}]}'),
+    ("UTF-16 body", json.dumps(VALID).encode("utf-16")),
+    ("NaN max_tokens", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": NaN}'),
+    ("Infinity temperature", b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}'),
+    ("huge exponent", b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}'),
+    ("huge integer", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 4000 + b"}"),
+    ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}], "max_tokens": 2}'),
+    (
+        "lone surrogate in model name",
+        b'{"model": "\\udfff", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}',
+    ),
+    (
+        "lone surrogate in a stop sequence",
+        b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\ud83d"], "max_tokens": 2}',
+    ),
+    (
+        "NUL and escape characters",
+        b'{"messages": [{"role": "user", "content": "a\\u0000b\\u001b[31mc\\u0007"}], "max_tokens": 2}',
+    ),
+    (
+        "control characters in names",
+        b'{"messages": [{"role": "user", "name": "\\u0000\\n", "content": "x"}], "max_tokens": 2}',
+    ),
+    ("a million-character string", json.dumps({**VALID, "user": "x" * 1_000_000}).encode()),
+    (
+        "nested just below the parser's limit",
+        json.dumps(VALID).encode()[:-1] + b', "user": ' + b"[" * 900 + b"]" * 900 + b"}",
+    ),
+    (
+        "nested objects just below the limit",
+        json.dumps(VALID).encode()[:-1] + b', "tools": ' + b'{"a":' * 900 + b"1" + b"}" * 901,
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", [case[1] for case in PATHOLOGICAL], ids=[case[0] for case in PATHOLOGICAL])
+def test_pathological_bodies(http: httpx.Client, raw: bytes) -> None:
+    assert_handled(http.post(CHAT, content=raw, headers={"content-type": "application/json"}))
+
+
+def test_still_serving_and_no_500_debug_files(http: httpx.Client, fuzz_server: RunningServer) -> None:
+    """Runs after the fuzzing: health is ok, a normal request works, nothing was logged as a 500."""
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.post(CHAT, json=VALID).status_code == 200
+    log = fuzz_server.log_text()
+    assert "Unhandled exception" not in log and "Traceback" not in log
