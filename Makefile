@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained clean
+.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-cache: install
 
 bench-constrained: install
 	$(BIN)/python bench/bench_constrained.py
+
+# 60 s of 32 concurrent clients; the 30-minute soak: make bench-load LOAD_SECONDS=1800
+LOAD_SECONDS ?= 60
+bench-load: install
+	$(BIN)/python bench/load.py --duration $(LOAD_SECONDS)
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis

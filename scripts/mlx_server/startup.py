@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from utils_logging import debug, setup_logger
 __all__ = ["EXIT_MODEL_ERROR", "run"]
 
 EXIT_MODEL_ERROR = 2
+GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
 def run(settings: Settings, logger: logging.Logger) -> int:
@@ -83,13 +85,35 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     for name in ("uvicorn", "uvicorn.access"):  # uvicorn.error propagates into uvicorn
         setup_logger(name, log_file=settings.log_file)
     logger.info("Serving OpenAI-compatible API at http://%s:%d/v1", settings.host, settings.port)
+    _finish_after_uvicorn_stops()
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
     finally:
         engine.shutdown()
         if settings.prompt_cache_dir is not None:
             logger.info("Prompt cache: saved %d entries to %s", kv_cache.persist_all(), settings.prompt_cache_dir)
+    logger.info("Server stopped")
     return 0
+
+
+def _finish_after_uvicorn_stops() -> None:
+    """Let a stop signal end the process through ``run``'s clean-up.
+
+    uvicorn handles SIGINT and SIGTERM itself: it stops accepting, lets
+    in-flight requests finish (up to GRACEFUL_SHUTDOWN_SECONDS, then cancels
+    them, which stops their generation), and then re-raises the signal to the
+    handler that was installed before it.  Python's default SIGTERM action
+    would kill the process there, before the prompt cache is saved; this
+    handler does nothing, so ``run`` finishes and exits 0.
+    """
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda _signal, _frame: None)
 
 
 def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:

@@ -1,0 +1,301 @@
+"""The server as a service: API keys, CORS, body limits, the queue limit, timeouts, keep-alive, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from .conftest import RunningServer, start_server, stop_server
+
+CHAT = "/v1/chat/completions"
+KEY = "horse-battery-staple-4242"  # not secret-shaped: only its header name can hide it
+SECOND_KEY = "second-key-for-ci-1234"
+ORIGIN = "http://localhost:3000"
+HI = [{"role": "user", "content": "Hi"}]
+LONG_ANSWER = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+
+
+def chat(max_tokens: int = 2, **fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": HI, "max_tokens": max_tokens, "temperature": 0, **fields}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Keys from the environment, one CORS origin, small limits, full debug output into its own directory."""
+    directory = tmp_path_factory.mktemp("guarded")
+    running = start_server(
+        directory / "server.log",
+        {
+            "ANYCLAUDE_DEBUG": "3",
+            "ANYCLAUDE_DEBUG_DIR": str(directory / "debug"),
+            "MLX_SERVER_API_KEY": f"{KEY},{SECOND_KEY}",
+        },
+        [
+            "--cors-origin",
+            ORIGIN,
+            "--max-request-bytes",
+            "64K",
+            "--max-queue",
+            "1",
+            "--keepalive",
+            "0.2",
+            "--response-cache-size",
+            "0",
+            "--log-file",
+            str(directory / "file.log"),
+        ],
+    )
+    yield running
+    stop_server(running)
+
+
+def authorized(server: RunningServer, key: str = KEY) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+class TestApiKeys:
+    @pytest.mark.parametrize(
+        ("headers", "message"),
+        [({}, "missing API key"), ({"Authorization": "Bearer wrong-key"}, "incorrect API key")],
+        ids=["missing", "wrong"],
+    )
+    def test_refused_with_openai_401(self, guarded: RunningServer, headers: dict[str, str], message: str) -> None:
+        for method, path in (("POST", CHAT), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/v1/cache")):
+            response = httpx.request(method, guarded.base_url + path, headers=headers, json=chat())
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            error = response.json()["error"]
+            assert error["code"] == "invalid_api_key" and message in error["message"]
+
+    def test_accepted_as_bearer_or_x_api_key_and_every_key_works(self, guarded: RunningServer) -> None:
+        for headers in (
+            {"Authorization": f"Bearer {KEY}"},
+            {"x-api-key": KEY},
+            {"Authorization": f"bearer {SECOND_KEY}"},
+        ):
+            assert httpx.get(guarded.base_url + "/v1/models", headers=headers).status_code == 200
+
+    def test_health_stays_open(self, guarded: RunningServer) -> None:
+        assert httpx.get(guarded.base_url + "/health").status_code == 200
+
+    def test_the_openai_sdk_sends_it(self, guarded: RunningServer) -> None:
+        with OpenAI(base_url=guarded.api_url, api_key=KEY, max_retries=0) as client:
+            reply = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            )
+        assert reply.choices[0].message.content is not None
+
+    def test_key_never_reaches_a_log_or_file(self, guarded: RunningServer, tmp_path: Path) -> None:
+        """At ANYCLAUDE_DEBUG=3, with right and wrong keys, a rejected and a failed request: no trace of a key."""
+        with authorized(guarded) as client:
+            client.post(CHAT, json=chat())
+            client.post(CHAT, json={"messages": "not a list"})
+        httpx.post(guarded.base_url + CHAT, headers={"x-api-key": KEY + "-wrong"}, json=chat())
+        directory = guarded.log_path.parent
+        texts = {path: path.read_text(errors="replace") for path in directory.rglob("*") if path.is_file()}
+        assert any("Processing chat request" in text for text in texts.values()), "the logs were written"
+        for path, text in texts.items():
+            assert KEY not in text and SECOND_KEY not in text, f"a key leaked into {path}"
+
+
+class TestCors:
+    def test_allowed_origin_gets_preflight_and_headers(self, guarded: RunningServer) -> None:
+        preflight = httpx.options(
+            guarded.base_url + CHAT,
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == ORIGIN
+        refused = httpx.get(guarded.base_url + "/v1/models", headers={"Origin": ORIGIN})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
+
+    def test_other_origins_get_nothing(self, guarded: RunningServer) -> None:
+        preflight = httpx.options(
+            guarded.base_url + CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+
+    def test_default_server_allows_no_origin(self, server: RunningServer) -> None:
+        response = httpx.get(server.base_url + "/v1/models", headers={"Origin": ORIGIN})
+        assert "access-control-allow-origin" not in response.headers
+
+
+class TestBodyLimit:
+    def test_declared_length_over_the_limit_is_413_before_reading(self, guarded: RunningServer) -> None:
+        body = json.dumps(chat(user="x" * 70_000)).encode()
+        with authorized(guarded) as client:
+            response = client.post(CHAT, content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 413
+            assert response.json()["error"]["code"] == "request_too_large"
+            assert client.post(CHAT, json=chat()).status_code == 200
+
+    def test_chunked_body_over_the_limit_is_413(self, guarded: RunningServer) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"x" * 8192
+            yield b'"}]}'
+
+        with authorized(guarded) as client:
+            response = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413
+
+
+class TestQueue:
+    def test_a_full_queue_is_429_and_nothing_is_lost(self, guarded: RunningServer) -> None:
+        """--max-queue 1: one runs, one waits, the third is refused at once; the first two complete."""
+        results: list[int] = []
+
+        def long_request() -> None:
+            with authorized(guarded) as client:
+                results.append(client.post(CHAT, json={**chat(48), "messages": LONG_ANSWER}).status_code)
+
+        workers = [threading.Thread(target=long_request) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        with authorized(guarded) as client:
+            for _ in range(200):  # until both are in the server
+                queue = client.get("/health").json()["queue"]
+                if queue["running"] + queue["waiting"] == 2:
+                    break
+                threading.Event().wait(0.05)
+            refused = client.post(CHAT, json=chat())
+        for worker in workers:
+            worker.join()
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert results == [200, 200]
+
+    def test_disconnected_streams_give_their_slot_back(self, guarded: RunningServer) -> None:
+        with authorized(guarded) as client:
+            for _ in range(4):
+                with client.stream("POST", CHAT, json={**chat(200), "stream": True, "messages": LONG_ANSWER}) as stream:
+                    next(stream.iter_lines())
+            guarded.wait_idle()
+            assert client.post(CHAT, json=chat()).status_code == 200
+
+
+class TestKeepAlive:
+    def test_comments_while_waiting_for_the_first_token(self, guarded: RunningServer) -> None:
+        """A stream queued behind a long request gets SSE comments, then its content, then [DONE]."""
+        with authorized(guarded) as client:
+            blocker = threading.Thread(
+                target=lambda: authorized(guarded).post(CHAT, json={**chat(40), "messages": LONG_ANSWER})
+            )
+            blocker.start()
+            for _ in range(200):
+                if client.get("/health").json()["queue"]["running"] == 1:
+                    break
+                threading.Event().wait(0.05)
+            with client.stream("POST", CHAT, json={**chat(4), "stream": True}) as stream:
+                lines = [line for line in stream.iter_lines() if line]
+            blocker.join()
+        first_data = next(index for index, line in enumerate(lines) if '"delta":{"content":' in line)
+        assert any(line == ": keep-alive" for line in lines[:first_data])
+        assert lines[-1] == "data: [DONE]"
+
+
+class TestMetrics:
+    def test_prometheus_text_with_the_numbers_a_user_wants(self, guarded: RunningServer) -> None:
+        with authorized(guarded) as client:
+            client.post(CHAT, json=chat(3))
+            client.post(CHAT, json={"messages": []})
+            text = client.get("/metrics").text
+            assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+        for expected in (
+            'mlx_server_requests_total{route="/v1/chat/completions",status="200"}',
+            'mlx_server_requests_total{route="/v1/chat/completions",status="400"}',
+            "mlx_server_prompt_tokens_total",
+            "mlx_server_generated_tokens_total",
+            "mlx_server_time_to_first_token_seconds_bucket",
+            "mlx_server_time_per_output_token_seconds_bucket",
+            'mlx_server_queue_requests{state="waiting"}',
+            'mlx_server_prompt_cache_lookups_total{result="hit"}',
+            "mlx_server_prompt_cache_bytes",
+            'mlx_server_completions_total{finish_reason="length"}',
+        ):
+            assert expected in text, expected
+        generated = next(line for line in text.splitlines() if line.startswith("mlx_server_generated_tokens_total "))
+        assert float(generated.split()[1]) >= 3
+
+    def test_unknown_paths_do_not_grow_the_labels(self, guarded: RunningServer) -> None:
+        with authorized(guarded) as client:
+            for index in range(3):
+                client.get(f"/scan/{index}")
+            text = client.get("/metrics").text
+        assert "/scan/" not in text and 'route="other"' in text
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("impatient") / "server.log",
+        arguments=["--request-timeout", "1.5", "--response-cache-size", "0"],
+    )
+    yield running
+    stop_server(running)
+
+
+class TestTimeout:
+    def test_runaway_generation_is_a_504(self, impatient: RunningServer) -> None:
+        response = httpx.post(impatient.base_url + CHAT, json={**chat(2000), "messages": LONG_ANSWER}, timeout=120)
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
+        assert httpx.post(impatient.base_url + CHAT, json=chat(), timeout=60).status_code == 200
+
+    def test_runaway_stream_ends_with_an_error_event(self, impatient: RunningServer) -> None:
+        body = {**chat(2000), "messages": LONG_ANSWER, "stream": True}
+        with httpx.stream("POST", impatient.base_url + CHAT, json=body, timeout=120) as stream:
+            events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "request_timeout"
+        assert "[DONE]" not in events
+        assert any('"content":"' in event for event in events[1:]), "tokens were streamed before the timeout"
+
+
+class TestDisconnectDuringPrefill:
+    def test_prefill_stops_and_the_cache_stays_usable(self, server: RunningServer) -> None:
+        """A client gone during a long prefill stops it between steps; the partial KV state is reused later."""
+        document = " ".join(f"Line {index}: the quick brown fox jumps over the lazy dog." for index in range(160))
+        messages = [{"role": "user", "content": f"{document}\nSummarize the text."}]
+        body = {"model": "m", "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.base_url + CHAT, json=body, timeout=120) as stream:
+            next(stream.iter_lines())  # the role chunk: the prompt is now being prefilled
+        server.wait_idle()
+        assert "Generation stopped after 0 tokens: the client disconnected" in server.log_text()
+        reply = httpx.post(server.base_url + CHAT, json={**body, "stream": False}, timeout=120).json()
+        prompt_tokens = reply["usage"]["prompt_tokens"]
+        cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert 256 <= cached < prompt_tokens - 256, "the prefill stopped early, and what it computed was kept"
+
+
+class TestGracefulShutdown:
+    def test_sigterm_lets_an_in_flight_stream_finish(self, tmp_path: Path) -> None:
+        running = start_server(tmp_path / "server.log", arguments=["--response-cache-size", "0"])
+        try:
+            body = {**chat(24), "messages": LONG_ANSWER, "stream": True}
+            with httpx.stream("POST", running.base_url + CHAT, json=body, timeout=120) as stream:
+                lines = stream.iter_lines()
+                seen = [next(lines), next(lines)]
+                running.process.send_signal(signal.SIGTERM)
+                seen += list(lines)
+            assert [line for line in seen if line][-1] == "data: [DONE]"
+            assert running.process.wait(timeout=60) == 0
+        finally:
+            if running.process.poll() is None:
+                stop_server(running)
+        log = running.log_text()
+        assert "Shutting down" in log and "Server stopped" in log and "Traceback" not in log
