@@ -16,6 +16,7 @@ streamed responses and answers before a body is read:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -26,6 +27,8 @@ from mlx_server.errors import error_body
 from mlx_server.settings import ApiKeys
 
 __all__ = ["CHAT_PATH", "ApiKeyGuard", "BodySizeLimit", "QueueLimit"]
+
+logger = logging.getLogger("mlx")
 
 CHAT_PATH = "/v1/chat/completions"
 OPEN_PATHS = frozenset({"/health"})
@@ -68,6 +71,7 @@ class ApiKeyGuard:
             if offered is None
             else "incorrect API key provided"
         )
+        logger.warning("Refused %s %s: %s", scope["method"], scope["path"], message)  # never the key itself
         body = error_body(message, "invalid_request_error", code="invalid_api_key")
         await _send_error(scope, receive, send, 401, body, **{"WWW-Authenticate": "Bearer"})
 
@@ -87,6 +91,9 @@ class BodySizeLimit:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            logger.warning(
+                "Refused a %s-byte body on %s (--max-request-bytes %d)", declared, scope["path"], self.max_bytes
+            )
             await _send_error(scope, receive, send, 413, self._too_large(), Connection="close")
             return
         received = 0
@@ -118,6 +125,7 @@ class QueueLimit:
             message = (
                 f"the server is busy: {self.max_waiting} requests are already waiting (--max-queue); retry shortly"
             )
+            logger.warning("Refused a chat request: %d already waiting (--max-queue)", self.max_waiting)
             body = error_body(message, "server_error", code="queue_full")
             await _send_error(scope, receive, send, 429, body, **{"Retry-After": "1"})
             return

@@ -312,6 +312,10 @@ class ToolCalling:
     def extractor(self) -> ToolCallExtractor:
         return ToolCallExtractor(self.call_format, self.allowed_names, self.parallel)
 
+    def parse(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        """A whole output -> (content, calls)."""
+        return parse_tool_calls(text, self.call_format, self.allowed_names, self.parallel)
+
 
 def parse_tool_calls(
     text: str, call_format: ToolCallFormat, allowed_names: Collection[str], parallel: bool = True
