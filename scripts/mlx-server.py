@@ -9,6 +9,8 @@ MLX_SERVER_LOGGING_INTEGRATION.md's Step 1 shows.  ``--help`` lists every
 option and its MLX_SERVER_* environment variable.
 """
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,5 +29,18 @@ def main() -> int:
     return run(settings, logger)
 
 
+def exit_now(code: int) -> None:
+    """Exit after the server's own clean-up, skipping interpreter teardown.
+
+    With MLX and llguidance both loaded, native thread pools torn down at
+    interpreter exit sometimes abort the process ("terminate called without an
+    active exception", exit -6) after everything was already saved and logged.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -272,8 +272,12 @@ class TestDisconnectDuringPrefill:
         document = " ".join(f"Line {index}: the quick brown fox jumps over the lazy dog." for index in range(160))
         messages = [{"role": "user", "content": f"{document}\nSummarize the text."}]
         body = {"model": "m", "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}
+        server.wait_idle()
         with httpx.stream("POST", server.base_url + CHAT, json=body, timeout=120) as stream:
-            next(stream.iter_lines())  # the role chunk: the prompt is now being prefilled
+            next(stream.iter_lines())  # the role chunk
+            # Leave once the prefill is under way: its first 256-token step takes about half a second
+            # here and the whole prompt over ten, so two seconds in is well inside it on any machine.
+            threading.Event().wait(2)
         server.wait_idle()
         assert "Generation stopped after 0 tokens: the client disconnected" in server.log_text()
         reply = httpx.post(server.base_url + CHAT, json={**body, "stream": False}, timeout=120).json()
