@@ -274,7 +274,8 @@ class TestDisconnectDuringPrefill:
         body = {"model": "m", "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}
         server.wait_idle()
         with httpx.stream("POST", server.base_url + CHAT, json=body, timeout=120) as stream:
-            next(stream.iter_lines())  # the role chunk
+            lines = stream.iter_lines()  # kept: a discarded line iterator closes the response at once
+            next(lines)  # the role chunk
             # Leave once the prefill is under way: its first 256-token step takes about half a second
             # here and the whole prompt over ten, so two seconds in is well inside it on any machine.
             threading.Event().wait(2)
