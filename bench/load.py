@@ -147,11 +147,6 @@ async def _sample_memory(pid: int | None, stop_at: float, tally: Tally) -> None:
         await asyncio.sleep(min(10.0, max(0.0, stop_at - time.monotonic())))
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
-
-
 async def _run(base_url: str, headers: dict[str, str], clients: int, duration: float, pid: int | None) -> Tally:
     tally = Tally()
     stop_at = time.monotonic() + duration
@@ -198,11 +193,9 @@ def _report(tally: Tally, clients: int, elapsed: float, still_up: bool) -> None:
     print(f"refused by the queue limit: {dict(tally.rejected) or 0}")
     print(f"errors: {json.dumps(dict(tally.errors)) if tally.errors else 0}")
     for label, times in (("time to first token, streamed", tally.first_token_ms), ("latency, plain", tally.latency_ms)):
-        if times:
-            print(
-                f"{label} (ms): p50 {statistics.median(times):.0f}, p95 {_percentile(times, 0.95):.0f}, "
-                f"p99 {_percentile(times, 0.99):.0f}"
-            )
+        if len(times) >= 2:
+            percentiles = statistics.quantiles(times, n=100, method="inclusive")
+            print(f"{label} (ms): p50 {percentiles[49]:.0f}, p95 {percentiles[94]:.0f}, p99 {percentiles[98]:.0f}")
     if tally.memory_kib:
         warm = next((kib for at, kib in tally.memory_kib if at >= elapsed / 10), tally.memory_kib[-1][1])
         start, end = tally.memory_kib[0][1], tally.memory_kib[-1][1]

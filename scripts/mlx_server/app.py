@@ -27,8 +27,8 @@ from mlx_server.errors import APIError, install_error_handlers, report_unexpecte
 from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings
 from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
 from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
-from mlx_server.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
+from mlx_server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mlx_server.prompts import normalize_billing_header, render_prompt_with_prefix
 from mlx_server.replies import Reply, complete, replay, stream_events, with_keepalive
 from mlx_server.response_cache import CachedResponse, ResponseCache
 from mlx_server.schemas import ChatCompletionRequest
@@ -201,7 +201,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_report() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> Response:
@@ -268,11 +268,10 @@ def create_app(state: ServerState) -> FastAPI:
                     debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
             tokenizer = engine.loaded.tokenizer
             grammar, tool_calling = _output_rules(body, engine)
-            prompt = render_prompt(tokenizer, messages, body.tools)
+            prompt, stable_prefix = render_prompt_with_prefix(tokenizer, messages, body.tools)
             settings = _sampling_settings(
                 body, len(prompt), engine.loaded.context_length, state.settings.default_max_tokens, grammar
             )
-            stable_prefix = stable_prefix_length(tokenizer, messages, prompt, body.tools)
             answer_key, cached = _look_up_answer(state.response_cache, prompt, settings)
             timer.checkpoint("cache_check")
             debug(

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,23 +41,17 @@ async def _send_error(
     await JSONResponse(body, status, headers=headers or None)(scope, receive, send)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 class ApiKeyGuard:
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app = app
         self.keys = keys
 
     def _offered_key(self, scope: Scope) -> str | None:
-        authorization = _header(scope, b"authorization")
+        headers = Headers(scope=scope)
+        authorization = headers.get("authorization")
         if authorization is not None and authorization[:7].lower() == "bearer ":
             return authorization[7:].strip()
-        return _header(scope, b"x-api-key")
+        return headers.get("x-api-key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
@@ -89,7 +84,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
             logger.warning(
                 "Refused a %s-byte body on %s (--max-request-bytes %d)", declared, scope["path"], self.max_bytes

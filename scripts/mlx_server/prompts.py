@@ -23,7 +23,13 @@ from mlx_server.errors import APIError
 from mlx_server.schemas import ChatMessage, ToolDefinition
 from mlx_server.tool_prompts import template_conversation
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "normalize_billing_header", "render_prompt", "stable_prefix_length"]
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE",
+    "normalize_billing_header",
+    "render_prompt",
+    "render_prompt_with_prefix",
+    "stable_prefix_length",
+]
 
 # ``x-anthropic-billing-header: ...cch=<changes every request>`` as a whole line.
 _BILLING_HEADER_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.IGNORECASE | re.MULTILINE)
@@ -66,15 +72,30 @@ def _render(
     return [int(token) for token in tokens]
 
 
+Conversation = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]
+
+
+def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation) -> list[int]:
+    try:
+        return _render(tokenizer, conversation[0], True, conversation[1])
+    except TemplateError as error:
+        raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
+
+
 def render_prompt(
     tokenizer: TokenizerWrapper, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
 ) -> list[int]:
     """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening; a template error is a 400."""
-    conversation, template_tools = template_conversation(tokenizer, messages, tools)
-    try:
-        return _render(tokenizer, conversation, True, template_tools)
-    except TemplateError as error:
-        raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
+    return _render_conversation(tokenizer, template_conversation(tokenizer, messages, tools))
+
+
+def render_prompt_with_prefix(
+    tokenizer: TokenizerWrapper, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
+) -> tuple[list[int], int]:
+    """``render_prompt`` and ``stable_prefix_length`` together, preparing the template's input once."""
+    conversation = template_conversation(tokenizer, messages, tools)
+    prompt = _render_conversation(tokenizer, conversation)
+    return prompt, _stable_prefix(tokenizer, conversation, prompt)
 
 
 _prefix_memo: OrderedDict[str, list[int]] = OrderedDict()
@@ -95,9 +116,13 @@ def stable_prefix_length(
     conversation's stable part ends, whatever its last message is (user, tool
     or assistant).
     """
-    conversation, template_tools = template_conversation(tokenizer, messages, tools)
+    return _stable_prefix(tokenizer, template_conversation(tokenizer, messages, tools), prompt)
+
+
+def _stable_prefix(tokenizer: TokenizerWrapper, conversation: Conversation, prompt: list[int]) -> int:
+    messages, template_tools = conversation
     leading = []
-    for message in conversation:
+    for message in messages:
         if message["role"] not in _SYSTEM_ROLES:
             break
         leading.append(message)

@@ -59,9 +59,6 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def __repr__(self) -> str:
         return f"ApiKeys(<{len(self._keys)} redacted>)"
 

@@ -118,7 +118,7 @@ def _finish_after_uvicorn_stops() -> None:
 
 def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
     """Prefill the --warm-prompt system prompt so the first real request starts warm."""
-    from mlx_server.prompts import render_prompt, stable_prefix_length
+    from mlx_server.prompts import render_prompt_with_prefix
     from mlx_server.schemas import ChatMessage
 
     try:
@@ -135,8 +135,7 @@ def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
             logger.warning("Warm prompt %s: expected JSON with a 'system' string (%s)", path, error)
             return
     messages = [ChatMessage(role="system", content=system), ChatMessage(role="user", content="")]
-    prompt = render_prompt(engine.loaded.tokenizer, messages)
-    prefix = stable_prefix_length(engine.loaded.tokenizer, messages, prompt)
+    prompt, prefix = render_prompt_with_prefix(engine.loaded.tokenizer, messages)
     if prefix == 0:
         logger.warning("Warm prompt %s: the chat template does not render the system prompt on its own", path)
         return

@@ -16,9 +16,8 @@ conversation with and without the feature and comparing.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,6 @@ from mlx_server.schemas import ChatMessage, ToolDefinition
 
 __all__ = ["TemplateToolSupport", "template_conversation", "template_tool_support", "tool_system_block"]
 
-_SYSTEM_ROLES = ("system", "developer")
 _PROBE_NAME = "probe_function_7f3a"
 _PROBE_TOOL = {
     "type": "function",
@@ -79,17 +77,10 @@ def _detect(tokenizer: Any) -> TemplateToolSupport:
     return TemplateToolSupport(tools=tools, tool_calls=tool_calls)
 
 
-_support: weakref.WeakKeyDictionary[Any, TemplateToolSupport] = weakref.WeakKeyDictionary()
-_support_lock = threading.Lock()
-
-
+@functools.lru_cache(maxsize=8)
 def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
     """Found once per tokenizer (a few renders of a tiny conversation)."""
-    with _support_lock:
-        found = _support.get(tokenizer)
-        if found is None:
-            found = _support[tokenizer] = _detect(tokenizer)
-        return found
+    return _detect(tokenizer)
 
 
 def tool_system_block(tools: list[ToolDefinition]) -> str:

@@ -64,6 +64,13 @@ def client(server: RunningServer) -> Iterator[OpenAI]:
         yield openai_client
 
 
+def force_weather_call(client: OpenAI) -> ChatCompletion:
+    """The question about Paris, with get_weather forced, greedy."""
+    return client.chat.completions.create(
+        model="m", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, temperature=0, max_tokens=60
+    )
+
+
 def function_calls(response: ChatCompletion) -> list[ChatCompletionMessageFunctionToolCall]:
     calls = response.choices[0].message.tool_calls or []
     assert all(isinstance(call, ChatCompletionMessageFunctionToolCall) for call in calls)
@@ -89,9 +96,7 @@ def assert_valid_calls(response: ChatCompletion) -> list[tuple[str, dict[str, An
 class TestForcedCalls:
     def test_named_function(self, client: OpenAI) -> None:
         """A named tool_choice gives exactly one call of that function, with valid arguments."""
-        response = client.chat.completions.create(
-            model="m", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, temperature=0, max_tokens=60
-        )
+        response = force_weather_call(client)
         calls = assert_valid_calls(response)
         assert [name for name, _ in calls] == ["get_weather"]
         assert calls[0][1]["city"] == "Paris"
@@ -119,14 +124,7 @@ class TestForcedCalls:
         """
         ids: set[str] = set()
         for _ in range(2):
-            response = client.chat.completions.create(
-                model="m",
-                messages=WEATHER_QUESTION,
-                tools=TOOLS,
-                tool_choice=FORCE_WEATHER,
-                temperature=0,
-                max_tokens=60,
-            )
+            response = force_weather_call(client)
             ids.update(call.id for call in response.choices[0].message.tool_calls or [])
         assert len(ids) == 2
 
@@ -156,9 +154,7 @@ class TestForcedCalls:
 class TestConversation:
     def test_call_result_answer_loop(self, client: OpenAI) -> None:
         """Call, tool result, final answer: the answer is text that uses the tool's result."""
-        first = client.chat.completions.create(
-            model="m", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, temperature=0, max_tokens=60
-        )
+        first = force_weather_call(client)
         call = function_calls(first)[0]
         history: list[ChatCompletionMessageParam] = [
             *WEATHER_QUESTION,
@@ -205,9 +201,7 @@ class TestConversation:
     def test_tools_change_the_cached_answer_key(self, client: OpenAI) -> None:
         """The same messages with and without tools are different requests to the response cache."""
         plain = client.chat.completions.create(model="m", messages=WEATHER_QUESTION, temperature=0, max_tokens=20)
-        with_tools = client.chat.completions.create(
-            model="m", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, temperature=0, max_tokens=60
-        )
+        with_tools = force_weather_call(client)
         assert plain.choices[0].message.tool_calls is None
         assert_valid_calls(with_tools)
 
@@ -243,9 +237,7 @@ class TestStreaming:
         assert list(calls) == [0]
         assert calls[0]["name"] == "get_weather"
         jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_PARAMETERS)
-        whole = client.chat.completions.create(
-            model="m", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, temperature=0, max_tokens=60
-        )
+        whole = force_weather_call(client)
         assert json.loads(calls[0]["arguments"]) == json.loads(function_calls(whole)[0].function.arguments)
 
     def test_parallel_calls_stream_with_increasing_indexes(self, client: OpenAI) -> None:
