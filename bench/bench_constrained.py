@@ -29,12 +29,12 @@ from mlx_server.blas import preload_optimized_blas  # noqa: E402 - before MLX is
 
 BLAS = preload_optimized_blas()
 
+from mlx_server.chat.request import Message, Tool  # noqa: E402
 from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings  # noqa: E402
 from mlx_server.grammar import OutputConstraint, build_grammar  # noqa: E402
 from mlx_server.model_loading import load_model  # noqa: E402
 from mlx_server.prompt_cache import KVPromptCache  # noqa: E402
 from mlx_server.prompts import render_prompt  # noqa: E402
-from mlx_server.schemas import ChatMessage, ToolDefinition  # noqa: E402
 
 TARGET = 0.8
 MAX_TOKENS = 96
@@ -45,9 +45,8 @@ STORY_SCHEMA = {
 }
 
 
-def _tool(name: str, properties: dict[str, object]) -> ToolDefinition:
-    parameters = {"type": "object", "properties": properties, "required": list(properties)}
-    return ToolDefinition.model_validate({"type": "function", "function": {"name": name, "parameters": parameters}})
+def _tool(name: str, properties: dict[str, object]) -> Tool:
+    return Tool(name, parameters={"type": "object", "properties": properties, "required": list(properties)})
 
 
 TOOLS = [
@@ -80,8 +79,8 @@ def main() -> None:
     loaded = load_model(args.model)
     engine = GenerationEngine(loaded, KVPromptCache(loaded.model, loaded.identity, max_entries=0, max_bytes=0))
     engine.warm_up()
-    ask = [ChatMessage(role="user", content="Write a long story about a lighthouse keeper, as JSON.")]
-    act = [ChatMessage(role="user", content="Save a long README for my project in README.md.")]
+    ask = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]
+    act = [Message("user", "Save a long README for my project in README.md.")]
     cases = {
         "JSON schema (long string)": (
             render_prompt(loaded.tokenizer, ask),

@@ -36,7 +36,7 @@ from mlx_server.model_loading import LoadedModel
 from mlx_server.prompt_cache import MIN_REUSED_TOKENS, KVPromptCache
 from utils_logging import log_cache_hit, log_cache_miss
 
-__all__ = ["GenerationEngine", "GenerationStats", "SamplingSettings", "TokenEvent"]
+__all__ = ["GenerationEngine", "GenerationStats", "SamplingSettings", "StopText", "TokenEvent"]
 
 logger = logging.getLogger("mlx")
 
@@ -68,6 +68,7 @@ class GenerationStats:
     prefill_tokens: int = 0
     cache_source: str = "miss"
     finish_reason: str = "stop"
+    stop_sequence: str | None = None  # the stop sequence that ended the completion, if one did
     queue_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
     generation_ms: float = 0.0
@@ -114,6 +115,41 @@ class _Job:
         return "cancelled" if self.cancelled.is_set() else "timeout"
 
 
+class StopText:
+    """Stop sequences over streamed text: what may be sent, and which sequence matched (mlx-lm's TextStateMachine).
+
+    Text that could be the start of a stop sequence is held back; the
+    sequence itself and anything after it are never sent.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._state = TextStateMachine({"normal": [(stop, None) for stop in stops]}).make_state()
+        self._seen = ""
+        self._sent = 0
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> str:
+        """The text that is safe to send; sets ``matched`` when a stop sequence completes."""
+        if self.matched is not None:
+            return ""
+        self._seen += text
+        self._state, safe, state_name = TextStateMachine.step(self._state, text)
+        safe = str(safe)
+        self._sent += len(safe)
+        if state_name is None:
+            candidates = [stop for stop in self._stops if self._seen.startswith(stop, self._sent)]
+            self.matched = min(candidates, key=len) if candidates else self._stops[0]
+        return safe
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of the output (no stop sequence followed it)."""
+        if self.matched is not None:
+            return ""
+        self._state, held, _ = TextStateMachine.flush(self._state)
+        return str(held)
+
+
 class _PrefillInterruptedError(Exception):
     """Raised from mlx-lm's prefill progress callback to stop a cancelled or timed-out prefill between steps."""
 
@@ -140,6 +176,14 @@ class GenerationEngine:
         self._running = 0
         self._prefill_step = prefill_step()
         self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
 
     @property
     def queue_depth(self) -> dict[str, int]:
@@ -329,8 +373,7 @@ class GenerationEngine:
 
         if settings.seed is not None:
             mx.random.seed(settings.seed % 2**64)
-        stop_text = TextStateMachine({"normal": [(stop, None) for stop in settings.stop]})
-        stop_state = stop_text.make_state()
+        stop_text = StopText(settings.stop)
         responses = stream_generate(
             self.loaded.model,
             self.loaded.tokenizer,
@@ -348,9 +391,9 @@ class GenerationEngine:
                 if stats.completion_tokens == 0:
                     stats.time_to_first_token_ms = (time.perf_counter() - started) * 1000
                 stats.completion_tokens = response.generation_tokens
-                stop_state, text, state_name = TextStateMachine.step(stop_state, response.text)
-                if state_name is None:  # a stop sequence: the text before it goes out, the rest never does
-                    stats.finish_reason = "stop"
+                text = stop_text.feed(response.text)
+                if stop_text.matched is not None:  # a stop sequence: the text before it goes out, the rest never does
+                    stats.finish_reason, stats.stop_sequence = "stop", stop_text.matched
                     if text:
                         deliver(TokenEvent(text))
                     break
@@ -358,8 +401,7 @@ class GenerationEngine:
                     stats.finish_reason = response.finish_reason
                     if response.finish_reason == "stop":
                         stats.completion_tokens -= 1  # the end-of-sequence token is not part of the answer
-                    stop_state, held, _ = TextStateMachine.flush(stop_state)
-                    text += held
+                    text += stop_text.flush()
                 if text:
                     deliver(TokenEvent(text))
                 if job.should_stop():

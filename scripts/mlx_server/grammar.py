@@ -8,7 +8,10 @@ construction, and once the grammar is complete only end-of-sequence remains.
 
 The grammar is a Lark grammar with embedded JSON schemas.  Tool calls are
 written in the Hermes form (``<tool_call>{"name": …, "arguments": …}</tool_call>``),
-which the tool-call parser always accepts.  Object schemas that leave
+which the tool-call parser always accepts; a custom tool's call is its name
+as a JSON header, then its text, under the tool's own Lark or regex grammar
+when it has one.  Under ``tool_choice: none`` with tools offered, the output
+is free text that cannot contain a call's opening marker.  Object schemas that leave
 ``additionalProperties`` open are closed for generation (the output still
 validates against the schema as given): a small model otherwise fills
 arguments with invented keys.  JSON is written compactly, with ``", "`` and
@@ -35,7 +38,7 @@ import llguidance.hf
 import mlx.core as mx
 import numpy as np
 
-from mlx_server.schemas import ToolDefinition
+from mlx_server.chat.request import CUSTOM_TOOL, Tool
 
 __all__ = ["GrammarError", "GrammarProcessor", "GrammarTokenizer", "OutputConstraint", "build_grammar"]
 
@@ -62,15 +65,16 @@ class OutputConstraint:
     output is either calls or the JSON; ``auto`` alone stays free.
     """
 
-    tools: Sequence[ToolDefinition] = ()
+    tools: Sequence[Tool] = ()
     tool_mode: str = "none"
     forced_function: str | None = None
     parallel_calls: bool = True
     json_schema: dict[str, Any] | None = None
+    forbidden_markers: tuple[str, ...] = ()  # text that must never appear (call openings under "none")
 
     @property
     def constrained(self) -> bool:
-        return self.tool_mode == "required" or self.json_schema is not None
+        return self.tool_mode == "required" or self.json_schema is not None or bool(self.forbidden_markers)
 
 
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
@@ -131,18 +135,45 @@ def check_schema(schema: dict[str, Any], param: str) -> None:
         raise GrammarError(param, f"invalid JSON schema in {param}: {error}")
 
 
-def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
+def _call_schema(tool: Tool) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.function.name}, "arguments": tool.function.parameters_schema()},
+        "properties": {"name": {"const": tool.name}, "arguments": tool.parameters_schema()},
         "required": ["name", "arguments"],
     }
 
 
+def _text_without(markers: Sequence[str]) -> str:
+    """A Lark lexeme body: any text in which none of ``markers`` occurs (llguidance's ``&`` and ``~``)."""
+    excluded = "|".join(llguidance.regex_to_lark(_regex_literal(marker)) for marker in markers)
+    return f"/(.|\\n)*/ & ~/(.|\\n)*({excluded})(.|\\n)*/"
+
+
+def _regex_literal(text: str) -> str:
+    return "".join(f"\\{char}" if char in ".^$*+?()[]{}|\\/" else char for char in text)
+
+
+def _custom_input_rule(index: int, tool: Tool) -> list[str]:
+    """The text of a custom tool's call: its own grammar, or any text that does not close the call."""
+    name = f"input_{index}"
+    if tool.grammar is None:
+        return [f"{name.upper()}: {_text_without(['</tool_call>'])}", f"{name}: {name.upper()}"]
+    if tool.grammar.syntax == "regex":
+        return [f"{name}: /{llguidance.regex_to_lark(tool.grammar.definition)}/"]
+    return [f"{name}: %lark {{\n{tool.grammar.definition}\n}}"]
+
+
+def _call_rule(index: int, tool: Tool) -> list[str]:
+    if tool.kind == CUSTOM_TOOL:
+        header = json.dumps(json.dumps({"name": tool.name}, ensure_ascii=False) + "\n")
+        return [f"call_{index}: {header} input_{index}", *_custom_input_rule(index, tool)]
+    return [f"call_{index}: %json {json.dumps(_with_style(_call_schema(tool)))}"]
+
+
 def _call_rules(constraint: OutputConstraint) -> list[str]:
-    """Lark rules for one call (a named function) or up to MAX_PARALLEL_CALLS, each in the Hermes form."""
-    tools = [tool for tool in constraint.tools if constraint.forced_function in (None, tool.function.name)]
-    rules = [f"call_{index}: %json {json.dumps(_with_style(_call_schema(tool)))}" for index, tool in enumerate(tools)]
+    """Lark rules for one call (a named tool) or up to MAX_PARALLEL_CALLS, each in the Hermes form."""
+    tools = [tool for tool in constraint.tools if constraint.forced_function in (None, tool.name)]
+    rules = [rule for index, tool in enumerate(tools) for rule in _call_rule(index, tool)]
     rules.append("call_body: " + " | ".join(f"call_{index}" for index in range(len(tools))))
     rules.append('call: "<tool_call>\\n" call_body "\\n</tool_call>"')
     several = constraint.parallel_calls and constraint.forced_function is None
@@ -152,14 +183,39 @@ def _call_rules(constraint: OutputConstraint) -> list[str]:
     return rules
 
 
-def build_grammar(constraint: OutputConstraint) -> str | None:
-    """The llguidance grammar for ``constraint`` (None when generation stays free); GrammarError when invalid."""
+def check_tool(tool: Tool, param: str) -> None:
+    """GrammarError naming ``param`` when a tool's schema or grammar cannot be compiled."""
+    if tool.kind != CUSTOM_TOOL:
+        check_schema(tool.parameters_schema(), param)
+        return
+    if tool.grammar is None:
+        return
+    try:
+        lark = "start: input_0\n" + "\n".join(_custom_input_rule(0, tool))
+        error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
+    except (ValueError, TypeError) as problem:
+        error = str(problem)
+    if error:
+        raise GrammarError(param, f"invalid {tool.grammar.syntax} grammar in {param}: {error}")
+
+
+def build_grammar(
+    constraint: OutputConstraint,
+    tool_params: Sequence[str] = (),
+    schema_param: str = "response_format.json_schema.schema",
+) -> str | None:
+    """The llguidance grammar for ``constraint`` (None when generation stays free); GrammarError when invalid.
+
+    ``tool_params`` name each tool's field in the request, for error messages.
+    """
     for index, tool in enumerate(constraint.tools):
-        check_schema(tool.function.parameters_schema(), f"tools[{index}].function.parameters")
+        check_tool(tool, tool_params[index] if index < len(tool_params) else f"tools[{index}].function.parameters")
     if constraint.json_schema is not None:
-        check_schema(constraint.json_schema, "response_format.json_schema.schema")
+        check_schema(constraint.json_schema, schema_param)
     if not constraint.constrained:
         return None
+    if constraint.tool_mode == "none" and constraint.json_schema is None:
+        return f"start: FREE_TEXT\nFREE_TEXT: {_text_without(constraint.forbidden_markers)}"
     rules: list[str] = []
     alternatives: list[str] = []
     if constraint.tools and constraint.tool_mode != "none":
@@ -212,9 +268,11 @@ class GrammarProcessor:
     which the matcher consumes before computing the next mask.
 
     A small model allowed several calls tends to repeat its first one until
-    the token limit; a call that repeats an earlier one therefore ends the
-    output (only end-of-sequence is allowed after it), and the parser drops
-    the duplicate.
+    the token limit.  A repeat is recognized as soon as a new call names the
+    same function with the same first argument as an earlier call; the output
+    then ends (only end-of-sequence is allowed), and the parser drops the
+    unfinished repeat.  (Two genuine calls that differ only after their first
+    argument are cut to one: the trade made for stopping early.)
     """
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
@@ -222,19 +280,19 @@ class GrammarProcessor:
         if self.matcher.is_error():
             raise GrammarError("response_format", self.matcher.get_error())
         self._tokenizer = tokenizer
-        self._generated: list[int] = []
+        self._text = ""
         self._started = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started:
             token = int(tokens[-1])
-            self._generated.append(token)
+            self._text += self._tokenizer.decode_str([token])
             if not self.matcher.consume_token(token):
                 logger.warning("Constrained decoding: the grammar refused a token (%s)", self.matcher.get_error())
         self._started = True
         if self.matcher.is_error():
             return logits
-        if self.matcher.is_accepting() and self._repeats_a_call():
+        if self._repeats_a_call():
             allowed = np.zeros(logits.shape[-1], dtype=np.bool_)
             allowed[[eos for eos in self._tokenizer.eos_tokens if eos < allowed.size]] = True
         else:
@@ -248,6 +306,29 @@ class GrammarProcessor:
         return bits[:vocabulary].astype(np.bool_)
 
     def _repeats_a_call(self) -> bool:
-        calls = [call.strip() for call in self._tokenizer.decode_str(self._generated).split("</tool_call>")]
-        calls = [call for call in calls if call]
-        return len(calls) > 1 and calls[-1] in calls[:-1]
+        if "</tool_call>" not in self._text:
+            return False
+        *earlier, current = self._text.split("<tool_call>")[1:] or [""]
+        if "</tool_call>" in current:
+            current = current.split("</tool_call>")[0]
+        current = current.strip()
+        return any(_is_recognized_repeat(previous.split("</tool_call>")[0].strip(), current) for previous in earlier)
+
+
+def _is_recognized_repeat(previous: str, current: str) -> bool:
+    """``current`` (a call being written) repeats ``previous`` through the end of its first argument."""
+    try:
+        call = json.loads(previous)
+    except ValueError:
+        return False
+    arguments = call.get("arguments") if isinstance(call, dict) else None
+    recognized_at = len(previous)
+    if isinstance(arguments, dict) and arguments:
+        key, value = next(iter(arguments.items()))
+        first = (
+            f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False, separators=(', ', ': '))}"
+        )
+        found = previous.find(first)
+        if found >= 0:
+            recognized_at = found + len(first)
+    return len(current) >= recognized_at and current[:recognized_at] == previous[:recognized_at]

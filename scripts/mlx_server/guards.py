@@ -3,48 +3,48 @@
 Each is a small ASGI middleware, so that it works the same for plain and
 streamed responses and answers before a body is read:
 
-* ``ApiKeyGuard``: with keys configured, every route but ``/health`` needs
-  ``Authorization: Bearer <key>`` or ``x-api-key: <key>``; a missing or wrong
-  key is OpenAI's 401.  Keys are compared in constant time and never logged.
+* ``ApiKeyGuard``: with keys configured, every route but ``/health`` and
+  ``/`` (Claude Code's ``HEAD /`` probe) needs ``Authorization: Bearer <key>``
+  or ``x-api-key: <key>``; a missing or wrong key is a 401.  Keys are compared
+  in constant time and never logged.
 * ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
   Content-Length before anything is read, or as soon as a chunked body
   passes the limit.
-* ``QueueLimit``: at most ``--max-queue`` chat requests wait behind the
+* ``QueueLimit``: at most ``--max-queue`` generation requests wait behind the
   running one; the next gets a 429 with Retry-After.  Counting happens around
   the whole request, streaming included, so a slot is always given back.
+
+Each answers in the error shape of the dialect its path belongs to.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Collection
 
-from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.errors import error_body
+from mlx_server.errors import APIError, ErrorShapes
 from mlx_server.settings import ApiKeys
 
-__all__ = ["CHAT_PATH", "ApiKeyGuard", "BodySizeLimit", "QueueLimit"]
+__all__ = ["OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "QueueLimit"]
 
 logger = logging.getLogger("mlx")
 
-CHAT_PATH = "/v1/chat/completions"
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
 
 
-async def _send_error(
-    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any], **headers: str
-) -> None:
-    await JSONResponse(body, status, headers=headers or None)(scope, receive, send)
+async def _send_error(scope: Scope, receive: Receive, send: Send, shapes: ErrorShapes, error: APIError) -> None:
+    await shapes.response(scope["path"], error)(scope, receive, send)
 
 
 class ApiKeyGuard:
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, shapes: ErrorShapes) -> None:
         self.app = app
         self.keys = keys
+        self.shapes = shapes
 
     def _offered_key(self, scope: Scope) -> str | None:
         headers = Headers(scope=scope)
@@ -67,18 +67,18 @@ class ApiKeyGuard:
             else "incorrect API key provided"
         )
         logger.warning("Refused %s %s: %s", scope["method"], scope["path"], message)  # never the key itself
-        body = error_body(message, "invalid_request_error", code="invalid_api_key")
-        await _send_error(scope, receive, send, 401, body, **{"WWW-Authenticate": "Bearer"})
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await _send_error(scope, receive, send, self.shapes, error)
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, shapes: ErrorShapes) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.shapes = shapes
 
-    def _too_large(self) -> dict[str, Any]:
-        message = f"the request body is larger than this server accepts ({self.max_bytes} bytes, --max-request-bytes)"
-        return error_body(message, "invalid_request_error", code="request_too_large")
+    def _message(self) -> str:
+        return f"the request body is larger than this server accepts ({self.max_bytes} bytes, --max-request-bytes)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +89,8 @@ class BodySizeLimit:
             logger.warning(
                 "Refused a %s-byte body on %s (--max-request-bytes %d)", declared, scope["path"], self.max_bytes
             )
-            await _send_error(scope, receive, send, 413, self._too_large(), Connection="close")
+            error = APIError(413, self._message(), code="request_too_large", headers={"Connection": "close"})
+            await _send_error(scope, receive, send, self.shapes, error)
             return
         received = 0
 
@@ -99,20 +100,22 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, self._too_large()["error"]["message"])
+                    raise HTTPException(413, self._message())
             return message
 
         await self.app(scope, counting_receive, send)
 
 
 class QueueLimit:
-    def __init__(self, app: ASGIApp, max_waiting: int) -> None:
+    def __init__(self, app: ASGIApp, max_waiting: int, paths: Collection[str], shapes: ErrorShapes) -> None:
         self.app = app
         self.max_waiting = max_waiting
+        self.paths = paths
+        self.shapes = shapes
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limited = scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+        limited = scope["type"] == "http" and scope["path"] in self.paths and scope["method"] == "POST"
         if not limited or not self.max_waiting:
             await self.app(scope, receive, send)
             return
@@ -121,8 +124,8 @@ class QueueLimit:
                 f"the server is busy: {self.max_waiting} requests are already waiting (--max-queue); retry shortly"
             )
             logger.warning("Refused a chat request: %d already waiting (--max-queue)", self.max_waiting)
-            body = error_body(message, "server_error", code="queue_full")
-            await _send_error(scope, receive, send, 429, body, **{"Retry-After": "1"})
+            error = APIError(429, message, error_type="server_error", code="queue_full", headers={"Retry-After": "1"})
+            await _send_error(scope, receive, send, self.shapes, error)
             return
         self.in_flight += 1
         try:

@@ -9,22 +9,25 @@ cache can keep a checkpoint there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_server.chat.request import Message, Tool
 from mlx_server.errors import APIError
-from mlx_server.schemas import ChatMessage, ToolDefinition
 from mlx_server.tool_prompts import template_conversation
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "fill_in_the_middle",
     "normalize_billing_header",
     "render_prompt",
     "render_prompt_with_prefix",
@@ -33,7 +36,6 @@ __all__ = [
 
 # ``x-anthropic-billing-header: ...cch=<changes every request>`` as a whole line.
 _BILLING_HEADER_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.IGNORECASE | re.MULTILINE)
-_SYSTEM_ROLES = ("system", "developer")
 
 # ChatML, for models that ship without a template; every role is rendered.
 FALLBACK_CHAT_TEMPLATE = (
@@ -42,16 +44,16 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def normalize_billing_header(messages: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
+def normalize_billing_header(messages: Sequence[Message]) -> tuple[list[Message], int]:
     """Drop the volatile billing-header line from system messages; returns the messages and lines removed."""
     removed = 0
-    normalized: list[ChatMessage] = []
+    normalized: list[Message] = []
     for message in messages:
-        if message.role in _SYSTEM_ROLES and "billing-header" in message.text().lower():
-            text, count = _BILLING_HEADER_LINE.subn("", message.text())
+        if message.role == "system" and "billing-header" in message.content.lower():
+            text, count = _BILLING_HEADER_LINE.subn("", message.content)
             if count:
                 removed += count
-                message = message.model_copy(update={"content": text})
+                message = dataclasses.replace(message, content=text)
         normalized.append(message)
     return normalized, removed
 
@@ -82,15 +84,13 @@ def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation
         raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
 
 
-def render_prompt(
-    tokenizer: TokenizerWrapper, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
-) -> list[int]:
+def render_prompt(tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
     """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening; a template error is a 400."""
     return _render_conversation(tokenizer, template_conversation(tokenizer, messages, tools))
 
 
 def render_prompt_with_prefix(
-    tokenizer: TokenizerWrapper, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
+    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()
 ) -> tuple[list[int], int]:
     """``render_prompt`` and ``stable_prefix_length`` together, preparing the template's input once."""
     conversation = template_conversation(tokenizer, messages, tools)
@@ -105,9 +105,9 @@ _PREFIX_MEMO_ENTRIES = 64
 
 def stable_prefix_length(
     tokenizer: TokenizerWrapper,
-    messages: list[ChatMessage],
+    messages: Sequence[Message],
     prompt: list[int],
-    tools: list[ToolDefinition] | None = None,
+    tools: Sequence[Tool] = (),
 ) -> int:
     """How many leading prompt tokens are the system messages and tools alone (0 if the template mixes them).
 
@@ -123,7 +123,7 @@ def _stable_prefix(tokenizer: TokenizerWrapper, conversation: Conversation, prom
     messages, template_tools = conversation
     leading = []
     for message in messages:
-        if message["role"] not in _SYSTEM_ROLES:
+        if message["role"] != "system":
             break
         leading.append(message)
     if not leading:
@@ -143,3 +143,29 @@ def _stable_prefix(tokenizer: TokenizerWrapper, conversation: Conversation, prom
     if prefix and len(prefix) < len(prompt) and prompt[: len(prefix)] == prefix:
         return len(prefix)
     return 0
+
+
+# (prefix, suffix, middle) marker tokens of the fill-in-the-middle conventions models are trained on.
+_FIM_MARKERS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen 2.5 Coder
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek Coder
+    ("<PRE>", "<SUF>", "<MID>"),  # Code Llama
+)
+
+
+def fill_in_the_middle(tokenizer: TokenizerWrapper, prefix: str, suffix: str) -> str:
+    """The prompt for completing between ``prefix`` and ``suffix``, in the model's own FIM markers.
+
+    APIError 400 when the vocabulary has none of the known marker sets (the model was not trained for it).
+    """
+    vocabulary = tokenizer.get_vocab()
+    for begin, hole, end in _FIM_MARKERS:
+        if begin in vocabulary and hole in vocabulary and end in vocabulary:
+            return f"{begin}{prefix}{hole}{suffix}{end}"
+    raise APIError(
+        400,
+        "suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; this one has none",
+        param="suffix",
+        code="unsupported_parameter",
+    )

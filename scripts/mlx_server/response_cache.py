@@ -29,6 +29,7 @@ class CachedResponse:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None
     stored_at: float = field(default_factory=time.time)
 
 

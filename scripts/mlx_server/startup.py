@@ -118,8 +118,8 @@ def _finish_after_uvicorn_stops() -> None:
 
 def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
     """Prefill the --warm-prompt system prompt so the first real request starts warm."""
+    from mlx_server.chat.request import Message
     from mlx_server.prompts import render_prompt_with_prefix
-    from mlx_server.schemas import ChatMessage
 
     try:
         text = path.read_text()
@@ -134,8 +134,8 @@ def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
         except (ValueError, KeyError, TypeError) as error:
             logger.warning("Warm prompt %s: expected JSON with a 'system' string (%s)", path, error)
             return
-    messages = [ChatMessage(role="system", content=system), ChatMessage(role="user", content="")]
-    prompt, prefix = render_prompt_with_prefix(engine.loaded.tokenizer, messages)
+    messages = [Message("system", system), Message("user", "")]
+    prompt, prefix = render_prompt_with_prefix(engine.tokenizer, messages)
     if prefix == 0:
         logger.warning("Warm prompt %s: the chat template does not render the system prompt on its own", path)
         return

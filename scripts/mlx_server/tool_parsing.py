@@ -9,8 +9,12 @@ Hermes form is always accepted too: it is what the server asks for when it
 injects tools into a template that cannot render them, and what constrained
 decoding produces.
 
-Text that looks like a call but does not parse, or names a function that was
-not offered, is returned as content: a malformed call never crashes a request.
+A reply never carries call markup as text: a call that does not parse, names
+a tool that was not offered, or is cut short by the token limit (and cannot be
+closed because its arguments are incomplete) is dropped and logged, never
+returned as content, and never crashes a request.  Custom tools (free text
+instead of JSON arguments) are written as a JSON header naming the tool, then
+the text, inside the same markers.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ import importlib
 import json
 import logging
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 from mlx_lm import tokenizer_utils
 from mlx_lm.generate import TextStateMachine
 
+from mlx_server.chat.request import CUSTOM_TOOL, FUNCTION_TOOL, ToolCall
+
 __all__ = [
     "HERMES",
     "LLAMA3_JSON",
     "CallPiece",
     "ContentPiece",
-    "ParsedToolCall",
     "ToolCallExtractor",
     "ToolCallFormat",
     "ToolCalling",
@@ -40,6 +45,7 @@ __all__ = [
     "mlx_lm_format",
     "new_tool_call_id",
     "parse_tool_calls",
+    "tool_kinds",
 ]
 
 logger = logging.getLogger("mlx")
@@ -47,16 +53,8 @@ logger = logging.getLogger("mlx")
 ParseFunction = Callable[[str], list[dict[str, Any]]]
 
 
-@dataclass(frozen=True)
-class ParsedToolCall:
-    """One call, as OpenAI returns it: a unique id, a function name, arguments as a JSON string."""
-
-    id: str
-    name: str
-    arguments: str
-
-    def as_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+ToolKinds = Mapping[str, str]
+"""The offered tools: name -> ``function`` or ``custom``."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +78,14 @@ def new_tool_call_id() -> str:
 
 
 def _as_call(value: Any) -> dict[str, Any]:
-    """``{"name", "arguments"|"parameters"}`` with arguments as an object (a JSON string is decoded)."""
+    """``{"name", "arguments"|"parameters"}`` with arguments as an object (a JSON string is decoded).
+
+    A custom tool's call carries its text as ``input`` instead.
+    """
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise ValueError("a tool call needs a string 'name'")
+    if isinstance(value.get("input"), str) and "arguments" not in value:
+        return {"name": value["name"], "input": value["input"]}
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
         arguments = json.loads(arguments)
@@ -105,8 +108,23 @@ def _json_values(text: str) -> list[Any]:
         values.append(value)
 
 
+def _custom_call(text: str) -> dict[str, Any] | None:
+    """``{"name": ...}`` followed by free text on the next lines: a custom tool's call (None if not that shape)."""
+    try:
+        header, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    rest = text[end:]
+    if not isinstance(header, dict) or set(header) != {"name"} or not rest.startswith("\n"):
+        return None
+    return {"name": header["name"], "input": rest[1:]}
+
+
 def _parse_json_calls(text: str) -> list[dict[str, Any]]:
-    """One or more call objects, or lists of them (Hermes, Qwen 2.5, Llama 3)."""
+    """One or more call objects, or lists of them (Hermes, Qwen 2.5, Llama 3), or one custom tool's call."""
+    custom = _custom_call(text.strip(" \t\r").removeprefix("\n").removesuffix("\n"))
+    if custom is not None:
+        return [_as_call(custom)]
     calls: list[dict[str, Any]] = []
     for value in _json_values(text.strip()):
         calls.extend(_as_call(item) for item in (value if isinstance(value, list) else [value]))
@@ -156,22 +174,41 @@ def detect_tool_call_format(tokenizer: Any) -> ToolCallFormat:
         return HERMES
 
 
-def _finish_calls(raw_calls: list[dict[str, Any]], allowed_names: Collection[str]) -> list[ParsedToolCall]:
-    """Give each call its id and JSON arguments; a call to a function that was not offered is refused."""
+def tool_kinds(tools: ToolKinds | Collection[str]) -> dict[str, str]:
+    """A name -> kind map; a plain collection of names means functions."""
+    if isinstance(tools, Mapping):
+        return dict(tools)
+    return dict.fromkeys(tools, FUNCTION_TOOL)
+
+
+def _finish_calls(raw_calls: list[dict[str, Any]], tools: ToolKinds) -> list[ToolCall]:
+    """Give each call its id, and JSON arguments (or a custom tool's text); unknown tools are refused."""
     calls = []
     for call in raw_calls:
-        if call["name"] not in allowed_names:
+        kind = tools.get(call["name"])
+        if kind is None:
             raise ValueError(f"the model called {call['name']!r}, which is not among the offered tools")
-        arguments = json.dumps(call["arguments"], ensure_ascii=False)
-        calls.append(ParsedToolCall(new_tool_call_id(), call["name"], arguments))
+        if kind == CUSTOM_TOOL:
+            text = call.get("input")
+            if text is None:
+                arguments = call["arguments"]
+                text = arguments.get("input") if isinstance(arguments, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"the custom tool {call['name']!r} was called without text input")
+            calls.append(ToolCall(new_tool_call_id(), call["name"], text, CUSTOM_TOOL))
+        elif "arguments" not in call:
+            raise ValueError(f"the function {call['name']!r} was called without JSON arguments")
+        else:
+            arguments = json.dumps(call["arguments"], ensure_ascii=False)
+            calls.append(ToolCall(new_tool_call_id(), call["name"], arguments))
     return calls
 
 
-def _try_parse(text: str, parse: ParseFunction, allowed_names: Collection[str]) -> list[ParsedToolCall] | None:
+def _try_parse(text: str, parse: ParseFunction, tools: ToolKinds) -> list[ToolCall] | None:
     try:
-        return _finish_calls(parse(text), allowed_names)
+        return _finish_calls(parse(text), tools)
     except (ValueError, KeyError, TypeError, SyntaxError) as error:
-        logger.debug("Tool call text did not parse (%s); returned as content", error)
+        logger.debug("Tool call text did not parse (%s); dropped", error)
         return None
 
 
@@ -198,7 +235,7 @@ class ContentPiece:
 
 @dataclass
 class CallPiece:
-    call: ParsedToolCall
+    call: ToolCall
 
 
 Piece = Union[ContentPiece, CallPiece]
@@ -210,10 +247,18 @@ class ToolCallExtractor:
     Content goes out as soon as it cannot be the start of a call marker
     (mlx-lm's TextStateMachine holds back partial markers); a call goes out
     when its end marker arrives, or at the end for formats without one.  With
-    ``parallel`` false only the first call is kept.
+    ``parallel`` false only the first call is kept; with ``emit`` false calls
+    are recognized and dropped (``tool_choice: none``: markup never becomes
+    content).
     """
 
-    def __init__(self, call_format: ToolCallFormat, allowed_names: Collection[str], parallel: bool = True) -> None:
+    def __init__(
+        self,
+        call_format: ToolCallFormat,
+        tools: ToolKinds | Collection[str],
+        parallel: bool = True,
+        emit: bool = True,
+    ) -> None:
         self._formats = {f"tool:{fmt.name}": fmt for fmt in _with_hermes(call_format)}
         normal = [(fmt.start, state) for state, fmt in self._formats.items()]
         transitions: dict[str, list[tuple[str, str]]] = {"normal": normal}
@@ -222,13 +267,14 @@ class ToolCallExtractor:
         self._machine = TextStateMachine(transitions)
         self._state = self._machine.make_state()
         self._format = call_format
-        self._allowed = allowed_names
+        self._tools = tool_kinds(tools)
         self._parallel = parallel
+        self._emit = emit
         self._call_text = ""
         self._content_seen = ""
         self._bare_json = ""
         self._pending_space = ""
-        self.calls: list[ParsedToolCall] = []
+        self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> list[Piece]:
         if self._bare_json or self._starts_bare_json(text):
@@ -240,12 +286,12 @@ class ToolCallExtractor:
     def finish(self) -> list[Piece]:
         """Whatever is still held: a call without an end marker, a bare JSON call, or plain text."""
         if self._bare_json:
-            calls = _try_parse(self._bare_json, self._format.parse, self._allowed)
+            calls = _try_parse(self._bare_json, self._format.parse, self._tools)
             return self._accept(calls) if calls else [ContentPiece(self._bare_json)]
         self._state, held, state_name = TextStateMachine.flush(self._state)
         pieces = self._pieces([(state_name, held)]) if held else []
-        if state_name in self._formats and self._call_text:
-            pieces += self._close_call(state_name, complete=not self._formats[state_name].end)
+        if state_name in self._formats:
+            pieces += self._close_call(state_name)
         if self._pending_space and not self.calls:
             pieces.append(ContentPiece(self._pending_space))
         self._pending_space = ""
@@ -262,7 +308,7 @@ class ToolCallExtractor:
         previous = segments[0][0] if segments else None  # the state this chunk started in
         for state_name, text in segments:
             if previous in self._formats and state_name != previous:
-                pieces += self._close_call(previous, complete=True)
+                pieces += self._close_call(previous)
             if state_name in self._formats:
                 self._call_text += text
             elif text:
@@ -271,20 +317,25 @@ class ToolCallExtractor:
             previous = state_name
         return pieces
 
-    def _close_call(self, state_name: str, complete: bool) -> list[Piece]:
-        call_format = self._formats[state_name]
+    def _close_call(self, state_name: str) -> list[Piece]:
+        """A call whose text ended (its end marker, or the end of the output): its calls, or nothing."""
         text, self._call_text = self._call_text, ""
-        calls = _try_parse(text, call_format.parse, self._allowed) if complete else None
+        calls = _try_parse(text, self._formats[state_name].parse, self._tools) if text.strip() else None
         if calls is None:
-            return [ContentPiece(call_format.start + text + (call_format.end if complete else ""))]
+            if text.strip():
+                logger.info("Dropped a tool call that did not parse (%d characters)", len(text))
+            return []
         return self._accept(calls)
 
-    def _accept(self, calls: list[ParsedToolCall]) -> list[Piece]:
+    def _accept(self, calls: list[ToolCall]) -> list[Piece]:
         """New calls, minus repeats of an earlier one (same function and arguments), one only if not parallel."""
         accepted: list[Piece] = []
         for call in calls:
             seen = any((call.name, call.arguments) == (earlier.name, earlier.arguments) for earlier in self.calls)
             if seen or (self.calls and not self._parallel):
+                continue
+            if not self._emit:
+                logger.info("Dropped a call to %r: tool_choice is none", call.name)
                 continue
             self.calls.append(call)
             accepted.append(CallPiece(call))
@@ -303,25 +354,25 @@ class ToolCallExtractor:
 
 @dataclass(frozen=True)
 class ToolCalling:
-    """How one request's output is searched for calls: the format, the offered names, parallel or not."""
+    """How one request's output is searched for calls: the format, the offered tools, parallel or not.
+
+    ``emit`` false: calls are recognized and dropped (``tool_choice: none``).
+    """
 
     call_format: ToolCallFormat
-    allowed_names: frozenset[str]
+    tools: tuple[tuple[str, str], ...]
     parallel: bool = True
+    emit: bool = True
 
     def extractor(self) -> ToolCallExtractor:
-        return ToolCallExtractor(self.call_format, self.allowed_names, self.parallel)
-
-    def parse(self, text: str) -> tuple[str, list[ParsedToolCall]]:
-        """A whole output -> (content, calls)."""
-        return parse_tool_calls(text, self.call_format, self.allowed_names, self.parallel)
+        return ToolCallExtractor(self.call_format, dict(self.tools), self.parallel, self.emit)
 
 
 def parse_tool_calls(
-    text: str, call_format: ToolCallFormat, allowed_names: Collection[str], parallel: bool = True
-) -> tuple[str, list[ParsedToolCall]]:
+    text: str, call_format: ToolCallFormat, tools: ToolKinds | Collection[str], parallel: bool = True
+) -> tuple[str, list[ToolCall]]:
     """A whole output -> (content, calls)."""
-    extractor = ToolCallExtractor(call_format, allowed_names, parallel)
+    extractor = ToolCallExtractor(call_format, tools, parallel)
     pieces = extractor.feed(text) + extractor.finish()
     content = "".join(piece.text for piece in pieces if isinstance(piece, ContentPiece))
     return content, extractor.calls

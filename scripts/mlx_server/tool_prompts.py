@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
 
-from mlx_server.schemas import ChatMessage, ToolDefinition
+from mlx_server.chat.request import CUSTOM_TOOL, Message, Tool, ToolCall
 
-__all__ = ["TemplateToolSupport", "template_conversation", "template_tool_support", "tool_system_block"]
+__all__ = [
+    "TemplateToolSupport",
+    "arguments_object",
+    "hermes_call_text",
+    "template_conversation",
+    "template_tool_support",
+    "tool_system_block",
+]
 
 _PROBE_NAME = "probe_function_7f3a"
 _PROBE_TOOL = {
@@ -45,6 +53,10 @@ TOOL_BLOCK_FOOTER = (
     "<tool_call></tool_call> XML tags:\n"
     '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n'
     "Each result comes back in a tool message."
+)
+CUSTOM_TOOL_FOOTER = (
+    "\nA tool of type custom takes plain text instead of JSON arguments: write its name, then the text on the "
+    'next lines:\n<tool_call>\n{"name": <tool-name>}\n<text>\n</tool_call>'
 )
 
 
@@ -83,42 +95,55 @@ def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
     return _detect(tokenizer)
 
 
-def tool_system_block(tools: list[ToolDefinition]) -> str:
+def tool_system_block(tools: Sequence[Tool]) -> str:
     """The Hermes tool-use instructions, for templates that cannot render tools."""
-    signatures = "\n".join(json.dumps(tool.model_dump(exclude_none=True), ensure_ascii=False) for tool in tools)
-    return TOOL_BLOCK_HEADER + signatures + TOOL_BLOCK_FOOTER
+    signatures = "\n".join(json.dumps(tool.as_template_tool(), ensure_ascii=False) for tool in tools)
+    footer = TOOL_BLOCK_FOOTER + (CUSTOM_TOOL_FOOTER if any(tool.kind == CUSTOM_TOOL for tool in tools) else "")
+    return TOOL_BLOCK_HEADER + signatures + footer
 
 
-def _hermes_call(name: str, arguments: Any) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+def arguments_object(arguments: str) -> Any:
+    """Arguments decoded, for chat templates that render them as JSON; undecodable text stays text."""
+    try:
+        return json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return arguments
 
 
-def _template_message(message: ChatMessage, support: TemplateToolSupport) -> dict[str, Any]:
-    """The dict a chat template expects; ``developer`` is rendered as ``system``."""
-    rendered: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-    rendered["content"] = message.text()
+def hermes_call_text(call: ToolCall) -> str:
+    """A past call as the model is asked to write one (functions as JSON, custom tools as a header and text)."""
+    if call.kind == CUSTOM_TOOL:
+        header = json.dumps({"name": call.name}, ensure_ascii=False)
+        return f"<tool_call>\n{header}\n{call.arguments}\n</tool_call>"
+    body = json.dumps({"name": call.name, "arguments": arguments_object(call.arguments)}, ensure_ascii=False)
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+def _template_call(call: ToolCall) -> dict[str, Any]:
+    arguments = {"input": call.arguments} if call.kind == CUSTOM_TOOL else arguments_object(call.arguments)
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _template_message(message: Message, support: TemplateToolSupport) -> dict[str, Any]:
+    """The dict a chat template expects."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.name is not None:
         rendered["name"] = message.name
     if message.tool_call_id is not None:
         rendered["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        rendered["reasoning_content"] = message.reasoning
     if message.tool_calls:
         if support.tool_calls:
-            rendered["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": call.type,
-                    "function": {"name": call.function.name, "arguments": call.function.arguments_object()},
-                }
-                for call in message.tool_calls
-            ]
+            rendered["tool_calls"] = [_template_call(call) for call in message.tool_calls]
         else:
-            calls = [_hermes_call(call.function.name, call.function.arguments_object()) for call in message.tool_calls]
+            calls = [hermes_call_text(call) for call in message.tool_calls]
             rendered["content"] = "\n".join(filter(None, [rendered["content"], *calls]))
     return rendered
 
 
 def template_conversation(
-    tokenizer: Any, messages: list[ChatMessage], tools: list[ToolDefinition] | None
+    tokenizer: Any, messages: Sequence[Message], tools: Sequence[Tool] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools) as this template should see them; tools are None when they went into the system prompt."""
     support = template_tool_support(tokenizer)
@@ -126,7 +151,7 @@ def template_conversation(
     if not tools:
         return conversation, None
     if support.tools:
-        return conversation, [tool.model_dump(exclude_none=True) for tool in tools]
+        return conversation, [tool.as_template_tool() for tool in tools]
     block = tool_system_block(tools)
     if conversation and conversation[0]["role"] == "system":
         first = conversation[0]

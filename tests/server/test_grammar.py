@@ -6,6 +6,7 @@ sampler picks under the mask must still parse and validate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -15,24 +16,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_server.chat.request import Tool, ToolGrammar
 from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer, OutputConstraint, build_grammar
-from mlx_server.schemas import ToolDefinition
 from mlx_server.tool_parsing import HERMES, parse_tool_calls
 
-WEATHER = ToolDefinition.model_validate(
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1}},
-                "required": ["city", "days"],
-            },
-        },
-    }
+WEATHER = Tool(
+    "get_weather",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city", "days"],
+    },
 )
-NO_PARAMETERS = ToolDefinition.model_validate({"type": "function", "function": {"name": "list_files"}})
+NO_PARAMETERS = Tool("list_files")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_forced_call_always_parses_and_validates(vocabulary: llguidance.LLTokeni
     for call in calls:
         arguments = json.loads(call.arguments)
         if call.name == "get_weather":
-            jsonschema.validate(arguments, WEATHER.function.parameters_schema())
+            jsonschema.validate(arguments, WEATHER.parameters_schema())
         else:
             assert arguments == {}
 
@@ -116,11 +112,7 @@ def test_objects_are_closed_for_generation_but_data_is_left_alone(vocabulary: ll
         (OutputConstraint(json_schema={"type": "banana"}), "response_format.json_schema.schema"),
         (
             OutputConstraint(
-                tools=[
-                    WEATHER.model_copy(
-                        update={"function": WEATHER.function.model_copy(update={"parameters": {"required": 1}})}
-                    )
-                ],
+                tools=[dataclasses.replace(WEATHER, parameters={"required": 1})],
                 tool_mode="auto",
             ),
             "tools[0].function.parameters",
@@ -135,18 +127,58 @@ def test_invalid_schemas_name_the_field(constraint: OutputConstraint, param: str
     assert param in str(raised.value)
 
 
-def test_a_repeated_call_ends_the_output(vocabulary: llguidance.LLTokenizer) -> None:
-    """Once a call repeats an earlier one, only end-of-sequence is allowed."""
-    grammar = build_grammar(OutputConstraint(tools=[NO_PARAMETERS], tool_mode="required"))
-    assert grammar is not None
-    processor = GrammarProcessor(vocabulary, grammar)
-    call = '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>'
-    tokens = [0]
+def _feed(processor: GrammarProcessor, vocabulary: llguidance.LLTokenizer, tokens: list[int], text: str) -> mx.array:
+    """Feed ``text`` token by token (each must be allowed); returns the mask after it."""
     logits = mx.zeros((1, vocabulary.vocab_size))
     masked = processor(mx.array(tokens), logits)
-    for token in vocabulary.tokenize_str(call + "\n" + call):
-        assert np.array(masked[0])[token] > -np.inf, "every token of the two calls is allowed on the way"
+    for token in vocabulary.tokenize_str(text):
+        assert np.array(masked[0])[token] > -np.inf, f"{vocabulary.decode_str([token])!r} is allowed on the way"
         tokens.append(token)
         masked = processor(mx.array(tokens), logits)
+    return masked
+
+
+def test_a_repeated_call_ends_the_output_once_recognizable(vocabulary: llguidance.LLTokenizer) -> None:
+    """A second call with the same function and first argument ends the output there, before it is written out."""
+    grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="required"))
+    assert grammar is not None
+    processor = GrammarProcessor(vocabulary, grammar)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    repeat = '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"'
+    masked = _feed(processor, vocabulary, [0], call + repeat)
     allowed = np.flatnonzero(np.array(masked[0]) > -np.inf)
     assert set(allowed.tolist()) == set(vocabulary.eos_tokens)
+
+
+def test_a_call_with_another_first_argument_goes_on(vocabulary: llguidance.LLTokenizer) -> None:
+    """Parallel calls that differ in their first argument are not repeats."""
+    grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="required"))
+    assert grammar is not None
+    processor = GrammarProcessor(vocabulary, grammar)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    other = '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon", "days": 2}}\n</tool_call>'
+    masked = _feed(processor, vocabulary, [0], call + other)
+    assert set(vocabulary.eos_tokens) <= set(np.flatnonzero(np.array(masked[0]) > -np.inf).tolist())
+
+
+def test_tool_choice_none_forbids_the_call_marker(vocabulary: llguidance.LLTokenizer) -> None:
+    """Under tool_choice none with tools offered, text may not open a call; anything else is free."""
+    grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="none", forbidden_markers=("<tool_call>",)))
+    assert grammar is not None
+    processor = GrammarProcessor(vocabulary, grammar)
+    masked = _feed(processor, vocabulary, [0], "It is sunny. <tool_call")
+    closing = vocabulary.tokenize_str(">")[0]
+    assert np.array(masked[0])[closing] == -np.inf
+    assert all(np.array(masked[0])[eos] > -np.inf for eos in vocabulary.eos_tokens)
+
+
+def test_a_custom_tool_input_follows_its_grammar(vocabulary: llguidance.LLTokenizer) -> None:
+    """A forced custom tool with a Lark grammar: its text is decoded under that grammar."""
+    tool = Tool("shout", kind="custom", grammar=ToolGrammar("lark", 'start: "HEY" "!"+'))
+    grammar = build_grammar(OutputConstraint(tools=[tool], tool_mode="required", forced_function="shout"))
+    assert grammar is not None
+    for seed in range(3):
+        text = random_decode(vocabulary, grammar, seed)
+        _, calls = parse_tool_calls(text, HERMES, {"shout": "custom"})
+        assert len(calls) == 1 and calls[0].arguments.startswith("HEY!")
+        assert set(calls[0].arguments[3:]) == {"!"}

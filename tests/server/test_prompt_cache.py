@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from mlx_server.chat.request import Message
 from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings
 from mlx_server.prompt_cache import KVPromptCache
 from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
-from mlx_server.schemas import ChatMessage
 
 from .conftest import RunningServer, start_server, stop_server
 
@@ -194,7 +194,7 @@ def engines(loaded_model: Any) -> Iterator[tuple[GenerationEngine, GenerationEng
 
 def _generate(
     engine: GenerationEngine,
-    messages: list[ChatMessage],
+    messages: list[Message],
     max_tokens: int = 12,
     cancel_after: int | None = None,
 ) -> tuple[str, GenerationStats]:
@@ -219,8 +219,8 @@ def _generate(
     return asyncio.run(run())
 
 
-def _conversation(topic: str) -> list[ChatMessage]:
-    return [ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=f"Tell me about {topic}.")]
+def _conversation(topic: str) -> list[Message]:
+    return [Message("system", SYSTEM), Message("user", f"Tell me about {topic}.")]
 
 
 class TestCorrectness:
@@ -238,8 +238,8 @@ class TestCorrectness:
                 if turn > 0:
                     assert stats.cached_tokens > len(render_prompt(cached.loaded.tokenizer, messages[:2]))
                 messages += [
-                    ChatMessage(role="assistant", content=with_cache),
-                    ChatMessage(role="tool", content=f"result {turn} for {topic}", tool_call_id=f"call_{turn}"),
+                    Message("assistant", with_cache),
+                    Message("tool", f"result {turn} for {topic}", tool_call_id=f"call_{turn}"),
                 ]
 
     def test_cancelled_request_leaves_the_cache_consistent(
@@ -355,11 +355,11 @@ class TestNormalization:
     )
     def test_billing_line_is_removed_from_system_messages(self, content: str, expected: str) -> None:
         """Only the billing line goes; the rest of the system prompt is untouched."""
-        messages, _ = normalize_billing_header([ChatMessage(role="system", content=content)])
-        assert messages[0].text() == expected
+        messages, _ = normalize_billing_header([Message("system", content)])
+        assert messages[0].content == expected
 
     def test_user_messages_are_untouched(self) -> None:
         """A user who pastes such a line keeps it."""
         line = BILLING.format("x3")
-        messages, removed = normalize_billing_header([ChatMessage(role="user", content=line)])
-        assert messages[0].text() == line and removed == 0
+        messages, removed = normalize_billing_header([Message("user", line)])
+        assert messages[0].content == line and removed == 0

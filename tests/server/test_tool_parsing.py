@@ -120,14 +120,18 @@ RECORDED: list[tuple[str, ToolCallFormat, str, str, list[tuple[str, dict[str, An
     ),
 ]
 
-# (case, output): text that is not a valid call comes back as content, unchanged.
+# (case, output, content): call markup that is not a valid call is dropped, never returned as content.
 NOT_CALLS = [
-    ("truncated mid-arguments", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),
-    ("broken JSON", '<tool_call>{"name": "get_weather", "arguments": {city: Paris}}</tool_call>'),
-    ("a function that was not offered", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
-    ("arguments that are not an object", '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>'),
-    ("no name", '<tool_call>{"arguments": {}}</tool_call>'),
-    ("plain prose", "The weather in Paris is mild."),
+    (
+        "truncated mid-arguments",
+        'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+        "Checking.",
+    ),
+    ("broken JSON", '<tool_call>{"name": "get_weather", "arguments": {city: Paris}}</tool_call>', ""),
+    ("a function that was not offered", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call> Done.', " Done."),
+    ("arguments that are not an object", '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', ""),
+    ("no name", '<tool_call>{"arguments": {}}</tool_call>', ""),
+    ("plain prose", "The weather in Paris is mild.", "The weather in Paris is mild."),
 ]
 
 
@@ -147,9 +151,35 @@ def test_recorded_outputs(
     assert _calls(output, call_format) == (content, expected)
 
 
-@pytest.mark.parametrize("output", [case[1] for case in NOT_CALLS], ids=[case[0] for case in NOT_CALLS])
-def test_what_does_not_parse_is_content(output: str) -> None:
-    assert _calls(output, HERMES) == (output, [])
+@pytest.mark.parametrize(("output", "content"), [case[1:] for case in NOT_CALLS], ids=[case[0] for case in NOT_CALLS])
+def test_markup_that_does_not_parse_is_dropped_not_content(output: str, content: str) -> None:
+    assert _calls(output, HERMES) == (content, [])
+
+
+def test_a_call_cut_short_whose_arguments_parse_is_closed() -> None:
+    """A call cut by the token limit after its JSON was complete is still a call."""
+    output = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert _calls(output, HERMES) == ("", [("get_weather", {"city": "Paris"})])
+
+
+def test_calls_are_dropped_when_not_to_be_emitted() -> None:
+    """Under tool_choice none, call markup is neither content nor a call."""
+    extractor = ToolCallExtractor(HERMES, NAMES, emit=False)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    pieces = extractor.feed(f"Sure. {call} Bye.") + extractor.finish()
+    assert [piece.text for piece in pieces if isinstance(piece, ContentPiece)] == ["Sure. ", " Bye."]
+    assert extractor.calls == []
+
+
+def test_a_custom_tool_call_carries_its_text() -> None:
+    """A custom tool (free text, not JSON) is written as a name header, then its text."""
+    tools = {"apply_patch": "custom", "get_weather": "function"}
+    output = '<tool_call>\n{"name": "apply_patch"}\n*** Begin Patch\n{not json}\n*** End Patch\n</tool_call>'
+    content, calls = parse_tool_calls(output, HERMES, tools)
+    assert content == ""
+    assert [(call.name, call.kind, call.arguments) for call in calls] == [
+        ("apply_patch", "custom", "*** Begin Patch\n{not json}\n*** End Patch")
+    ]
 
 
 def test_every_call_gets_a_fresh_id() -> None:
@@ -176,7 +206,10 @@ def test_whitespace_between_calls_is_not_content_but_prose_keeps_its_spaces() ->
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=st.sampled_from(RECORDED + [(name, HERMES, text, text, []) for name, text in NOT_CALLS]), data=st.data())
+@given(
+    case=st.sampled_from(RECORDED + [(name, HERMES, text, content, []) for name, text, content in NOT_CALLS]),
+    data=st.data(),
+)
 def test_streaming_in_any_chunks_gives_the_same_result(
     case: tuple[str, ToolCallFormat, str, str, list[Any]], data: st.DataObject
 ) -> None:

@@ -7,43 +7,20 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_server.chat.request import Message, Tool, ToolCall
 from mlx_server.prompts import render_prompt, stable_prefix_length
-from mlx_server.schemas import ChatMessage, ToolDefinition
 from mlx_server.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
 
-TOOLS = [
-    ToolDefinition.model_validate(
-        {
-            "type": "function",
-            "function": {
-                "name": "read_file",
-                "description": "Read a file",
-                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
-            },
-        }
-    )
-]
+TOOLS = (Tool("read_file", "Read a file", {"type": "object", "properties": {"path": {"type": "string"}}}),)
 LOOP = [
-    ChatMessage(role="system", content="You are a coding agent."),
-    ChatMessage(role="user", content="Show me setup.cfg"),
-    ChatMessage.model_validate(
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "read_file", "arguments": '{"path": "setup.cfg"}'},
-                }
-            ],
-        }
-    ),
-    ChatMessage(role="tool", content="[metadata]\nname = demo", tool_call_id="call_1"),
+    Message("system", "You are a coding agent."),
+    Message("user", "Show me setup.cfg"),
+    Message("assistant", "", (ToolCall("call_1", "read_file", '{"path": "setup.cfg"}'),)),
+    Message("tool", "[metadata]\nname = demo", tool_call_id="call_1"),
 ]
 
 
-def rendered(loaded_model: Any, messages: list[ChatMessage], tools: list[ToolDefinition] | None = TOOLS) -> str:
+def rendered(loaded_model: Any, messages: list[Message], tools: tuple[Tool, ...] = TOOLS) -> str:
     return str(loaded_model.tokenizer.decode(render_prompt(loaded_model.tokenizer, messages, tools)))
 
 

@@ -1,7 +1,8 @@
-"""OpenAI chat-completions request and response shapes, validated by pydantic.
+"""OpenAI chat-completions requests, validated by pydantic and translated into the core's ``ChatRequest``.
 
 Requests are strict: a string where a number belongs, a negative max_tokens,
 or an unknown role is a 400 that names the field, never a silent coercion.
+An explicit null means the field was not given, as OpenAI's spec allows.
 Unknown fields are ignored (clients send newer options); known options this
 server cannot honour are refused with a message that says so.
 """
@@ -12,7 +13,12 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from mlx_server.chat.request import ChatRequest, Message, Sampling, Tool, ToolCall
+from mlx_server.chat.request import ToolChoice as CoreToolChoice
+from mlx_server.dialects.common import DialectModel, RequestBody
+from mlx_server.errors import UnsupportedOptionError
 
 __all__ = [
     "AssistantToolCall",
@@ -24,22 +30,10 @@ __all__ = [
     "ResponseFormat",
     "StreamOptions",
     "ToolDefinition",
-    "UnsupportedOptionError",
 ]
 
 MAX_STOP_SEQUENCES = 4
-
-
-class UnsupportedOptionError(ValueError):
-    """A recognised OpenAI option with a value this server does not support."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+_Strict = DialectModel
 
 
 class ContentPart(_Strict):
@@ -63,14 +57,8 @@ class FunctionCall(_Strict):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
-    def arguments_object(self) -> Any:
-        """The arguments decoded, for chat templates that render them as JSON; undecodable text stays text."""
-        if isinstance(self.arguments, dict):
-            return self.arguments
-        try:
-            return json.loads(self.arguments) if self.arguments.strip() else {}
-        except ValueError:
-            return self.arguments
+    def arguments_text(self) -> str:
+        return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments, ensure_ascii=False)
 
 
 class AssistantToolCall(_Strict):
@@ -88,14 +76,14 @@ class FunctionDefinition(_Strict):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
-    def parameters_schema(self) -> dict[str, Any]:
-        """OpenAI treats a function without parameters as one that takes an empty object."""
-        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
-
 
 class ToolDefinition(_Strict):
     type: Literal["function"]
     function: FunctionDefinition
+
+    def to_tool(self) -> Tool:
+        function = self.function
+        return Tool(function.name, function.description, function.parameters, strict=function.strict)
 
 
 class NamedFunction(_Strict):
@@ -161,6 +149,14 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(part.text or "" for part in self.content)
 
+    def to_message(self) -> Message:
+        """``developer`` (OpenAI's newer name for ``system``) is rendered as ``system``."""
+        calls = tuple(
+            ToolCall(call.id, call.function.name, call.function.arguments_text()) for call in self.tool_calls or ()
+        )
+        role = "system" if self.role == "developer" else self.role
+        return Message(role, self.text(), calls, self.tool_call_id, self.name)
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -169,43 +165,8 @@ class StreamOptions(_Strict):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-def _is_valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _lone_surrogate_at(value: Any, path: str) -> str | None:
-    """Where a string holds a lone UTF-16 surrogate (JSON allows ``"\\ud800"``; UTF-8 and tokenizers do not)."""
-    if isinstance(value, str):
-        return None if _is_valid_unicode(value) else path or "the body"
-    if isinstance(value, dict):
-        if not all(_is_valid_unicode(str(key)) for key in value):
-            return f"a key in {path or 'the body'}"
-        items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
-    elif isinstance(value, list):
-        items = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
-    else:
-        return None
-    for item_path, item in items:
-        found = _lone_surrogate_at(item, item_path)
-        if found is not None:
-            return found
-    return None
-
-
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(RequestBody):
     """POST /v1/chat/completions."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        where = _lone_surrogate_at(data, "")
-        if where is not None:
-            raise ValueError(f"{where} is not valid Unicode: it contains a lone surrogate (\\ud800-\\udfff)")
-        return data
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str = "default"
@@ -284,17 +245,30 @@ class ChatCompletionRequest(_Strict):
                 f"which is not among the tools: {', '.join(names)}",
             )
 
-    def tool_mode(self) -> str:
-        """``none``, ``auto`` or ``required`` (a named choice is required too); ``auto`` when tools are given."""
-        if not self.tools or self.tool_choice == "none":
-            return "none"
-        if self.tool_choice is None or self.tool_choice == "auto":
-            return "auto"
-        return "required"
-
-    def forced_function(self) -> str | None:
-        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-
-
-# Responses are plain dicts built by ``responses``: they are written once and
-# never validated, and dicts keep the hot streaming path cheap.
+    def to_chat_request(self) -> ChatRequest:
+        """The core's view of this request (call ``check_supported`` first)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            choice = CoreToolChoice("required", self.tool_choice.function.name)
+        else:
+            choice = CoreToolChoice(self.tool_choice or "auto")
+        return ChatRequest(
+            messages=tuple(message.to_message() for message in self.messages),
+            tools=tuple(tool.to_tool() for tool in self.tools or ()),
+            tool_choice=choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+            json_schema=self.response_format.output_schema() if self.response_format else None,
+            sampling=Sampling(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                seed=self.seed,
+                stop=tuple(self.stop_sequences()),
+            ),
+            max_tokens=self.requested_max_tokens(),
+            length_policy="reject",
+            length_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
+        )

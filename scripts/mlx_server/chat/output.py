@@ -1,0 +1,102 @@
+"""Generated text -> reasoning, content and tool calls, as it streams.
+
+A reasoning model writes its thinking between markers (``<think>`` …
+``</think>``, or the pair mlx-lm finds in its vocabulary); some chat templates
+open the thinking block in the prompt, so the output starts inside it.
+Thinking becomes reasoning pieces; what follows goes through the tool-call
+extractor (when the request offered tools) and comes out as content and
+whole calls.  Nothing here knows a wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from mlx_lm.generate import TextStateMachine
+
+from mlx_server.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
+
+__all__ = ["OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
+
+REASONING = "reasoning"
+NORMAL = "normal"
+
+
+@dataclass
+class ReasoningPiece:
+    text: str
+
+
+OutputPiece = Union[ContentPiece, CallPiece, ReasoningPiece]
+
+
+@dataclass(frozen=True)
+class ReasoningSyntax:
+    """How a model marks its thinking, and whether its prompt already opened a thinking block."""
+
+    start: str
+    end: str
+    starts_inside: bool = False
+
+
+def reasoning_syntax(tokenizer: Any, prompt: Sequence[int]) -> ReasoningSyntax | None:
+    """The thinking markers mlx-lm found for this tokenizer (None: not a reasoning model).
+
+    The output starts inside a thinking block when the prompt's last start
+    marker comes after its last end marker (Qwen3-style generation prompts).
+    """
+    if not getattr(tokenizer, "has_thinking", False):
+        return None
+    last_start = tokenizer.rfind_think_start(list(prompt))
+    last_end = tokenizer.rfind_think_end(list(prompt))
+    return ReasoningSyntax(tokenizer.think_start, tokenizer.think_end, starts_inside=last_start > last_end)
+
+
+class OutputParser:
+    """Feed text as it is generated; get pieces that are safe to send (partial markers are held back)."""
+
+    def __init__(self, reasoning: ReasoningSyntax | None, tool_calling: ToolCalling | None) -> None:
+        self._machine: TextStateMachine | None = None
+        if reasoning is not None:
+            machine = TextStateMachine({NORMAL: [(reasoning.start, REASONING)], REASONING: [(reasoning.end, NORMAL)]})
+            self._machine = machine
+            self._state = machine.make_state(REASONING if reasoning.starts_inside else NORMAL)
+        self._calls: ToolCallExtractor | None = tool_calling.extractor() if tool_calling is not None else None
+
+    @property
+    def calls(self) -> list[Any]:
+        return self._calls.calls if self._calls is not None else []
+
+    def feed(self, text: str) -> list[OutputPiece]:
+        if self._machine is None:
+            return self._content(text)
+        self._state, segments = TextStateMachine.split(self._state, text)
+        return self._route(segments)
+
+    def finish(self) -> list[OutputPiece]:
+        """What is still held back: a partial marker, an unfinished call (closed or dropped)."""
+        pieces: list[OutputPiece] = []
+        if self._machine is not None:
+            self._state, held, state_name = TextStateMachine.flush(self._state)
+            pieces += self._route([(state_name, held)])
+        if self._calls is not None:
+            pieces += self._calls.finish()
+        return pieces
+
+    def _route(self, segments: list[tuple[str | None, str]]) -> list[OutputPiece]:
+        pieces: list[OutputPiece] = []
+        for state_name, text in segments:
+            if not text:
+                continue
+            if state_name == REASONING:
+                pieces.append(ReasoningPiece(text))
+            else:
+                pieces += self._content(text)
+        return pieces
+
+    def _content(self, text: str) -> list[OutputPiece]:
+        if self._calls is None:
+            return [ContentPiece(text)] if text else []
+        return list(self._calls.feed(text))
