@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
-.PHONY: install serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-load clean
+AGENT_CLIS := tools/agent-clis
+AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
+
+.PHONY: install agent-clis serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The real agent CLIs (Claude Code, Codex) at pinned versions, for the end-to-end tests; never used by the server.
+$(AGENT_CLIS_STAMP): $(AGENT_CLIS)/package.json $(AGENT_CLIS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (apt-get install nodejs npm, or brew install node)"; exit 1; }
+	npm ci --prefix $(AGENT_CLIS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+agent-clis: $(AGENT_CLIS_STAMP)
 
 serve: install
 	$(BIN)/python scripts/mlx-server.py --host $(HOST) --port $(PORT)
@@ -32,7 +43,7 @@ lint: install
 test-python-versions:
 	bash tools/test-python-versions.sh
 
-test: lint test-python-versions
+test: lint test-python-versions agent-clis
 	$(BIN)/python -m pytest
 
 bench-logging: install
@@ -53,4 +64,4 @@ bench-load: install
 	$(BIN)/python bench/load.py --duration $(LOAD_SECONDS)
 
 clean:
-	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis $(AGENT_CLIS)/node_modules

@@ -73,6 +73,7 @@ class ServerState:
             settings = self.settings
             options = ServiceOptions(
                 default_max_tokens=settings.default_max_tokens,
+                default_temperature=settings.default_temperature,
                 keep_billing_header=settings.keep_billing_header,
                 request_timeout=settings.request_timeout,
                 keepalive_interval=settings.keepalive_interval,

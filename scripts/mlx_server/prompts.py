@@ -80,7 +80,7 @@ Conversation = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]
 def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation) -> list[int]:
     try:
         return _render(tokenizer, conversation[0], True, conversation[1])
-    except TemplateError as error:
+    except (TemplateError, ValueError) as error:
         raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
 
 

@@ -15,6 +15,7 @@ ENV_PREFIX = "MLX_SERVER_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_TEMPERATURE = 1.0
 DEFAULT_PROMPT_CACHE_SIZE = 32
 DEFAULT_RESPONSE_CACHE_SIZE = 64
 DEFAULT_MAX_QUEUE = 64
@@ -33,6 +34,7 @@ class Settings:
     port: int = DEFAULT_PORT
     keep_quantized: bool = False
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    default_temperature: float = DEFAULT_TEMPERATURE
     blas: str | None = None
     log_file: Path | None = None
     export_mlx: Path | None = None
@@ -109,6 +111,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {text!r}")
+    return value
+
+
 def _comma_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
@@ -153,6 +162,13 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_positive_int,
         default=env("DEFAULT_MAX_TOKENS", str(DEFAULT_MAX_TOKENS)),
         help=f"completion length when a request sets none (default {DEFAULT_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--default-temperature",
+        type=_temperature,
+        default=env("DEFAULT_TEMPERATURE", str(DEFAULT_TEMPERATURE)),
+        help="sampling temperature for requests that set none, as Claude Code's never do "
+        f"(default {DEFAULT_TEMPERATURE:g}, the APIs' own default; 0 is greedy)",
     )
     parser.add_argument(
         "--blas", default=env("BLAS"), help="path of the BLAS library to load on Linux (default: search)"
@@ -264,6 +280,7 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         port=int(namespace.port),
         keep_quantized=namespace.keep_quantized,
         default_max_tokens=int(namespace.default_max_tokens),
+        default_temperature=float(namespace.default_temperature),
         blas=namespace.blas,
         log_file=namespace.log_file,
         export_mlx=namespace.export_mlx,

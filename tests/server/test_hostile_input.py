@@ -1,15 +1,17 @@
 """Hostile input: fuzzed and pathological requests never get a 500 or a traceback, and the server keeps serving.
 
-The fuzzing is property-based (hypothesis) against the real server: arbitrary
-JSON, valid requests with one field replaced by anything, and raw bytes.  The
-server under fuzz generates at most two tokens per request, so that valid
-requests stay cheap among thousands.
+The fuzzing is property-based (hypothesis) against the real server, on every
+generation route (OpenAI chat completions, responses and legacy completions,
+Anthropic messages): arbitrary JSON, valid requests with one field replaced by
+anything, and raw bytes.  The server under fuzz generates at most two tokens
+per request, so that valid requests stay cheap among thousands.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import RunningServer, start_server, stop_server
+from .helpers import CHAT, COMPLETIONS, MESSAGES, RESPONSES
 
-CHAT = "/v1/chat/completions"
 VALID = {
     "model": "m",
     "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -50,6 +52,120 @@ FIELDS = [
 ]
 MESSAGE_FIELDS = ["role", "content", "name", "tool_call_id", "tool_calls"]
 
+
+@dataclass(frozen=True)
+class Route:
+    """One generation route: a valid body, the fields to mutate, and how its success and errors look."""
+
+    path: str
+    valid: dict[str, Any]
+    fields: list[str]
+    message_fields: list[str]
+    message_list: str | None
+    succeeded: Callable[[dict[str, Any]], bool]
+    error_message: Callable[[dict[str, Any]], Any]
+
+
+def _openai_error(body: dict[str, Any]) -> Any:
+    return body["error"]["message"]
+
+
+def _anthropic_error(body: dict[str, Any]) -> Any:
+    assert body["type"] == "error" and isinstance(body["error"]["type"], str)
+    return body["error"]["message"]
+
+
+ROUTES = {
+    "chat": Route(
+        CHAT, VALID, FIELDS, MESSAGE_FIELDS, "messages", lambda b: b["object"] == "chat.completion", _openai_error
+    ),
+    "messages": Route(
+        MESSAGES,
+        {
+            "model": "claude-x",
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+            "max_tokens": 2,
+            "temperature": 0,
+        },
+        [
+            "model",
+            "system",
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop_sequences",
+            "stream",
+            "tools",
+            "tool_choice",
+            "thinking",
+            "metadata",
+        ],
+        ["role", "content"],
+        "messages",
+        lambda b: b["type"] == "message",
+        _anthropic_error,
+    ),
+    "responses": Route(
+        RESPONSES,
+        {
+            "model": "m",
+            "instructions": "Be brief.",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+            "max_output_tokens": 2,
+            "temperature": 0,
+            "store": False,
+        },
+        [
+            "model",
+            "input",
+            "instructions",
+            "max_output_tokens",
+            "temperature",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "text",
+            "previous_response_id",
+            "store",
+            "metadata",
+            "stream",
+            "reasoning",
+        ],
+        ["type", "role", "content", "call_id", "output", "name", "arguments"],
+        "input",
+        lambda b: b["object"] == "response",
+        _openai_error,
+    ),
+    "completions": Route(
+        COMPLETIONS,
+        {"model": "m", "prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        [
+            "model",
+            "prompt",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "stream",
+            "echo",
+            "suffix",
+            "n",
+            "logprobs",
+            "best_of",
+        ],
+        [],
+        None,
+        lambda b: b["object"] == "text_completion",
+        _openai_error,
+    ),
+}
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
 # Any text, lone surrogates and control characters included.
 any_text = st.text(st.characters(codec=None, categories=None), max_size=40)
 scalars = st.one_of(
@@ -69,14 +185,14 @@ token_counts = st.one_of(st.integers(max_value=2), st.integers(min_value=10**6),
 
 
 @st.composite
-def mutated_requests(draw: st.DrawFn) -> dict[str, Any]:
+def mutated_requests(draw: st.DrawFn, route: Route) -> dict[str, Any]:
     """A valid request with a top-level field, or a field of its last message, replaced by anything."""
-    body: dict[str, Any] = json.loads(json.dumps(VALID))
-    if draw(st.booleans()):
-        field = draw(st.sampled_from(FIELDS))
-        body[field] = draw(token_counts if field in ("max_tokens", "max_completion_tokens") else json_values)
+    body: dict[str, Any] = json.loads(json.dumps(route.valid))
+    if route.message_list is None or draw(st.booleans()):
+        field = draw(st.sampled_from(route.fields))
+        body[field] = draw(token_counts if field in TOKEN_FIELDS else json_values)
     else:
-        body["messages"][-1][draw(st.sampled_from(MESSAGE_FIELDS))] = draw(json_values)
+        body[route.message_list][-1][draw(st.sampled_from(route.message_fields))] = draw(json_values)
     if body.get("stream") is True:
         body["stream"] = False  # streamed errors are tested elsewhere; here every answer is one JSON body
     return body
@@ -100,15 +216,20 @@ def http(fuzz_server: RunningServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def assert_handled(response: httpx.Response) -> None:
-    """Not a 500; an error is OpenAI's shape with a message and no traceback."""
+def assert_handled(response: httpx.Response, route: Route = ROUTES["chat"]) -> None:
+    """Not a 500; an error is the route's dialect's shape with a message and no traceback."""
     assert response.status_code < 500, response.text
     assert "Traceback" not in response.text
     body = response.json()
     if response.status_code >= 400:
-        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+        message = route.error_message(body)
+        assert isinstance(message, str) and message
     else:
-        assert body["object"] == "chat.completion"
+        assert route.succeeded(body), body
+
+
+def post(http: httpx.Client, route: Route, raw: bytes) -> None:
+    assert_handled(http.post(route.path, content=raw, headers={"content-type": "application/json"}), route)
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -120,23 +241,43 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-@fuzz_settings(1500)
-@given(body=mutated_requests())
-def test_fuzzed_requests(http: httpx.Client, body: dict[str, Any]) -> None:
-    encoded = json.dumps(body).encode()  # NaN and Infinity as JavaScript writes them; surrogates escaped
-    assert_handled(http.post(CHAT, content=encoded, headers={"content-type": "application/json"}))
+# NaN and Infinity are encoded as JavaScript writes them; surrogates escaped.
+@fuzz_settings(1000)
+@given(body=mutated_requests(ROUTES["chat"]))
+def test_fuzzed_chat_requests(http: httpx.Client, body: dict[str, Any]) -> None:
+    post(http, ROUTES["chat"], json.dumps(body).encode())
 
 
-@fuzz_settings(400)
-@given(body=json_values)
-def test_arbitrary_json(http: httpx.Client, body: Any) -> None:
-    assert_handled(http.post(CHAT, content=json.dumps(body).encode(), headers={"content-type": "application/json"}))
+@fuzz_settings(600)
+@given(body=mutated_requests(ROUTES["messages"]))
+def test_fuzzed_anthropic_messages(http: httpx.Client, body: dict[str, Any]) -> None:
+    post(http, ROUTES["messages"], json.dumps(body).encode())
+
+
+@fuzz_settings(600)
+@given(body=mutated_requests(ROUTES["responses"]))
+def test_fuzzed_responses(http: httpx.Client, body: dict[str, Any]) -> None:
+    post(http, ROUTES["responses"], json.dumps(body).encode())
 
 
 @fuzz_settings(300)
+@given(body=mutated_requests(ROUTES["completions"]))
+def test_fuzzed_legacy_completions(http: httpx.Client, body: dict[str, Any]) -> None:
+    post(http, ROUTES["completions"], json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
+@fuzz_settings(150)
+@given(body=json_values)
+def test_arbitrary_json(http: httpx.Client, route: Route, body: Any) -> None:
+    post(http, route, json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
+@fuzz_settings(100)
 @given(raw=st.binary(max_size=200))
-def test_arbitrary_bytes(http: httpx.Client, raw: bytes) -> None:
-    assert_handled(http.post(CHAT, content=raw, headers={"content-type": "application/json"}))
+def test_arbitrary_bytes(http: httpx.Client, route: Route, raw: bytes) -> None:
+    post(http, route, raw)
 
 
 # (case, raw body)
@@ -178,14 +319,16 @@ PATHOLOGICAL: list[tuple[str, bytes]] = [
 ]
 
 
+@pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
 @pytest.mark.parametrize("raw", [case[1] for case in PATHOLOGICAL], ids=[case[0] for case in PATHOLOGICAL])
-def test_pathological_bodies(http: httpx.Client, raw: bytes) -> None:
-    assert_handled(http.post(CHAT, content=raw, headers={"content-type": "application/json"}))
+def test_pathological_bodies(http: httpx.Client, route: Route, raw: bytes) -> None:
+    post(http, route, raw)
 
 
-def test_still_serving_and_no_500_debug_files(http: httpx.Client, fuzz_server: RunningServer) -> None:
-    """Runs after the fuzzing: health is ok, a normal request works, nothing was logged as a 500."""
+def test_still_serving_and_nothing_unexpected(http: httpx.Client, fuzz_server: RunningServer) -> None:
+    """Runs after the fuzzing: health is ok, a normal request works on each route, nothing failed unexpectedly."""
     assert http.get("/health").json()["status"] == "ok"
-    assert http.post(CHAT, json=VALID).status_code == 200
+    for route in ROUTES.values():
+        assert http.post(route.path, json=route.valid).status_code == 200
     log = fuzz_server.log_text()
-    assert "Unhandled exception" not in log and "Traceback" not in log
+    assert "Unexpected failure" not in log and "Traceback" not in log

@@ -103,9 +103,9 @@ class ToolChoice:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to sample; ``None`` penalties are off."""
+    """How to sample; ``None`` penalties are off, a ``None`` temperature is the server's default."""
 
-    temperature: float = 1.0
+    temperature: float | None = None
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0

@@ -51,6 +51,7 @@ class ServiceOptions:
     """The server settings the core reads."""
 
     default_max_tokens: int = 1024
+    default_temperature: float = 1.0  # for requests that set none
     keep_billing_header: bool = False
     request_timeout: float = 0.0  # 0: none
     keepalive_interval: float = 0.0  # 0: none
@@ -126,7 +127,10 @@ class ChatService:
 
     def _render(self, request: ChatRequest) -> _Prepared:
         if request.prompt is not None:
-            return _Prepared(self._raw_prompt(request), 0)
+            prompt = self._raw_prompt(request)
+            if not prompt:
+                raise APIError(400, "the prompt is empty: send at least one token of text", param="prompt")
+            return _Prepared(prompt, 0)
         messages: list[Message] = list(request.messages)
         if not self.options.keep_billing_header:
             messages, removed = normalize_billing_header(messages)
@@ -138,6 +142,9 @@ class ChatService:
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
         if isinstance(request.prompt, tuple):
+            vocabulary = len(self.tokenizer.get_vocab())
+            if any(token >= vocabulary for token in request.prompt):
+                raise APIError(400, f"token ids must be below the vocabulary size ({vocabulary})", param="prompt")
             return list(request.prompt)
         text = request.prompt or ""
         if request.suffix is not None:
@@ -184,7 +191,7 @@ class ChatService:
         sampling = request.sampling
         return SamplingSettings(
             max_tokens=requested if requested is not None else min(self.options.default_max_tokens, room),
-            temperature=sampling.temperature,
+            temperature=self.options.default_temperature if sampling.temperature is None else sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             min_p=sampling.min_p,

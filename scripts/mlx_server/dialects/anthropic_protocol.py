@@ -230,14 +230,14 @@ class MessagesRequest(_MessagesBody):
     max_tokens: Annotated[int, Field(ge=1)]
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
-    temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
 
     @field_validator("temperature", "top_p")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 

@@ -39,7 +39,7 @@ class CompletionRequest(RequestBody):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     model: str = "default"
     max_tokens: Annotated[int, Field(ge=1)] = DEFAULT_MAX_TOKENS
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None

@@ -318,6 +318,8 @@ def build_router(service: Callable[[], ChatService], store: ResponseStore | None
         core = service()
         history = responses.get(body.previous_response_id).conversation if body.previous_response_id else ()
         conversation = history + body.input_conversation()
+        if not conversation:
+            raise APIError(400, "input is empty: send a string or at least one input item", param="input")
         run = core.start(body.to_chat_request(conversation), trace=lambda: body.model_dump(exclude_unset=True))
         reply = _Reply(body)
 

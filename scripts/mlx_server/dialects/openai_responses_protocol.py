@@ -230,7 +230,7 @@ class ResponsesRequest(RequestBody):
     input: str | list[dict[str, Any]] = Field(default_factory=list)
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     tools: list[Annotated[FunctionTool | CustomTool | NamespaceTool, Field(discriminator="type")] | HostedTool] = Field(
         default_factory=list
@@ -245,8 +245,8 @@ class ResponsesRequest(RequestBody):
 
     @field_validator("temperature", "top_p")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 

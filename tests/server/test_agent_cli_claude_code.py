@@ -1,0 +1,87 @@
+"""End to end: the real Claude Code CLI (pinned in tools/agent-clis, installed by make test) against the server.
+
+It connects directly with ``ANTHROPIC_BASE_URL``, no proxy, on 127.0.0.1 with
+its telemetry and non-essential traffic off, in an empty home directory.
+``--bare`` keeps its prompt (~1k tokens) inside the default model's context.
+Claude Code sends no temperature, so the API default of 1 would let the 135M
+model ramble for thousands of tokens; the server runs with
+``--default-temperature 0`` (greedy, reproducible), and
+``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` bounds a runaway answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, RunningServer, start_server, stop_server
+
+CLAUDE = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "claude"
+CLI_TIMEOUT_SECONDS = 300
+MAX_OUTPUT_TOKENS = "512"
+
+
+@pytest.fixture(scope="module")
+def claude_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server of its own, so that the cache figures are this conversation's."""
+    running = start_server(
+        tmp_path_factory.mktemp("claude-code") / "server.log", arguments=["--response-cache-size", "0"]
+    )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("claude-workspace")
+
+
+def claude(server: RunningServer, workspace: Path, *arguments: str) -> dict[str, Any]:
+    """Run ``claude -p ... --output-format json --bare`` and return its result object (exit 0 required)."""
+    assert CLAUDE.exists(), f"{CLAUDE} is missing: make test installs it (npm ci --prefix tools/agent-clis)"
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(workspace / "home"),
+        "ANTHROPIC_BASE_URL": server.base_url,
+        "ANTHROPIC_API_KEY": "sk-local-test",
+        "DISABLE_TELEMETRY": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": MAX_OUTPUT_TOKENS,
+    }
+    (workspace / "home").mkdir(exist_ok=True)
+    completed = subprocess.run(
+        [str(CLAUDE), *arguments, "--output-format", "json", "--bare", "--model", "local-model"],
+        cwd=workspace,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, f"claude exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
+    result: dict[str, Any] = json.loads(completed.stdout)
+    return result
+
+
+def test_a_prompt_and_its_continuation(claude_server: RunningServer, workspace: Path) -> None:
+    """Turn 1 answers; turn 2 (--continue) reads at least 90% of its input from the prompt cache."""
+    first = claude(claude_server, workspace, "-p", "Say hi")
+    assert first["is_error"] is False and first["subtype"] == "success"
+    assert first["result"].strip()
+
+    second = claude(claude_server, workspace, "-p", "Now say bye", "--continue")
+    assert second["is_error"] is False and second["result"].strip()
+    usage = second["usage"]
+    # The CLI sums its requests' usage; its input_tokens already includes the cache fields (checked here
+    # against the sum of the three, whichever is larger, so the bound holds under either reading).
+    total = max(usage["input_tokens"], usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"])
+    assert total > 0 and usage["cache_read_input_tokens"] >= 0.9 * total
+    assert "POST /v1/messages?beta=true" in claude_server.log_text()
