@@ -58,6 +58,9 @@ bench-cache: install
 bench-constrained: install
 	$(BIN)/python bench/bench_constrained.py
 
+bench-claude-code: install
+	$(BIN)/python bench/bench_claude_code.py
+
 # 60 s of 32 concurrent clients; the 30-minute soak: make bench-load LOAD_SECONDS=1800
 LOAD_SECONDS ?= 60
 bench-load: install

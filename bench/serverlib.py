@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["StreamedReply", "free_port", "start_and_wait", "stream_chat"]
+__all__ = ["StreamedReply", "free_port", "start_and_wait", "stream_chat", "stream_messages"]
 
 STARTUP_TIMEOUT_SECONDS = 600
 
@@ -48,6 +48,7 @@ class StreamedReply:
     last_content: float | None = None
     finished: float | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
 
     @property
     def time_to_first_token_ms(self) -> float:
@@ -72,8 +73,29 @@ def stream_chat(client: httpx.Client, body: dict[str, Any]) -> StreamedReply:
                 continue
             now = time.perf_counter()
             if choices[0]["delta"].get("content"):
+                reply.text += choices[0]["delta"]["content"]
                 reply.first_content = reply.first_content or now
                 reply.last_content = now
             if choices[0].get("finish_reason"):
+                reply.finished = now
+    return reply
+
+
+def stream_messages(client: httpx.Client, body: dict[str, Any]) -> StreamedReply:
+    """POST a streaming Anthropic messages request and time its events (usage from message_delta)."""
+    reply = StreamedReply(started=time.perf_counter())
+    with client.stream("POST", "/v1/messages", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: ") :])
+            now = time.perf_counter()
+            if event["type"] == "content_block_delta":
+                reply.text += event["delta"].get("text", "")
+                reply.first_content = reply.first_content or now
+                reply.last_content = now
+            elif event["type"] == "message_delta":
+                reply.usage = event["usage"]
                 reply.finished = now
     return reply

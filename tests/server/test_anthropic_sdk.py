@@ -293,3 +293,48 @@ class TestErrors:
         for thread in threads:
             thread.join()
         assert len(finished) == 2 and all(count > 0 for count in finished)
+
+
+class TestShapes:
+    def test_models_in_anthropic_shape(self, client: Anthropic) -> None:
+        """With anthropic-version (the SDK sends it), models are listed in Anthropic's shape; any id answers."""
+        page = client.models.list()
+        assert len(page.data) == 1 and page.data[0].type == "model" and page.data[0].display_name
+        assert client.models.retrieve("claude-opus-4-8").id == "claude-opus-4-8"
+
+    def test_mid_conversation_system_message(self, server: RunningServer) -> None:
+        """Claude Code puts a role: system message between turns when its Agent or Skill tools are on."""
+        body = messages_body(FRANCE, max_tokens=4)
+        body["messages"] = [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"},
+            {"role": "system", "content": "Available agent types: none."},
+            {"role": "user", "content": FRANCE},
+        ]
+        response = httpx.post(server.base_url + MESSAGES, json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["output_tokens"] >= 1
+
+    def test_thinking_blocks_are_accepted_back(self, server: RunningServer) -> None:
+        """A thinking block echoed back with its signature, and Claude Code's extra fields, are accepted."""
+        body = messages_body(FRANCE, max_tokens=4)
+        body["messages"] = [
+            {"role": "user", "content": "Hello"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "The user greets me.", "signature": "abc"},
+                    {"type": "redacted_thinking", "data": "xyz"},
+                    {"type": "text", "text": "Hi!"},
+                ],
+            },
+            {"role": "user", "content": FRANCE},
+        ]
+        extras = {
+            "thinking": {"type": "adaptive"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "output_config": {"effort": "high"},
+            "metadata": {"user_id": "someone"},
+        }
+        response = httpx.post(server.base_url + MESSAGES, json={**body, **extras}, timeout=120)
+        assert response.status_code == 200, response.text

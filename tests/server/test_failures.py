@@ -89,3 +89,16 @@ class TestLoadingState:
         assert health.status_code == 503 and health.json()["status"] == "loading"
         chat = client.post("/v1/chat/completions", json=BODY)
         assert chat.status_code == 503 and chat.json()["error"]["code"] == "model_loading"
+
+    def test_anthropic_route_answers_overloaded_while_loading(self) -> None:
+        """Claude Code retries a 529 overloaded_error, so that is what the loading model says on its route."""
+        state = ServerState(settings=Settings(), blas=BlasInfo("test", None, optimized=False))
+        client = TestClient(create_app(state))
+        body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]}
+        response = client.post("/v1/messages", json=body)
+        assert response.status_code == 529
+        assert response.json() == {
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": "the model is still loading; retry shortly"},
+        }
+        assert client.head("/").status_code == 200
