@@ -37,7 +37,7 @@ from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSet
 from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
 from mlx_server.prompts import fill_in_the_middle, normalize_billing_header, render_prompt_with_prefix
 from mlx_server.response_cache import CachedResponse, ResponseCache
-from mlx_server.tool_parsing import HERMES, CallPiece, ToolCalling, detect_tool_call_format
+from mlx_server.tool_parsing import HERMES, CallPiece, ToolCallFormat, ToolCalling, detect_tool_call_format
 from mlx_server.tool_prompts import template_tool_support
 from utils_logging import PerformanceTimer, debug
 
@@ -157,7 +157,7 @@ class ChatService:
         call_format = HERMES
         if request.tools and template_tool_support(self.tokenizer).tools:
             call_format = detect_tool_call_format(self.tokenizer)
-        markers = tuple(dict.fromkeys([call_format.start, HERMES.start])) if request.tools and mode == "none" else ()
+        markers = _call_marker_stems(call_format) if request.tools and mode == "none" else ()
         constraint = OutputConstraint(
             tools=request.tools,
             tool_mode=mode,
@@ -353,6 +353,17 @@ class ChatRun:
                 text, stats.finish_reason, stats.prompt_tokens, stats.completion_tokens, stats.stop_sequence
             )
             cache.put(self._answer_key, cached)
+
+
+def _call_marker_stems(call_format: ToolCallFormat) -> tuple[str, ...]:
+    """What may not appear under tool_choice none: each call marker without its closing ``>``.
+
+    ``<tool_call`` rather than ``<tool_call>``: a model kept from the marker
+    otherwise writes look-alikes such as ``<tool_call_local>``.
+    """
+    markers = [call_format.start, call_format.end, HERMES.start, HERMES.end]
+    stems = [marker.removesuffix(">") for marker in markers if len(marker.removesuffix(">")) > 1]
+    return tuple(dict.fromkeys(stems))
 
 
 async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[TokenEvent]:
