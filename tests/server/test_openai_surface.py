@@ -159,13 +159,15 @@ class TestContextOverflow:
         assert error["param"] == "messages" and LITELLM_CONTEXT_PATTERN in error["message"].lower()
 
 
+NULLABLE = ("temperature", "top_p", "n", "stream", "stop", "seed", "parallel_tool_calls", "max_tokens",
+            "presence_penalty", "frequency_penalty", "response_format", "tool_choice", "tools", "user",
+            "stream_options", "logprobs", "top_logprobs")  # fmt: skip
+
+
 class TestNullsAndModels:
-    NULLABLE = ["temperature", "top_p", "n", "stream", "stop", "seed", "parallel_tool_calls", "max_tokens",
-                "presence_penalty", "frequency_penalty", "response_format", "tool_choice", "tools", "user",
-                "stream_options", "logprobs", "top_logprobs"]  # fmt: skip
 
     def test_explicit_nulls_mean_unset(self, server: RunningServer) -> None:
-        body = {**chat_body(max_tokens=2), **dict.fromkeys(self.NULLABLE)}
+        body = {**chat_body(max_tokens=2), **dict.fromkeys(NULLABLE)}
         body["max_completion_tokens"] = 2
         response = httpx.post(server.base_url + CHAT, json=body, timeout=120)
         assert response.status_code == 200, response.text
