@@ -32,6 +32,7 @@ from mlx_lm import tokenizer_utils
 from mlx_lm.generate import TextStateMachine
 
 from mlx_server.chat.request import CUSTOM_TOOL, FUNCTION_TOOL, ToolCall
+from utils_logging import debug
 
 __all__ = [
     "HERMES",
@@ -323,7 +324,7 @@ class ToolCallExtractor:
         calls = _try_parse(text, self._formats[state_name].parse, self._tools) if text.strip() else None
         if calls is None:
             if text.strip():
-                logger.info("Dropped a tool call that did not parse (%d characters)", len(text))
+                debug(1, "Dropped tool-call text that did not parse (a repeat cut short, or malformed)", {"text": text})
             return []
         return self._accept(calls)
 
@@ -335,7 +336,7 @@ class ToolCallExtractor:
             if seen or (self.calls and not self._parallel):
                 continue
             if not self._emit:
-                logger.info("Dropped a call to %r: tool_choice is none", call.name)
+                debug(1, "Dropped a tool call: tool_choice is none", {"name": call.name})
                 continue
             self.calls.append(call)
             accepted.append(CallPiece(call))

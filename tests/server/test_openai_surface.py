@@ -165,7 +165,6 @@ NULLABLE = ("temperature", "top_p", "n", "stream", "stop", "seed", "parallel_too
 
 
 class TestNullsAndModels:
-
     def test_explicit_nulls_mean_unset(self, server: RunningServer) -> None:
         body = {**chat_body(max_tokens=2), **dict.fromkeys(NULLABLE)}
         body["max_completion_tokens"] = 2
