@@ -1,0 +1,97 @@
+"""End to end: the real Codex CLI (pinned in tools/agent-clis, installed by make test) against the server.
+
+Codex is configured as its README in ../shared/codex shows: a custom provider
+whose ``base_url`` is the server and ``wire_api = "responses"``, in a private
+``CODEX_HOME``, with its prompt shrunk (short instructions, plugins, sub-agents,
+goals and web search off) to fit the default model's 8,192-token context.  It
+resends the whole history every step, so the prefix cache is what makes the
+second turn fast.  The server is greedy by default here (Codex sends no
+temperature) so the 135M model's answers stay short and reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, RunningServer, start_server, stop_server
+
+CODEX = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "codex"
+CLI_TIMEOUT_SECONDS = 300
+SHRINK = [
+    "--disable", "plugins", "--disable", "multi_agent", "--disable", "goals", "-c", "web_search=disabled",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def codex_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    arguments = ["--response-cache-size", "0", "--default-temperature", "0"]
+    running = start_server(tmp_path_factory.mktemp("codex") / "server.log", arguments=arguments)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def codex_home(tmp_path_factory: pytest.TempPathFactory, codex_server: RunningServer) -> Path:
+    home = tmp_path_factory.mktemp("codex-home")
+    (home / "config.toml").write_text(
+        'model_provider = "local"\nmodel = "local-model"\n[model_providers.local]\nname = "Local MLX server"\n'
+        f'base_url = "{codex_server.api_url}"\nwire_api = "responses"\nenv_key = "OPENAI_API_KEY"\n'
+    )
+    (home / "instructions.md").write_text("You are a helpful coding assistant. Answer briefly.\n")
+    return home
+
+
+def codex(home: Path, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
+    """Run ``codex exec --json``; returns its events (exit 0 required)."""
+    assert CODEX.exists(), f"{CODEX} is missing: make test installs it (npm ci --prefix tools/agent-clis)"
+    options = [*SHRINK, "-c", f"model_instructions_file={home / 'instructions.md'}"]
+    completed = subprocess.run(
+        [str(CODEX), "exec", "--json", "--skip-git-repo-check", *options, *arguments],
+        cwd=workspace,
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "CODEX_HOME": str(home),
+            "OPENAI_API_KEY": "sk-local-test",
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, f"codex exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+
+
+def answer(events: list[dict[str, Any]]) -> str:
+    messages = [event["item"]["text"] for event in events if event.get("item", {}).get("type") == "agent_message"]
+    return "\n".join(messages)
+
+
+def usage(events: list[dict[str, Any]]) -> dict[str, int]:
+    """The thread's token totals so far, from its last turn.completed event."""
+    completed = [event["usage"] for event in events if event["type"] == "turn.completed"]
+    assert completed, events
+    return dict(completed[-1])
+
+
+def test_exec_and_resume(codex_home: Path, codex_server: RunningServer, tmp_path: Path) -> None:
+    """A one-line task answers; resuming it reads most of the (resent) history from the prompt cache."""
+    first = codex(codex_home, tmp_path, "Say hi.")
+    assert answer(first).strip()
+    second = codex(codex_home, tmp_path, "resume", "--last", "Now say bye.")
+    assert answer(second).strip()
+    before, after = usage(first), usage(second)
+    turn_input = after["input_tokens"] - before["input_tokens"]  # Codex reports the thread's running totals
+    turn_cached = after["cached_input_tokens"] - before["cached_input_tokens"]
+    assert turn_input > before["input_tokens"], "the second turn resends the first"
+    assert turn_cached >= 0.9 * turn_input
+    assert "POST /v1/responses HTTP/1.1" in codex_server.log_text()
