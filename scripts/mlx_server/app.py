@@ -23,7 +23,7 @@ from mlx_server.blas import BlasInfo
 from mlx_server.chat.service import ChatService, ServiceOptions
 from mlx_server.dialects import anthropic_messages, models, openai_chat, openai_completions, openai_responses
 from mlx_server.errors import APIError, ErrorShapes, install_error_handlers, report_unexpected_error
-from mlx_server.generation import GenerationEngine
+from mlx_server.generation import EngineStats, GenerationEngine
 from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
 from mlx_server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mlx_server.response_cache import ResponseCache
@@ -74,6 +74,7 @@ class ServerState:
             options = ServiceOptions(
                 default_max_tokens=settings.default_max_tokens,
                 default_temperature=settings.default_temperature,
+                default_repetition_penalty=settings.default_repetition_penalty,
                 keep_billing_header=settings.keep_billing_header,
                 request_timeout=settings.request_timeout,
                 keepalive_interval=settings.keepalive_interval,
@@ -86,7 +87,7 @@ class ServerState:
         if self.engine is None:
             return None
         return {
-            "queue": self.engine.queue_depth,
+            "engine": self.engine.stats(),
             "prompt_cache": self.engine.kv_cache.stats(),
             "response_cache": self.response_cache.stats() if self.response_cache else None,
         }
@@ -170,6 +171,7 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
                 "context_length": loaded.context_length,
                 "uptime_seconds": uptime,
                 "queue": state.engine.queue_depth,
+                "batch": _batch_report(state.engine.stats()),
                 "prompt_cache": state.engine.kv_cache.stats(),
                 "response_cache": state.response_cache.stats() if state.response_cache else None,
             }
@@ -186,6 +188,20 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
     return router
 
 
+def _batch_report(stats: EngineStats) -> dict[str, Any]:
+    steps = stats.decode_steps
+    return {
+        "running": stats.running,
+        "waiting": stats.waiting,
+        "max_batch": stats.max_batch,
+        "decode_steps": steps,
+        "tokens_per_step": round(stats.generated_tokens / steps, 2) if steps else 0.0,
+        "kv_active_bytes": stats.active_kv_bytes,
+        "kv_budget_bytes": stats.kv_budget_bytes,
+        "kv_bytes_per_token": stats.kv_bytes_per_token,
+    }
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI application; the engine may be attached later (health answers 503 until then)."""
     app = FastAPI(title="mlx-server", summary="OpenAI- and Anthropic-compatible MLX inference", docs_url=None)
@@ -194,6 +210,8 @@ def create_app(state: ServerState) -> FastAPI:
     shapes = ErrorShapes({anthropic_messages.ERROR_PATH_PREFIX: anthropic_messages.anthropic_error})
     install_error_handlers(app, shapes)
     metrics = Metrics(ROUTES, state.live_stats)
+    if state.engine is not None:
+        state.engine.observe_steps(metrics.batch_size.observe)
 
     def service() -> ChatService:
         return state.service(metrics)
@@ -203,7 +221,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     # Added innermost first: metrics see every response, the request id covers the guards' answers,
     # CORS headers reach 401s, and unauthenticated requests never take a queue slot.
-    app.add_middleware(QueueLimit, max_waiting=state.settings.max_queue, paths=GENERATION_PATHS, shapes=shapes)
+    max_batch = state.engine.max_batch if state.engine is not None else state.settings.max_batch
+    app.add_middleware(
+        QueueLimit, max_waiting=state.settings.max_queue, max_batch=max_batch, paths=GENERATION_PATHS, shapes=shapes
+    )
     app.add_middleware(ApiKeyGuard, keys=state.settings.api_keys, shapes=shapes)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_request_bytes, shapes=shapes)
     if state.settings.cors_origins:

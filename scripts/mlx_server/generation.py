@@ -1,16 +1,15 @@
-"""Generation: one owner of the model, one request at a time, tokens streamed as they come.
+"""Generation: one worker thread owns the model, and the requests it holds decode together in one batch.
 
-The engine runs MLX on a single worker thread.  Each request leases KV state
-from the prompt cache (the longest cached prefix of its tokens), keeps a
-checkpoint at the end of the stable prefix (system prompt plus tools), and
-stores its state back when it ends, cancelled or not.  Requests wait in arrival order
-(the executor's queue is FIFO) and none fails because another is running.  Each
-token is handed to the request's asyncio queue as soon as it is decoded; a
-request whose client has gone sets its ``cancelled`` event and the worker stops
-after the current token.  Sampling, logits processing, streaming
-detokenization and stop-text holdback are mlx-lm's (``make_sampler``,
-``make_logits_processors``, ``stream_generate``, ``TextStateMachine``); a
-grammar, when the request has one, masks the logits last (``grammar``).
+Requests wait in arrival order until the batch has room (``max_batch``
+sequences) and the KV budget allows them (``kv_budget``); then they join
+between two decode steps, are prefilled in chunks interleaved with the
+others' decoding, and leave when they finish, are cancelled or time out,
+without stopping the rest (``batch_decoding``).  With ``--kv-bits`` the KV
+cache is quantized and requests decode one at a time (``sequential_decoding``).
+Each token's text is handed to its request's asyncio queue as soon as it is
+decoded.  The worker thread is the only one that touches MLX; other threads
+talk to it through the waiting queue and a task queue, under one condition
+variable.
 """
 
 from __future__ import annotations
@@ -18,140 +17,83 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
-from mlx_lm.generate import TextStateMachine, stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
+from mlx_server.batch_decoding import BatchDecoder
+from mlx_server.grammar import GrammarError, GrammarTokenizer
+from mlx_server.jobs import GenerationStats, Job, SamplingSettings, StopText, TokenEvent
+from mlx_server.kv_budget import KV_STEP, KVBudget, default_budget_bytes
 from mlx_server.model_loading import LoadedModel
-from mlx_server.prompt_cache import MIN_REUSED_TOKENS, KVPromptCache
-from utils_logging import log_cache_hit, log_cache_miss
+from mlx_server.prompt_cache import KVPromptCache
+from mlx_server.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
 
-__all__ = ["GenerationEngine", "GenerationStats", "SamplingSettings", "StopText", "TokenEvent"]
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_PREFILL_BATCH",
+    "EngineOptions",
+    "EngineStats",
+    "GenerationEngine",
+    "GenerationStats",
+    "KVBudgetError",
+    "SamplingSettings",
+    "StopText",
+    "TokenEvent",
+]
 
 logger = logging.getLogger("mlx")
+Result = TypeVar("Result")
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_PREFILL_BATCH = 2
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample one completion (already validated and defaulted)."""
+class EngineOptions:
+    """How the engine batches: sequences per batch, prompts prefilled together, the KV budget, KV quantization."""
 
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    grammar: str | None = None  # an llguidance grammar the output must follow (None: free)
+    max_batch: int = DEFAULT_MAX_BATCH
+    prefill_batch: int = DEFAULT_PREFILL_BATCH
+    kv_budget_bytes: int | None = None  # None: a quarter of physical memory
+    kv_bits: int | None = None  # quantize the KV cache; requests then decode one at a time
 
 
-@dataclass
-class GenerationStats:
-    """The numbers a user wants about one completion."""
+@dataclass(frozen=True)
+class EngineStats:
+    """What /health and /metrics show of the engine."""
 
-    prompt_tokens: int
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    prefill_tokens: int = 0
-    cache_source: str = "miss"
-    finish_reason: str = "stop"
-    stop_sequence: str | None = None  # the stop sequence that ended the completion, if one did
-    queue_ms: float = 0.0
-    time_to_first_token_ms: float = 0.0
-    generation_ms: float = 0.0
+    waiting: int
+    running: int
+    max_batch: int
+    decode_steps: int
+    generated_tokens: int
+    active_kv_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
 
+
+class KVBudgetError(Exception):
+    """A request whose KV state could not fit the budget even decoding alone."""
+
+
+class Decoder(Protocol):
     @property
-    def tokens_per_second(self) -> float:
-        """Decode speed after the first token."""
-        decode_seconds = (self.generation_ms - self.time_to_first_token_ms) / 1000
-        return (
-            (self.completion_tokens - 1) / decode_seconds if self.completion_tokens > 1 and decode_seconds > 0 else 0.0
-        )
-
-
-@dataclass
-class TokenEvent:
-    """A piece of generated text; the last event of a completion carries its stats."""
-
-    text: str
-    stats: GenerationStats | None = None
-    error: BaseException | None = field(default=None, repr=False)
-
-    @property
-    def final(self) -> bool:
-        return self.stats is not None or self.error is not None
-
-
-@dataclass
-class _Job:
-    """One request's work, as the worker thread sees it."""
-
-    prompt: list[int]
-    stable_prefix: int
-    settings: SamplingSettings
-    cancelled: threading.Event
-    deliver: Callable[[TokenEvent], None]
-    enqueued: float
-    use_cache: bool = True
-    deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
-
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
-
-    def stop_reason(self) -> str:
-        return "cancelled" if self.cancelled.is_set() else "timeout"
-
-
-class StopText:
-    """Stop sequences over streamed text: what may be sent, and which sequence matched (mlx-lm's TextStateMachine).
-
-    Text that could be the start of a stop sequence is held back; the
-    sequence itself and anything after it are never sent.
-    """
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._state = TextStateMachine({"normal": [(stop, None) for stop in stops]}).make_state()
-        self._seen = ""
-        self._sent = 0
-        self.matched: str | None = None
-
-    def feed(self, text: str) -> str:
-        """The text that is safe to send; sets ``matched`` when a stop sequence completes."""
-        if self.matched is not None:
-            return ""
-        self._seen += text
-        self._state, safe, state_name = TextStateMachine.step(self._state, text)
-        safe = str(safe)
-        self._sent += len(safe)
-        if state_name is None:
-            candidates = [stop for stop in self._stops if self._seen.startswith(stop, self._sent)]
-            self.matched = min(candidates, key=len) if candidates else self._stops[0]
-        return safe
-
-    def flush(self) -> str:
-        """Whatever was held back, at the end of the output (no stop sequence followed it)."""
-        if self.matched is not None:
-            return ""
-        self._state, held, _ = TextStateMachine.flush(self._state)
-        return str(held)
-
-
-class _PrefillInterruptedError(Exception):
-    """Raised from mlx-lm's prefill progress callback to stop a cancelled or timed-out prefill between steps."""
+    def active(self) -> int: ...
+    def final_lengths(self) -> list[int]: ...
+    def kv_bytes(self) -> int: ...
+    def admit(self, job: Job) -> None: ...
+    def step(self) -> int: ...
+    def fail_all(self, error: BaseException) -> None: ...
+    def close(self) -> None: ...
 
 
 def prefill_step() -> int:
@@ -159,23 +101,37 @@ def prefill_step() -> int:
 
     Measured here (SmolLM2-135M, 2 cores, OpenBLAS): prefilling 2,048 tokens
     took 15.3 s in steps of 256 and 23.5 s in one step; CPU attention over
-    large blocks is memory-bound.
+    large blocks is memory-bound.  A step is also the longest a running
+    stream can stall while another request's prompt is prefilled.
     """
     return 2048 if mx.default_device().type == mx.DeviceType.gpu else 256
 
 
 class GenerationEngine:
-    """Owns the model and serializes generation on one worker thread (the lock is the thread itself)."""
+    """Owns the model; batches generation on one worker thread (shared state under ``_condition``)."""
 
-    def __init__(self, loaded: LoadedModel, kv_cache: KVPromptCache) -> None:
+    def __init__(self, loaded: LoadedModel, kv_cache: KVPromptCache, options: EngineOptions | None = None) -> None:
         self.loaded = loaded
         self.kv_cache = kv_cache
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-generation")
-        self._counter_lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
-        self._prefill_step = prefill_step()
+        self.options = options or EngineOptions()
+        self.max_batch = 1 if self.options.kv_bits else self.options.max_batch
         self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
+        self._prefill_step = prefill_step()
+        self._condition = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stopping = False
+        self._running = 0
+        self._steps = 0
+        self._generated = 0
+        self._active_bytes = 0
+        self._step_observers: list[Callable[[int], None]] = []
+        self._ready: Future[KVBudget] = Future()
+        self._thread = threading.Thread(target=self._work, name="mlx-generation", daemon=True)
+        self._thread.start()
+        self.budget: KVBudget = self._ready.result()
+
+    # -- what callers ask --------------------------------------------------------
 
     @property
     def tokenizer(self) -> Any:
@@ -186,9 +142,33 @@ class GenerationEngine:
         return self.loaded.context_length
 
     @property
+    def max_sequence_tokens(self) -> int:
+        """The longest a prompt plus its completion may be: the context, or less if the KV budget says so."""
+        return min(self.loaded.context_length, self.budget.max_sequence_tokens)
+
+    @property
     def queue_depth(self) -> dict[str, int]:
-        with self._counter_lock:
-            return {"waiting": self._waiting, "running": self._running}
+        with self._condition:
+            return {"waiting": len(self._waiting), "running": self._running}
+
+    def stats(self) -> EngineStats:
+        with self._condition:
+            return EngineStats(
+                waiting=len(self._waiting),
+                running=self._running,
+                max_batch=self.max_batch,
+                decode_steps=self._steps,
+                generated_tokens=self._generated,
+                active_kv_bytes=self._active_bytes,
+                kv_budget_bytes=self.budget.total_bytes,
+                kv_bytes_per_token=self.budget.bytes_per_token,
+            )
+
+    def observe_steps(self, observer: Callable[[int], None]) -> None:
+        """Call ``observer(batch size)`` after every decode step (from the worker thread)."""
+        self._step_observers.append(observer)
+
+    # -- lifecycle ---------------------------------------------------------------
 
     def warm_up(self) -> float:
         """Run one short generation and build the grammar tokenizer, so that no request pays a one-time set-up.
@@ -196,10 +176,12 @@ class GenerationEngine:
         Returns the milliseconds it took.
         """
         started = time.perf_counter()
-        prompt = list(self.loaded.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
-        settings = SamplingSettings(max_tokens=2, temperature=0.0)
-        job = _Job(prompt, 0, settings, threading.Event(), lambda _event: None, started, use_cache=False)
-        self._executor.submit(self._generate, job).result()
+        prompt = list(self.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
+        finished = threading.Event()
+        job = Job(prompt, 0, SamplingSettings(max_tokens=2, temperature=0.0), threading.Event(),
+                  lambda event: finished.set() if event.final else None, started, use_cache=False)  # fmt: skip
+        self._enqueue(job)
+        finished.wait()
         with contextlib.suppress(GrammarError):  # logged; constrained requests then get a clear 400
             self.grammar_tokenizer.get()
         return (time.perf_counter() - started) * 1000
@@ -211,13 +193,21 @@ class GenerationEngine:
             if self.kv_cache.has_checkpoint(tokens):
                 return False
             cache = self.kv_cache.new_cache()
-            self._prefill(cache, tokens, lambda: False)
-            return self.kv_cache.add_checkpoint(cache, tokens)
+            for start in range(0, len(tokens), self._prefill_step):
+                self.loaded.model(mx.array(tokens[start : start + self._prefill_step])[None], cache=cache)
+                mx.eval([layer.state for layer in cache])
+            return self.kv_cache.add_checkpoint(cache, tokens, copy=False)
 
-        return self._executor.submit(run).result()
+        return self._on_worker(run)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Finish the running sequences' current step, cancel what waits, stop the worker."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout=60)
+
+    # -- requests ------------------------------------------------------------------
 
     async def stream(
         self,
@@ -230,24 +220,25 @@ class GenerationEngine:
         """Yield text as it is generated, then a final event with the stats.
 
         Leaving the iteration early (a client that disconnected) sets
-        ``cancelled``, which stops the worker within a token (or a prefill
-        step).  ``stable_prefix`` is where a checkpoint should be kept (0:
-        none).  After ``timeout`` seconds from now, waiting included,
-        generation stops with finish_reason ``timeout``.
+        ``cancelled``; the sequence leaves the batch at the next step.
+        ``stable_prefix`` is where a checkpoint should be kept (0: none).
+        After ``timeout`` seconds from now, waiting included, generation stops
+        with finish_reason ``timeout``.  Raises KVBudgetError when the request
+        cannot fit the KV budget even alone.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        context = contextvars.copy_context()  # the worker's log lines keep this request's id
 
         def deliver(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
-        with self._counter_lock:
-            self._waiting += 1
         enqueued = time.perf_counter()
-        context = contextvars.copy_context()  # the worker's log lines keep this request's id
         deadline = enqueued + timeout if timeout else None
-        work = _Job(prompt_tokens, stable_prefix, settings, cancelled, deliver, enqueued, deadline=deadline)
-        job = loop.run_in_executor(self._executor, context.run, self._run, work)
+        job = Job(prompt_tokens, stable_prefix, settings, cancelled, lambda event: context.run(deliver, event),
+                  enqueued, deadline=deadline)  # fmt: skip
+        self._enqueue(job)
         try:
             while True:
                 event = await events.get()
@@ -256,158 +247,126 @@ class GenerationEngine:
                 yield event
                 if event.final:
                     break
-            await job
         finally:
             cancelled.set()
+            with self._condition:
+                self._condition.notify_all()
 
-    def _run(self, job: _Job) -> None:
-        with self._counter_lock:
-            self._waiting -= 1
-            self._running += 1
+    def _enqueue(self, job: Job) -> None:
+        with self._condition:
+            self._waiting.append(job)
+            self._condition.notify_all()
+
+    def _on_worker(self, task: Callable[[], Result]) -> Result:
+        future: Future[Result] = Future()
+        with self._condition:
+            self._tasks.append((task, future))
+            self._condition.notify_all()
+        return future.result()
+
+    # -- the worker thread ---------------------------------------------------------------
+
+    def _work(self) -> None:
         try:
-            job.deliver(self._generate(job))
-        except Exception as error:  # noqa: BLE001 - handed to the request, which reports it
-            job.deliver(TokenEvent("", error=error))
-        finally:
-            with self._counter_lock:
-                self._running -= 1
-
-    def _prefill(self, cache: list[Any], tokens: list[int], should_stop: Callable[[], bool]) -> int:
-        """Run ``tokens`` through the model into ``cache``, in steps; returns how many were processed.
-
-        mlx-lm's generate_step does the same inside generation; it is done
-        here only to stop exactly at the stable prefix and snapshot it.
-        """
-        done = 0
-        while done < len(tokens) and not should_stop():
-            chunk = tokens[done : done + self._prefill_step]
-            self.loaded.model(mx.array(chunk)[None], cache=cache)
-            mx.eval([layer.state for layer in cache])
-            done += len(chunk)
-        return done
-
-    def _generate(self, job: _Job) -> TokenEvent:
-        prompt_tokens, stable_prefix, enqueued, use_cache = job.prompt, job.stable_prefix, job.enqueued, job.use_cache
-        started = time.perf_counter()
-        stats = GenerationStats(prompt_tokens=len(prompt_tokens), queue_ms=(started - enqueued) * 1000)
-        if job.should_stop():
-            stats.finish_reason = job.stop_reason()
-            return TokenEvent("", stats=stats)
-        lease = self.kv_cache.acquire(prompt_tokens) if use_cache else None
-        cache = lease.cache if lease is not None else self.kv_cache.new_cache()
-        start = lease.cached_tokens if lease is not None else 0
-        stats.cached_tokens, stats.cache_source = start, lease.source if lease is not None else "off"
-        if use_cache:
-            self._log_lookup(prompt_tokens, stats)
-        generated: list[int] = []
-        completed = False
+            budget = KVBudget(self.options.kv_budget_bytes or default_budget_bytes(), self._bytes_per_token())
+            decoder = self._decoder()
+        except Exception as error:  # noqa: BLE001 - reported to the constructor, which raises it
+            self._ready.set_exception(error)
+            return
+        self._ready.set_result(budget)
         try:
-            if use_cache and stable_prefix >= MIN_REUSED_TOKENS:
-                start = self._keep_checkpoint(cache, prompt_tokens, start, stable_prefix, job.should_stop)
-            stats.prefill_tokens = len(prompt_tokens) - stats.cached_tokens
-            if not job.should_stop():
-                self._decode(cache, prompt_tokens[start:], job, stats, generated, started)
-            else:
-                stats.finish_reason = job.stop_reason()
-            completed = True
+            while self._wait_for_work(decoder):
+                self._run_tasks()
+                self._admit(decoder)
+                if decoder.active:
+                    self._step(decoder)
         finally:
-            # A request that ended normally or was cancelled leaves consistent state; an error leaves none.
-            if use_cache and completed:
-                self.kv_cache.release(cache, prompt_tokens + generated, len(prompt_tokens))
-        stats.generation_ms = (time.perf_counter() - started) * 1000
-        if stats.finish_reason == "cancelled":
-            logger.info("Generation stopped after %d tokens: the client disconnected", stats.completion_tokens)
-        elif stats.finish_reason == "timeout":
-            logger.warning("Generation stopped after %d tokens: the request timed out", stats.completion_tokens)
-        return TokenEvent("", stats=stats)
+            self._cancel_waiting()
+            decoder.close()
 
-    def _keep_checkpoint(
-        self, cache: list[Any], prompt: list[int], start: int, stable_prefix: int, should_stop: Callable[[], bool]
-    ) -> int:
-        """Make sure a checkpoint exists at the stable prefix; returns where generation resumes."""
-        prefix = prompt[:stable_prefix]
-        if start >= stable_prefix:
-            if not self.kv_cache.has_checkpoint(prefix):
-                self.kv_cache.add_checkpoint(cache, prefix)
-            return start
-        if self.kv_cache.has_checkpoint(prefix):
-            return start
-        processed = self._prefill(cache, prompt[start:stable_prefix], should_stop)
-        if start + processed == stable_prefix:
-            self.kv_cache.add_checkpoint(cache, prefix)
-        return start + processed
+    def _decoder(self) -> Decoder:
+        if self.options.kv_bits:
+            return SequentialDecoder(
+                self.loaded, self.kv_cache, self.grammar_tokenizer, self._prefill_step, self.options.kv_bits
+            )
+        return BatchDecoder(
+            self.loaded, self.kv_cache, self.grammar_tokenizer, self.max_batch, self._prefill_step,
+            self.options.prefill_batch,
+        )  # fmt: skip
 
-    def _log_lookup(self, prompt: list[int], stats: GenerationStats) -> None:
-        key = hashlib.sha256(str(prompt).encode()).hexdigest()[:16]
-        details = {"cached_tokens": stats.cached_tokens, "new_tokens": len(prompt) - stats.cached_tokens}
-        if stats.cached_tokens:
-            log_cache_hit("prompt", key, {**details, "source": stats.cache_source})
-        else:
-            log_cache_miss("prompt", key, f"no cached prefix; {details['new_tokens']} new tokens")
+    def _bytes_per_token(self) -> int:
+        """KV bytes one token takes in this model's cache (measured on one cache step, quantized if asked)."""
+        cache = make_prompt_cache(self.loaded.model)
+        self.loaded.model(mx.zeros((1, KV_STEP), dtype=mx.int32), cache=cache)
+        if self.options.kv_bits:
+            cache = [layer.to_quantized(group_size=KV_GROUP_SIZE, bits=self.options.kv_bits) for layer in cache]
+        mx.eval([layer.state for layer in cache])
+        return max(1, sum(int(layer.nbytes) for layer in cache) // KV_STEP)
 
-    def _logits_processors(self, settings: SamplingSettings) -> list[Callable[[mx.array, mx.array], mx.array]]:
-        """mlx-lm's penalties, then the grammar's mask (last, so that nothing can re-allow a masked token)."""
-        processors: list[Callable[[mx.array, mx.array], mx.array]] = make_logits_processors(
-            repetition_penalty=settings.repetition_penalty,
-            presence_penalty=settings.presence_penalty,
-            frequency_penalty=settings.frequency_penalty,
+    def _wait_for_work(self, decoder: Decoder) -> bool:
+        """Block until there is something to do; False when stopping and nothing is decoding."""
+        with self._condition:
+            while not (self._waiting or self._tasks or decoder.active or self._stopping):
+                self._condition.wait()
+            return not (self._stopping and not decoder.active and not self._tasks)
+
+    def _run_tasks(self) -> None:
+        with self._condition:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+        for task, future in tasks:
+            try:
+                future.set_result(task())
+            except Exception as error:  # noqa: BLE001 - handed to the caller, which raises it
+                future.set_exception(error)
+
+    def _admit(self, decoder: Decoder) -> None:
+        """Move waiting jobs into the batch, in arrival order, while there is room in the batch and the budget."""
+        while True:
+            with self._condition:
+                if not self._waiting or self._stopping or decoder.active >= self.max_batch:
+                    return
+                job = self._waiting[0]
+                lengths = [*decoder.final_lengths(), job.final_length]
+                if not self.budget.fits(lengths):
+                    if decoder.active:
+                        return  # it waits until running sequences leave
+                    self._waiting.popleft()
+                    job.deliver(TokenEvent("", error=KVBudgetError(self._too_large(job))))
+                    continue
+                self._waiting.popleft()
+            self.kv_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
+            decoder.admit(job)  # a job that was cancelled while it waited finishes here without joining
+            with self._condition:
+                self._running = decoder.active
+
+    def _too_large(self, job: Job) -> str:
+        return (
+            f"the request needs the KV state of {job.final_length} tokens, more than the "
+            f"{self.budget.max_sequence_tokens} that fit the KV budget ({self.budget.total_bytes} bytes, --kv-budget)"
         )
-        if settings.grammar is not None:
-            processors.append(GrammarProcessor(self.grammar_tokenizer.get(), settings.grammar))
-        return processors
 
-    def _decode(
-        self,
-        cache: list[Any],
-        remaining: list[int],
-        job: _Job,
-        stats: GenerationStats,
-        generated: list[int],
-        started: float,
-    ) -> None:
-        settings, deliver = job.settings, job.deliver
-
-        def stop_prefill_if_asked(_processed: int, _total: int) -> None:
-            if job.should_stop():
-                raise _PrefillInterruptedError
-
-        if settings.seed is not None:
-            mx.random.seed(settings.seed % 2**64)
-        stop_text = StopText(settings.stop)
-        responses = stream_generate(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            mx.array(remaining),
-            max_tokens=settings.max_tokens,
-            sampler=make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k),
-            logits_processors=self._logits_processors(settings),
-            prompt_cache=cache,
-            prefill_step_size=self._prefill_step,
-            prompt_progress_callback=stop_prefill_if_asked,
-        )
+    def _step(self, decoder: Decoder) -> None:
+        batch = decoder.active
         try:
-            for response in responses:
-                generated.append(int(response.token))
-                if stats.completion_tokens == 0:
-                    stats.time_to_first_token_ms = (time.perf_counter() - started) * 1000
-                stats.completion_tokens = response.generation_tokens
-                text = stop_text.feed(response.text)
-                if stop_text.matched is not None:  # a stop sequence: the text before it goes out, the rest never does
-                    stats.finish_reason, stats.stop_sequence = "stop", stop_text.matched
-                    if text:
-                        deliver(TokenEvent(text))
-                    break
-                if response.finish_reason is not None:
-                    stats.finish_reason = response.finish_reason
-                    if response.finish_reason == "stop":
-                        stats.completion_tokens -= 1  # the end-of-sequence token is not part of the answer
-                    text += stop_text.flush()
-                if text:
-                    deliver(TokenEvent(text))
-                if job.should_stop():
-                    stats.finish_reason = job.stop_reason()
-                    break
-        except _PrefillInterruptedError:
-            stats.finish_reason = job.stop_reason()
-        finally:
-            responses.close()
+            generated = decoder.step()
+        except Exception as error:
+            logger.error("Generation step failed: %s: %s", type(error).__name__, error, exc_info=error)
+            decoder.fail_all(error)
+            generated = 0
+        self.kv_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(decoder.final_lengths()))
+        with self._condition:
+            self._steps += 1
+            self._generated += generated
+            self._running = decoder.active
+            self._active_bytes = decoder.kv_bytes()
+        for observer in self._step_observers:
+            observer(batch)
+
+    def _cancel_waiting(self) -> None:
+        with self._condition:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            stats = GenerationStats(prompt_tokens=len(job.prompt), finish_reason="cancelled")
+            job.deliver(TokenEvent("", stats=stats))

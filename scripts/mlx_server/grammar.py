@@ -282,10 +282,18 @@ class GrammarProcessor:
         self._tokenizer = tokenizer
         self._text = ""
         self._started = False
+        self._ended = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._ended:
+            return logits
         if self._started:
             token = int(tokens[-1])
+            if token in self._tokenizer.eos_tokens:
+                # A batch computes one step past end-of-sequence; the matcher (which may have been cut
+                # short by a repeat) must not see it.
+                self._ended = True
+                return logits
             self._text += self._tokenizer.decode_str([token])
             if not self.matcher.consume_token(token):
                 logger.warning("Constrained decoding: the grammar refused a token (%s)", self.matcher.get_error())

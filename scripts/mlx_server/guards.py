@@ -10,9 +10,10 @@ streamed responses and answers before a body is read:
 * ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
   Content-Length before anything is read, or as soon as a chunked body
   passes the limit.
-* ``QueueLimit``: at most ``--max-queue`` generation requests wait behind the
-  running one; the next gets a 429 with Retry-After.  Counting happens around
-  the whole request, streaming included, so a slot is always given back.
+* ``QueueLimit``: at most ``--max-queue`` generation requests wait beyond a
+  full batch (``--max-batch``); the next gets a 429 with Retry-After.
+  Counting happens around the whole request, streaming included, so a slot is
+  always given back.
 
 Each answers in the error shape of the dialect its path belongs to.
 """
@@ -107,9 +108,12 @@ class BodySizeLimit:
 
 
 class QueueLimit:
-    def __init__(self, app: ASGIApp, max_waiting: int, paths: Collection[str], shapes: ErrorShapes) -> None:
+    def __init__(
+        self, app: ASGIApp, max_waiting: int, max_batch: int, paths: Collection[str], shapes: ErrorShapes
+    ) -> None:
         self.app = app
         self.max_waiting = max_waiting
+        self.max_batch = max_batch
         self.paths = paths
         self.shapes = shapes
         self.in_flight = 0
@@ -119,7 +123,7 @@ class QueueLimit:
         if not limited or not self.max_waiting:
             await self.app(scope, receive, send)
             return
-        if self.in_flight > self.max_waiting:  # one running, max_waiting waiting
+        if self.in_flight >= self.max_batch + self.max_waiting:  # a full batch, and max_waiting waiting
             message = (
                 f"the server is busy: {self.max_waiting} requests are already waiting (--max-queue); retry shortly"
             )

@@ -43,7 +43,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
 
-__all__ = ["CacheLease", "KVPromptCache", "default_max_bytes"]
+__all__ = ["CacheLease", "KVPromptCache"]
 
 logger = logging.getLogger("mlx")
 
@@ -51,15 +51,6 @@ logger = logging.getLogger("mlx")
 MIN_REUSED_TOKENS = 8
 #: Cache files are named ``<model identity>-<token digest>.safetensors``.
 CACHE_FILE_SUFFIX = ".safetensors"
-
-
-def default_max_bytes() -> int:
-    """A quarter of physical memory (at least 256 MiB): room for KV state without starving the model."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        physical = 8 * 1024**3
-    return max(256 * 1024**2, physical // 4)
 
 
 def token_digest(tokens: np.ndarray | list[int]) -> str:
@@ -122,7 +113,7 @@ class CacheLease:
 
     cache: list[Any]
     cached_tokens: int
-    source: str  # "miss", "extended", "copied-prefix", "checkpoint"
+    source: str  # "miss", "extended", "copied-prefix", "checkpoint", "off"
 
 
 class KVPromptCache:
@@ -208,8 +199,11 @@ class KVPromptCache:
         kept = np.asarray(tokens[:held], dtype=np.int64)
         self._store(CacheEntry(kept, cache, _nbytes(cache), pinned=False, prompt_length=min(prompt_length, held)))
 
-    def add_checkpoint(self, cache: list[Any], tokens: list[int]) -> bool:
-        """Pin a copy of ``cache`` (which holds exactly ``tokens``) as a checkpoint; False if it exists."""
+    def add_checkpoint(self, cache: list[Any], tokens: list[int], copy: bool = True) -> bool:
+        """Pin ``cache`` (which holds exactly ``tokens``) as a checkpoint; False if it exists.
+
+        ``copy=False`` takes ownership of ``cache`` instead of copying it (a snapshot made for this purpose).
+        """
         if not self.enabled or len(tokens) < MIN_REUSED_TOKENS:
             return False
         key = token_digest(tokens)
@@ -218,13 +212,25 @@ class KVPromptCache:
             if existing is not None and existing.pinned:
                 self._entries.move_to_end(key)
                 return False
-        snapshot = copy_prefix(cache, len(tokens))
+        snapshot = copy_prefix(cache, len(tokens)) if copy else cache
         entry = CacheEntry(
             np.asarray(tokens, dtype=np.int64), snapshot, _nbytes(snapshot), pinned=True, prompt_length=len(tokens)
         )
         self._store(entry)
         self._persist(entry)
         return True
+
+    def trim_to(self, max_bytes: int) -> None:
+        """Evict least recently used entries until at most ``max_bytes`` are held (room for active sequences)."""
+        with self._lock:
+            while self._entries and self._bytes > max(0, max_bytes):
+                evicted = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= evicted.nbytes
+                self.evictions += 1
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def has_checkpoint(self, tokens: list[int]) -> bool:
         with self._lock:

@@ -22,6 +22,8 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_REQUEST_TIMEOUT = 600.0
 DEFAULT_KEEPALIVE = 10.0
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
+DEFAULT_MAX_BATCH = 16  # generation.DEFAULT_MAX_BATCH; chosen by bench/bench_concurrency.py (see the README)
+DEFAULT_PREFILL_BATCH = 2
 _BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -35,11 +37,16 @@ class Settings:
     keep_quantized: bool = False
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     default_temperature: float = DEFAULT_TEMPERATURE
+    default_repetition_penalty: float | None = None
     blas: str | None = None
     log_file: Path | None = None
     export_mlx: Path | None = None
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
-    prompt_cache_bytes: int | None = None  # None: a quarter of physical memory
+    prompt_cache_bytes: int | None = None  # None: the KV budget
+    max_batch: int = DEFAULT_MAX_BATCH
+    prefill_batch: int = DEFAULT_PREFILL_BATCH
+    kv_budget: int | None = None  # None: a quarter of physical memory
+    kv_bits: int | None = None
     prompt_cache_dir: Path | None = None
     warm_prompt: Path | None = None
     keep_billing_header: bool = False
@@ -118,6 +125,13 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _repetition_penalty(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 10.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 10, got {text!r}")
+    return value
+
+
 def _comma_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
@@ -171,6 +185,13 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         f"(default {DEFAULT_TEMPERATURE:g}, the APIs' own default; 0 is greedy)",
     )
     parser.add_argument(
+        "--default-repetition-penalty",
+        type=_repetition_penalty,
+        default=env("DEFAULT_REPETITION_PENALTY"),
+        help="repetition penalty (mlx-lm's, over the last 20 tokens) for requests that set none, as Anthropic's "
+        "API has no such field; 1.1-1.3 keeps small models out of loops (default: none)",
+    )
+    parser.add_argument(
         "--blas", default=env("BLAS"), help="path of the BLAS library to load on Linux (default: search)"
     )
     parser.add_argument(
@@ -188,7 +209,7 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         "--prompt-cache-bytes",
         type=parse_bytes,
         default=env("PROMPT_CACHE_BYTES"),
-        help="bound on the KV cache's memory, e.g. 4G (default: a quarter of physical memory)",
+        help="bound on the prompt cache's memory, e.g. 4G (default: the KV budget; it holds what decoding does not)",
     )
     cache.add_argument(
         "--prompt-cache-dir",
@@ -215,12 +236,41 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env("RESPONSE_CACHE_SIZE", str(DEFAULT_RESPONSE_CACHE_SIZE)),
         help=f"exact answers kept for deterministic requests (0 turns it off; default {DEFAULT_RESPONSE_CACHE_SIZE})",
     )
+    batching = parser.add_argument_group("batching and KV memory")
+    batching.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=env("MAX_BATCH", str(DEFAULT_MAX_BATCH)),
+        help=f"requests that decode together in one batch; more wait (default {DEFAULT_MAX_BATCH})",
+    )
+    batching.add_argument(
+        "--prefill-batch",
+        type=_positive_int,
+        default=env("PREFILL_BATCH", str(DEFAULT_PREFILL_BATCH)),
+        help="prompts prefilled together, one chunk per decode step; a running stream stalls at most this many "
+        f"chunks (256 tokens on CPU, 2048 on a GPU) per step (default {DEFAULT_PREFILL_BATCH})",
+    )
+    batching.add_argument(
+        "--kv-budget",
+        type=parse_bytes,
+        default=env("KV_BUDGET"),
+        help="bound on all KV state, the batch's and the prompt cache's together, e.g. 8G; a request that does "
+        "not fit waits, one that never could is a 400 (default: a quarter of physical memory)",
+    )
+    batching.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8),
+        default=env("KV_BITS"),
+        help="quantize the KV cache to 4 or 8 bits (mlx-lm's QuantizedKVCache): less memory, but mlx-lm cannot "
+        "batch quantized caches, so requests then decode one at a time (default: off)",
+    )
     service = parser.add_argument_group("load, faults and access")
     service.add_argument(
         "--max-queue",
         type=_non_negative_int,
         default=env("MAX_QUEUE", str(DEFAULT_MAX_QUEUE)),
-        help="chat requests that may wait behind the running one; more get 429 (0: no limit; "
+        help="generation requests that may wait beyond a full batch; more get 429 (0: no limit; "
         f"default {DEFAULT_MAX_QUEUE})",
     )
     service.add_argument(
@@ -281,11 +331,18 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         keep_quantized=namespace.keep_quantized,
         default_max_tokens=int(namespace.default_max_tokens),
         default_temperature=float(namespace.default_temperature),
+        default_repetition_penalty=(
+            None if namespace.default_repetition_penalty is None else float(namespace.default_repetition_penalty)
+        ),
         blas=namespace.blas,
         log_file=namespace.log_file,
         export_mlx=namespace.export_mlx,
         prompt_cache_size=int(namespace.prompt_cache_size),
         prompt_cache_bytes=None if namespace.prompt_cache_bytes is None else int(namespace.prompt_cache_bytes),
+        max_batch=int(namespace.max_batch),
+        prefill_batch=int(namespace.prefill_batch),
+        kv_budget=None if namespace.kv_budget is None else int(namespace.kv_budget),
+        kv_bits=None if namespace.kv_bits is None else int(namespace.kv_bits),
         prompt_cache_dir=namespace.prompt_cache_dir,
         warm_prompt=namespace.warm_prompt,
         keep_billing_header=namespace.keep_billing_header,

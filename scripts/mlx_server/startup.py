@@ -60,22 +60,32 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     import uvicorn
 
     from mlx_server.app import ServerState, create_app
-    from mlx_server.generation import GenerationEngine
-    from mlx_server.prompt_cache import KVPromptCache, default_max_bytes
+    from mlx_server.generation import EngineOptions, GenerationEngine
+    from mlx_server.kv_budget import default_budget_bytes
+    from mlx_server.prompt_cache import KVPromptCache
     from mlx_server.response_cache import ResponseCache
 
+    budget = settings.kv_budget or default_budget_bytes()
     kv_cache = KVPromptCache(
         loaded.model,
         loaded.identity,
         max_entries=settings.prompt_cache_size,
-        max_bytes=settings.prompt_cache_bytes or default_max_bytes(),
+        max_bytes=min(settings.prompt_cache_bytes or budget, budget),
         directory=settings.prompt_cache_dir,
     )
+    options = EngineOptions(settings.max_batch, settings.prefill_batch, budget, settings.kv_bits)
+    engine = GenerationEngine(loaded, kv_cache, options)
     logger.info(
-        "Prompt cache: %s",
+        "Batching: up to %d sequences, %d prompts prefilled together; KV budget %.1f GiB (%d bytes per token%s, "
+        "%d tokens for one sequence); prompt cache %s",
+        engine.max_batch,
+        min(settings.prefill_batch, engine.max_batch),
+        budget / 2**30,
+        engine.budget.bytes_per_token,
+        f", {settings.kv_bits}-bit" if settings.kv_bits else "",
+        engine.budget.max_sequence_tokens,
         f"up to {kv_cache.max_entries} entries, {kv_cache.max_bytes / 2**30:.1f} GiB" if kv_cache.enabled else "off",
     )
-    engine = GenerationEngine(loaded, kv_cache)
     logger.info("Warm-up generation took %.0fms", engine.warm_up())
     if settings.warm_prompt is not None:
         warm_prompt_cache(engine, settings.warm_prompt, logger)

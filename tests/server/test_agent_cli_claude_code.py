@@ -3,10 +3,11 @@
 It connects directly with ``ANTHROPIC_BASE_URL``, no proxy, on 127.0.0.1 with
 its telemetry and non-essential traffic off, in an empty home directory.
 ``--bare`` keeps its prompt (~1k tokens) inside the default model's context.
-Claude Code sends no temperature, so the API default of 1 would let the 135M
-model ramble for thousands of tokens; the server runs with
-``--default-temperature 0`` (greedy, reproducible), and
-``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` bounds a runaway answer.
+Claude Code sends no sampling settings, and at the API's default temperature
+of 1 the 135M model rambles for thousands of tokens; the server runs greedy
+with a repetition penalty (``--default-temperature 0
+--default-repetition-penalty 1.3``), which ends its answers within a few
+dozen tokens, and ``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` bounds a runaway answer.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ MAX_OUTPUT_TOKENS = "512"
 @pytest.fixture(scope="module")
 def claude_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A server of its own, so that the cache figures are this conversation's."""
-    running = start_server(
-        tmp_path_factory.mktemp("claude-code") / "server.log", arguments=["--response-cache-size", "0"]
-    )
+    arguments = ["--response-cache-size", "0", "--default-temperature", "0", "--default-repetition-penalty", "1.3"]
+    running = start_server(tmp_path_factory.mktemp("claude-code") / "server.log", arguments=arguments)
     yield running
     stop_server(running)
 

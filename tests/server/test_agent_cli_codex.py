@@ -5,8 +5,8 @@ whose ``base_url`` is the server and ``wire_api = "responses"``, in a private
 ``CODEX_HOME``, with its prompt shrunk (short instructions, plugins, sub-agents,
 goals and web search off) to fit the default model's 8,192-token context.  It
 resends the whole history every step, so the prefix cache is what makes the
-second turn fast.  The server is greedy by default here (Codex sends no
-temperature) so the 135M model's answers stay short and reproducible.
+second turn fast.  Codex sends no sampling settings; the server is greedy with
+a repetition penalty here, so the 135M model's answers stay short.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SHRINK = [
 
 @pytest.fixture(scope="module")
 def codex_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    arguments = ["--response-cache-size", "0", "--default-temperature", "0"]
+    arguments = ["--response-cache-size", "0", "--default-temperature", "0", "--default-repetition-penalty", "1.3"]
     running = start_server(tmp_path_factory.mktemp("codex") / "server.log", arguments=arguments)
     yield running
     stop_server(running)

@@ -232,9 +232,9 @@ class TestCountTokens:
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A server with a key, a 64 KiB body limit and room for one waiting request."""
+    """A server with a key, a 64 KiB body limit, one sequence decoding and room for one waiting request."""
     directory = tmp_path_factory.mktemp("anthropic-limits")
-    arguments = ["--max-request-bytes", "64K", "--max-queue", "1", "--response-cache-size", "0"]
+    arguments = ["--max-request-bytes", "64K", "--max-batch", "1", "--max-queue", "1", "--response-cache-size", "0"]
     running = start_server(directory / "server.log", {"MLX_SERVER_API_KEY": KEY}, arguments)
     yield running
     stop_server(running)

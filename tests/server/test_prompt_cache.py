@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mlx.core as mx
 import pytest
 
 from mlx_server.chat.request import Message
@@ -261,7 +262,8 @@ class TestCacheMechanics:
 
     def _state_for(self, engine: GenerationEngine, tokens: list[int]) -> list[Any]:
         cache = engine.kv_cache.new_cache()
-        engine._prefill(cache, tokens, lambda: False)
+        engine.loaded.model(mx.array(tokens)[None], cache=cache)
+        mx.eval([layer.state for layer in cache])
         return cache
 
     def test_full_extension_hands_out_without_copying(self, engines: tuple[GenerationEngine, GenerationEngine]) -> None:

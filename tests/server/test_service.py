@@ -43,6 +43,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]
             ORIGIN,
             "--max-request-bytes",
             "64K",
+            "--max-batch",
+            "1",
             "--max-queue",
             "1",
             "--keepalive",

@@ -33,7 +33,7 @@ from mlx_server.chat.events import (
 from mlx_server.chat.output import OutputParser, ReasoningPiece, reasoning_syntax
 from mlx_server.chat.request import ChatRequest, Message
 from mlx_server.errors import APIError, ContextOverflowError, report_failure
-from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings, TokenEvent
+from mlx_server.generation import GenerationEngine, GenerationStats, KVBudgetError, SamplingSettings, TokenEvent
 from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
 from mlx_server.prompts import fill_in_the_middle, normalize_billing_header, render_prompt_with_prefix
 from mlx_server.response_cache import CachedResponse, ResponseCache
@@ -52,6 +52,7 @@ class ServiceOptions:
 
     default_max_tokens: int = 1024
     default_temperature: float = 1.0  # for requests that set none
+    default_repetition_penalty: float | None = None  # for requests that set none
     keep_billing_header: bool = False
     request_timeout: float = 0.0  # 0: none
     keepalive_interval: float = 0.0  # 0: none
@@ -84,7 +85,8 @@ class ChatService:
 
     @property
     def context_length(self) -> int:
-        return self.engine.context_length
+        """The longest a prompt and its completion may be: the model's context, or less under the KV budget."""
+        return self.engine.max_sequence_tokens
 
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Exactly the prompt tokens ``start`` would use for the same request."""
@@ -195,7 +197,11 @@ class ChatService:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty,
+            repetition_penalty=(
+                self.options.default_repetition_penalty
+                if sampling.repetition_penalty is None
+                else sampling.repetition_penalty
+            ),
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
             seed=sampling.seed,
@@ -274,6 +280,9 @@ class ChatRun:
         except APIError as error:
             failure = error
             raise
+        except KVBudgetError as error:
+            failure = error
+            raise APIError(400, str(error), param="max_tokens", code="kv_budget_exceeded") from error
         except Exception as error:
             failure = error
             report_failure(error, {"stream": streamed, "prompt_tokens": self.prompt_tokens})

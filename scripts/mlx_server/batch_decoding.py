@@ -1,0 +1,154 @@
+"""Continuous batching on mlx-lm's ``BatchGenerator``: sequences join between decode steps and leave when done.
+
+mlx-lm does the batching itself: batch KV caches that merge sequences of
+different lengths, one prefill chunk (``prefill_step`` tokens per prompt,
+``prefill_batch`` prompts together) interleaved with every decode step, per
+sequence samplers, logits processors, token stop sequences and length limits,
+and prompt segments that pause the prefill at a boundary.  What it lacks, and
+this module adds:
+
+* the prompt cache: a sequence starts from its leased prefix (``caches`` and
+  ``all_tokens`` at insert) and its KV state is stored back when it ends, by
+  the generator (``prompt_cache`` of a finished response) or extracted when
+  this module removes it;
+* a checkpoint at the stable prefix: the prompt is inserted as two segments,
+  and the state at the end of the first is pinned (mlx-lm's server does the
+  same);
+* everything a request needs that is text, not tokens: detokenizing, stop
+  strings (the sequence leaves the batch when one matches), cancellation and
+  deadlines checked at every step, stats and delivery (``jobs.Sequence``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
+from mlx_server.jobs import Job, Sequence
+from mlx_server.prompt_cache import KVPromptCache
+from mlx_server.sampling import logits_processors, sampler
+
+__all__ = ["BatchDecoder"]
+
+logger = logging.getLogger("mlx")
+
+
+class BatchDecoder:
+    """The sequences decoding together (worker thread only)."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        kv_cache: KVPromptCache,
+        grammar_tokenizer: GrammarTokenizer,
+        max_batch: int,
+        prefill_step: int,
+        prefill_batch: int,
+    ) -> None:
+        self._tokenizer = loaded.tokenizer
+        self._kv_cache = kv_cache
+        self._grammar_tokenizer = grammar_tokenizer
+        self._stops = StopSequences([(token,) for token in sorted(loaded.tokenizer.eos_token_ids)])
+        self._generator = BatchGenerator(
+            loaded.model,
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(prefill_batch, max_batch),
+            prefill_step_size=prefill_step,
+        )
+        self._sequences: dict[int, Sequence] = {}
+        self._checkpoints: dict[int, int] = {}  # uid -> where its prefill pauses for a checkpoint
+
+    @property
+    def active(self) -> int:
+        return len(self._sequences)
+
+    def final_lengths(self) -> list[int]:
+        return [sequence.job.final_length for sequence in self._sequences.values()]
+
+    def kv_bytes(self) -> int:
+        """What the active sequences' batch caches hold now."""
+        return int(self._generator.prompt_cache_nbytes)
+
+    def admit(self, job: Job) -> None:
+        """Insert a job; it is prefilled in chunks between the decode steps of the others."""
+        sequence = Sequence(job, self._kv_cache, self._tokenizer)
+        if job.should_stop():
+            sequence.finish(job.stop_reason(), None, None)
+            return
+        settings = job.settings
+        try:
+            grammar = GrammarProcessor(self._grammar_tokenizer.get(), settings.grammar) if settings.grammar else None
+        except GrammarError as error:
+            sequence.fail(error)
+            return
+        lease = sequence.lease()
+        pause = sequence.checkpoint_at(lease)
+        start, prompt = lease.cached_tokens, job.prompt
+        segments = [prompt[start:pause], prompt[pause:]] if pause else [prompt[start:]]
+        processors = logits_processors(
+            settings.repetition_penalty, settings.presence_penalty, settings.frequency_penalty, grammar
+        )
+        (uid,) = self._generator.insert_segments(
+            [segments],
+            max_tokens=[settings.max_tokens],
+            caches=[lease.cache],
+            all_tokens=[prompt[:start]],
+            samplers=[sampler(settings.temperature, settings.top_p, settings.min_p, settings.top_k, settings.seed)],
+            logits_processors=[processors],
+            stop_sequences=[self._stops],
+        )
+        self._sequences[uid] = sequence
+        if pause:
+            self._checkpoints[uid] = pause
+
+    def step(self) -> int:
+        """One decode step for the batch and one prefill chunk; returns the tokens generated."""
+        prompt_responses, generation_responses = self._generator.next()
+        for response in prompt_responses:
+            if response.uid in self._checkpoints and response.end_of_segment and not response.end_of_prompt:
+                del self._checkpoints[response.uid]
+                for cache, tokens in self._generator.extract_cache([response.uid]).values():
+                    self._sequences[response.uid].keep_checkpoint(cache, list(tokens))
+        leaving: list[tuple[int, str]] = []
+        for response in generation_responses:
+            sequence = self._sequences.get(response.uid)
+            if sequence is None:
+                continue
+            sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
+            if response.finish_reason is not None:
+                self._sequences.pop(response.uid)
+                self._checkpoints.pop(response.uid, None)
+                sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
+            elif sequence.stop_text.matched is not None:
+                leaving.append((response.uid, "stop"))
+        leaving += [
+            (uid, sequence.job.stop_reason())
+            for uid, sequence in self._sequences.items()
+            if sequence.job.should_stop() and (uid, "stop") not in leaving
+        ]
+        if leaving:
+            self._remove(leaving)
+        return len(generation_responses)
+
+    def _remove(self, leaving: list[tuple[int, str]]) -> None:
+        """Take sequences out of the batch mid-way; their KV state so far goes back to the prompt cache."""
+        caches = self._generator.remove([uid for uid, _ in leaving], return_prompt_caches=True)
+        for uid, reason in leaving:
+            sequence = self._sequences.pop(uid)
+            self._checkpoints.pop(uid, None)
+            cache, tokens = caches.get(uid, (None, None))
+            sequence.finish(reason, cache, list(tokens) if tokens is not None else None)
+
+    def fail_all(self, error: BaseException) -> None:
+        """A step failed: every sequence gets the error, and the batch starts over empty."""
+        self._generator.remove(list(self._sequences))
+        for sequence in self._sequences.values():
+            sequence.fail(error)
+        self._sequences.clear()
+        self._checkpoints.clear()
+
+    def close(self) -> None:
+        self._generator.close()
