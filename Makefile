@@ -61,6 +61,9 @@ bench-constrained: install
 bench-claude-code: install
 	$(BIN)/python bench/bench_claude_code.py
 
+bench-concurrency: install
+	$(BIN)/python bench/bench_concurrency.py
+
 # 60 s of 32 concurrent clients; the 30-minute soak: make bench-load LOAD_SECONDS=1800
 LOAD_SECONDS ?= 60
 bench-load: install

@@ -29,7 +29,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from serverlib import free_port, start_and_wait, stream_chat
+from serverlib import free_port, mlx_lm_server, start_and_wait, stream_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "scripts" / "mlx-server.py"
@@ -193,25 +192,8 @@ def run_our_server(name: str, extra: list[str], turns: int, max_tokens: int) -> 
 def run_mlx_lm_server(turns: int, max_tokens: int) -> Run:
     """mlx_lm.server on the same weights, with the same BLAS preloaded and the same prefill step."""
     run = Run("mlx_lm.server")
-    with tempfile.TemporaryDirectory() as directory:
-        exported = Path(directory) / "model"
-        subprocess.run([sys.executable, str(SERVER), "--export-mlx", str(exported)], check=True, capture_output=True)
-        port = free_port()
-        launcher = (
-            "import sys, runpy; sys.path.insert(0, sys.argv[1]); "
-            "from mlx_server.blas import preload_optimized_blas; preload_optimized_blas(); "
-            "sys.argv = ['mlx_lm.server'] + sys.argv[2:]; runpy.run_module('mlx_lm.server', run_name='__main__')"
-        )
-        command = [
-            sys.executable, "-c", launcher, str(ROOT / "scripts"),
-            "--model", str(exported), "--port", str(port), "--prefill-step-size", PREFILL_STEP, "--log-level", "ERROR",
-        ]  # fmt: skip
-        process = start_and_wait(command, f"http://127.0.0.1:{port}/v1/models")
-        try:
-            drive(run, f"http://127.0.0.1:{port}", turns, max_tokens, None)
-        finally:
-            process.terminate()
-            process.wait(timeout=120)
+    with mlx_lm_server(ROOT, ["--prefill-step-size", PREFILL_STEP]) as url:
+        drive(run, url, turns, max_tokens, None)
     return run
 
 

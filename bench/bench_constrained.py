@@ -63,6 +63,7 @@ def _decode_speed(engine: GenerationEngine, prompt: list[int], grammar: str | No
     async def run() -> GenerationStats:
         stats = None
         async for event in engine.stream(prompt, settings, threading.Event()):
+            assert event is not None  # keep-alives come only when asked for
             stats = event.stats or stats
         assert stats is not None
         return stats

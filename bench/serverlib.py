@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["StreamedReply", "free_port", "start_and_wait", "stream_chat", "stream_messages"]
+__all__ = [
+    "StreamedReply",
+    "free_port",
+    "mlx_lm_server",
+    "our_server",
+    "start_and_wait",
+    "stream_chat",
+    "stream_messages",
+]
 
 STARTUP_TIMEOUT_SECONDS = 600
 
@@ -99,3 +113,41 @@ def stream_messages(client: httpx.Client, body: dict[str, Any]) -> StreamedReply
                 reply.usage = event["usage"]
                 reply.finished = now
     return reply
+
+
+@contextmanager
+def mlx_lm_server(root: Path, extra: list[str] | None = None) -> Iterator[str]:
+    """mlx_lm.server on the default weights (exported with --export-mlx) and the same BLAS; yields its URL."""
+    with tempfile.TemporaryDirectory() as directory:
+        exported = Path(directory) / "model"
+        server = root / "scripts" / "mlx-server.py"
+        subprocess.run([sys.executable, str(server), "--export-mlx", str(exported)], check=True, capture_output=True)
+        port = free_port()
+        launcher = (
+            "import sys, runpy; sys.path.insert(0, sys.argv[1]); "
+            "from mlx_server.blas import preload_optimized_blas; preload_optimized_blas(); "
+            "sys.argv = ['mlx_lm.server'] + sys.argv[2:]; runpy.run_module('mlx_lm.server', run_name='__main__')"
+        )
+        command = [
+            sys.executable, "-c", launcher, str(root / "scripts"),
+            "--model", str(exported), "--port", str(port), "--log-level", "ERROR", *(extra or []),
+        ]  # fmt: skip
+        process = start_and_wait(command, f"http://127.0.0.1:{port}/v1/models")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=120)
+
+
+@contextmanager
+def our_server(root: Path, extra: list[str] | None = None) -> Iterator[str]:
+    """scripts/mlx-server.py with the default model at ANYCLAUDE_DEBUG=0; yields its URL."""
+    port = free_port()
+    command = [sys.executable, str(root / "scripts" / "mlx-server.py"), "--port", str(port), *(extra or [])]
+    process = start_and_wait(command, f"http://127.0.0.1:{port}/health", {**os.environ, "ANYCLAUDE_DEBUG": "0"})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=120)

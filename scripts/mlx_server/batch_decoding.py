@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
@@ -57,7 +58,10 @@ class BatchDecoder:
             completion_batch_size=max_batch,
             prefill_batch_size=min(prefill_batch, max_batch),
             prefill_step_size=prefill_step,
+            stream=mx.default_stream(mx.default_device()),
         )
+        self._prefill_step = prefill_step
+        self._prefill_batch = min(prefill_batch, max_batch)
         self._sequences: dict[int, Sequence] = {}
         self._checkpoints: dict[int, int] = {}  # uid -> where its prefill pauses for a checkpoint
 
@@ -67,6 +71,10 @@ class BatchDecoder:
 
     def final_lengths(self) -> list[int]:
         return [sequence.job.final_length for sequence in self._sequences.values()]
+
+    def pending_prefixes(self) -> set[str]:
+        """The stable prefixes whose checkpoints the batch is prefilling now."""
+        return {key for uid in self._checkpoints if (key := self._sequences[uid].job.prefix_key) is not None}
 
     def kv_bytes(self) -> int:
         """What the active sequences' batch caches hold now."""
@@ -106,6 +114,7 @@ class BatchDecoder:
 
     def step(self) -> int:
         """One decode step for the batch and one prefill chunk; returns the tokens generated."""
+        self._generator.prefill_batch_size = self._prompts_this_step()
         prompt_responses, generation_responses = self._generator.next()
         for response in prompt_responses:
             if response.uid in self._checkpoints and response.end_of_segment and not response.end_of_prompt:
@@ -132,6 +141,31 @@ class BatchDecoder:
         if leaving:
             self._remove(leaving)
         return len(generation_responses)
+
+    def _prompts_this_step(self) -> int:
+        """How many prompts mlx-lm may prefill together in the next step: as many as fit one step's token budget.
+
+        mlx-lm counts prompts (``prefill_batch_size``), not tokens.  Prefill is
+        compute-bound where it runs on a CPU, so prefilling four long prompts
+        together only delays every one of them to the end: prompts whose next
+        chunks add up to more than one prefill step of tokens go one after
+        another instead (their first tokens arrive in turn), while short ones
+        still go in groups of up to ``prefill_batch``.  (Reads the generator's
+        queue of prompts; mlx-lm exposes no other way to see it.)
+        """
+        generator = self._generator
+        budget = self._prefill_step
+        started = [sum(len(segment) for segment in entry[0]) for entry in generator._currently_processing]
+        waiting = [sum(len(segment) for segment in entry[1]) for entry in generator._unprocessed_sequences]
+        used = sum(min(length, self._prefill_step) for length in started)
+        allowed = len(started)
+        for length in waiting:
+            chunk = min(length, self._prefill_step)
+            if allowed >= self._prefill_batch or (allowed and used + chunk > budget):
+                break
+            used += chunk
+            allowed += 1
+        return max(1, allowed)
 
     def _remove(self, leaving: list[tuple[int, str]]) -> None:
         """Take sequences out of the batch mid-way; their KV state so far goes back to the prompt cache."""

@@ -54,7 +54,9 @@ logger = logging.getLogger("mlx")
 Result = TypeVar("Result")
 
 DEFAULT_MAX_BATCH = 16
-DEFAULT_PREFILL_BATCH = 2
+DEFAULT_PREFILL_BATCH = 8
+JOIN_INTERVAL_SECONDS = 0.5  # a running batch takes newcomers at most this often (mlx_lm.server's time budget)
+GATHER_SECONDS = 0.05  # an idle batch waits this long for requests that arrive together
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class KVBudgetError(Exception):
 class Decoder(Protocol):
     @property
     def active(self) -> int: ...
+    def pending_prefixes(self) -> set[str]: ...
     def final_lengths(self) -> list[int]: ...
     def kv_bytes(self) -> int: ...
     def admit(self, job: Job) -> None: ...
@@ -105,6 +108,31 @@ def prefill_step() -> int:
     stream can stall while another request's prompt is prefilled.
     """
     return 2048 if mx.default_device().type == mx.DeviceType.gpu else 256
+
+
+class _Outbox:
+    """Events for one event loop, handed over once per step: one wake-up for the whole batch, not one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue[TokenEvent | None], event: TokenEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+                self._loop.call_soon_threadsafe(_put_all, pending)
+
+
+def _put_all(pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]) -> None:
+    for queue, event in pending:
+        queue.put_nowait(event)
 
 
 class GenerationEngine:
@@ -126,6 +154,8 @@ class GenerationEngine:
         self._generated = 0
         self._active_bytes = 0
         self._step_observers: list[Callable[[int], None]] = []
+        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
+        self._last_join = 0.0
         self._ready: Future[KVBudget] = Future()
         self._thread = threading.Thread(target=self._work, name="mlx-generation", daemon=True)
         self._thread.start()
@@ -216,41 +246,53 @@ class GenerationEngine:
         cancelled: threading.Event,
         stable_prefix: int = 0,
         timeout: float | None = None,
-    ) -> AsyncIterator[TokenEvent]:
+        keepalive: float = 0.0,
+    ) -> AsyncIterator[TokenEvent | None]:
         """Yield text as it is generated, then a final event with the stats.
 
         Leaving the iteration early (a client that disconnected) sets
         ``cancelled``; the sequence leaves the batch at the next step.
         ``stable_prefix`` is where a checkpoint should be kept (0: none).
         After ``timeout`` seconds from now, waiting included, generation stops
-        with finish_reason ``timeout``.  Raises KVBudgetError when the request
-        cannot fit the KV budget even alone.
+        with finish_reason ``timeout``.  With ``keepalive``, a ``None`` comes
+        whenever that many seconds pass without an event (a long prefill, a
+        wait in the queue), for streams to send something their clients and
+        proxies read.  Raises KVBudgetError when the request cannot fit the KV
+        budget even alone.
         """
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        context = contextvars.copy_context()  # the worker's log lines keep this request's id
-
-        def deliver(event: TokenEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
+        events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
         enqueued = time.perf_counter()
         deadline = enqueued + timeout if timeout else None
-        job = Job(prompt_tokens, stable_prefix, settings, cancelled, lambda event: context.run(deliver, event),
-                  enqueued, deadline=deadline)  # fmt: skip
+        outbox = self._outbox_for(loop)
+        job = Job(prompt_tokens, stable_prefix, settings, cancelled, lambda event: outbox.post(events, event),
+                  enqueued, deadline=deadline, context=contextvars.copy_context())  # fmt: skip
         self._enqueue(job)
+        timer = loop.call_later(keepalive, events.put_nowait, None) if keepalive else None
         try:
             while True:
                 event = await events.get()
-                if event.error is not None:
+                if timer is not None:
+                    timer.cancel()
+                    timer = loop.call_later(keepalive, events.put_nowait, None)
+                if event is not None and event.error is not None:
                     raise event.error
                 yield event
-                if event.final:
+                if event is not None and event.final:
                     break
         finally:
+            if timer is not None:
+                timer.cancel()
             cancelled.set()
             with self._condition:
                 self._condition.notify_all()
+
+    def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        with self._condition:
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                outbox = self._outboxes[loop] = _Outbox(loop)
+            return outbox
 
     def _enqueue(self, job: Job) -> None:
         with self._condition:
@@ -280,6 +322,7 @@ class GenerationEngine:
                 self._admit(decoder)
                 if decoder.active:
                     self._step(decoder)
+                self._flush()
         finally:
             self._cancel_waiting()
             decoder.close()
@@ -308,6 +351,8 @@ class GenerationEngine:
         with self._condition:
             while not (self._waiting or self._tasks or decoder.active or self._stopping):
                 self._condition.wait()
+            if self._waiting and not decoder.active and not self._tasks and not self._stopping:
+                self._condition.wait(GATHER_SECONDS)  # an idle batch gathers what arrives together
             return not (self._stopping and not decoder.active and not self._tasks)
 
     def _run_tasks(self) -> None:
@@ -320,25 +365,61 @@ class GenerationEngine:
             except Exception as error:  # noqa: BLE001 - handed to the caller, which raises it
                 future.set_exception(error)
 
+    def _should_admit(self, decoder: Decoder) -> bool:
+        """Whether waiting jobs join now, or gather for one larger join.
+
+        Every join costs mlx-lm a prefill call, a forward pass for the
+        newcomers alone and a copy of the whole batch's KV state, and stalls
+        the running sequences meanwhile, so joins are grouped: a running batch
+        takes newcomers at most every ``JOIN_INTERVAL_SECONDS`` (as
+        mlx_lm.server's time budget does); an idle one waits
+        ``GATHER_SECONDS`` for requests that arrive together (clients that fan
+        out), or less when a prefill batch's worth is already waiting.
+        """
+        if not decoder.active:
+            waited = time.perf_counter() - self._waiting[0].enqueued
+            return waited >= GATHER_SECONDS or len(self._waiting) >= self.options.prefill_batch
+        return time.perf_counter() - self._last_join >= JOIN_INTERVAL_SECONDS
+
     def _admit(self, decoder: Decoder) -> None:
         """Move waiting jobs into the batch, in arrival order, while there is room in the batch and the budget."""
+        with self._condition:
+            if not self._waiting or not self._should_admit(decoder):
+                return
         while True:
             with self._condition:
                 if not self._waiting or self._stopping or decoder.active >= self.max_batch:
                     return
-                job = self._waiting[0]
+                index = self._next_admissible(decoder.pending_prefixes())
+                if index is None:
+                    return  # everything that waits shares a prefix that is being computed
+                job = self._waiting[index]
                 lengths = [*decoder.final_lengths(), job.final_length]
                 if not self.budget.fits(lengths):
                     if decoder.active:
                         return  # it waits until running sequences leave
-                    self._waiting.popleft()
+                    del self._waiting[index]
                     job.deliver(TokenEvent("", error=KVBudgetError(self._too_large(job))))
+                    self._flush()
                     continue
-                self._waiting.popleft()
+                del self._waiting[index]
             self.kv_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
+            self._last_join = time.perf_counter()
             decoder.admit(job)  # a job that was cancelled while it waited finishes here without joining
             with self._condition:
                 self._running = decoder.active
+
+    def _next_admissible(self, computing: set[str]) -> int | None:
+        """The first waiting job that does not need a stable prefix another sequence is prefilling now.
+
+        Subagents start together with the same system prompt and tools: one
+        prefills it, the others wait until its checkpoint is pinned and start
+        from there, instead of all computing the same thousands of tokens.
+        """
+        for index, job in enumerate(self._waiting):
+            if job.prefix_key is None or job.prefix_key not in computing:
+                return index
+        return None
 
     def _too_large(self, job: Job) -> str:
         return (
@@ -363,6 +444,12 @@ class GenerationEngine:
         for observer in self._step_observers:
             observer(batch)
 
+    def _flush(self) -> None:
+        with self._condition:
+            outboxes = list(self._outboxes.values())
+        for outbox in outboxes:
+            outbox.flush()
+
     def _cancel_waiting(self) -> None:
         with self._condition:
             waiting = list(self._waiting)
@@ -370,3 +457,4 @@ class GenerationEngine:
         for job in waiting:
             stats = GenerationStats(prompt_tokens=len(job.prompt), finish_reason="cancelled")
             job.deliver(TokenEvent("", stats=stats))
+        self._flush()

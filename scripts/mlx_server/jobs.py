@@ -9,6 +9,8 @@ detokenizing, stop text, stats, and storing the KV state back.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import logging
 import threading
@@ -19,7 +21,7 @@ from typing import Any
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache
+from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache, token_digest
 from utils_logging import log_cache_hit, log_cache_miss
 
 __all__ = ["GenerationStats", "Job", "SamplingSettings", "Sequence", "StopText", "TokenEvent"]
@@ -93,6 +95,16 @@ class Job:
     enqueued: float
     use_cache: bool = True
     deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
+    context: contextvars.Context | None = None  # the request's logging context (its request id)
+
+    def in_context(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` so that its log lines carry this request's id."""
+        return work() if self.context is None else self.context.run(work)
+
+    @functools.cached_property
+    def prefix_key(self) -> str | None:
+        """The digest of the stable prefix (what a checkpoint would hold), or None when there is none worth one."""
+        return token_digest(self.prompt[: self.stable_prefix]) if self.stable_prefix >= MIN_REUSED_TOKENS else None
 
     @property
     def final_length(self) -> int:
@@ -161,7 +173,7 @@ class Sequence:
         self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
         self.stats.prefill_tokens = len(self.job.prompt) - lease.cached_tokens
         if self.job.use_cache:
-            self._log_lookup()
+            self.job.in_context(self._log_lookup)
         return lease
 
     def checkpoint_at(self, lease: CacheLease) -> int:
@@ -171,11 +183,9 @@ class Sequence:
         tools) is snapshotted at once; otherwise the prefill stops there.
         """
         prefix = self.job.stable_prefix
-        if (
-            not self.job.use_cache
-            or prefix < MIN_REUSED_TOKENS
-            or self._kv_cache.has_checkpoint(self.job.prompt[:prefix])
-        ):
+        if not (self.job.use_cache and self._kv_cache.enabled) or prefix < MIN_REUSED_TOKENS:
+            return 0
+        if self._kv_cache.has_checkpoint(self.job.prompt[:prefix]):
             return 0
         if lease.cached_tokens >= prefix:
             self._kv_cache.add_checkpoint(lease.cache, self.job.prompt[:prefix])
@@ -218,10 +228,7 @@ class Sequence:
         if self.job.use_cache and cache is not None and tokens is not None:
             self._kv_cache.release(cache, tokens, len(self.job.prompt))
         self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
-        if reason == "cancelled":
-            logger.info("Generation stopped after %d tokens: the client disconnected", self.stats.completion_tokens)
-        elif reason == "timeout":
-            logger.warning("Generation stopped after %d tokens: the request timed out", self.stats.completion_tokens)
+        self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
         self.job.deliver(TokenEvent("", stats=self.stats))
 
     def fail(self, error: BaseException) -> None:
@@ -237,3 +244,10 @@ class Sequence:
             log_cache_hit("prompt", key, {**details, "source": stats.cache_source})
         else:
             log_cache_miss("prompt", key, f"no cached prefix; {details['new_tokens']} new tokens")
+
+
+def _log_stop(reason: str, tokens: int) -> None:
+    if reason == "cancelled":
+        logger.info("Generation stopped after %d tokens: the client disconnected", tokens)
+    elif reason == "timeout":
+        logger.warning("Generation stopped after %d tokens: the request timed out", tokens)

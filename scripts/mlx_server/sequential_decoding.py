@@ -53,6 +53,9 @@ class SequentialDecoder:
     def kv_bytes(self) -> int:
         return 0
 
+    def pending_prefixes(self) -> set[str]:
+        return set()
+
     def admit(self, job: Job) -> None:
         self._job = job
 

@@ -210,6 +210,7 @@ def _generate(
         async for event in engine.stream(
             prompt, SamplingSettings(max_tokens=max_tokens, temperature=0.0), cancelled, prefix
         ):
+            assert event is not None  # keep-alives come only when asked for
             parts.append(event.text)
             stats = event.stats or stats
             if cancel_after is not None and len(parts) >= cancel_after:

@@ -12,7 +12,6 @@ shows.  Dialects only translate a ``ChatRequest`` in and ``ChatEvent`` values ou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -297,7 +296,7 @@ class ChatRun:
         reasoning_parts: list[str] = []
         content_parts: list[str] = []
         stats: GenerationStats | None = None
-        async for event in _with_keepalive(self._token_events(), self._service.options.keepalive_interval):
+        async for event in self._token_events():
             if event is None:
                 yield Keepalive()
                 continue
@@ -344,13 +343,17 @@ class ChatRun:
                 deltas.append(TextDelta(piece.text))
         return deltas
 
-    def _token_events(self) -> AsyncIterator[TokenEvent]:
+    def _token_events(self) -> AsyncIterator[TokenEvent | None]:
         if self._cached is not None:
             return _replay(self._cached, self.prompt_tokens)
-        timeout = self._service.options.request_timeout or None
-        prepared = self._prepared
+        options, prepared = self._service.options, self._prepared
         return self._service.engine.stream(
-            prepared.prompt, self._settings, self._cancelled, prepared.stable_prefix, timeout=timeout
+            prepared.prompt,
+            self._settings,
+            self._cancelled,
+            prepared.stable_prefix,
+            timeout=options.request_timeout or None,
+            keepalive=options.keepalive_interval,
         )
 
     def _remember(self, text: str, stats: GenerationStats) -> None:
@@ -375,7 +378,7 @@ def _call_marker_stems(call_format: ToolCallFormat) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stems))
 
 
-async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[TokenEvent]:
+async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[TokenEvent | None]:
     """A cached answer, delivered like a generation: its text, then its stats (all prompt tokens cached)."""
     yield TokenEvent(cached.text)
     stats = GenerationStats(
@@ -395,41 +398,6 @@ async def _cancel_when_disconnected(request: Request, cancelled: threading.Event
         message = await request.receive()
         if message["type"] == "http.disconnect":
             cancelled.set()
-
-
-async def _with_keepalive(events: AsyncIterator[TokenEvent], interval: float) -> AsyncIterator[TokenEvent | None]:
-    """The events, with a None whenever ``interval`` seconds pass without one (0: never).
-
-    A long prefill, or a wait behind other requests, sends nothing for a
-    while; clients and proxies with read timeouts then hang up.
-    """
-    iterator = events.__aiter__()
-    pending: asyncio.Future[TokenEvent] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval or None)
-            if not done:
-                yield None
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-        await _close(iterator)
-
-
-async def _close(iterator: AsyncIterator[TokenEvent]) -> None:
-    closer = getattr(iterator, "aclose", None)
-    if closer is not None:
-        with contextlib.suppress(RuntimeError):  # still running in the cancelled task: its own finally cleans up
-            await closer()
 
 
 def _timed_out(stats: GenerationStats) -> APIError:

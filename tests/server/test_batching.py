@@ -1,0 +1,229 @@
+"""Continuous batching: requests decode together, and everything per request stays per request.
+
+The engine runs in this process on the real model; requests are driven
+concurrently with asyncio, as the HTTP layer drives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from mlx_server.chat.request import Message, Tool
+from mlx_server.generation import EngineOptions, GenerationEngine, GenerationStats, SamplingSettings
+from mlx_server.grammar import OutputConstraint, build_grammar
+from mlx_server.prompt_cache import KVPromptCache
+from mlx_server.prompts import render_prompt, render_prompt_with_prefix
+
+from .conftest import RunningServer, start_server, stop_server
+from .helpers import CHAT, LONG_ANSWER, WEATHER_PARAMETERS, chat_body
+
+BYTES_PER_TOKEN = 46_080  # SmolLM2-135M, float32: 30 layers x 3 KV heads x 64 x 2 (keys, values) x 4 bytes
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "Why is the sky blue?",
+]
+
+
+@dataclass
+class Outcome:
+    text: str
+    stats: GenerationStats
+
+
+@pytest.fixture(scope="module")
+def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
+    cache = KVPromptCache(loaded_model.model, loaded_model.identity, 16, 2**30)
+    running = GenerationEngine(loaded_model, cache, EngineOptions(max_batch=8))
+    yield running
+    running.shutdown()
+
+
+def prompt_for(engine: GenerationEngine, question: str) -> list[int]:
+    return render_prompt(engine.tokenizer, [Message("user", question)])
+
+
+async def generate(
+    engine: GenerationEngine,
+    prompt: list[int],
+    settings: SamplingSettings,
+    stable_prefix: int = 0,
+    cancel_after: int | None = None,
+) -> Outcome:
+    cancelled = threading.Event()
+    parts: list[str] = []
+    stats: GenerationStats | None = None
+    async for event in engine.stream(prompt, settings, cancelled, stable_prefix):
+        assert event is not None
+        parts.append(event.text)
+        stats = event.stats or stats
+        if cancel_after is not None and len(parts) >= cancel_after:
+            break
+    if stats is None:  # left early: the stream was abandoned, as a disconnected client abandons it
+        stats = GenerationStats(prompt_tokens=len(prompt), finish_reason="cancelled")
+    return Outcome("".join(parts), stats)
+
+
+def alone(engine: GenerationEngine, prompt: list[int], settings: SamplingSettings) -> Outcome:
+    return asyncio.run(generate(engine, prompt, settings))
+
+
+def together(engine: GenerationEngine, *requests: tuple[list[int], SamplingSettings]) -> list[Outcome]:
+    async def run() -> list[Outcome]:
+        return list(await asyncio.gather(*(generate(engine, prompt, settings) for prompt, settings in requests)))
+
+    return asyncio.run(run())
+
+
+WEATHER = Tool("get_weather", "Get the current weather for a city", WEATHER_PARAMETERS)
+
+
+class TestPerRequestSettings:
+    def test_greedy_outputs_equal_their_solo_outputs(self, engine: GenerationEngine) -> None:
+        """At temperature 0, six different prompts with different lengths give, together, what each gives alone."""
+        requests = [
+            (prompt_for(engine, question), SamplingSettings(max_tokens=12 + 4 * index, temperature=0.0))
+            for index, question in enumerate(QUESTIONS)
+        ]
+        solo = [alone(engine, *request) for request in requests]
+        batched = together(engine, *requests)
+        assert [outcome.text for outcome in batched] == [outcome.text for outcome in solo]
+        assert [outcome.stats.completion_tokens for outcome in batched] == [
+            outcome.stats.completion_tokens for outcome in solo
+        ]
+
+    def test_mixed_settings_stops_and_grammars_in_one_batch(self, engine: GenerationEngine) -> None:
+        """A stop sequence, a length limit, a forced tool call and a sampled request finish correctly side by side."""
+        grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="required", forced_function="get_weather"))
+        weather_prompt = render_prompt(engine.tokenizer, [Message("user", "Weather in Paris?")], [WEATHER])
+        requests = [
+            (prompt_for(engine, QUESTIONS[0]), SamplingSettings(max_tokens=40, temperature=0.0, stop=("Paris",))),
+            (prompt_for(engine, LONG_ANSWER), SamplingSettings(max_tokens=7, temperature=0.0)),
+            (weather_prompt, SamplingSettings(max_tokens=60, temperature=0.0, grammar=grammar)),
+            (prompt_for(engine, QUESTIONS[2]), SamplingSettings(max_tokens=16, temperature=0.9, top_p=0.9, top_k=40)),
+        ]
+        stopped, limited, called, sampled = together(engine, *requests)
+        assert stopped.stats.finish_reason == "stop" and stopped.stats.stop_sequence == "Paris"
+        assert stopped.text == "The capital of France is "
+        assert limited.stats.finish_reason == "length" and limited.stats.completion_tokens == 7
+        assert called.text.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": ')
+        assert called.stats.finish_reason == "stop"
+        assert 1 <= sampled.stats.completion_tokens <= 16
+
+    def test_a_seeded_request_is_reproducible_in_a_batch(self, engine: GenerationEngine) -> None:
+        """Its own random key: the same seed gives the same text alone and among other sampled requests."""
+        seeded = (prompt_for(engine, QUESTIONS[5]), SamplingSettings(max_tokens=24, temperature=1.0, seed=1234))
+        others = [
+            (prompt_for(engine, question), SamplingSettings(max_tokens=24, temperature=1.0))
+            for question in QUESTIONS[:3]
+        ]
+        solo = alone(engine, *seeded).text
+        batched = together(engine, *others, seeded)[-1].text
+        assert batched == solo
+
+
+class TestLifecycle:
+    def test_a_request_that_leaves_does_not_stop_the_others(self, engine: GenerationEngine) -> None:
+        """One stream abandoned after three pieces; the others run to their limits."""
+
+        async def run() -> list[Outcome]:
+            long = prompt_for(engine, LONG_ANSWER)
+            settings = SamplingSettings(max_tokens=30, temperature=0.0)
+            return list(
+                await asyncio.gather(
+                    generate(engine, long, settings, cancel_after=3),
+                    generate(
+                        engine, prompt_for(engine, QUESTIONS[1]), SamplingSettings(max_tokens=20, temperature=0.0)
+                    ),
+                    generate(engine, long, settings),
+                )
+            )
+
+        left, first, second = asyncio.run(run())
+        assert left.stats.finish_reason == "cancelled"
+        assert first.stats.finish_reason in ("stop", "length") and first.text
+        assert second.stats.finish_reason == "length" and second.stats.completion_tokens == 30
+
+    def test_batched_requests_reuse_the_prompt_cache(self, engine: GenerationEngine) -> None:
+        """Two conversations with one system prompt, together: the second turns start from their first turns."""
+        system = "You are a careful assistant who answers in one short sentence. " * 8
+        conversations = [[Message("system", system), Message("user", question)] for question in QUESTIONS[:2]]
+        settings = SamplingSettings(max_tokens=8, temperature=0.0)
+
+        def requests() -> list[tuple[list[int], SamplingSettings, int]]:
+            rendered = [render_prompt_with_prefix(engine.tokenizer, messages) for messages in conversations]
+            return [(prompt, settings, prefix) for prompt, prefix in rendered]
+
+        async def turn() -> list[Outcome]:
+            return list(await asyncio.gather(*(generate(engine, *request) for request in requests())))
+
+        first = asyncio.run(turn())
+        for messages, outcome in zip(conversations, first):
+            messages += [Message("assistant", outcome.text), Message("user", "Thanks. And why?")]
+        second = asyncio.run(turn())
+        for before, after in zip(first, second):
+            assert after.stats.cached_tokens >= before.stats.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A KV budget that holds one 256-token sequence (46,080 bytes a token for this model), not two."""
+    arguments = ["--kv-budget", str(BYTES_PER_TOKEN * 400), "--response-cache-size", "0", "--prompt-cache-size", "0"]
+    running = start_server(tmp_path_factory.mktemp("budget") / "server.log", arguments=arguments)
+    yield running
+    stop_server(running)
+
+
+class TestMemoryBudget:
+    def test_a_request_that_does_not_fit_beside_another_waits(self, budgeted: RunningServer) -> None:
+        """Two requests that may each grow to ~130 tokens (a 256-token step): the second waits, then completes."""
+        body = chat_body(LONG_ANSWER, max_tokens=100)
+        results: list[httpx.Response] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(httpx.post(budgeted.base_url + CHAT, json=body, timeout=300))
+            )
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        seen_waiting = False
+        while any(thread.is_alive() for thread in threads):
+            batch = httpx.get(budgeted.base_url + "/health", timeout=10).json()["batch"]
+            assert batch["running"] <= 1
+            seen_waiting |= batch["waiting"] == 1
+        for thread in threads:
+            thread.join()
+        assert [response.status_code for response in results] == [200, 200]
+        assert seen_waiting
+
+    def test_a_request_that_could_never_fit_is_a_400(self, budgeted: RunningServer) -> None:
+        """Past what the budget can hold for one sequence: a 400 in the context-overflow wording."""
+        response = httpx.post(budgeted.base_url + CHAT, json=chat_body(max_tokens=300), timeout=60)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length is 256 tokens" in response.json()["error"]["message"]
+
+    def test_health_and_metrics_show_the_batch(self, budgeted: RunningServer) -> None:
+        assert httpx.post(budgeted.base_url + CHAT, json=chat_body(max_tokens=4), timeout=60).status_code == 200
+        health = httpx.get(budgeted.base_url + "/health", timeout=10).json()["batch"]
+        assert health["max_batch"] == 16 and health["kv_budget_bytes"] == BYTES_PER_TOKEN * 400
+        assert health["kv_bytes_per_token"] == BYTES_PER_TOKEN
+        assert health["decode_steps"] >= 4 and health["tokens_per_step"] > 0
+        metrics = httpx.get(budgeted.base_url + "/metrics", timeout=10).text
+        for name in (
+            "mlx_server_batch_size_bucket",
+            "mlx_server_batch_running_sequences",
+            "mlx_server_kv_budget_bytes",
+        ):
+            assert name in metrics
