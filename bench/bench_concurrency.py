@@ -73,12 +73,12 @@ class Level:
 def _concurrently(workers: int, work: Callable[[int], list[StreamedReply]]) -> tuple[float, list[StreamedReply]]:
     replies: list[StreamedReply] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def run(index: int) -> None:
         try:
             mine = work(index)
-        except BaseException as error:  # reported after the join
+        except Exception as error:  # noqa: BLE001 - every failure is reported after the join
             errors.append(error)
             return
         with lock:
@@ -177,7 +177,8 @@ def report(ours: list[Level], theirs: list[Level], fan: tuple[Level, Level] | No
     if fan is not None:
         mine_fan, other_fan = fan
         print(
-            f"\nAgent fan-out: this server {mine_fan.seconds:.1f} s total, median TTFT {mine_fan.median_ttft_ms:,.0f} ms;"
+            f"\nAgent fan-out: this server {mine_fan.seconds:.1f} s total,"
+            f" median TTFT {mine_fan.median_ttft_ms:,.0f} ms;"
             f" mlx_lm.server {other_fan.seconds:.1f} s, {other_fan.median_ttft_ms:,.0f} ms"
         )
         total = mine_fan.seconds / other_fan.seconds
