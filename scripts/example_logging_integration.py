@@ -78,7 +78,7 @@ def fake_inference(prompt: str) -> str:
 
 
 def handle_request(cache: ResponseCache, request: dict[str, object]) -> dict[str, object]:
-    """The guide's Step 4: a timer with checkpoints around one request."""
+    """A timer with checkpoints around one request (LOGGING_GUIDE.md, "PerformanceTimer")."""
     with PerformanceTimer("chat_completion", log_level=2) as timer:
         debug(3, "Chat request", request)
         logger.info("Processing chat request")
@@ -100,7 +100,7 @@ def handle_request(cache: ResponseCache, request: dict[str, object]) -> dict[str
 
 
 def record_failure() -> None:
-    """The guide's Step 5: a failed request becomes a redacted debug file."""
+    """A failed request becomes a redacted debug file (LOGGING_GUIDE.md, "Error debug files")."""
     request_info = {
         "method": "POST",
         "url": "http://localhost:8081/v1/chat/completions",

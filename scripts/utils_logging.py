@@ -123,11 +123,26 @@ _LEVEL_DESCRIPTIONS = {
 }
 
 # ---------------------------------------------------------------------------
+# Module state: everything that changes at run time, in one place.
+# ---------------------------------------------------------------------------
+
+_debug_level: int = 0  # read by every call; set_debug_level() and reload_from_environment() change it
+_log_format: str = "text"  # "text" or "json", read as each line is formatted
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("anyclaude_request_id", default=None)
+_warned: set[str] = set()  # keys of the internal warnings already given
+_warned_lock = threading.Lock()
+_key_memo: dict[str, str | None] = {}  # mapping key -> as written out, None when it names a secret
+_scrub_memo: dict[str, str] = {}  # short text -> the same text scrubbed
+_console_handlers: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()  # to re-decide colour on reload
+_setup_lock = threading.RLock()  # setup_logger()
+_file_lock = threading.Lock()  # error debug files
+_fallback_directory: str | None = None  # used instead of an unsafe debug directory
+_debug_logger: logging.Logger  # the ``anyclaude`` logger, installed at the end of this module
+
+# ---------------------------------------------------------------------------
 # Internal warnings: said once, never raised.
 # ---------------------------------------------------------------------------
 
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
 _MAX_REMEMBERED_WARNINGS = 1_000
 
 
@@ -176,10 +191,6 @@ def _parse_log_format(raw: str | None) -> tuple[str, str | None]:
     if text == "json":
         return "json", None
     return "text", f"{LOG_FORMAT_ENV_VAR}={raw!r} is not 'text' or 'json'; using text"
-
-
-_debug_level: int = 0
-_log_format: str = "text"
 
 
 def get_debug_level() -> DebugLevel:
@@ -236,8 +247,6 @@ def is_trace_debug_enabled() -> bool:
 # Request context: an id bound once appears on every line of that request.
 # ---------------------------------------------------------------------------
 
-_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("anyclaude_request_id", default=None)
-
 
 def get_request_id() -> str | None:
     """The request id bound in the current thread or asyncio task, if any."""
@@ -272,6 +281,9 @@ _SECRET_KEY_PATTERN = re.compile(
     r"xsrf_?token|jwt|bearer|signature|dsn)$"
     r"|^(?:password|passwd|secret|private_?key)(?:_|$)"
 )
+# Names that end in "token" but say where in a token stream, not which credential:
+# time_to_first_token, diverged_at_token, seconds_per_token.
+_TOKEN_POSITION_PATTERN = re.compile(r"(?:^|_)(?:at|to|per|first|last|each)_token$")
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _MAX_MEMO_KEYS = 4_096
 
@@ -279,13 +291,10 @@ _MAX_MEMO_KEYS = 4_096
 def _is_secret_key(key: str) -> bool:
     """Whether a mapping key or header name names a secret."""
     normalized = _CAMEL_BOUNDARY.sub("_", key).lower().replace("-", "_").strip("_ ")
-    return _SECRET_KEY_PATTERN.search(normalized) is not None
+    return _SECRET_KEY_PATTERN.search(normalized) is not None and _TOKEN_POSITION_PATTERN.search(normalized) is None
 
 
-_key_memo: dict[str, str | None] = {}
-
-
-def _displayed_key(key: str) -> str | None:
+def _written_key_or_none(key: str) -> str | None:
     """A mapping key as written out (scrubbed), or None when it names a secret (memoized)."""
     try:
         return _key_memo[key]
@@ -336,7 +345,6 @@ _TEXT_RULES: tuple[tuple[str, bool, re.Pattern[str]], ...] = tuple(
 )
 #: No rule can match text shorter than this ("token=x").
 _MIN_SECRET_CHARS = 7
-_scrub_memo: dict[str, str] = {}
 _MAX_MEMO_TEXT_CHARS = 256
 
 
@@ -497,7 +505,7 @@ class _Sanitizer:
         for key, item in items:
             name = key_memo.get(key, _UNSEEN) if type(key) is str else _UNSEEN
             if name is _UNSEEN:
-                name = _displayed_key(key if type(key) is str else _safe_str(key))
+                name = _written_key_or_none(key if type(key) is str else _safe_str(key))
             if name is None:
                 result[_safe_key_text(key)] = REDACTED
                 continue
@@ -516,7 +524,7 @@ class _Sanitizer:
 
     def _sequence(self, items: list[object], depth: int, path: set[int]) -> object:
         # A (name, value) pair such as a header tuple hides its value when the name is secret.
-        if len(items) == 2 and type(items[0]) is str and _displayed_key(items[0]) is None:
+        if len(items) == 2 and type(items[0]) is str and _written_key_or_none(items[0]) is None:
             return [items[0], REDACTED]
         limit = self.max_items
         result: list[object] = []
@@ -588,7 +596,11 @@ def _to_plain(value: object) -> object:
     return value
 
 
-_redact_for_files = _Sanitizer(max_string=None, max_items=None)
+#: Unbounded, for redact() and level-3 lines; the bounded ones serve lines below level 3 and error files.
+_sanitize_whole = _Sanitizer(max_string=None, max_items=None)
+_sanitize_for_line = _Sanitizer(max_string=MAX_DATA_CHARS_BELOW_TRACE, max_items=MAX_ITEMS_BELOW_TRACE)
+_sanitize_for_error_file = _Sanitizer(max_string=MAX_DEBUG_FILE_STRING_CHARS, max_items=1_000)
+_sanitize_for_small_error_file = _Sanitizer(max_string=2_048, max_items=100)
 
 
 def redact(value: object) -> object:
@@ -601,7 +613,7 @@ def redact(value: object) -> object:
     wholly.  Never raises; the input is not modified.
     """
     try:
-        return _redact_for_files(value)
+        return _sanitize_whole(value)
     except Exception as error:  # noqa: BLE001 - the scrubber must never fail its caller
         return f"<unredactable {type(value).__name__}: {type(error).__name__}>"
 
@@ -714,9 +726,6 @@ class AnyclaudeFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
-_console_handlers: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at the time of the line (pytest, redirection)."""
 
@@ -765,7 +774,6 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 
 _OWNER_MARK = "_anyclaude_handler"
-_setup_lock = threading.RLock()
 
 
 def _our_handler(logger: logging.Logger, mark: str) -> logging.Handler | None:
@@ -832,17 +840,11 @@ def _install_debug_logger() -> logging.Logger:
     return setup_logger(DEBUG_LOGGER_NAME, logging.DEBUG)
 
 
-_debug_logger = _install_debug_logger()
-reload_from_environment()
-
-
 # ---------------------------------------------------------------------------
 # debug() and the helpers built on it
 # ---------------------------------------------------------------------------
 
 _MISSING: Any = object()
-_sanitize_below_trace = _Sanitizer(max_string=MAX_DATA_CHARS_BELOW_TRACE, max_items=MAX_ITEMS_BELOW_TRACE)
-_sanitize_at_trace = _Sanitizer(max_string=None, max_items=None)
 
 
 def _evaluate_lazy(data: object) -> object:
@@ -860,7 +862,7 @@ def _render(message: object, data: object, level: int) -> tuple[str, str, object
     if data is _MISSING:
         return text, text, _MISSING
     trace = level >= DebugLevel.TRACE
-    plain = (_sanitize_at_trace if trace else _sanitize_below_trace)(_evaluate_lazy(data))
+    plain = (_sanitize_whole if trace else _sanitize_for_line)(_evaluate_lazy(data))
     if trace:
         rendered = json.dumps(plain, ensure_ascii=False, indent=2)
     else:
@@ -913,7 +915,7 @@ def debug(level: int, message: object, data: object = _MISSING) -> None:
         _warn_once(f"debug-level:{type(level).__name__}", f"debug() called with an invalid level {level!r}: {error}")
 
 
-def _display_key(key: object) -> str:
+def _cache_key_for_line(key: object) -> str:
     """A cache key as shown in logs: itself if short, else a short stable digest."""
     text = _safe_str(key)
     if len(text) <= MAX_DISPLAYED_KEY_CHARS and "\n" not in text:
@@ -927,19 +929,20 @@ def log_cache_hit(cache_type: str, key: object, metadata: object = None) -> None
     if not _debug_level:
         return
     try:
-        message = f"[Cache] HIT - {cache_type}: {_display_key(key)}"
+        message = f"[Cache] HIT - {cache_type}: {_cache_key_for_line(key)}"
         _emit_safely(logging.DEBUG, message, _MISSING if metadata is None else metadata, 1)
     except Exception:  # noqa: BLE001 - see _emit_safely; nothing here may raise
         pass
 
 
-def log_cache_miss(cache_type: str, key: object, reason: str | None = None) -> None:
-    """At level >= 1: ``[Cache] MISS - <cache_type>: <key> (reason)``.  Never raises."""
+def log_cache_miss(cache_type: str, key: object, reason: str | None = None, details: object = None) -> None:
+    """At level >= 1: ``[Cache] MISS - <cache_type>: <key> (reason) {details}``.  Never raises."""
     if not _debug_level:
         return
     try:
         suffix = f" ({reason})" if reason else ""
-        _emit_safely(logging.DEBUG, f"[Cache] MISS - {cache_type}: {_display_key(key)}{suffix}", _MISSING, 1)
+        message = f"[Cache] MISS - {cache_type}: {_cache_key_for_line(key)}{suffix}"
+        _emit_safely(logging.DEBUG, message, _MISSING if details is None else details, 1)
     except Exception:  # noqa: BLE001 - see _emit_safely; nothing here may raise
         pass
 
@@ -1060,41 +1063,11 @@ def timing_decorator(log_level: int = DebugLevel.VERBOSE) -> Callable[[_F], _F]:
 
 
 # ---------------------------------------------------------------------------
-# Start-up banner
-# ---------------------------------------------------------------------------
-
-
-def display_debug_startup() -> None:
-    """At level >= 1, log what is enabled and where error files go.  Never raises."""
-    level = _debug_level
-    if not level:
-        return
-    try:
-        lines = [
-            "=" * 60,
-            f"ANYCLAUDE DEBUG MODE: level {level} ({DebugLevel(level).name})",
-        ]
-        for shown, description in _LEVEL_DESCRIPTIONS.items():
-            mark = "on " if shown <= level else "off"
-            lines.append(f"  [{mark}] level {int(shown)} ({shown.name}): {description}")
-        lines.append(f"  Error debug files: {get_debug_directory()} (newest {_max_debug_files()} kept)")
-        lines.append(f"  Log format: {_log_format}")
-        lines.append("=" * 60)
-        for line in lines:
-            _debug_logger.info(line)
-    except Exception as error:  # noqa: BLE001 - a banner is not worth a crash
-        _warn_once("banner", f"debug banner not shown: {type(error).__name__}: {error}")
-
-
-# ---------------------------------------------------------------------------
 # Error debug files
 # ---------------------------------------------------------------------------
 
 _FILE_PREFIX = "anyclaude-error-"
 _INDEX_NAME = "index.log"
-_file_lock = threading.Lock()
-_sanitize_for_file = _Sanitizer(max_string=MAX_DEBUG_FILE_STRING_CHARS, max_items=1_000)
-_sanitize_for_small_file = _Sanitizer(max_string=2_048, max_items=100)
 
 
 class _UnsafeDirectoryError(OSError):
@@ -1152,6 +1125,27 @@ def _open_private_directory(path: str) -> int:
         os.close(descriptor)
         raise
     return descriptor
+
+
+def _open_debug_directory() -> tuple[int, str]:
+    """The configured debug directory, or when it is unsafe a fresh private one (kept for later files).
+
+    The unsafe path is never written to; the warning names the one used instead,
+    so the details of a failure are not lost to a planted symlink.
+    """
+    global _fallback_directory
+    path = get_debug_directory()
+    try:
+        return _open_private_directory(path), path
+    except _UnsafeDirectoryError as error:
+        if _fallback_directory is None or not os.path.isdir(_fallback_directory):
+            _fallback_directory = tempfile.mkdtemp(prefix="anyclaude-errors-")  # mode 0700, a new random name
+        _warn_once(
+            f"unsafe-debug-dir:{path}",
+            f"refusing error debug directory {path} ({error.strerror}); "
+            f"writing error debug files to {_fallback_directory} instead",
+        )
+        return _open_private_directory(_fallback_directory), _fallback_directory
 
 
 def _create_private_file(directory: int, name: str, content: bytes) -> None:
@@ -1217,13 +1211,13 @@ def _debug_document(status_code: int, request_info: object, response_info: objec
         "response": response_info,
         "process": _process_facts(),
     }
-    for sanitizer in (_sanitize_for_file, _sanitize_for_small_file):
+    for sanitizer in (_sanitize_for_error_file, _sanitize_for_small_error_file):
         content = json.dumps(sanitizer(document), ensure_ascii=False, indent=2).encode("utf-8", errors="replace")
         if len(content) <= MAX_DEBUG_FILE_BYTES:
             return content
     summary = {key: document[key] for key in ("timestamp", "status_code", "request_id", "process")}
     summary["note"] = f"request and response omitted: over {MAX_DEBUG_FILE_BYTES} bytes even when truncated"
-    return json.dumps(_sanitize_for_small_file(summary), indent=2).encode("utf-8")
+    return json.dumps(_sanitize_for_small_error_file(summary), indent=2).encode("utf-8")
 
 
 def write_error_debug_file(status_code: int, request_info: object, response_info: object = None) -> str | None:
@@ -1231,7 +1225,9 @@ def write_error_debug_file(status_code: int, request_info: object, response_info
 
     Any status >= 400 is written.  The file is created with O_EXCL|O_NOFOLLOW,
     mode 0600, under a random name in a private 0700 directory; only the newest
-    ``ANYCLAUDE_DEBUG_MAX_FILES`` (100) are kept.  Returns None when debugging
+    ``ANYCLAUDE_DEBUG_MAX_FILES`` (100) are kept.  An unsafe directory (a
+    symlink, someone else's) is refused and a fresh private one used instead,
+    named in a warning.  Returns None when debugging
     is off, the status is below 400, or the disk refuses (one warning, no
     exception).
     """
@@ -1241,9 +1237,8 @@ def write_error_debug_file(status_code: int, request_info: object, response_info
         content = _debug_document(int(status_code), request_info, response_info)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{_FILE_PREFIX}{int(status_code)}-{stamp}-{secrets.token_hex(8)}.json"
-        path = get_debug_directory()
         with _file_lock:
-            directory = _open_private_directory(path)
+            directory, path = _open_debug_directory()
             try:
                 _create_private_file(directory, name, content)
                 _append_to_index(directory, f"{stamp}\t{int(status_code)}\t{name}\n")
@@ -1283,3 +1278,38 @@ def log_debug_error(
         _emit_safely(logging.ERROR, message, details if details else _MISSING, 1)
     except Exception as error:  # noqa: BLE001 - logging never raises into its caller
         _warn_once(f"log-debug-error:{type(error).__name__}", f"log_debug_error failed: {error}")
+
+
+# ---------------------------------------------------------------------------
+# Start-up banner
+# ---------------------------------------------------------------------------
+
+
+def display_debug_startup() -> None:
+    """At level >= 1, log what is enabled and where error files go.  Never raises."""
+    level = _debug_level
+    if not level:
+        return
+    try:
+        lines = [
+            "=" * 60,
+            f"ANYCLAUDE DEBUG MODE: level {level} ({DebugLevel(level).name})",
+        ]
+        for shown, description in _LEVEL_DESCRIPTIONS.items():
+            mark = "on " if shown <= level else "off"
+            lines.append(f"  [{mark}] level {int(shown)} ({shown.name}): {description}")
+        lines.append(f"  Error debug files: {get_debug_directory()} (newest {_max_debug_files()} kept)")
+        lines.append(f"  Log format: {_log_format}")
+        lines.append("=" * 60)
+        for line in lines:
+            _debug_logger.info(line)
+    except Exception as error:  # noqa: BLE001 - a banner is not worth a crash
+        _warn_once("banner", f"debug banner not shown: {type(error).__name__}: {error}")
+
+
+# ---------------------------------------------------------------------------
+# Import-time set-up: the ``anyclaude`` logger and the level from the environment.
+# ---------------------------------------------------------------------------
+
+_debug_logger = _install_debug_logger()
+reload_from_environment()

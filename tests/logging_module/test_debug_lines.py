@@ -294,23 +294,29 @@ class TestNeverRaises:
         debug(1, _BadStr())
         assert "<unrepresentable _BadStr>" in capsys.readouterr().err
 
-    def test_broken_handler_does_not_raise(self) -> None:
-        """A handler that raises is logging's problem (handleError), not the caller's."""
+    def test_broken_handler_does_not_raise(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A handler whose emit() raises costs one warning, not an exception; the other handlers still write."""
 
         class Exploding(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 raise OSError("disk gone")
 
+        monkeypatch.setattr(utils_logging, "_warned", set())
         logger = logging.getLogger("anyclaude")
         handler = Exploding()
         logger.addHandler(handler)
-        previous, logging.raiseExceptions = logging.raiseExceptions, False
         try:
             utils_logging.set_debug_level(1)
             debug(1, "still fine")
+            debug(1, "and again")
         finally:
-            logging.raiseExceptions = previous
             logger.removeHandler(handler)
+        lines = stderr_lines(capsys)
+        assert any(line.endswith("DEBUG: still fine") for line in lines)
+        assert any(line.endswith("DEBUG: and again") for line in lines)
+        assert len([line for line in lines if "a debug line was dropped: OSError: disk gone" in line]) == 1
 
 
 class TestCacheHelpers:

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,6 @@ class TestFileSecurity:
     def test_default_directory_is_per_user_in_tempdir(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without ANYCLAUDE_DEBUG_DIR files go to <tempdir>/anyclaude-<uid>."""
         monkeypatch.delenv("ANYCLAUDE_DEBUG_DIR", raising=False)
-        import tempfile
-
         assert utils_logging.get_debug_directory() == os.path.join(tempfile.gettempdir(), f"anyclaude-{os.getuid()}")
 
     def test_loose_directory_is_tightened(self, debug_dir: Path) -> None:
@@ -117,14 +116,33 @@ class TestFileSecurity:
         assert write_error_debug_file(500, {}) is not None
         assert stat.S_IMODE(debug_dir.stat().st_mode) == 0o700
 
-    def test_symlinked_directory_is_refused(self, debug_dir: Path, tmp_path: Path) -> None:
-        """A symlink planted where the directory goes is not followed."""
+    def test_symlinked_directory_is_refused_and_a_private_one_used(
+        self, debug_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A symlink planted where the directory goes is not followed; the details go to a fresh 0700 directory."""
+        fallback_parent = _fresh_temp_root(tmp_path, monkeypatch)
         target = tmp_path / "attacker"
         target.mkdir()
         debug_dir.symlink_to(target)
         utils_logging.set_debug_level(1)
-        assert write_error_debug_file(500, GUIDE_REQUEST) is None
+        path = write_error_debug_file(500, GUIDE_REQUEST)
         assert list(target.iterdir()) == []
+        assert path is not None and Path(path).parent.parent == fallback_parent
+        assert stat.S_IMODE(Path(path).parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert _read(path)["status_code"] == 500
+        warning = "\n".join(stderr_lines(capsys))
+        assert f"refusing error debug directory {debug_dir}" in warning
+        assert str(Path(path).parent) in warning
+
+    def test_later_files_join_the_same_fallback_directory(
+        self, debug_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _fresh_temp_root(tmp_path, monkeypatch)
+        debug_dir.symlink_to(tmp_path)
+        utils_logging.set_debug_level(1)
+        first, second = write_error_debug_file(500, {}), write_error_debug_file(400, {})
+        assert first and second and Path(first).parent == Path(second).parent
 
     def test_symlinked_file_is_refused(self, debug_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A symlink planted at the file's name is neither followed nor overwritten."""
@@ -139,12 +157,26 @@ class TestFileSecurity:
         assert victim.read_text() == "original"
 
     @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
-    def test_directory_of_another_user_is_refused(self, debug_dir: Path) -> None:
-        """A directory owned by someone else is not used."""
+    def test_directory_of_another_user_is_refused(
+        self, debug_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A directory owned by someone else is not used; a fresh private one is."""
+        _fresh_temp_root(tmp_path, monkeypatch)
         debug_dir.mkdir(mode=0o700)
         os.chown(debug_dir, 12345, 12345)
         utils_logging.set_debug_level(1)
-        assert write_error_debug_file(500, {}) is None
+        path = write_error_debug_file(500, {})
+        assert path is not None and Path(path).parent != debug_dir
+        assert list(debug_dir.iterdir()) == []
+
+
+def _fresh_temp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point tempfile (where fallback directories are made) into this test's directory; forget any earlier one."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    monkeypatch.setattr(utils_logging, "_fallback_directory", None)
+    return root
 
 
 class _FrozenDatetime(datetime.datetime):

@@ -54,7 +54,19 @@ SECRET_KEYS = [
     "aws_secret_access_key",
     "password_hash",
 ]
-ORDINARY_KEYS = ["model", "max_tokens", "prompt_tokens", "completion_tokens", "cache_key", "tokens", "content", "keys"]
+ORDINARY_KEYS = [
+    "model",
+    "max_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_key",
+    "tokens",
+    "content",
+    "keys",
+    "time_to_first_token",  # positions in a token stream, not credentials
+    "diverged_at_token",
+    "secondsPerToken",
+]
 
 # (text containing a secret, the secret itself)
 SECRET_TEXTS = [

@@ -137,12 +137,20 @@ class TestLogFile:
         setup_logger(logger_name, log_file=str(path)).info("single")
         assert path.read_text().count("single") == 1
 
-    def test_unwritable_file_warns_and_keeps_logging(self, logger_name: str, tmp_path: Path) -> None:
-        """A log file that cannot be opened costs a warning, not an exception."""
+    def test_unwritable_file_warns_and_keeps_logging(
+        self, logger_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A log file that cannot be opened costs a warning naming it, not an exception; stderr keeps the lines."""
         blocker = tmp_path / "not-a-directory"
         blocker.write_text("")
         logger = setup_logger(logger_name, log_file=blocker / "server.log")
         logger.info("still logging")
+        lines = stderr_lines(capsys)
+        assert any(
+            "WARNING: cannot open log file" in line and str(blocker / "server.log") in line and "stderr only" in line
+            for line in lines
+        ), lines
+        assert any(LINE.match(line) and line.endswith("INFO: still logging") for line in lines), lines
 
     def test_threads_never_tear_lines(self, logger_name: str, tmp_path: Path) -> None:
         """16 threads x 5,000 lines: every line arrives whole and in its thread's order."""
