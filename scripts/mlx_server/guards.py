@@ -8,8 +8,11 @@ streamed responses and answers before a body is read:
   or ``x-api-key: <key>``; a missing or wrong key is a 401.  Keys are compared
   in constant time and never logged.
 * ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
-  Content-Length before anything is read, or as soon as a chunked body
-  passes the limit.
+  Content-Length before anything is processed, or as soon as a chunked body
+  passes the limit.  The rest of the body is read and discarded first
+  (bounded in bytes and time): a client that is still sending when the
+  answer comes and the connection closes would see a reset instead of the
+  413 (async clients such as httpx.AsyncClient always do).
 * ``QueueLimit``: at most ``--max-queue`` generation requests wait beyond a
   full batch (``--max-batch``); the next gets a 429 with Retry-After.
   Counting happens around the whole request, streaming included, so a slot is
@@ -20,6 +23,8 @@ Each answers in the error shape of the dialect its path belongs to.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Collection
 
@@ -90,21 +95,48 @@ class BodySizeLimit:
             logger.warning(
                 "Refused a %s-byte body on %s (--max-request-bytes %d)", declared, scope["path"], self.max_bytes
             )
+            await _drain(receive)
             error = APIError(413, self._message(), code="request_too_large", headers={"Connection": "close"})
             await _send_error(scope, receive, send, self.shapes, error)
             return
         received = 0
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise HTTPException(413, self._message())
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def draining_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 413 and not body_done:
+                await _drain(receive)
+            await send(message)
+
+        await self.app(scope, counting_receive, draining_send)
+
+
+DRAIN_MAX_BYTES = 512 * 1024**2
+DRAIN_MAX_SECONDS = 30.0
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard what is left of a request body, up to DRAIN_MAX_BYTES and DRAIN_MAX_SECONDS."""
+    drained = 0
+    deadline = asyncio.get_running_loop().time() + DRAIN_MAX_SECONDS
+    with contextlib.suppress(asyncio.TimeoutError):
+        while drained < DRAIN_MAX_BYTES:
+            remaining = deadline - asyncio.get_running_loop().time()
+            message = await asyncio.wait_for(receive(), timeout=max(0.0, remaining))
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 class QueueLimit:

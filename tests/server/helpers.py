@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
+
+from .conftest import RunningServer
+
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
 RESPONSES = "/v1/responses"
@@ -67,3 +71,29 @@ def responses_weather_tool() -> dict[str, Any]:
         "description": WEATHER_DESCRIPTION,
         "parameters": WEATHER_PARAMETERS,
     }
+
+
+def post_chat(
+    server: RunningServer,
+    messages: str | list[dict[str, Any]] = "Hi",
+    max_tokens: int = 2,
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> httpx.Response:
+    """POST a greedy chat completion (a string is one user message)."""
+    body = chat_body(max_tokens=max_tokens, **fields)
+    body["messages"] = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    return httpx.post(server.base_url + CHAT, json=body, headers=headers, timeout=300)
+
+
+def chat_result(server: RunningServer, messages: str | list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """A chat completion that must succeed, as JSON."""
+    response = post_chat(server, messages, **fields)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def cached_tokens(result: dict[str, Any]) -> int:
+    """The prompt tokens a chat completion took from the prompt cache."""
+    return int(result["usage"]["prompt_tokens_details"]["cached_tokens"])

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import APIStatusError, AsyncOpenAI, OpenAI
 
 from .conftest import RunningServer, start_server, stop_server
+from .helpers import CHAT, LONG_ANSWER, chat_body
 
-CHAT = "/v1/chat/completions"
 KEY = "horse-battery-staple-4242"  # not secret-shaped: only its header name can hide it
 SECOND_KEY = "second-key-for-ci-1234"
 ORIGIN = "http://localhost:3000"
-HI = [{"role": "user", "content": "Hi"}]
-LONG_ANSWER = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
-
-
-def chat(max_tokens: int = 2, **fields: Any) -> dict[str, Any]:
-    return {"model": "m", "messages": HI, "max_tokens": max_tokens, "temperature": 0, **fields}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ class TestApiKeys:
     )
     def test_refused_with_openai_401(self, guarded: RunningServer, headers: dict[str, str], message: str) -> None:
         for method, path in (("POST", CHAT), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/v1/cache")):
-            response = httpx.request(method, guarded.base_url + path, headers=headers, json=chat())
+            response = httpx.request(method, guarded.base_url + path, headers=headers, json=chat_body())
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == "Bearer"
             error = response.json()["error"]
@@ -98,9 +92,9 @@ class TestApiKeys:
     def test_key_never_reaches_a_log_or_file(self, guarded: RunningServer, tmp_path: Path) -> None:
         """At ANYCLAUDE_DEBUG=3, with right and wrong keys, a rejected and a failed request: no trace of a key."""
         with authorized(guarded) as client:
-            client.post(CHAT, json=chat())
+            client.post(CHAT, json=chat_body())
             client.post(CHAT, json={"messages": "not a list"})
-        httpx.post(guarded.base_url + CHAT, headers={"x-api-key": KEY + "-wrong"}, json=chat())
+        httpx.post(guarded.base_url + CHAT, headers={"x-api-key": KEY + "-wrong"}, json=chat_body())
         directory = guarded.log_path.parent
         texts = {path: path.read_text(errors="replace") for path in directory.rglob("*") if path.is_file()}
         assert any("Processing chat request" in text for text in texts.values()), "the logs were written"
@@ -136,12 +130,12 @@ class TestCors:
 
 class TestBodyLimit:
     def test_declared_length_over_the_limit_is_413_before_reading(self, guarded: RunningServer) -> None:
-        body = json.dumps(chat(user="x" * 70_000)).encode()
+        body = json.dumps(chat_body(user="x" * 70_000)).encode()
         with authorized(guarded) as client:
             response = client.post(CHAT, content=body, headers={"content-type": "application/json"})
             assert response.status_code == 413
             assert response.json()["error"]["code"] == "request_too_large"
-            assert client.post(CHAT, json=chat()).status_code == 200
+            assert client.post(CHAT, json=chat_body()).status_code == 200
 
     def test_chunked_body_over_the_limit_is_413(self, guarded: RunningServer) -> None:
         def chunks() -> Iterator[bytes]:
@@ -154,6 +148,32 @@ class TestBodyLimit:
             response = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
         assert response.status_code == 413
 
+    def test_an_async_client_still_sending_reads_the_413(self, guarded: RunningServer) -> None:
+        """A body far beyond the socket buffers: the client is mid-send when the answer comes, yet reads it."""
+        body = json.dumps(chat_body(user="x" * 32_000_000)).encode()
+
+        async def send() -> httpx.Response:
+            headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+            async with httpx.AsyncClient(base_url=guarded.base_url, headers=headers, timeout=120) as client:
+                return await client.post(CHAT, content=body)
+
+        response = asyncio.run(send())
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+    def test_the_async_openai_sdk_gets_a_413_not_a_connection_error(self, guarded: RunningServer) -> None:
+        async def send() -> None:
+            async with AsyncOpenAI(base_url=guarded.api_url, api_key=KEY, max_retries=0) as client:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "x" * 32_000_000}], max_tokens=1
+                )
+
+        with pytest.raises(APIStatusError) as raised:
+            asyncio.run(send())
+        assert raised.value.status_code == 413
+        with authorized(guarded) as client:
+            assert client.post(CHAT, json=chat_body()).status_code == 200
+
 
 class TestQueue:
     def test_a_full_queue_is_429_and_nothing_is_lost(self, guarded: RunningServer) -> None:
@@ -162,7 +182,7 @@ class TestQueue:
 
         def long_request() -> None:
             with authorized(guarded) as client:
-                results.append(client.post(CHAT, json={**chat(48), "messages": LONG_ANSWER}).status_code)
+                results.append(client.post(CHAT, json=chat_body(LONG_ANSWER, 48)).status_code)
 
         workers = [threading.Thread(target=long_request) for _ in range(2)]
         for worker in workers:
@@ -173,7 +193,7 @@ class TestQueue:
                 if queue["running"] + queue["waiting"] == 2:
                     break
                 threading.Event().wait(0.05)
-            refused = client.post(CHAT, json=chat())
+            refused = client.post(CHAT, json=chat_body())
         for worker in workers:
             worker.join()
         assert refused.status_code == 429
@@ -184,25 +204,23 @@ class TestQueue:
     def test_disconnected_streams_give_their_slot_back(self, guarded: RunningServer) -> None:
         with authorized(guarded) as client:
             for _ in range(4):
-                with client.stream("POST", CHAT, json={**chat(200), "stream": True, "messages": LONG_ANSWER}) as stream:
+                with client.stream("POST", CHAT, json=chat_body(LONG_ANSWER, 200, stream=True)) as stream:
                     next(stream.iter_lines())
             guarded.wait_idle()
-            assert client.post(CHAT, json=chat()).status_code == 200
+            assert client.post(CHAT, json=chat_body()).status_code == 200
 
 
 class TestKeepAlive:
     def test_comments_while_waiting_for_the_first_token(self, guarded: RunningServer) -> None:
         """A stream queued behind a long request gets SSE comments, then its content, then [DONE]."""
         with authorized(guarded) as client:
-            blocker = threading.Thread(
-                target=lambda: authorized(guarded).post(CHAT, json={**chat(40), "messages": LONG_ANSWER})
-            )
+            blocker = threading.Thread(target=lambda: authorized(guarded).post(CHAT, json=chat_body(LONG_ANSWER, 40)))
             blocker.start()
             for _ in range(200):
                 if client.get("/health").json()["queue"]["running"] == 1:
                     break
                 threading.Event().wait(0.05)
-            with client.stream("POST", CHAT, json={**chat(4), "stream": True}) as stream:
+            with client.stream("POST", CHAT, json=chat_body(max_tokens=4, stream=True)) as stream:
                 lines = [line for line in stream.iter_lines() if line]
             blocker.join()
         first_data = next(index for index, line in enumerate(lines) if '"delta":{"content":' in line)
@@ -213,7 +231,7 @@ class TestKeepAlive:
 class TestMetrics:
     def test_prometheus_text_with_the_numbers_a_user_wants(self, guarded: RunningServer) -> None:
         with authorized(guarded) as client:
-            client.post(CHAT, json=chat(3))
+            client.post(CHAT, json=chat_body(max_tokens=3))
             client.post(CHAT, json={"messages": []})
             text = client.get("/metrics").text
             assert client.get("/metrics").headers["content-type"].startswith("text/plain")
@@ -253,14 +271,14 @@ def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServe
 
 class TestTimeout:
     def test_runaway_generation_is_a_504(self, impatient: RunningServer) -> None:
-        response = httpx.post(impatient.base_url + CHAT, json={**chat(2000), "messages": LONG_ANSWER}, timeout=120)
+        response = httpx.post(impatient.base_url + CHAT, json=chat_body(LONG_ANSWER, 2000), timeout=120)
         assert response.status_code == 504
         error = response.json()["error"]
         assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
-        assert httpx.post(impatient.base_url + CHAT, json=chat(), timeout=60).status_code == 200
+        assert httpx.post(impatient.base_url + CHAT, json=chat_body(), timeout=60).status_code == 200
 
     def test_runaway_stream_ends_with_an_error_event(self, impatient: RunningServer) -> None:
-        body = {**chat(2000), "messages": LONG_ANSWER, "stream": True}
+        body = chat_body(LONG_ANSWER, 2000, stream=True)
         with httpx.stream("POST", impatient.base_url + CHAT, json=body, timeout=120) as stream:
             events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-1])["error"]["code"] == "request_timeout"
@@ -293,7 +311,7 @@ class TestGracefulShutdown:
     def test_sigterm_lets_an_in_flight_stream_finish(self, tmp_path: Path) -> None:
         running = start_server(tmp_path / "server.log", arguments=["--response-cache-size", "0"])
         try:
-            body = {**chat(24), "messages": LONG_ANSWER, "stream": True}
+            body = chat_body(LONG_ANSWER, 24, stream=True)
             with httpx.stream("POST", running.base_url + CHAT, json=body, timeout=120) as stream:
                 lines = stream.iter_lines()
                 seen = [next(lines), next(lines)]

@@ -1,0 +1,170 @@
+"""The guards (API keys, body size, queue limit) in process, around a tiny ASGI app, as Starlette tests middleware.
+
+They answer in the error shape of the dialect a path belongs to; the server
+tests in test_service.py check the same guards end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mlx_server.dialects.anthropic_messages import ERROR_PATH_PREFIX, anthropic_error
+from mlx_server.errors import ErrorShapes
+from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
+from mlx_server.settings import ApiKeys
+
+KEY = "guard-test-key-1234"
+SHAPES = ErrorShapes({ERROR_PATH_PREFIX: anthropic_error})
+GENERATION = frozenset({"/v1/chat/completions", "/v1/messages"})
+
+
+def tiny_app(gate: asyncio.Event | None = None) -> Starlette:
+    async def generate(request: Request) -> JSONResponse:
+        body = await request.body()
+        if gate is not None:
+            await gate.wait()
+        return JSONResponse({"bytes": len(body)})
+
+    async def health(_request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", generate, methods=["POST"]),
+            Route("/v1/messages", generate, methods=["POST"]),
+            Route("/health", health),
+        ]
+    )
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded")
+
+
+class TestApiKeys:
+    @pytest.fixture
+    def guarded(self) -> ApiKeyGuard:
+        return ApiKeyGuard(tiny_app(), ApiKeys([KEY, "second-key-5678"]), SHAPES)
+
+    @pytest.mark.parametrize(
+        "headers",
+        [{"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}, {"authorization": "bearer second-key-5678"}],
+        ids=["bearer", "x-api-key", "second key, lower-case scheme"],
+    )
+    def test_a_known_key_passes(self, guarded: ApiKeyGuard, headers: dict[str, str]) -> None:
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post("/v1/chat/completions", content=b"{}", headers=headers)
+
+        assert asyncio.run(run()).status_code == 200
+
+    @pytest.mark.parametrize(
+        ("path", "headers", "shape"),
+        [
+            ("/v1/chat/completions", {}, "openai"),
+            ("/v1/chat/completions", {"x-api-key": "wrong"}, "openai"),
+            ("/v1/messages", {"x-api-key": "wrong"}, "anthropic"),
+        ],
+        ids=["missing", "wrong", "wrong, Anthropic route"],
+    )
+    def test_no_or_wrong_key_is_a_401_in_the_routes_dialect(
+        self, guarded: ApiKeyGuard, path: str, headers: dict[str, str], shape: str
+    ) -> None:
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post(path, content=b"{}", headers=headers)
+
+        response = asyncio.run(run())
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        if shape == "openai":
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        else:
+            assert response.json()["error"]["type"] == "authentication_error"
+        assert KEY not in response.text and "wrong" not in response.text
+
+    def test_health_needs_no_key(self, guarded: ApiKeyGuard) -> None:
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.get("/health")
+
+        assert asyncio.run(run()).status_code == 200
+
+
+class TestBodySize:
+    @pytest.fixture
+    def guarded(self) -> BodySizeLimit:
+        return BodySizeLimit(tiny_app(), 1024, SHAPES)
+
+    def test_a_body_within_the_limit_passes(self, guarded: BodySizeLimit) -> None:
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post("/v1/chat/completions", content=b"x" * 1024)
+
+        assert asyncio.run(run()).json() == {"bytes": 1024}
+
+    def test_a_declared_length_over_the_limit_is_a_413(self, guarded: BodySizeLimit) -> None:
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post("/v1/messages", content=b"x" * 5000)
+
+        response = asyncio.run(run())
+        assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+
+    def test_a_chunked_body_over_the_limit_is_a_413(self, guarded: BodySizeLimit) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b"x" * 512
+
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post("/v1/chat/completions", content=chunks())
+
+        response = asyncio.run(run())  # mid-body the guard raises; the app's error handlers shape the answer
+        assert response.status_code == 413 and "--max-request-bytes" in response.text
+
+
+class TestQueueLimit:
+    def test_beyond_a_full_batch_and_the_waiting_room_is_a_429_and_slots_come_back(self) -> None:
+        """One decoding (max_batch 1) and one waiting (max_waiting 1): the third is refused; later ones pass."""
+
+        async def run() -> tuple[list[int], httpx.Response, int]:
+            gate = asyncio.Event()
+            guarded = QueueLimit(tiny_app(gate), max_waiting=1, max_batch=1, paths=GENERATION, shapes=SHAPES)
+            async with client(guarded) as http:
+                held = [asyncio.create_task(http.post("/v1/chat/completions", content=b"{}")) for _ in range(2)]
+                while guarded.in_flight < 2:
+                    await asyncio.sleep(0.01)
+                refused = await http.post("/v1/messages", content=b"{}")
+                gate.set()
+                statuses = [(await task).status_code for task in held]
+                after = await http.post("/v1/chat/completions", content=b"{}")
+                return statuses, refused, after.status_code
+
+        statuses, refused, after = asyncio.run(run())
+        assert statuses == [200, 200] and after == 200
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+
+    def test_other_routes_pass_a_full_queue(self) -> None:
+        async def run() -> int:
+            gate = asyncio.Event()
+            guarded = QueueLimit(tiny_app(gate), max_waiting=1, max_batch=1, paths=GENERATION, shapes=SHAPES)
+            async with client(guarded) as http:
+                held = [asyncio.create_task(http.post("/v1/chat/completions", content=b"{}")) for _ in range(2)]
+                while guarded.in_flight < 2:
+                    await asyncio.sleep(0.01)
+                status = (await http.get("/health")).status_code
+                gate.set()
+                await asyncio.gather(*held)
+                return status
+
+        assert asyncio.run(run()) == 200
