@@ -21,6 +21,9 @@ from mlx_lm.utils import _get_classes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from mlx_server.machine import physical_memory_bytes
+from mlx_server.weight_format import WeightFormat, choose_weight_format
+
 __all__ = ["GGUF_GROUP_SIZE", "SUPPORTED_ARCHITECTURES", "GgufModel", "UnsupportedGgufError", "load_gguf"]
 
 GGUF_GROUP_SIZE = 32
@@ -75,6 +78,7 @@ class GgufModel:
     config: dict[str, Any]
     context_length: int
     quantized: bool
+    weight_format: str  # why the weights are in the format they are, for the start-up line
     warnings: list[str]
 
 
@@ -145,8 +149,20 @@ def _quantization_bits(weights: dict[str, mx.array]) -> dict[str, int]:
     return bits
 
 
-def _build_model(config: dict[str, Any], weights: dict[str, mx.array], keep_quantized: bool) -> nn.Module:
-    """Instantiate the mlx-lm model, load the weights, and dequantize unless asked not to."""
+def _float32_bytes(weights: dict[str, mx.array], bits: dict[str, int]) -> int:
+    """What the weights would take as float32: a quantized weight holds 32 / bits values per uint32."""
+    total = 0
+    for name, tensor in weights.items():
+        module, _, kind = name.rpartition(".")
+        if module in bits and kind in ("scales", "biases"):
+            continue
+        values = tensor.size * 32 // bits[module] if module in bits and kind == "weight" else tensor.size
+        total += values * 4
+    return total
+
+
+def _build_model(config: dict[str, Any], weights: dict[str, mx.array], dequantize: bool) -> nn.Module:
+    """Instantiate the mlx-lm model, load the weights, and dequantize them to float32 when asked to."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     bits = _quantization_bits(weights)
@@ -158,10 +174,9 @@ def _build_model(config: dict[str, Any], weights: dict[str, mx.array], keep_quan
             ),
         )
     model.load_weights(list(weights.items()), strict=True)
-    if bits and not keep_quantized:
+    if bits and dequantize:
         from mlx_lm.utils import dequantize_model
 
-        # On CPU, float32 matmuls beat MLX's quantized kernels several times over.
         dequantize_model(model)
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
@@ -224,8 +239,12 @@ def _build_tokenizer(metadata: dict[str, Any], warnings: list[str]) -> PreTraine
     return tokenizer
 
 
-def load_gguf(path: Path, keep_quantized: bool = False) -> GgufModel:
-    """Load a llama-architecture GGUF; raises UnsupportedGgufError naming what is not supported."""
+def load_gguf(path: Path, dequantize: bool | None = None) -> GgufModel:
+    """Load a llama-architecture GGUF; raises UnsupportedGgufError naming what is not supported.
+
+    ``dequantize`` None lets weight_format.choose_weight_format decide from the
+    device and memory; True or False is the command line's explicit choice.
+    """
     try:
         loaded = cast("tuple[dict[str, mx.array], dict[str, Any]]", mx.load(str(path), return_metadata=True))
     except RuntimeError as error:  # MLX reports unreadable files as RuntimeError
@@ -234,12 +253,18 @@ def load_gguf(path: Path, keep_quantized: bool = False) -> GgufModel:
     config = _model_config(metadata, tensors)
     weights = {_rename(name): tensor for name, tensor in tensors.items()}
     warnings: list[str] = []
-    model = _build_model(config, weights, keep_quantized)
-    bits = set(_quantization_bits(weights).values())
-    if keep_quantized and bits:
-        config["quantization"] = {"group_size": GGUF_GROUP_SIZE, "bits": max(bits), "mode": "affine"}
+    bits = _quantization_bits(weights)
+    if bits:
+        device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+        weight_format = choose_weight_format(device, _float32_bytes(weights, bits), physical_memory_bytes(), dequantize)
+    else:
+        weight_format = WeightFormat(False, "not quantized in the file")
+    model = _build_model(config, weights, weight_format.dequantize)
+    quantized = bool(bits) and not weight_format.dequantize
+    if quantized:
+        config["quantization"] = {"group_size": GGUF_GROUP_SIZE, "bits": max(bits.values()), "mode": "affine"}
         config["quantization"].update(
-            {module: {"group_size": GGUF_GROUP_SIZE, "bits": b} for module, b in _quantization_bits(weights).items()}
+            {module: {"group_size": GGUF_GROUP_SIZE, "bits": b} for module, b in bits.items()}
         )
     tokenizer = _build_tokenizer(metadata, warnings)
     return GgufModel(
@@ -247,6 +272,7 @@ def load_gguf(path: Path, keep_quantized: bool = False) -> GgufModel:
         tokenizer=tokenizer,
         config=config,
         context_length=int(config["max_position_embeddings"]),
-        quantized=keep_quantized and bool(bits),
+        quantized=quantized,
+        weight_format=weight_format.reason,
         warnings=warnings,
     )

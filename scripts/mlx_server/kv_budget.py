@@ -11,8 +11,9 @@ cannot fit even alone is refused before it queues.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from mlx_server.machine import physical_memory_bytes
 
 __all__ = ["KV_STEP", "KVBudget", "default_budget_bytes"]
 
@@ -21,10 +22,7 @@ KV_STEP = 256
 
 def default_budget_bytes() -> int:
     """A quarter of physical memory (at least 256 MiB): room for KV state without starving the model."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        physical = 8 * 1024**3
+    physical = physical_memory_bytes() or 8 * 1024**3
     return max(256 * 1024**2, physical // 4)
 
 

@@ -41,12 +41,24 @@ class LoadedModel:
     quantized: bool
     config: dict[str, Any]
     identity: str
+    weight_format: str = "as saved"  # and why, for the start-up line
     warnings: list[str] = field(default_factory=list)
 
     @property
     def device(self) -> str:
         device = mx.default_device()
         return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+
+    def describe(self) -> dict[str, Any]:
+        """What /health says of the model."""
+        return {
+            "model": self.name,
+            "model_source": self.source,
+            "model_kind": self.kind,
+            "quantized": self.quantized,
+            "device": self.device,
+            "context_length": self.context_length,
+        }
 
 
 def _identity(*parts: object) -> str:
@@ -59,9 +71,9 @@ def _file_identity(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _load_gguf_file(path: Path, keep_quantized: bool) -> LoadedModel:
+def _load_gguf_file(path: Path, dequantize: bool | None) -> LoadedModel:
     try:
-        loaded = load_gguf(path, keep_quantized=keep_quantized)
+        loaded = load_gguf(path, dequantize=dequantize)
     except UnsupportedGgufError as error:
         raise ModelLoadError(f"{path.name}: {error}") from error
     except (OSError, ValueError, KeyError) as error:
@@ -76,7 +88,8 @@ def _load_gguf_file(path: Path, keep_quantized: bool) -> LoadedModel:
         context_length=loaded.context_length,
         quantized=loaded.quantized,
         config=loaded.config,
-        identity=_identity(_file_identity(path), keep_quantized),
+        identity=_identity(_file_identity(path), loaded.quantized),
+        weight_format=loaded.weight_format,
         warnings=loaded.warnings,
     )
 
@@ -123,8 +136,12 @@ def _load_hub_repo(repo_id: str) -> LoadedModel:
     return _load_with_mlx_lm(local, repo_id, "huggingface", _identity(repo_id, Path(local).name))
 
 
-def load_model(reference: str | None, keep_quantized: bool = False) -> LoadedModel:
-    """Load ``reference`` (None: the bundled default); raises ModelLoadError with a clear reason."""
+def load_model(reference: str | None, dequantize: bool | None = None) -> LoadedModel:
+    """Load ``reference`` (None: the bundled default); raises ModelLoadError with a clear reason.
+
+    ``dequantize`` applies to quantized GGUF weights: None chooses by device and
+    memory (see weight_format), True or False forces float32 or quantized.
+    """
     if reference is None:
         try:
             reference = str(find_default_model())
@@ -134,7 +151,7 @@ def load_model(reference: str | None, keep_quantized: bool = False) -> LoadedMod
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        return _load_gguf_file(path, keep_quantized)
+        return _load_gguf_file(path, dequantize)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but not an MLX model (no config.json)")

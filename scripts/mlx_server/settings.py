@@ -23,7 +23,7 @@ DEFAULT_REQUEST_TIMEOUT = 600.0
 DEFAULT_KEEPALIVE = 10.0
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
 DEFAULT_MAX_BATCH = 16  # generation.DEFAULT_MAX_BATCH; chosen by bench/bench_concurrency.py (see the README)
-DEFAULT_PREFILL_BATCH = 2
+DEFAULT_PREFILL_BATCH = 8  # generation.DEFAULT_PREFILL_BATCH
 _BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -34,7 +34,7 @@ class Settings:
     model: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    keep_quantized: bool = False
+    dequantize: bool | None = None  # None: by device and memory (weight_format)
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     default_temperature: float = DEFAULT_TEMPERATURE
     default_repetition_penalty: float | None = None
@@ -82,6 +82,15 @@ class ApiKeys:
 
 def _flag(environment: Mapping[str, str], name: str) -> bool:
     return environment.get(ENV_PREFIX + name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _weight_choice(environment: Mapping[str, str]) -> bool | None:
+    """MLX_SERVER_KEEP_QUANTIZED=1 or MLX_SERVER_DEQUANTIZE=1; neither: None, chosen at load."""
+    if _flag(environment, "KEEP_QUANTIZED"):
+        return False
+    if _flag(environment, "DEQUANTIZE"):
+        return True
+    return None
 
 
 def _positive_int(text: str) -> int:
@@ -149,7 +158,8 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="mlx-server.py",
-        description="OpenAI-compatible chat completions on MLX. Set ANYCLAUDE_DEBUG=1..3 for debug output.",
+        description="OpenAI- and Anthropic-compatible inference on MLX: chat completions, Responses, completions "
+        "and Messages, with continuous batching. Set ANYCLAUDE_DEBUG=1..3 for debug output.",
         epilog=f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> "
         f"(for example {ENV_PREFIX}PORT=9000, {ENV_PREFIX}KEEP_QUANTIZED=1).",
     )
@@ -165,12 +175,22 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=_port, default=env("PORT", str(DEFAULT_PORT)), help=f"port (default {DEFAULT_PORT})"
     )
-    parser.add_argument(
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
         "--keep-quantized",
-        action="store_true",
-        default=_flag(environment, "KEEP_QUANTIZED"),
-        help="keep GGUF weights quantized (less memory; on CPU, float32 is several times faster)",
+        dest="dequantize",
+        action="store_false",
+        help="keep quantized GGUF weights quantized (the default on a GPU, and on a CPU when float32 "
+        "would take over a quarter of memory)",
     )
+    weights.add_argument(
+        "--dequantize",
+        dest="dequantize",
+        action="store_true",
+        help="dequantize GGUF weights to float32 (the default on a CPU when they fit a quarter of memory: "
+        "several times faster there)",
+    )
+    parser.set_defaults(dequantize=_weight_choice(environment))
     parser.add_argument(
         "--default-max-tokens",
         type=_positive_int,
@@ -247,8 +267,9 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         "--prefill-batch",
         type=_positive_int,
         default=env("PREFILL_BATCH", str(DEFAULT_PREFILL_BATCH)),
-        help="prompts prefilled together, one chunk per decode step; a running stream stalls at most this many "
-        f"chunks (256 tokens on CPU, 2048 on a GPU) per step (default {DEFAULT_PREFILL_BATCH})",
+        help="short prompts prefilled together between two decode steps; together they take at most one chunk "
+        "(256 tokens on CPU, 2048 on a GPU), so a running stream stalls at most one chunk's prefill per step "
+        f"(default {DEFAULT_PREFILL_BATCH})",
     )
     batching.add_argument(
         "--kv-budget",
@@ -328,7 +349,7 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         model=namespace.model,
         host=namespace.host,
         port=int(namespace.port),
-        keep_quantized=namespace.keep_quantized,
+        dequantize=namespace.dequantize,
         default_max_tokens=int(namespace.default_max_tokens),
         default_temperature=float(namespace.default_temperature),
         default_repetition_penalty=(

@@ -35,6 +35,7 @@ class TestHelp:
             "--host",
             "--port",
             "--keep-quantized",
+            "--dequantize",
             "--default-max-tokens",
             "--blas",
             "--log-file",
@@ -63,11 +64,20 @@ class TestSettings:
             "MLX_SERVER_BLAS": "/usr/lib/libblas.so",
         }
         settings = parse_settings([], environment=environment)
-        assert settings.port == 9001 and settings.host == "0.0.0.0" and settings.keep_quantized
+        assert settings.port == 9001 and settings.host == "0.0.0.0" and settings.dequantize is False
         assert settings.default_max_tokens == 77 and settings.model == "/models/x.gguf"
         assert settings.export_mlx == Path("/tmp/out") and settings.log_file == Path("/tmp/server.log")
         assert settings.blas == "/usr/lib/libblas.so"
         assert parse_settings(["--port", "9002"], environment=environment).port == 9002
+
+    def test_weight_format_is_chosen_at_load_unless_a_flag_says(self) -> None:
+        """No flag: None (device and memory decide); either flag forces; both at once is a usage error."""
+        assert parse_settings([], environment={}).dequantize is None
+        assert parse_settings(["--dequantize"], environment={}).dequantize is True
+        assert parse_settings(["--keep-quantized"], environment={}).dequantize is False
+        assert parse_settings([], environment={"MLX_SERVER_DEQUANTIZE": "1"}).dequantize is True
+        with pytest.raises(SystemExit):
+            parse_settings(["--keep-quantized", "--dequantize"], environment={})
 
     @pytest.mark.parametrize("arguments", [["--port", "70000"], ["--port", "x"], ["--default-max-tokens", "0"]])
     def test_bad_values_exit_with_usage(self, arguments: list[str]) -> None:

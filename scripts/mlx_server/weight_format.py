@@ -1,0 +1,44 @@
+"""Whether quantized GGUF weights are dequantized to float32: a choice made from the device and the memory.
+
+On a GPU (Metal on Apple Silicon, CUDA) MLX's quantized kernels are fast and
+float32 would multiply the weights' memory about eight times (a 4 GB Q4 model
+becomes 28 GB), so weights stay quantized.  On a CPU, float32 matrix products
+through BLAS are several times faster than the quantized kernels, so weights
+are dequantized, but only while the float32 copy fits FLOAT32_MEMORY_SHARE of
+physical memory; a larger model stays quantized and the start-up line says so.
+``--keep-quantized`` and ``--dequantize`` override the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FLOAT32_MEMORY_SHARE", "WeightFormat", "choose_weight_format"]
+
+FLOAT32_MEMORY_SHARE = 0.25
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    dequantize: bool
+    reason: str
+
+
+def choose_weight_format(
+    device: str, float32_bytes: int, physical_memory: int | None, requested: bool | None = None
+) -> WeightFormat:
+    """Dequantize or not; ``requested`` is the command line's explicit choice (None: decide)."""
+    size = f"{float32_bytes / _GIB:.2f} GiB as float32"
+    if requested is not None:
+        flag = "--dequantize" if requested else "--keep-quantized"
+        return WeightFormat(requested, f"{flag}, {size}")
+    if device != "cpu":
+        return WeightFormat(False, f"kept quantized for the {device}'s quantized kernels, {size}")
+    if physical_memory is None:
+        return WeightFormat(True, f"dequantized for CPU speed, {size}, memory size unknown")
+    allowed = physical_memory * FLOAT32_MEMORY_SHARE
+    share = f"{FLOAT32_MEMORY_SHARE:.0%} of {physical_memory / _GIB:.1f} GiB memory"
+    if float32_bytes <= allowed:
+        return WeightFormat(True, f"dequantized for CPU speed, {size} fits {share}")
+    return WeightFormat(False, f"kept quantized, {size} would exceed {share}; --dequantize forces it")
