@@ -78,7 +78,9 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model(args.model)
-    engine = GenerationEngine(loaded, KVPromptCache(loaded.model, loaded.identity, max_entries=0, max_bytes=0))
+    engine = GenerationEngine(
+        loaded, KVPromptCache.for_model(loaded.model, loaded.identity, max_entries=0, max_bytes=0)
+    )
     engine.warm_up()
     ask = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]
     act = [Message("user", "Save a long README for my project in README.md.")]

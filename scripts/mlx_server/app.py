@@ -25,7 +25,7 @@ from mlx_server.dialects import anthropic_messages, models, openai_chat, openai_
 from mlx_server.errors import APIError, ErrorShapes, install_error_handlers, report_unexpected_error
 from mlx_server.generation import EngineStats, GenerationEngine
 from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
-from mlx_server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mlx_server.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.response_cache import ResponseCache
 from mlx_server.settings import Settings
 from utils_logging import request_context
@@ -82,15 +82,12 @@ class ServerState:
             self._service = ChatService(self.engine, options, self.response_cache, metrics.observe)
         return self._service
 
-    def live_stats(self) -> dict[str, Any] | None:
-        """Queue and cache figures for /metrics (None while loading)."""
+    def live_stats(self) -> LiveStats | None:
+        """Batch and cache figures for /metrics (None while loading)."""
         if self.engine is None:
             return None
-        return {
-            "engine": self.engine.stats(),
-            "prompt_cache": self.engine.kv_cache.stats(),
-            "response_cache": self.response_cache.stats() if self.response_cache else None,
-        }
+        response_cache = self.response_cache.stats() if self.response_cache else None
+        return LiveStats(self.engine.stats(), self.engine.cache_stats(), response_cache)
 
 
 class RequestContextMiddleware:
@@ -156,34 +153,33 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
     async def health() -> Response:
         uptime = round(time.monotonic() - state.started_at, 1)
         blas = {"name": state.blas.name, "path": state.blas.path, "optimized": state.blas.optimized}
-        if state.engine is None:
+        engine = state.engine
+        if engine is None:
             return JSONResponse({"status": "loading", "blas": blas, "uptime_seconds": uptime}, status_code=503)
-        loaded = state.engine.loaded
+        stats = engine.stats()
         return JSONResponse(
             {
                 "status": "ok",
-                "model": loaded.name,
-                "model_source": loaded.source,
-                "model_kind": loaded.kind,
-                "quantized": loaded.quantized,
-                "device": loaded.device,
+                **engine.model_info,
                 "blas": blas,
-                "context_length": loaded.context_length,
                 "uptime_seconds": uptime,
-                "queue": state.engine.queue_depth,
-                "batch": _batch_report(state.engine.stats()),
-                "prompt_cache": state.engine.kv_cache.stats(),
-                "response_cache": state.response_cache.stats() if state.response_cache else None,
+                "queue": {"waiting": stats.waiting, "running": stats.running},
+                "batch": _batch_report(stats),
+                "prompt_cache": engine.cache_stats().as_dict(),
+                "response_cache": state.response_cache.stats().as_dict() if state.response_cache else None,
             }
         )
 
     @router.get("/v1/cache")
     async def cache_report() -> dict[str, Any]:
         engine = state.service(metrics).engine
-        return {
-            "prompt_cache": {**engine.kv_cache.stats(), "entries_detail": engine.kv_cache.describe_entries()},
-            "response_cache": state.response_cache.stats() if state.response_cache else None,
+        prompt_cache = {
+            **engine.cache_stats().as_dict(),
+            "entries_detail": engine.cache_entries(),
+            "recent_misses": engine.recent_cache_misses(),
         }
+        response_cache = state.response_cache.stats().as_dict() if state.response_cache else None
+        return {"prompt_cache": prompt_cache, "response_cache": response_cache}
 
     return router
 
@@ -217,7 +213,7 @@ def create_app(state: ServerState) -> FastAPI:
         return state.service(metrics)
 
     def model_name() -> str:
-        return service().engine.loaded.name
+        return str(service().engine.model_info["model"])
 
     # Added innermost first: metrics see every response, the request id covers the guards' answers,
     # CORS headers reach 401s, and unauthenticated requests never take a queue slot.

@@ -34,7 +34,7 @@ from mlx_server.grammar import GrammarError, GrammarTokenizer
 from mlx_server.jobs import GenerationStats, Job, SamplingSettings, StopText, TokenEvent
 from mlx_server.kv_budget import KV_STEP, KVBudget, default_budget_bytes
 from mlx_server.model_loading import LoadedModel
-from mlx_server.prompt_cache import KVPromptCache
+from mlx_server.prompt_cache import KVPromptCache, PromptCacheStats
 from mlx_server.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
 
 __all__ = [
@@ -177,9 +177,21 @@ class GenerationEngine:
         return min(self.loaded.context_length, self.budget.max_sequence_tokens)
 
     @property
-    def queue_depth(self) -> dict[str, int]:
-        with self._condition:
-            return {"waiting": len(self._waiting), "running": self._running}
+    def model_info(self) -> dict[str, Any]:
+        return self.loaded.describe()
+
+    def cache_stats(self) -> PromptCacheStats:
+        return self.kv_cache.stats()
+
+    def cache_entries(self) -> list[dict[str, Any]]:
+        return self.kv_cache.describe_entries()
+
+    def recent_cache_misses(self) -> list[dict[str, Any]]:
+        return list(self.kv_cache.recent_misses)
+
+    def check_grammar_support(self) -> None:
+        """GrammarError when this model's tokenizer cannot drive constrained decoding."""
+        self.grammar_tokenizer.get()
 
     def stats(self) -> EngineStats:
         with self._condition:
@@ -247,6 +259,7 @@ class GenerationEngine:
         stable_prefix: int = 0,
         timeout: float | None = None,
         keepalive: float = 0.0,
+        locate: Callable[[int], tuple[int, str] | None] | None = None,
     ) -> AsyncIterator[TokenEvent | None]:
         """Yield text as it is generated, then a final event with the stats.
 
@@ -258,7 +271,8 @@ class GenerationEngine:
         whenever that many seconds pass without an event (a long prefill, a
         wait in the queue), for streams to send something their clients and
         proxies read.  Raises KVBudgetError when the request cannot fit the KV
-        budget even alone.
+        budget even alone.  ``locate`` maps a prompt token to its message
+        (index, role), to explain a prompt-cache miss.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
@@ -266,7 +280,7 @@ class GenerationEngine:
         deadline = enqueued + timeout if timeout else None
         outbox = self._outbox_for(loop)
         job = Job(prompt_tokens, stable_prefix, settings, cancelled, lambda event: outbox.post(events, event),
-                  enqueued, deadline=deadline, context=contextvars.copy_context())  # fmt: skip
+                  enqueued, deadline=deadline, context=contextvars.copy_context(), locate=locate)  # fmt: skip
         self._enqueue(job)
         timer = loop.call_later(keepalive, events.put_nowait, None) if keepalive else None
         try:

@@ -22,11 +22,14 @@ from typing import Any
 from mlx_lm.generate import TextStateMachine
 
 from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache, token_digest
-from utils_logging import log_cache_hit, log_cache_miss
+from utils_logging import log_cache_hit, log_cache_miss, redact
 
 __all__ = ["GenerationStats", "Job", "SamplingSettings", "Sequence", "StopText", "TokenEvent"]
 
 logger = logging.getLogger("mlx")
+
+EXCERPT_TOKENS = 12  # how much of the cached and the new text a miss explanation shows
+EXCERPT_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class Job:
     use_cache: bool = True
     deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
     context: contextvars.Context | None = None  # the request's logging context (its request id)
+    locate: Callable[[int], tuple[int, str] | None] | None = None  # token offset -> (message index, role)
 
     def in_context(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` so that its log lines carry this request's id."""
@@ -161,6 +165,7 @@ class Sequence:
         self._kv_cache = kv_cache
         self.started = time.perf_counter()
         self.stats = GenerationStats(prompt_tokens=len(job.prompt), queue_ms=(self.started - job.enqueued) * 1000)
+        self._tokenizer = tokenizer
         self.detokenizer = tokenizer.detokenizer
         self.stop_text = StopText(job.settings.stop)
         self.generated: list[int] = []
@@ -173,7 +178,7 @@ class Sequence:
         self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
         self.stats.prefill_tokens = len(self.job.prompt) - lease.cached_tokens
         if self.job.use_cache:
-            self.job.in_context(self._log_lookup)
+            self.job.in_context(lambda: self._log_lookup(lease))
         return lease
 
     def checkpoint_at(self, lease: CacheLease) -> int:
@@ -236,14 +241,51 @@ class Sequence:
             self.finished = True
             self.job.deliver(TokenEvent("", error=error))
 
-    def _log_lookup(self) -> None:
+    def _log_lookup(self, lease: CacheLease) -> None:
         prompt, stats = self.job.prompt, self.stats
         key = hashlib.sha256(str(prompt).encode()).hexdigest()[:16]
-        details = {"cached_tokens": stats.cached_tokens, "new_tokens": len(prompt) - stats.cached_tokens}
+        details: dict[str, Any] = {
+            "cached_tokens": stats.cached_tokens,
+            "new_tokens": len(prompt) - stats.cached_tokens,
+        }
+        explanation = self._explain(lease)
+        if explanation is not None:
+            details.update(explanation)
+            self._kv_cache.record_miss({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
         if stats.cached_tokens:
             log_cache_hit("prompt", key, {**details, "source": stats.cache_source})
         else:
-            log_cache_miss("prompt", key, f"no cached prefix; {details['new_tokens']} new tokens")
+            reason = str(details.get("reason", "no cached prefix"))
+            log_cache_miss("prompt", key, reason, details)
+
+    def _explain(self, lease: CacheLease) -> dict[str, Any] | None:
+        """Where the prompt left the nearest cached entry (for a miss or a partial hit), in tokens, messages, words."""
+        if lease.source not in ("miss", "copied-prefix", "checkpoint"):
+            return None
+        if lease.nearest is None:
+            return {"reason": "nothing cached shares a prefix with this prompt"} if lease.source == "miss" else None
+        at = lease.common_tokens
+        where = self.job.locate(at) if self.job.locate is not None else None
+        explanation: dict[str, Any] = {
+            "diverged_at_token": at,
+            "diverged_at_message": where[0] if where else None,
+            "role": where[1] if where else None,
+            "cached_text": self._excerpt(lease.nearest[at : at + EXCERPT_TOKENS].tolist()),
+            "new_text": self._excerpt(self.job.prompt[at : at + EXCERPT_TOKENS]),
+        }
+        if where is not None and where[1] == "system":
+            explanation["reason"] = f"the system prompt changed: it differs from the cached one at token {at}"
+        elif where is not None:
+            explanation["reason"] = f"{where[1]} message {where[0]} differs from the cached conversation at token {at}"
+        else:
+            explanation["reason"] = f"the prompt differs from the nearest cached one at token {at}"
+        return explanation
+
+    def _excerpt(self, tokens: list[int]) -> str:
+        text = str(self._tokenizer.decode(tokens)) if tokens else ""
+        scrubbed = redact(text)
+        text = scrubbed if isinstance(scrubbed, str) else text
+        return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"
 
 
 def _log_stop(reason: str, tokens: int) -> None:

@@ -10,6 +10,7 @@ caches are read when scraped.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,26 +18,37 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.generation import GenerationStats
+from mlx_server.generation import EngineStats, GenerationStats
+from mlx_server.prompt_cache import PromptCacheStats
+from mlx_server.response_cache import ResponseCacheStats
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+__all__ = ["CONTENT_TYPE_LATEST", "LiveStats", "Metrics", "MetricsMiddleware"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _PER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+@dataclass(frozen=True)
+class LiveStats:
+    """What /metrics reads at scrape time."""
+
+    engine: EngineStats
+    prompt_cache: PromptCacheStats
+    response_cache: ResponseCacheStats | None
+
+
 class _LiveState(Collector):
     """Values read at scrape time: the queue and the caches."""
 
-    def __init__(self, read: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, read: Callable[[], LiveStats | None]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Any]:
         state = self._read()
         if state is None:
             return
-        engine = state["engine"]
+        engine = state.engine
         queue = GaugeMetricFamily("mlx_server_queue_requests", "Generation requests in the engine", labels=["state"])
         queue.add_metric(["waiting"], engine.waiting)
         queue.add_metric(["running"], engine.running)
@@ -51,28 +63,27 @@ class _LiveState(Collector):
             "mlx_server_kv_active_bytes", "KV state held by the batch", value=engine.active_kv_bytes
         )
         yield GaugeMetricFamily("mlx_server_kv_budget_bytes", "--kv-budget", value=engine.kv_budget_bytes)
-        for cache_name, stats in (("prompt", state["prompt_cache"]), ("response", state["response_cache"])):
-            if not stats:
+        for cache_name, stats in (("prompt", state.prompt_cache), ("response", state.response_cache)):
+            if stats is None:
                 continue
             lookups = CounterMetricFamily(
                 f"mlx_server_{cache_name}_cache_lookups", f"{cache_name} cache lookups", labels=["result"]
             )
-            lookups.add_metric(["hit"], stats.get("hits", 0))
-            lookups.add_metric(["miss"], stats.get("misses", 0))
+            lookups.add_metric(["hit"], stats.hits)
+            lookups.add_metric(["miss"], stats.misses)
             yield lookups
             yield GaugeMetricFamily(
-                f"mlx_server_{cache_name}_cache_entries", f"{cache_name} cache entries", value=stats.get("entries", 0)
+                f"mlx_server_{cache_name}_cache_entries", f"{cache_name} cache entries", value=stats.entries
             )
-            if "bytes" in stats:
-                yield GaugeMetricFamily(
-                    f"mlx_server_{cache_name}_cache_bytes", f"{cache_name} cache resident bytes", value=stats["bytes"]
-                )
+        yield GaugeMetricFamily(
+            "mlx_server_prompt_cache_bytes", "prompt cache resident bytes", value=state.prompt_cache.bytes
+        )
 
 
 class Metrics:
     """The server's metrics; ``live_state`` returns queue and cache stats (None while the model loads)."""
 
-    def __init__(self, routes: set[str], live_state: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, routes: set[str], live_state: Callable[[], LiveStats | None]) -> None:
         self.registry = CollectorRegistry()
         self.routes = routes
         self.requests = Counter(

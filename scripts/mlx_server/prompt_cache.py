@@ -21,36 +21,48 @@ How an entry is handed out and stored back, so that a hit never doubles memory:
   are always copied, never handed out, so every new conversation starts warm.
 
 Bounds (entry count and bytes) are enforced whenever an entry is stored, and
-the recency of an entry is refreshed on every use.  All methods are safe to call
-from any thread (one lock); the engine calls acquire/release from its worker.
+the recency of an entry is refreshed on every use.  Lookup is a pure function
+(``longest_prefix``); checkpoints on disk are ``prompt_cache_files``'s job.
+All methods are safe to call from any thread (one lock); the engine calls
+acquire/release from its worker.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-__all__ = ["CacheLease", "KVPromptCache"]
+from mlx_server.prompt_cache_files import CheckpointFiles
+
+__all__ = [
+    "MIN_REUSED_TOKENS",
+    "CacheEntry",
+    "CacheLease",
+    "KVPromptCache",
+    "PromptCacheStats",
+    "copy_prefix",
+    "longest_prefix",
+    "token_digest",
+]
 
 logger = logging.getLogger("mlx")
 
 #: A match shorter than this is not worth a copy; the request starts cold.
 MIN_REUSED_TOKENS = 8
-#: Cache files are named ``<model identity>-<token digest>.safetensors``.
-CACHE_FILE_SUFFIX = ".safetensors"
+#: Misses (and partial hits) whose explanation /v1/cache keeps.
+RECENT_MISSES = 8
 
 
 def token_digest(tokens: np.ndarray | list[int]) -> str:
@@ -90,7 +102,7 @@ def copy_prefix(cache: list[Any], length: int) -> list[Any]:
     return duplicate
 
 
-@dataclass
+@dataclass(eq=False)
 class CacheEntry:
     """The KV state of ``tokens``; ``pinned`` entries (checkpoints) are copied, never handed out."""
 
@@ -101,29 +113,88 @@ class CacheEntry:
     prompt_length: int  # tokens[:prompt_length] came from a prompt; the rest were generated
     created: float = field(default_factory=time.monotonic)
     hits: int = 0
+    key: str = field(init=False)  # the digest of the tokens, computed once
 
-    @property
-    def key(self) -> str:
-        return token_digest(self.tokens)
+    def __post_init__(self) -> None:
+        self.key = token_digest(self.tokens)
+
+
+def _common_prefix(stored: np.ndarray, request: np.ndarray) -> int:
+    length = min(len(stored), len(request))
+    if length == 0:
+        return 0
+    mismatches = np.flatnonzero(stored[:length] != request[:length])
+    return int(mismatches[0]) if len(mismatches) else length
+
+
+def _is_prefix(shorter: np.ndarray, longer: np.ndarray) -> bool:
+    return bool(np.array_equal(shorter, longer[: len(shorter)]))
+
+
+def longest_prefix(entries: Iterable[CacheEntry], request: np.ndarray) -> tuple[CacheEntry | None, int]:
+    """The entry that shares the longest token prefix with ``request``, and that length.
+
+    ``entries`` come most recent first; on a tie the earlier one wins, and a
+    conversation entry beats a checkpoint (it can be handed out uncopied).
+    """
+    best: CacheEntry | None = None
+    best_length = 0
+    for entry in entries:
+        length = _common_prefix(entry.tokens, request)
+        if length > best_length or (length == best_length and best is not None and best.pinned and not entry.pinned):
+            best, best_length = entry, length
+    return best, best_length
 
 
 @dataclass
 class CacheLease:
-    """What a request got from the cache: the KV objects to extend and how many tokens they hold."""
+    """What a request got from the cache: the KV objects to extend and how many tokens they hold.
+
+    ``nearest`` is the closest entry's tokens when the request was not a plain
+    extension of it (a miss, or a partial hit): where the two part is what
+    explains the miss.
+    """
 
     cache: list[Any]
     cached_tokens: int
     source: str  # "miss", "extended", "copied-prefix", "checkpoint", "off"
+    nearest: np.ndarray | None = None
+    common_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PromptCacheStats:
+    enabled: bool
+    entries: int
+    checkpoints: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+    hits: int
+    misses: int
+    tokens_saved: int
+    evictions: int
+    persisted_to: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class KVPromptCache:
-    """The LRU of KV entries; ``max_entries=0`` turns reuse off."""
+    """The LRU of KV entries; ``max_entries=0`` turns reuse off.
+
+    ``make_cache`` returns an empty KV cache for the model (``for_model`` uses mlx-lm's ``make_prompt_cache``).
+    """
 
     def __init__(
-        self, model: Any, model_identity: str, max_entries: int, max_bytes: int, directory: Path | None = None
+        self,
+        make_cache: Callable[[], list[Any]],
+        model_identity: str,
+        max_entries: int,
+        max_bytes: int,
+        directory: Path | None = None,
     ) -> None:
-        self._model = model
-        self._identity = model_identity
+        self._make_cache = make_cache
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # oldest first
@@ -133,18 +204,27 @@ class KVPromptCache:
         self.misses = 0
         self.tokens_saved = 0
         self.evictions = 0
-        self._directory = directory
-        if directory is not None and max_entries > 0:
-            self._load_directory(directory)
+        self.recent_misses: deque[dict[str, Any]] = deque(maxlen=RECENT_MISSES)
+        self._files = CheckpointFiles(directory, model_identity, max_entries, max_bytes) if directory else None
+        if self._files is not None and self.enabled:
+            self._load_checkpoints(self._files)
+
+    @classmethod
+    def for_model(
+        cls, model: Any, model_identity: str, max_entries: int, max_bytes: int, directory: Path | None = None
+    ) -> KVPromptCache:
+        return cls(lambda: make_prompt_cache(model), model_identity, max_entries, max_bytes, directory)
 
     @property
     def enabled(self) -> bool:
         return self.max_entries > 0
 
-    def new_cache(self) -> list[Any]:
-        from mlx_lm.models.cache import make_prompt_cache
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
-        return make_prompt_cache(self._model)
+    def new_cache(self) -> list[Any]:
+        return self._make_cache()
 
     # -- lookup ---------------------------------------------------------------
 
@@ -153,24 +233,17 @@ class KVPromptCache:
         if not self.enabled:
             return CacheLease(self.new_cache(), 0, "miss")
         request = np.asarray(tokens, dtype=np.int64)
-        limit = len(request) - 1
         with self._lock:
-            best: CacheEntry | None = None
-            best_length = 0
-            for entry in reversed(self._entries.values()):  # most recent first wins ties
-                length = _common_prefix(entry.tokens, request)
-                if length > best_length or (
-                    length == best_length and best is not None and best.pinned and not entry.pinned
-                ):
-                    best, best_length = entry, length
-            usable = min(best_length, limit)
+            best, length = longest_prefix(reversed(self._entries.values()), request)
+            usable = min(length, len(request) - 1)
+            nearest = None if best is None else best.tokens
             if best is None or usable < MIN_REUSED_TOKENS:
                 self.misses += 1
-                return CacheLease(self.new_cache(), 0, "miss")
+                return CacheLease(self.new_cache(), 0, "miss", nearest, length)
             whole = usable == len(best.tokens)
             if not whole and not can_trim_prompt_cache(best.cache):
                 self.misses += 1
-                return CacheLease(self.new_cache(), 0, "miss")
+                return CacheLease(self.new_cache(), 0, "miss", nearest, length)
             best.hits += 1
             self.hits += 1
             self.tokens_saved += usable
@@ -182,7 +255,13 @@ class KVPromptCache:
                 return CacheLease(best.cache, usable, "extended")
             self._entries.move_to_end(best.key)
             source = "checkpoint" if best.pinned else "copied-prefix"
-            return CacheLease(copy_prefix(best.cache, usable), usable, source)
+            diverged = nearest if length < len(best.tokens) else None  # the request left the entry before its end
+            return CacheLease(copy_prefix(best.cache, usable), usable, source, diverged, length)
+
+    def record_miss(self, explanation: dict[str, Any]) -> None:
+        """Keep why a request missed (or only partly hit), for /v1/cache."""
+        with self._lock:
+            self.recent_misses.append(explanation)
 
     # -- storing --------------------------------------------------------------
 
@@ -200,7 +279,7 @@ class KVPromptCache:
         self._store(CacheEntry(kept, cache, _nbytes(cache), pinned=False, prompt_length=min(prompt_length, held)))
 
     def add_checkpoint(self, cache: list[Any], tokens: list[int], copy: bool = True) -> bool:
-        """Pin ``cache`` (which holds exactly ``tokens``) as a checkpoint; False if it exists.
+        """Pin ``cache`` (which holds exactly ``tokens``) as a checkpoint, and save it; False if it exists.
 
         ``copy=False`` takes ownership of ``cache`` instead of copying it (a snapshot made for this purpose).
         """
@@ -217,8 +296,14 @@ class KVPromptCache:
             np.asarray(tokens, dtype=np.int64), snapshot, _nbytes(snapshot), pinned=True, prompt_length=len(tokens)
         )
         self._store(entry)
-        self._persist(entry)
+        if self._files is not None:
+            self._files.save(entry.key, entry.tokens, entry.cache)
         return True
+
+    def has_checkpoint(self, tokens: list[int]) -> bool:
+        with self._lock:
+            entry = self._entries.get(token_digest(tokens))
+            return entry is not None and entry.pinned
 
     def trim_to(self, max_bytes: int) -> None:
         """Evict least recently used entries until at most ``max_bytes`` are held (room for active sequences)."""
@@ -228,24 +313,14 @@ class KVPromptCache:
                 self._bytes -= evicted.nbytes
                 self.evictions += 1
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def has_checkpoint(self, tokens: list[int]) -> bool:
-        with self._lock:
-            entry = self._entries.get(token_digest(tokens))
-            return entry is not None and entry.pinned
-
     def _store(self, entry: CacheEntry) -> None:
         if entry.nbytes > self.max_bytes:
             logger.info(
                 "Prompt cache: an entry of %d bytes exceeds the %d-byte bound; not kept", entry.nbytes, self.max_bytes
             )
             return
-        key = entry.key
         with self._lock:
-            previous = self._entries.pop(key, None)
+            previous = self._entries.pop(entry.key, None)
             if previous is not None:
                 self._bytes -= previous.nbytes
                 entry.pinned = entry.pinned or previous.pinned
@@ -259,9 +334,9 @@ class KVPromptCache:
                     ):
                         del self._entries[other_key]
                         self._bytes -= other.nbytes
-            self._entries[key] = entry
+            self._entries[entry.key] = entry
             self._bytes += entry.nbytes
-            self._evict_to_bounds(keep=key)
+            self._evict_to_bounds(keep=entry.key)
 
     def _evict_to_bounds(self, keep: str) -> None:
         """Drop least recently used entries until both bounds hold (caller holds the lock)."""
@@ -276,101 +351,44 @@ class KVPromptCache:
             self._bytes -= evicted.nbytes
             self.evictions += 1
 
-    # -- persistence ----------------------------------------------------------
+    # -- persistence ------------------------------------------------------------
 
-    def _file_for(self, entry: CacheEntry) -> Path | None:
-        if self._directory is None:
-            return None
-        return self._directory / f"{self._identity}-{entry.key[:24]}{CACHE_FILE_SUFFIX}"
-
-    def _persist(self, entry: CacheEntry) -> None:
-        """Write a pinned entry to the cache directory (best effort; a failure is a warning)."""
-        path = self._file_for(entry)
-        if path is None:
-            return
-        metadata = {
-            "model_identity": self._identity,
-            "token_digest": entry.key,
-            "tokens": json.dumps(entry.tokens.tolist()),
-        }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{CACHE_FILE_SUFFIX}")
-            save_prompt_cache(str(temporary), entry.cache, metadata)
-            os.replace(temporary, path)
-            self._bound_directory()
-        except (OSError, ValueError, RuntimeError) as error:
-            logger.warning("Prompt cache: could not save %s: %s", path.name, error)
-
-    def persist_all(self) -> int:
-        """Save every entry (at shutdown); returns how many were written."""
-        if self._directory is None:
+    def save_checkpoints(self) -> int:
+        """Save every checkpoint (at shutdown; conversation entries are not kept); returns how many."""
+        if self._files is None:
             return 0
         with self._lock:
-            entries = list(self._entries.values())
-        for entry in entries:
-            self._persist(entry)
-        return len(entries)
+            checkpoints = [entry for entry in self._entries.values() if entry.pinned]
+        for entry in checkpoints:
+            self._files.save(entry.key, entry.tokens, entry.cache)
+        return len(checkpoints)
 
-    def _bound_directory(self) -> None:
-        """Keep the directory within the same count and byte bounds as memory, newest files first."""
-        assert self._directory is not None
-        files = sorted(
-            self._directory.glob(f"*{CACHE_FILE_SUFFIX}"), key=lambda path: path.stat().st_mtime, reverse=True
-        )
-        total = 0
-        for index, path in enumerate(files):
-            total += path.stat().st_size
-            if index >= self.max_entries or total > self.max_bytes:
-                path.unlink(missing_ok=True)
-
-    def _load_directory(self, directory: Path) -> None:
-        """Load saved entries for this model; skip (with a warning) anything corrupt, truncated or foreign."""
-        if not directory.is_dir():
-            return
+    def _load_checkpoints(self, files: CheckpointFiles) -> None:
         loaded = 0
-        for path in sorted(directory.glob(f"*{CACHE_FILE_SUFFIX}"), key=lambda item: item.stat().st_mtime):
-            if path.name.startswith("."):
-                continue
-            if not path.name.startswith(f"{self._identity}-"):
-                continue  # another model's cache: not ours to judge
-            try:
-                cache, metadata = load_prompt_cache(str(path), return_metadata=True)
-                # MLX streams are per thread: evaluate now, or the worker thread cannot run the lazy load.
-                mx.eval([layer.state for layer in cache])
-                tokens = json.loads(metadata["tokens"])
-                if metadata.get("model_identity") != self._identity or token_digest(tokens) != metadata.get(
-                    "token_digest"
-                ):
-                    raise ValueError("its metadata does not match this model or its tokens")
-                if _offset(cache) != len(tokens):
-                    raise ValueError("its KV length does not match its tokens")
-            except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-                logger.warning("Prompt cache: skipped %s (%s: %s)", path.name, type(error).__name__, error)
-                continue
+        for tokens, cache in files.load(token_digest):
             kept = np.asarray(tokens, dtype=np.int64)
             self._store(CacheEntry(kept, cache, _nbytes(cache), pinned=True, prompt_length=len(tokens)))
             loaded += 1
         if loaded:
-            logger.info("Prompt cache: loaded %d saved entries from %s", loaded, directory)
+            logger.info("Prompt cache: loaded %d saved checkpoints from %s", loaded, files.directory)
 
     # -- visibility -----------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PromptCacheStats:
         with self._lock:
-            return {
-                "enabled": self.enabled,
-                "entries": len(self._entries),
-                "checkpoints": sum(entry.pinned for entry in self._entries.values()),
-                "bytes": self._bytes,
-                "max_entries": self.max_entries,
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-                "tokens_saved": self.tokens_saved,
-                "evictions": self.evictions,
-                "persisted_to": str(self._directory) if self._directory else None,
-            }
+            return PromptCacheStats(
+                enabled=self.enabled,
+                entries=len(self._entries),
+                checkpoints=sum(entry.pinned for entry in self._entries.values()),
+                bytes=self._bytes,
+                max_entries=self.max_entries,
+                max_bytes=self.max_bytes,
+                hits=self.hits,
+                misses=self.misses,
+                tokens_saved=self.tokens_saved,
+                evictions=self.evictions,
+                persisted_to=str(self._files.directory) if self._files else None,
+            )
 
     def describe_entries(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -386,15 +404,3 @@ class KVPromptCache:
                 }
                 for entry in reversed(self._entries.values())
             ]
-
-
-def _common_prefix(stored: np.ndarray, request: np.ndarray) -> int:
-    length = min(len(stored), len(request))
-    if length == 0:
-        return 0
-    mismatches = np.flatnonzero(stored[:length] != request[:length])
-    return int(mismatches[0]) if len(mismatches) else length
-
-
-def _is_prefix(shorter: np.ndarray, longer: np.ndarray) -> bool:
-    return bool(np.array_equal(shorter, longer[: len(shorter)]))

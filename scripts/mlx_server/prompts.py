@@ -28,6 +28,7 @@ from mlx_server.tool_prompts import template_conversation
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "fill_in_the_middle",
+    "message_at_token",
     "normalize_billing_header",
     "render_prompt",
     "render_prompt_with_prefix",
@@ -96,6 +97,31 @@ def render_prompt_with_prefix(
     conversation = template_conversation(tokenizer, messages, tools)
     prompt = _render_conversation(tokenizer, conversation)
     return prompt, _stable_prefix(tokenizer, conversation, prompt)
+
+
+def message_at_token(
+    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool], offset: int
+) -> tuple[int, str] | None:
+    """Which message (index and role) the prompt's token ``offset`` falls in; None if the template cannot say.
+
+    Renders growing prefixes of the conversation (a binary search, so about
+    log2(len(messages)) renders); used to explain a prompt-cache miss.
+    """
+    conversation, template_tools = template_conversation(tokenizer, messages, tools)
+    shift = len(conversation) - len(messages)  # 1 when a system message was added for the tool block
+    low, high = 0, len(conversation) - 1
+    try:
+        while low < high:
+            middle = (low + high) // 2
+            if len(_render(tokenizer, conversation[: middle + 1], False, template_tools)) > offset:
+                high = middle
+            else:
+                low = middle + 1
+    except (TemplateError, ValueError):
+        return None
+    if not conversation:
+        return None
+    return max(0, low - shift), str(conversation[low]["role"])
 
 
 _prefix_memo: OrderedDict[str, list[int]] = OrderedDict()

@@ -15,12 +15,12 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from utils_logging import log_cache_hit, log_cache_miss
 
-__all__ = ["CachedResponse", "ResponseCache"]
+__all__ = ["CachedResponse", "ResponseCache", "ResponseCacheStats"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,17 @@ class ResponseCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ResponseCacheStats:
         with self._lock:
-            return {
-                "entries": len(self._entries),
-                "max_entries": self.max_entries,
-                "hits": self.hits,
-                "misses": self.misses,
-            }
+            return ResponseCacheStats(len(self._entries), self.max_entries, self.hits, self.misses)
+
+
+@dataclass(frozen=True)
+class ResponseCacheStats:
+    entries: int
+    max_entries: int
+    hits: int
+    misses: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

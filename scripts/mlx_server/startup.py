@@ -34,18 +34,19 @@ def run(settings: Settings, logger: logging.Logger) -> int:
 
     started = time.perf_counter()
     try:
-        loaded = load_model(settings.model, keep_quantized=settings.keep_quantized)
+        loaded = load_model(settings.model, dequantize=settings.dequantize)
     except ModelLoadError as error:
         logger.error("Cannot load the model: %s", error)
         return EXIT_MODEL_ERROR
     for warning in loaded.warnings:
         logger.warning("%s", warning)
     logger.info(
-        "Model %s loaded in %.1fs (%s, %s weights, context %d tokens) on %s, BLAS %s",
+        "Model %s loaded in %.1fs (%s, %s weights: %s, context %d tokens) on %s, BLAS %s",
         loaded.name,
         time.perf_counter() - started,
         loaded.kind,
         "quantized" if loaded.quantized else "float32" if loaded.kind == "gguf" else "native",
+        loaded.weight_format,
         loaded.context_length,
         loaded.device,
         blas.name,
@@ -66,7 +67,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     from mlx_server.response_cache import ResponseCache
 
     budget = settings.kv_budget or default_budget_bytes()
-    kv_cache = KVPromptCache(
+    kv_cache = KVPromptCache.for_model(
         loaded.model,
         loaded.identity,
         max_entries=settings.prompt_cache_size,
@@ -107,7 +108,8 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     finally:
         engine.shutdown()
         if settings.prompt_cache_dir is not None:
-            logger.info("Prompt cache: saved %d entries to %s", kv_cache.persist_all(), settings.prompt_cache_dir)
+            saved = kv_cache.save_checkpoints()
+            logger.info("Prompt cache: saved %d checkpoints to %s", saved, settings.prompt_cache_dir)
     logger.info("Server stopped")
     return 0
 

@@ -43,7 +43,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
-    cache = KVPromptCache(loaded_model.model, loaded_model.identity, 16, 2**30)
+    cache = KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 16, 2**30)
     running = GenerationEngine(loaded_model, cache, EngineOptions(max_batch=8))
     yield running
     running.shutdown()

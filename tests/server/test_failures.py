@@ -24,7 +24,9 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_t
 
 @pytest.fixture(scope="module")
 def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
-    engine = GenerationEngine(loaded_model, KVPromptCache(loaded_model.model, loaded_model.identity, 4, 2**30))
+    engine = GenerationEngine(
+        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 4, 2**30)
+    )
     yield engine
     engine.shutdown()  # MLX must not be mid-call on a worker thread when the interpreter exits
 

@@ -30,11 +30,16 @@ from mlx_server.chat.events import (
     ToolCallDelta,
 )
 from mlx_server.chat.output import OutputParser, ReasoningPiece, reasoning_syntax
-from mlx_server.chat.request import ChatRequest, Message
+from mlx_server.chat.request import ChatRequest, Message, Tool
 from mlx_server.errors import APIError, ContextOverflowError, report_failure
 from mlx_server.generation import GenerationEngine, GenerationStats, KVBudgetError, SamplingSettings, TokenEvent
 from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
-from mlx_server.prompts import fill_in_the_middle, normalize_billing_header, render_prompt_with_prefix
+from mlx_server.prompts import (
+    fill_in_the_middle,
+    message_at_token,
+    normalize_billing_header,
+    render_prompt_with_prefix,
+)
 from mlx_server.response_cache import CachedResponse, ResponseCache
 from mlx_server.tool_parsing import HERMES, CallPiece, ToolCallFormat, ToolCalling, detect_tool_call_format
 from mlx_server.tool_prompts import template_tool_support
@@ -61,6 +66,8 @@ class ServiceOptions:
 class _Prepared:
     prompt: list[int]
     stable_prefix: int
+    messages: tuple[Message, ...] = ()  # as rendered (billing line removed)
+    tools: tuple[Tool, ...] = ()
 
 
 class ChatService:
@@ -138,7 +145,7 @@ class ChatService:
             if removed:
                 debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
         prompt, stable_prefix = render_prompt_with_prefix(self.tokenizer, messages, request.tools)
-        return _Prepared(prompt, stable_prefix)
+        return _Prepared(prompt, stable_prefix, tuple(messages), request.tools)
 
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
@@ -170,7 +177,7 @@ class ChatService:
         try:
             grammar = build_grammar(constraint, request.tool_params, request.schema_param)
             if grammar is not None:
-                self.engine.grammar_tokenizer.get()
+                self.engine.check_grammar_support()
         except GrammarError as error:
             raise APIError(400, str(error), param=error.param, code="invalid_schema") from error
         if not request.tools:
@@ -354,7 +361,12 @@ class ChatRun:
             prepared.stable_prefix,
             timeout=options.request_timeout or None,
             keepalive=options.keepalive_interval,
+            locate=self._locate if prepared.messages else None,
         )
+
+    def _locate(self, offset: int) -> tuple[int, str] | None:
+        prepared = self._prepared
+        return message_at_token(self._service.tokenizer, prepared.messages, prepared.tools, offset)
 
     def _remember(self, text: str, stats: GenerationStats) -> None:
         cache = self._service.response_cache

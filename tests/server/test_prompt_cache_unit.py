@@ -1,0 +1,192 @@
+"""The prompt cache's own rules, on small synthetic KV caches (no model): lookup, hand-out, LRU, bounds, files.
+
+Each "KV cache" here is two mlx-lm ``KVCache`` layers filled with one number
+per token, so a test can read back exactly which tokens a cache holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheEntry, KVPromptCache, longest_prefix
+
+LAYERS = 2
+BYTES_PER_TOKEN = LAYERS * 2 * 4  # keys and values, one float32 each per layer
+
+
+def empty_cache() -> list[Any]:
+    return [KVCache() for _ in range(LAYERS)]
+
+
+def kv_state(tokens: list[int]) -> list[Any]:
+    """A cache whose keys and values at position i are tokens[i]."""
+    cache = empty_cache()
+    data = mx.array(tokens, dtype=mx.float32).reshape(1, 1, len(tokens), 1)
+    for layer in cache:
+        layer.update_and_fetch(data, data)
+    mx.eval([layer.state for layer in cache])
+    return cache
+
+
+def held(cache: list[Any]) -> list[int]:
+    keys = cache[0].keys[..., : cache[0].offset, :]
+    return [int(value) for value in np.array(keys).reshape(-1)]
+
+
+def new_cache(max_entries: int = 8, max_bytes: int = 2**30, directory: Path | None = None) -> KVPromptCache:
+    return KVPromptCache(empty_cache, "unit-model", max_entries, max_bytes, directory)
+
+
+def tokens(base: int, count: int = 20) -> list[int]:
+    return [base + index for index in range(count)]
+
+
+def entry(token_list: list[int], pinned: bool = False) -> CacheEntry:
+    return CacheEntry(np.asarray(token_list, dtype=np.int64), [], 0, pinned, len(token_list))
+
+
+class TestLookup:
+    def test_the_longest_common_prefix_wins(self) -> None:
+        entries = [entry([1, 2, 3, 9]), entry([1, 2, 3, 4, 5, 6]), entry([7, 8])]
+        best, length = longest_prefix(entries, np.array([1, 2, 3, 4, 5, 0]))
+        assert best is entries[1] and length == 5
+
+    def test_ties_go_to_the_most_recent_and_conversations_beat_checkpoints(self) -> None:
+        recent, older = entry([1, 2, 3]), entry([1, 2, 3, 4])
+        assert longest_prefix([recent, older], np.array([1, 2, 3, 9]))[0] is recent
+        checkpoint, conversation = entry([1, 2, 3], pinned=True), entry([1, 2, 3, 8])
+        assert longest_prefix([checkpoint, conversation], np.array([1, 2, 3, 9]))[0] is conversation
+
+    def test_nothing_shared(self) -> None:
+        assert longest_prefix([entry([5, 6])], np.array([1, 2])) == (None, 0)
+
+    def test_the_key_is_computed_once(self) -> None:
+        made = entry([1, 2, 3])
+        made.tokens = np.array([9, 9, 9])
+        assert made.key == entry([1, 2, 3]).key
+
+
+class TestHandOut:
+    def test_a_full_extension_takes_the_entry_without_copying(self) -> None:
+        kv = new_cache()
+        state = kv_state(tokens(100, 40))
+        kv.release(state, tokens(100, 40), 40)
+        lease = kv.acquire([*tokens(100, 40), 7, 8, 9])
+        assert lease.source == "extended" and lease.cached_tokens == 40 and lease.cache is state
+        assert kv.stats().entries == 0 and lease.nearest is None
+
+    def test_a_partial_match_copies_only_the_shared_prefix(self) -> None:
+        kv = new_cache()
+        state = kv_state(tokens(100, 40))
+        kv.release(state, tokens(100, 40), 40)
+        lease = kv.acquire([*tokens(100, 20), 1, 2, 3])
+        assert lease.source == "copied-prefix" and lease.cached_tokens == 20
+        assert lease.cache is not state and held(lease.cache) == tokens(100, 20) and held(state) == tokens(100, 40)
+        assert kv.stats().entries == 1
+        assert lease.common_tokens == 20 and lease.nearest is not None and len(lease.nearest) == 40
+
+    def test_an_unused_generated_tail_is_trimmed_not_copied(self) -> None:
+        """The next turn diverges inside the entry's generated tokens: the entry is taken and its tail trimmed."""
+        kv = new_cache()
+        prompt, generated = tokens(100, 30), [5, 6, 7, 8]
+        state = kv_state(prompt + generated)
+        kv.release(state, prompt + generated, len(prompt))
+        lease = kv.acquire([*prompt, 5, 6, 99, 98])
+        assert lease.source == "extended" and lease.cached_tokens == 32 and lease.cache is state
+        assert held(state) == [*prompt, 5, 6]
+
+    def test_at_least_one_token_is_left_to_compute(self) -> None:
+        kv = new_cache()
+        kv.release(kv_state(tokens(100)), tokens(100), 20)
+        assert kv.acquire(tokens(100)).cached_tokens == 19
+
+    def test_a_short_match_is_a_miss(self) -> None:
+        kv = new_cache()
+        kv.release(kv_state(tokens(100)), tokens(100), 20)
+        lease = kv.acquire([*tokens(100, MIN_REUSED_TOKENS - 1), 1, 2, 3])
+        assert lease.source == "miss" and lease.cached_tokens == 0 and lease.common_tokens == MIN_REUSED_TOKENS - 1
+
+    def test_checkpoints_are_copied_and_stay(self) -> None:
+        kv = new_cache()
+        prefix = tokens(500, 30)
+        assert kv.add_checkpoint(kv_state(prefix), prefix)
+        for suffix in ([1, 2], [3, 4]):
+            lease = kv.acquire(prefix + suffix)
+            assert lease.source == "checkpoint" and held(lease.cache) == prefix
+        assert kv.stats().checkpoints == 1 and kv.has_checkpoint(prefix)
+
+
+class TestBounds:
+    def test_lru_is_refreshed_on_use(self) -> None:
+        """A hit makes an entry recent: the least recently used one is evicted, not the oldest inserted."""
+        kv = new_cache(max_entries=2)
+        first, second, third = tokens(1000), tokens(2000), tokens(3000)
+        for state_tokens in (first, second):
+            kv.release(kv_state(state_tokens), state_tokens, 20)
+        assert kv.acquire([*first[:12], 5]).cached_tokens == 12  # a partial hit: copied, entry refreshed
+        kv.release(kv_state(third), third, 20)
+        assert kv.acquire([*first, 1]).cached_tokens == 20
+        assert kv.acquire([*second, 1]).cached_tokens == 0
+
+    def test_the_byte_bound_holds_and_an_oversized_entry_is_not_kept(self) -> None:
+        one_entry = 256 * BYTES_PER_TOKEN  # KVCache allocates 256 tokens at a time
+        kv = new_cache(max_entries=10, max_bytes=int(one_entry * 2.5))
+        for base in range(5):
+            kv.release(kv_state(tokens(base * 100)), tokens(base * 100), 20)
+            assert kv.stats().bytes <= kv.max_bytes
+        assert kv.stats().entries == 2 and kv.stats().evictions == 3
+        tiny = new_cache(max_bytes=one_entry // 2)
+        tiny.release(kv_state(tokens(0)), tokens(0), 20)
+        assert tiny.stats().entries == 0 and tiny.stats().bytes == 0
+
+    def test_a_longer_turn_replaces_its_prefix(self) -> None:
+        kv = new_cache()
+        kv.release(kv_state(tokens(100, 20)), tokens(100, 20), 20)
+        kv.release(kv_state(tokens(100, 30)), tokens(100, 30), 30)
+        assert kv.stats().entries == 1
+
+    def test_trim_to_makes_room_for_running_sequences(self) -> None:
+        kv = new_cache()
+        for base in range(3):
+            kv.release(kv_state(tokens(base * 100)), tokens(base * 100), 20)
+        kv.trim_to(256 * BYTES_PER_TOKEN)
+        assert kv.stats().entries == 1 and kv.acquire([*tokens(200), 1]).cached_tokens == 20
+
+    def test_zero_entries_turns_reuse_off(self) -> None:
+        kv = new_cache(max_entries=0)
+        kv.release(kv_state(tokens(100)), tokens(100), 20)
+        assert kv.acquire([*tokens(100), 1]).cached_tokens == 0 and not kv.add_checkpoint(
+            kv_state(tokens(1)), tokens(1)
+        )
+
+
+class TestFiles:
+    def test_only_checkpoints_are_saved_and_they_come_back_pinned(self, tmp_path: Path) -> None:
+        kv = new_cache(directory=tmp_path)
+        prefix = tokens(700, 30)
+        kv.add_checkpoint(kv_state(prefix), prefix)
+        kv.release(kv_state(tokens(900)), tokens(900), 20)
+        assert kv.save_checkpoints() == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
+        restarted = new_cache(directory=tmp_path)
+        assert restarted.stats().checkpoints == restarted.stats().entries == 1
+        lease = restarted.acquire([*prefix, 1])
+        assert lease.source == "checkpoint" and held(lease.cache) == prefix
+
+    @pytest.mark.parametrize("damage", ["truncated", "foreign model"])
+    def test_unreadable_files_are_skipped(self, tmp_path: Path, damage: str) -> None:
+        kv = new_cache(directory=tmp_path)
+        prefix = tokens(700, 30)
+        kv.add_checkpoint(kv_state(prefix), prefix)
+        (saved,) = tmp_path.glob("*.safetensors")
+        if damage == "truncated":
+            saved.write_bytes(saved.read_bytes()[:300])
+        else:
+            saved.rename(saved.with_name(saved.name.replace("unit-model", "other-model")))
+        restarted = new_cache(directory=tmp_path)
+        assert restarted.stats().entries == 0 and restarted.acquire([*prefix, 1]).cached_tokens == 0
