@@ -5,7 +5,7 @@
 
 The implementation lives in the ``mlx_server`` package beside this file; this
 entry point parses the command line and sets up logging as
-MLX_SERVER_LOGGING_INTEGRATION.md's Step 1 shows.  ``--help`` lists every
+scripts/LOGGING_GUIDE.md ("Using it beside uvicorn") shows.  ``--help`` lists every
 option and its MLX_SERVER_* environment variable.
 """
 

@@ -177,7 +177,7 @@ INTERNAL_ERROR = "the server hit an internal error; the request was not complete
 
 
 def report_failure(error: BaseException, request_info: dict[str, Any], model: str = "unknown") -> str | None:
-    """The guide's Step 5 for an unexpected failure: a redacted debug file and an ERROR line; returns the file."""
+    """An unexpected failure: a redacted debug file and an ERROR line (LOGGING_GUIDE.md, "Error debug files")."""
     debug_file = write_error_debug_file(
         status_code=500,
         request_info=request_info,
