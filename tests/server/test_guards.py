@@ -132,6 +132,14 @@ class TestBodySize:
         assert response.status_code == 413 and "--max-request-bytes" in response.text
 
 
+async def fill_the_queue(guarded: QueueLimit, http: httpx.AsyncClient) -> list[asyncio.Task[httpx.Response]]:
+    """Two generation requests held in the app: one in the batch (max_batch 1), one waiting (max_waiting 1)."""
+    held = [asyncio.create_task(http.post("/v1/chat/completions", content=b"{}")) for _ in range(2)]
+    while guarded.in_flight < 2:
+        await asyncio.sleep(0.01)
+    return held
+
+
 class TestQueueLimit:
     def test_beyond_a_full_batch_and_the_waiting_room_is_a_429_and_slots_come_back(self) -> None:
         """One decoding (max_batch 1) and one waiting (max_waiting 1): the third is refused; later ones pass."""
@@ -140,9 +148,7 @@ class TestQueueLimit:
             gate = asyncio.Event()
             guarded = QueueLimit(tiny_app(gate), max_waiting=1, max_batch=1, paths=GENERATION, shapes=SHAPES)
             async with client(guarded) as http:
-                held = [asyncio.create_task(http.post("/v1/chat/completions", content=b"{}")) for _ in range(2)]
-                while guarded.in_flight < 2:
-                    await asyncio.sleep(0.01)
+                held = await fill_the_queue(guarded, http)
                 refused = await http.post("/v1/messages", content=b"{}")
                 gate.set()
                 statuses = [(await task).status_code for task in held]
@@ -159,9 +165,7 @@ class TestQueueLimit:
             gate = asyncio.Event()
             guarded = QueueLimit(tiny_app(gate), max_waiting=1, max_batch=1, paths=GENERATION, shapes=SHAPES)
             async with client(guarded) as http:
-                held = [asyncio.create_task(http.post("/v1/chat/completions", content=b"{}")) for _ in range(2)]
-                while guarded.in_flight < 2:
-                    await asyncio.sleep(0.01)
+                held = await fill_the_queue(guarded, http)
                 status = (await http.get("/health")).status_code
                 gate.set()
                 await asyncio.gather(*held)
