@@ -24,7 +24,7 @@ from mlx_server.chat.service import ChatService, ServiceOptions
 from mlx_server.dialects import anthropic_messages, models, openai_chat, openai_completions, openai_responses
 from mlx_server.errors import APIError, ErrorShapes, install_error_handlers, report_unexpected_error
 from mlx_server.generation import EngineStats, GenerationEngine
-from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
+from mlx_server.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
 from mlx_server.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.response_cache import ResponseCache
 from mlx_server.settings import Settings
@@ -218,8 +218,16 @@ def create_app(state: ServerState) -> FastAPI:
     # Added innermost first: metrics see every response, the request id covers the guards' answers,
     # CORS headers reach 401s, and unauthenticated requests never take a queue slot.
     max_batch = state.engine.max_batch if state.engine is not None else state.settings.max_batch
+    in_flight = InFlight()
+    if state.engine is not None:
+        state.engine.count_arrivals(in_flight)
     app.add_middleware(
-        QueueLimit, max_waiting=state.settings.max_queue, max_batch=max_batch, paths=GENERATION_PATHS, shapes=shapes
+        QueueLimit,
+        max_waiting=state.settings.max_queue,
+        max_batch=max_batch,
+        paths=GENERATION_PATHS,
+        shapes=shapes,
+        counter=in_flight,
     )
     app.add_middleware(ApiKeyGuard, keys=state.settings.api_keys, shapes=shapes)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_request_bytes, shapes=shapes)

@@ -150,6 +150,7 @@ class GenerationEngine:
         self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self._running = 0
+        self._in_flight: Callable[[], int] | None = None
         self._steps = 0
         self._generated = 0
         self._active_bytes = 0
@@ -205,6 +206,14 @@ class GenerationEngine:
                 kv_budget_bytes=self.budget.total_bytes,
                 kv_bytes_per_token=self.budget.bytes_per_token,
             )
+
+    def count_arrivals(self, in_flight: Callable[[], int]) -> None:
+        """Read the requests the server has accepted (``in_flight()``), to start a lone request at once.
+
+        Without it an idle engine always gathers for ``GATHER_SECONDS``; with it,
+        it gathers only while accepted requests have yet to reach it.
+        """
+        self._in_flight = in_flight
 
     def observe_steps(self, observer: Callable[[int], None]) -> None:
         """Call ``observer(batch size)`` after every decode step (from the worker thread)."""
@@ -365,8 +374,9 @@ class GenerationEngine:
         with self._condition:
             while not (self._waiting or self._tasks or decoder.active or self._stopping):
                 self._condition.wait()
-            if self._waiting and not decoder.active and not self._tasks and not self._stopping:
-                self._condition.wait(GATHER_SECONDS)  # an idle batch gathers what arrives together
+            if self._waiting and not decoder.active and not self._tasks and not self._stopping and self._more_coming():
+                gathered = time.perf_counter() - self._waiting[0].enqueued
+                self._condition.wait(max(0.0, GATHER_SECONDS - gathered))  # an idle batch gathers a burst
             return not (self._stopping and not decoder.active and not self._tasks)
 
     def _run_tasks(self) -> None:
@@ -388,12 +398,20 @@ class GenerationEngine:
         takes newcomers at most every ``JOIN_INTERVAL_SECONDS`` (as
         mlx_lm.server's time budget does); an idle one waits
         ``GATHER_SECONDS`` for requests that arrive together (clients that fan
-        out), or less when a prefill batch's worth is already waiting.
+        out), or less when a prefill batch's worth is already waiting or no
+        accepted request is still on its way (a lone request starts at once).
         """
         if not decoder.active:
             waited = time.perf_counter() - self._waiting[0].enqueued
-            return waited >= GATHER_SECONDS or len(self._waiting) >= self.options.prefill_batch
+            full = len(self._waiting) >= self.options.prefill_batch
+            return waited >= GATHER_SECONDS or full or not self._more_coming()
         return time.perf_counter() - self._last_join >= JOIN_INTERVAL_SECONDS
+
+    def _more_coming(self) -> bool:
+        """Whether requests the server accepted have yet to reach the engine (unknown: assume so)."""
+        if self._in_flight is None:
+            return True
+        return self._in_flight() > len(self._waiting) + self._running
 
     def _admit(self, decoder: Decoder) -> None:
         """Move waiting jobs into the batch, in arrival order, while there is room in the batch and the budget."""

@@ -15,7 +15,8 @@ streamed responses and answers before a body is read:
   413 (async clients such as httpx.AsyncClient always do).
 * ``QueueLimit``: at most ``--max-queue`` generation requests wait beyond a
   full batch (``--max-batch``); the next gets a 429 with Retry-After.
-  Counting happens around the whole request, streaming included, so a slot is
+  Counting happens around the whole request, streaming included (``InFlight``,
+  which the engine also reads), so a slot is
   always given back.
 
 Each answers in the error shape of the dialect its path belongs to.
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlx_server.errors import APIError, ErrorShapes
 from mlx_server.settings import ApiKeys
 
-__all__ = ["OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "QueueLimit"]
+__all__ = ["OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "InFlight", "QueueLimit"]
 
 logger = logging.getLogger("mlx")
 
@@ -139,23 +140,48 @@ async def _drain(receive: Receive) -> None:
                 return
 
 
+class InFlight:
+    """Generation requests inside the server, from their headers to their last byte.
+
+    QueueLimit counts them; the engine reads the count to tell a burst whose
+    requests are still being parsed (worth gathering into one prefill) from a
+    lone request (started at once).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
 class QueueLimit:
     def __init__(
-        self, app: ASGIApp, max_waiting: int, max_batch: int, paths: Collection[str], shapes: ErrorShapes
+        self,
+        app: ASGIApp,
+        max_waiting: int,
+        max_batch: int,
+        paths: Collection[str],
+        shapes: ErrorShapes,
+        counter: InFlight | None = None,
     ) -> None:
         self.app = app
         self.max_waiting = max_waiting
         self.max_batch = max_batch
         self.paths = paths
         self.shapes = shapes
-        self.in_flight = 0
+        self.counter = counter if counter is not None else InFlight()
+
+    @property
+    def in_flight(self) -> int:
+        return self.counter.count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limited = scope["type"] == "http" and scope["path"] in self.paths and scope["method"] == "POST"
-        if not limited or not self.max_waiting:
+        if not limited:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_batch + self.max_waiting:  # a full batch, and max_waiting waiting
+        if self.max_waiting and self.in_flight >= self.max_batch + self.max_waiting:  # a full batch, max_waiting more
             message = (
                 f"the server is busy: {self.max_waiting} requests are already waiting (--max-queue); retry shortly"
             )
@@ -163,8 +189,8 @@ class QueueLimit:
             error = APIError(429, message, error_type="server_error", code="queue_full", headers={"Retry-After": "1"})
             await _send_error(scope, receive, send, self.shapes, error)
             return
-        self.in_flight += 1
+        self.counter.count += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self.counter.count -= 1

@@ -95,7 +95,11 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     app.state.model_name = loaded.name
     for name in ("uvicorn", "uvicorn.access"):  # uvicorn.error propagates into uvicorn
         setup_logger(name, log_file=settings.log_file)
-    logger.info("Serving OpenAI-compatible API at http://%s:%d/v1", settings.host, settings.port)
+    logger.info(
+        "Serving http://%s:%d: Anthropic /v1/messages (ANTHROPIC_BASE_URL=http://%s:%d), OpenAI /v1/responses, "
+        "/v1/chat/completions and /v1/completions (base_url http://%s:%d/v1)",
+        *(settings.host, settings.port) * 3,
+    )
     _finish_after_uvicorn_stops()
     try:
         uvicorn.run(
