@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from mlx_server.dialects.anthropic_messages import ERROR_PATH_PREFIX, anthropic_error
 from mlx_server.errors import ErrorShapes
-from mlx_server.guards import ApiKeyGuard, BodySizeLimit, QueueLimit
+from mlx_server.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
 from mlx_server.settings import ApiKeys
 
 KEY = "guard-test-key-1234"
@@ -172,3 +172,23 @@ class TestQueueLimit:
                 return status
 
         assert asyncio.run(run()) == 200
+
+    def test_requests_are_counted_without_a_limit_for_the_engine_to_read(self) -> None:
+        """With --max-queue 0 nothing is refused, but the in-flight count the engine reads is still kept."""
+
+        async def run() -> tuple[int, list[int], int]:
+            gate, counter = asyncio.Event(), InFlight()
+            guarded = QueueLimit(
+                tiny_app(gate), max_waiting=0, max_batch=1, paths=GENERATION, shapes=SHAPES, counter=counter
+            )
+            async with client(guarded) as http:
+                held = [asyncio.create_task(http.post("/v1/messages", content=b"{}")) for _ in range(3)]
+                while counter() < 3:
+                    await asyncio.sleep(0.01)
+                during = counter()
+                gate.set()
+                statuses = [(await task).status_code for task in held]
+                return during, statuses, counter()
+
+        during, statuses, after = asyncio.run(asyncio.wait_for(run(), timeout=30))
+        assert during == 3 and statuses == [200, 200, 200] and after == 0
