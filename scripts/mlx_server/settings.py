@@ -307,7 +307,8 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=env("KEEPALIVE", str(DEFAULT_KEEPALIVE)),
         metavar="SECONDS",
-        help="send an SSE comment when a stream has been silent this long, e.g. during a long prefill "
+        help="send a keep-alive (an SSE comment; Anthropic's ping event on /v1/messages) when a stream has been "
+        "silent this long, e.g. during a long prefill "
         f"(0: never; default {DEFAULT_KEEPALIVE:g})",
     )
     service.add_argument(
