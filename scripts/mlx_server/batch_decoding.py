@@ -155,8 +155,12 @@ class BatchDecoder:
         """
         generator = self._generator
         budget = self._prefill_step
-        started = [sum(len(segment) for segment in entry[0]) for entry in generator._currently_processing]
-        waiting = [sum(len(segment) for segment in entry[1]) for entry in generator._unprocessed_sequences]
+        processing = getattr(generator, "_currently_processing", None)
+        unprocessed = getattr(generator, "_unprocessed_sequences", None)
+        if processing is None or unprocessed is None:  # another mlx-lm: count prompts, as it does
+            return self._prefill_batch
+        started = [sum(len(segment) for segment in entry[0]) for entry in processing]
+        waiting = [sum(len(segment) for segment in entry[1]) for entry in unprocessed]
         used = sum(min(length, self._prefill_step) for length in started)
         allowed = len(started)
         for length in waiting:
