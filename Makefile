@@ -9,7 +9,7 @@ PORT ?= 8081
 AGENT_CLIS := tools/agent-clis
 AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 
-.PHONY: install agent-clis serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-load clean
+.PHONY: install agent-clis serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-claude-code: install
 
 bench-concurrency: install
 	$(BIN)/python bench/bench_concurrency.py
+
+bench-fidelity: install
+	$(BIN)/python bench/bench_fidelity.py
 
 # 60 s of 32 concurrent clients; the 30-minute soak: make bench-load LOAD_SECONDS=1800
 LOAD_SECONDS ?= 60

@@ -203,6 +203,14 @@ def _report(tally: Tally, clients: int, elapsed: float, still_up: bool) -> None:
             f"server resident memory (MiB): start {start / 1024:.0f}, after warm-up {warm / 1024:.0f}, "
             f"end {end / 1024:.0f}, max {max(kib for _, kib in tally.memory_kib) / 1024:.0f}"
         )
+        settled = [kib for at, kib in tally.memory_kib if at >= elapsed / 10]
+        if len(settled) >= 10:
+            tenth = len(settled) // 10
+            early, late = statistics.median(settled[:tenth]), statistics.median(settled[-tenth:])
+            print(
+                f"after warm-up, median of the first and last tenth (MiB): {early / 1024:.0f} -> {late / 1024:.0f} "
+                f"({(late - early) / early:+.1%})"
+            )
     print(f"server still healthy: {still_up}")
 
 
