@@ -57,6 +57,7 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_PREFILL_BATCH = 8
 JOIN_INTERVAL_SECONDS = 0.5  # a running batch takes newcomers at most this often (mlx_lm.server's time budget)
 GATHER_SECONDS = 0.05  # an idle batch waits this long for requests that arrive together
+GATHER_POLL_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -375,8 +376,10 @@ class GenerationEngine:
             while not (self._waiting or self._tasks or decoder.active or self._stopping):
                 self._condition.wait()
             if self._waiting and not decoder.active and not self._tasks and not self._stopping and self._more_coming():
+                # An idle batch gathers a burst; it looks again every few ms, since the request that
+                # seemed on its way may be one that just finished (still sending its last bytes).
                 gathered = time.perf_counter() - self._waiting[0].enqueued
-                self._condition.wait(max(0.0, GATHER_SECONDS - gathered))  # an idle batch gathers a burst
+                self._condition.wait(min(GATHER_POLL_SECONDS, max(0.0, GATHER_SECONDS - gathered)))
             return not (self._stopping and not decoder.active and not self._tasks)
 
     def _run_tasks(self) -> None:
