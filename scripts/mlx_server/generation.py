@@ -189,7 +189,7 @@ class GenerationEngine:
         return self.kv_cache.describe_entries()
 
     def recent_cache_misses(self) -> list[dict[str, Any]]:
-        return list(self.kv_cache.recent_misses)
+        return self.kv_cache.recent_misses()
 
     def check_grammar_support(self) -> None:
         """GrammarError when this model's tokenizer cannot drive constrained decoding."""

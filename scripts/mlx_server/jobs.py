@@ -22,7 +22,7 @@ from typing import Any
 from mlx_lm.generate import TextStateMachine
 
 from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache, token_digest
-from utils_logging import log_cache_hit, log_cache_miss, redact
+from utils_logging import is_debug_enabled, log_cache_hit, log_cache_miss, redact
 
 __all__ = ["GenerationStats", "Job", "SamplingSettings", "Sequence", "StopText", "TokenEvent"]
 
@@ -242,44 +242,61 @@ class Sequence:
             self.job.deliver(TokenEvent("", error=error))
 
     def _log_lookup(self, lease: CacheLease) -> None:
+        """Keep a miss's explanation for /v1/cache and, at debug level >= 1, log the lookup.
+
+        Runs on the worker between decode steps, so the explanation (template
+        renders, decoding, redaction) is only prepared here: it is worked out
+        when the debug line is written or /v1/cache is read.
+        """
         prompt, stats = self.job.prompt, self.stats
-        key = hashlib.sha256(str(prompt).encode()).hexdigest()[:16]
+        explain = self._explainer(lease)
         details: dict[str, Any] = {
             "cached_tokens": stats.cached_tokens,
             "new_tokens": len(prompt) - stats.cached_tokens,
         }
-        explanation = self._explain(lease)
-        if explanation is not None:
-            details.update(explanation)
-            self._kv_cache.record_miss({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
+        if explain is not None:
+            self._kv_cache.record_miss(time.strftime("%Y-%m-%dT%H:%M:%S"), details, explain)
+        if not is_debug_enabled():
+            return
+        key = hashlib.sha256(str(prompt).encode()).hexdigest()[:16]
+        if explain is not None:
+            details = {**details, **explain()}
         if stats.cached_tokens:
             log_cache_hit("prompt", key, {**details, "source": stats.cache_source})
         else:
-            reason = str(details.get("reason", "no cached prefix"))
-            log_cache_miss("prompt", key, reason, details)
+            log_cache_miss("prompt", key, str(details.get("reason", "no cached prefix")), details)
 
-    def _explain(self, lease: CacheLease) -> dict[str, Any] | None:
-        """Where the prompt left the nearest cached entry (for a miss or a partial hit), in tokens, messages, words."""
+    def _explainer(self, lease: CacheLease) -> Callable[[], dict[str, Any]] | None:
+        """Where the prompt left the nearest cached entry (a miss or a partial hit), worked out once when asked."""
         if lease.source not in ("miss", "copied-prefix", "checkpoint"):
             return None
         if lease.nearest is None:
-            return {"reason": "nothing cached shares a prefix with this prompt"} if lease.source == "miss" else None
-        at = lease.common_tokens
-        where = self.job.locate(at) if self.job.locate is not None else None
-        explanation: dict[str, Any] = {
-            "diverged_at_token": at,
-            "diverged_at_message": where[0] if where else None,
-            "role": where[1] if where else None,
-            "cached_text": self._excerpt(lease.nearest[at : at + EXCERPT_TOKENS].tolist()),
-            "new_text": self._excerpt(self.job.prompt[at : at + EXCERPT_TOKENS]),
-        }
-        if where is not None and where[1] == "system":
-            explanation["reason"] = f"the system prompt changed: it differs from the cached one at token {at}"
-        elif where is not None:
-            explanation["reason"] = f"{where[1]} message {where[0]} differs from the cached conversation at token {at}"
-        else:
-            explanation["reason"] = f"the prompt differs from the nearest cached one at token {at}"
-        return explanation
+            if lease.source != "miss":
+                return None
+            return lambda: {"reason": "nothing cached shares a prefix with this prompt"}
+        at, locate = lease.common_tokens, self.job.locate
+        cached = lease.nearest[at : at + EXCERPT_TOKENS].tolist()
+        new = self.job.prompt[at : at + EXCERPT_TOKENS]
+
+        @functools.cache
+        def explain() -> dict[str, Any]:
+            where = locate(at) if locate is not None else None
+            if where is not None and where[1] == "system":
+                reason = f"the system prompt changed: it differs from the cached one at token {at}"
+            elif where is not None:
+                reason = f"{where[1]} message {where[0]} differs from the cached conversation at token {at}"
+            else:
+                reason = f"the prompt differs from the nearest cached one at token {at}"
+            return {
+                "diverged_at_token": at,
+                "diverged_at_message": where[0] if where else None,
+                "role": where[1] if where else None,
+                "cached_text": self._excerpt(cached),
+                "new_text": self._excerpt(new),
+                "reason": reason,
+            }
+
+        return explain
 
     def _excerpt(self, tokens: list[int]) -> str:
         text = str(self._tokenizer.decode(tokens)) if tokens else ""

@@ -204,7 +204,9 @@ class KVPromptCache:
         self.misses = 0
         self.tokens_saved = 0
         self.evictions = 0
-        self.recent_misses: deque[dict[str, Any]] = deque(maxlen=RECENT_MISSES)
+        self._recent_misses: deque[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]] = deque(
+            maxlen=RECENT_MISSES
+        )
         self._files = CheckpointFiles(directory, model_identity, max_entries, max_bytes) if directory else None
         if self._files is not None and self.enabled:
             self._load_checkpoints(self._files)
@@ -258,10 +260,16 @@ class KVPromptCache:
             diverged = nearest if length < len(best.tokens) else None  # the request left the entry before its end
             return CacheLease(copy_prefix(best.cache, usable), usable, source, diverged, length)
 
-    def record_miss(self, explanation: dict[str, Any]) -> None:
-        """Keep why a request missed (or only partly hit), for /v1/cache."""
+    def record_miss(self, at: str, counts: dict[str, Any], explain: Callable[[], dict[str, Any]]) -> None:
+        """Keep why a request missed (or only partly hit), for /v1/cache; ``explain`` runs when that is read."""
         with self._lock:
-            self.recent_misses.append(explanation)
+            self._recent_misses.append((at, counts, explain))
+
+    def recent_misses(self) -> list[dict[str, Any]]:
+        """The last misses explained, oldest first."""
+        with self._lock:
+            misses = list(self._recent_misses)
+        return [{"at": at, **counts, **explain()} for at, counts, explain in misses]
 
     # -- storing --------------------------------------------------------------
 
