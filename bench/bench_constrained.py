@@ -19,7 +19,6 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +28,12 @@ from mlx_server.blas import preload_optimized_blas  # noqa: E402 - before MLX is
 
 BLAS = preload_optimized_blas()
 
-from mlx_server.chat.request import Message, Tool  # noqa: E402
-from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings  # noqa: E402
-from mlx_server.grammar import OutputConstraint, build_grammar  # noqa: E402
-from mlx_server.model_loading import load_model  # noqa: E402
-from mlx_server.prompt_cache import KVPromptCache  # noqa: E402
-from mlx_server.prompts import render_prompt  # noqa: E402
+from mlx_server.chat.grammars import OutputConstraint, build_grammar  # noqa: E402
+from mlx_server.chat.prompts import render_prompt  # noqa: E402
+from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
+from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
+from mlx_server.model.loading import load_model  # noqa: E402
+from mlx_server.vocabulary import GenerationRequest, GenerationStats, Message, SamplingSettings, Tool  # noqa: E402
 
 TARGET = 0.8
 MAX_TOKENS = 96
@@ -60,15 +59,7 @@ TOOLS = [
 def _decode_speed(engine: GenerationEngine, prompt: list[int], grammar: str | None, seed: int) -> GenerationStats:
     settings = SamplingSettings(max_tokens=MAX_TOKENS, temperature=0.7, seed=seed, grammar=grammar)
 
-    async def run() -> GenerationStats:
-        stats = None
-        async for event in engine.stream(prompt, settings, threading.Event()):
-            assert event is not None  # keep-alives come only when asked for
-            stats = event.stats or stats
-        assert stats is not None
-        return stats
-
-    return asyncio.run(run())
+    return asyncio.run(engine.complete(GenerationRequest(prompt, settings, use_cache=False)))[1]
 
 
 def main() -> None:
@@ -79,7 +70,9 @@ def main() -> None:
 
     loaded = load_model(args.model)
     engine = GenerationEngine(
-        loaded, KVPromptCache.for_model(loaded.model, loaded.identity, max_entries=0, max_bytes=0)
+        loaded,
+        KVPromptCache.for_model(loaded.model, loaded.identity, max_entries=0, max_bytes=0),
+        EngineOptions(max_batch=1, prefill_batch=1, kv_budget_bytes=2**31),
     )
     engine.warm_up()
     ask = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +30,11 @@ from mlx_server.blas import preload_optimized_blas
 
 preload_optimized_blas(None)
 
-from mlx_server.chat.request import Message  # noqa: E402
-from mlx_server.generation import EngineOptions, GenerationEngine, SamplingSettings  # noqa: E402
-from mlx_server.model_loading import LoadedModel, load_model  # noqa: E402
-from mlx_server.prompt_cache import KVPromptCache  # noqa: E402
-from mlx_server.prompts import render_prompt  # noqa: E402
+from mlx_server.chat.prompts import render_prompt  # noqa: E402
+from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
+from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
+from mlx_server.model.loading import LoadedModel, load_model  # noqa: E402
+from mlx_server.vocabulary import GenerationRequest, Message, SamplingSettings  # noqa: E402
 
 TOPICS = [
     "the capital of France",
@@ -67,15 +66,8 @@ def questions(count: int) -> list[str]:
 
 
 async def generate(engine: GenerationEngine, prompt: list[int], settings: SamplingSettings) -> Reply:
-    parts: list[str] = []
-    stats = None
-    async for event in engine.stream(prompt, settings, threading.Event(), 0):
-        if event is None:
-            continue
-        parts.append(event.text)
-        stats = event.stats or stats
-    assert stats is not None
-    tokens = list(engine.tokenizer.encode("".join(parts), add_special_tokens=False))
+    text, stats = await engine.complete(GenerationRequest(prompt, settings, use_cache=False))
+    tokens = list(engine.tokenizer.encode(text, add_special_tokens=False))
     return Reply(tokens, stats.completion_tokens, stats.tokens_per_second, stats.time_to_first_token_ms)
 
 
@@ -86,9 +78,9 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def make_engine(loaded: LoadedModel, **options: int | None) -> GenerationEngine:
+def make_engine(loaded: LoadedModel, max_batch: int = 16, kv_bits: int | None = None) -> GenerationEngine:
     cache = KVPromptCache.for_model(loaded.model, loaded.identity, max_entries=0, max_bytes=0)
-    engine = GenerationEngine(loaded, cache, EngineOptions(**options))  # type: ignore[arg-type]
+    engine = GenerationEngine(loaded, cache, EngineOptions(max_batch, 8, 2**32, kv_bits))
     engine.warm_up()
     return engine
 

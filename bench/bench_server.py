@@ -34,7 +34,7 @@ import httpx  # noqa: E402
 from mlx_lm.generate import stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from mlx_server.model_loading import LoadedModel, load_model  # noqa: E402
+from mlx_server.model.loading import LoadedModel, load_model  # noqa: E402
 from serverlib import free_port, start_and_wait, stream_chat  # noqa: E402
 
 PROMPT = (

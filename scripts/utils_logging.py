@@ -127,13 +127,14 @@ _LEVEL_DESCRIPTIONS = {
 # ---------------------------------------------------------------------------
 
 _debug_level: int = 0  # read by every call; set_debug_level() and reload_from_environment() change it
-_log_format: str = "text"  # "text" or "json", read as each line is formatted
+_log_format: str = "text"  # "text" or "json": given to each formatter when it is made or the format changes
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("anyclaude_request_id", default=None)
 _warned: set[str] = set()  # keys of the internal warnings already given
 _warned_lock = threading.Lock()
 _key_memo: dict[str, str | None] = {}  # mapping key -> as written out, None when it names a secret
 _scrub_memo: dict[str, str] = {}  # short text -> the same text scrubbed
 _console_handlers: weakref.WeakSet[_StderrHandler] = weakref.WeakSet()  # to re-decide colour on reload
+_formatters: weakref.WeakSet[AnyclaudeFormatter] = weakref.WeakSet()  # to switch text/json on reload
 _setup_lock = threading.RLock()  # setup_logger()
 _file_lock = threading.Lock()  # error debug files
 _fallback_directory: str | None = None  # used instead of an unsafe debug directory
@@ -219,6 +220,8 @@ def reload_from_environment() -> DebugLevel:
     _debug_level = int(level)
     raw_format = os.environ.get(LOG_FORMAT_ENV_VAR)
     _log_format, format_warning = _parse_log_format(raw_format)
+    for formatter in list(_formatters):
+        formatter.log_format = _log_format
     for handler in list(_console_handlers):
         handler.forget_color_decision()
     if level_warning:
@@ -644,13 +647,29 @@ def _color_wanted(stream: object) -> bool:
         return False
 
 
+class _RequestIdFilter(logging.Filter):
+    """Puts the request id bound where a line is logged on its record (``request_id``, ``-`` when none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        record.anyclaude_request_id = request_id
+        record.request_id = request_id or "-"
+        return True
+
+
+_request_id_filter = _RequestIdFilter()
+
+
 class AnyclaudeFormatter(logging.Formatter):
     """Text (the guide's format) or JSON lines, with the request id, scrubbed of secrets.
 
-    The format is chosen by ``ANYCLAUDE_LOG_FORMAT`` when the line is written, so
-    one handler serves both.  Lines from ``debug()`` arrive scrubbed; the
-    message and traceback of any other record (the host's own ``logger.info``)
-    are scrubbed here.
+    ``log_format`` is ``ANYCLAUDE_LOG_FORMAT`` when the formatter is made, and
+    follows it when ``reload_from_environment`` reads it again.  The request
+    id comes from the record (the handlers ``setup_logger`` makes carry a
+    filter that puts it there; elsewhere it is read when the line is
+    formatted).  Lines from ``debug()`` arrive scrubbed; the message and
+    traceback of any other record (the host's own ``logger.info``) are
+    scrubbed here.
     """
 
     def __init__(self, fmt: str | None = None, datefmt: str | None = None) -> None:
@@ -659,6 +678,8 @@ class AnyclaudeFormatter(logging.Formatter):
         self._mentions_request_id = "request_id" in (fmt or "")
         self._time_cache: tuple[int, str] = (-1, "")
         self.color = False
+        self.log_format = _log_format
+        _formatters.add(self)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         # strftime is a visible part of a line's cost, and its text changes once a second.
@@ -674,9 +695,10 @@ class AnyclaudeFormatter(logging.Formatter):
         message = record.getMessage()
         if not getattr(record, "anyclaude_scrubbed", False):
             message = _scrub_text(message)
-        request_id = _request_id.get()
-        record.request_id = request_id or "-"
-        if _log_format == "json":
+        if not hasattr(record, "anyclaude_request_id"):  # a handler without the filter: the id bound now
+            _request_id_filter.filter(record)
+        request_id: str | None = getattr(record, "anyclaude_request_id", None)
+        if self.log_format == "json":
             line = self._format_json(record, message, request_id)
         else:
             if request_id is not None and not self._mentions_request_id:
@@ -814,6 +836,7 @@ def setup_logger(
             logger.addHandler(console)
         if console is not None:
             console.setFormatter(AnyclaudeFormatter(format_string))
+            console.addFilter(_request_id_filter)
         if log_file is not None:
             path = os.path.abspath(os.fspath(log_file))
             mark = f"file:{path}"
@@ -832,6 +855,7 @@ def setup_logger(
                     logger.addHandler(file_handler)
             if file_handler is not None:
                 file_handler.setFormatter(AnyclaudeFormatter(format_string))
+                file_handler.addFilter(_request_id_filter)
     return logger
 
 
@@ -874,22 +898,19 @@ def _render(message: object, data: object, level: int) -> tuple[str, str, object
 
 
 def _emit(log_level: int, message: object, data: object, caller_depth: int) -> None:
-    """Write one line on the ``anyclaude`` logger; the caller has checked the debug level."""
+    """Write one line on the ``anyclaude`` logger; the caller has checked the debug level.
+
+    ``caller_depth`` counts the frames between this function and the code
+    whose file and line the record should carry (``stacklevel`` does the walk).
+    """
     logger = _debug_logger
     if not logger.isEnabledFor(log_level):
         return
     line, clean_message, plain = _render(message, data, _debug_level)
-    try:
-        frame = sys._getframe(caller_depth + 1)
-        location = (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
-    except (AttributeError, ValueError):
-        location = ("(unknown file)", 0, "(unknown function)")
-    record = logger.makeRecord(logger.name, log_level, location[0], location[1], line, (), None, location[2])
-    record.anyclaude_scrubbed = True
-    record.anyclaude_message = clean_message
+    extra: dict[str, object] = {"anyclaude_scrubbed": True, "anyclaude_message": clean_message}
     if plain is not _MISSING:
-        record.anyclaude_data = plain
-    logger.handle(record)
+        extra["anyclaude_data"] = plain
+    logger.log(log_level, line, extra=extra, stacklevel=caller_depth + 2)
 
 
 def _emit_safely(log_level: int, message: object, data: object, caller_depth: int) -> None:

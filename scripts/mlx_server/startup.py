@@ -30,7 +30,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     if blas.warning:
         logger.warning("BLAS: %s", blas.warning)
 
-    from mlx_server.model_loading import ModelLoadError, export_mlx_model, load_model
+    from mlx_server.model.loading import ModelLoadError, export_mlx_model, load_model
 
     started = time.perf_counter()
     try:
@@ -60,14 +60,14 @@ def run(settings: Settings, logger: logging.Logger) -> int:
 
     import uvicorn
 
-    from mlx_server.app import ServerState, create_app
-    from mlx_server.generation import EngineOptions, GenerationEngine
-    from mlx_server.kv_budget import default_budget_bytes
-    from mlx_server.prompt_cache import KVPromptCache
-    from mlx_server.response_cache import ResponseCache
+    from mlx_server.chat.answer_cache import AnswerCache
+    from mlx_server.edge.app import ServerState, create_app
+    from mlx_server.engine.generation import EngineOptions, GenerationEngine
+    from mlx_server.engine.kv_budget import default_budget_bytes
+    from mlx_server.engine.prompt_cache import KVPromptCache
 
     budget = settings.kv_budget or default_budget_bytes()
-    kv_cache = KVPromptCache.for_model(
+    prompt_cache = KVPromptCache.for_model(
         loaded.model,
         loaded.identity,
         max_entries=settings.prompt_cache_size,
@@ -75,7 +75,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
         directory=settings.prompt_cache_dir,
     )
     options = EngineOptions(settings.max_batch, settings.prefill_batch, budget, settings.kv_bits)
-    engine = GenerationEngine(loaded, kv_cache, options)
+    engine = GenerationEngine(loaded, prompt_cache, options)
     logger.info(
         "Batching: up to %d sequences, %d prompts prefilled together; KV budget %.1f GiB (%d bytes per token%s, "
         "%d tokens for one sequence); prompt cache %s",
@@ -85,13 +85,17 @@ def run(settings: Settings, logger: logging.Logger) -> int:
         engine.budget.bytes_per_token,
         f", {settings.kv_bits}-bit" if settings.kv_bits else "",
         engine.budget.max_sequence_tokens,
-        f"up to {kv_cache.max_entries} entries, {kv_cache.max_bytes / 2**30:.1f} GiB" if kv_cache.enabled else "off",
+        (
+            f"up to {prompt_cache.max_entries} entries, {prompt_cache.max_bytes / 2**30:.1f} GiB"
+            if prompt_cache.enabled
+            else "off"
+        ),
     )
     logger.info("Warm-up generation took %.0fms", engine.warm_up())
     if settings.warm_prompt is not None:
         warm_prompt_cache(engine, settings.warm_prompt, logger)
-    response_cache = ResponseCache(loaded.identity, settings.response_cache_size)
-    app = create_app(ServerState(settings=settings, blas=blas, engine=engine, response_cache=response_cache))
+    answers = AnswerCache(loaded.identity, settings.response_cache_size)
+    app = create_app(ServerState(settings=settings, blas=blas, engine=engine, answers=answers))
     app.state.model_name = loaded.name
     for name in ("uvicorn", "uvicorn.access"):  # uvicorn.error propagates into uvicorn
         setup_logger(name, log_file=settings.log_file)
@@ -112,7 +116,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     finally:
         engine.shutdown()
         if settings.prompt_cache_dir is not None:
-            saved = kv_cache.save_checkpoints()
+            saved = prompt_cache.save_checkpoints()
             logger.info("Prompt cache: saved %d checkpoints to %s", saved, settings.prompt_cache_dir)
     logger.info("Server stopped")
     return 0
@@ -134,8 +138,8 @@ def _finish_after_uvicorn_stops() -> None:
 
 def warm_prompt_cache(engine: Any, path: Path, logger: logging.Logger) -> None:
     """Prefill the --warm-prompt system prompt so the first real request starts warm."""
-    from mlx_server.chat.request import Message
-    from mlx_server.prompts import render_prompt_with_prefix
+    from mlx_server.chat.prompts import render_prompt_with_prefix
+    from mlx_server.vocabulary import Message
 
     try:
         text = path.read_text()

@@ -282,11 +282,24 @@ class TestAnyData:
 
 
 class TestNeverRaises:
-    @pytest.mark.parametrize("level", ["2", None, object(), 1.5])
-    def test_bad_level_argument(self, level: Any) -> None:
-        """A level that is not an int does not raise into the caller."""
+    @pytest.mark.parametrize("level", ["2", None, object()], ids=["text", "none", "object"])
+    def test_a_level_that_is_not_a_number_is_a_warning_not_an_exception(
+        self, level: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The caller goes on; the line is dropped and one warning names the odd level."""
+        monkeypatch.setattr(utils_logging, "_warned", set())  # warnings are said once per process
         utils_logging.set_debug_level(3)
         debug(level, "odd level")
+        err = capsys.readouterr().err
+        assert "odd level" not in err
+        assert "debug() called with an invalid level" in err
+
+    def test_a_fractional_level_is_compared_as_a_number(self, capsys: pytest.CaptureFixture[str]) -> None:
+        utils_logging.set_debug_level(2)
+        debug(1.5, "between one and two")  # type: ignore[arg-type]
+        debug(2.5, "above two")  # type: ignore[arg-type]
+        err = capsys.readouterr().err
+        assert "between one and two" in err and "above two" not in err
 
     def test_message_that_cannot_be_stringified(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A message whose __str__ and __repr__ raise still gives a line."""

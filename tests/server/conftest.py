@@ -40,11 +40,12 @@ class RunningServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_idle(self, timeout: float = 60) -> None:
-        """Poll /health until no generation runs or waits."""
+    def wait_idle(self, timeout: float = 60, api_key: str | None = None) -> None:
+        """Poll /health (its details need the key when the server has one) until no generation runs or waits."""
+        headers = {"x-api-key": api_key} if api_key else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            queue = httpx.get(f"{self.base_url}/health", timeout=10).json()["queue"]
+            queue = httpx.get(f"{self.base_url}/health", headers=headers, timeout=10).json()["queue"]
             if queue == {"waiting": 0, "running": 0}:
                 return
             time.sleep(0.05)
@@ -108,7 +109,7 @@ def stop_server(server: RunningServer) -> None:
 @pytest.fixture(scope="session")
 def loaded_model() -> Any:
     """The default model loaded in this process (for in-process tests)."""
-    from mlx_server.model_loading import load_model
+    from mlx_server.model.loading import load_model
 
     return load_model(None)
 

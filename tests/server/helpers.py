@@ -7,6 +7,15 @@ from typing import Any
 
 import httpx
 
+from mlx_server.vocabulary import (
+    Engine,
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    PromptAdmitted,
+)
+
 from .conftest import RunningServer
 
 CHAT = "/v1/chat/completions"
@@ -97,3 +106,26 @@ def chat_result(server: RunningServer, messages: str | list[dict[str, Any]], **f
 def cached_tokens(result: dict[str, Any]) -> int:
     """The prompt tokens a chat completion took from the prompt cache."""
     return int(result["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+async def collect(
+    engine: Engine, request: GenerationRequest, end_after: int | None = None
+) -> tuple[str, GenerationStats | None]:
+    """An engine's text and final stats for one request; after ``end_after`` pieces it is ended early.
+
+    Ending early is the engine's ``end_early`` (the sequence stops and still
+    reports); a caller that wants a disconnect instead closes the stream.
+    """
+    parts: list[str] = []
+    stats: GenerationStats | None = None
+    end = None
+    async for event in engine.stream(request):
+        if isinstance(event, PromptAdmitted):
+            end = event.end_early
+        elif isinstance(event, GeneratedText):
+            parts.append(event.text)
+            if end is not None and end_after is not None and len(parts) >= end_after:
+                end()
+        elif isinstance(event, GenerationFinished):
+            stats = event.stats
+    return "".join(parts), stats

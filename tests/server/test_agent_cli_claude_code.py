@@ -23,6 +23,8 @@ import pytest
 
 from .conftest import ROOT, RunningServer, start_server, stop_server
 
+pytestmark = pytest.mark.e2e
+
 CLAUDE = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "claude"
 CLI_TIMEOUT_SECONDS = 300
 MAX_OUTPUT_TOKENS = "512"

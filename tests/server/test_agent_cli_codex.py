@@ -22,6 +22,8 @@ import pytest
 
 from .conftest import ROOT, RunningServer, start_server, stop_server
 
+pytestmark = pytest.mark.e2e
+
 CODEX = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "codex"
 CLI_TIMEOUT_SECONDS = 300
 SHRINK = [

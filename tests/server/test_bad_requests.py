@@ -1,16 +1,30 @@
-"""Bad input gets a clear OpenAI-shaped error with the right status, and the server keeps serving."""
+"""Bad input gets a clear OpenAI-shaped error with the right status, and the server keeps serving.
+
+Against the real application over the scripted engine (validation and the
+chat core's rules need no model); the context is 8,192 tokens, as the
+default model's.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-import httpx
 import pytest
+from starlette.testclient import TestClient
 
-from .conftest import RunningServer
+from mlx_server.settings import Settings
+
 from .helpers import CHAT, HI, chat_body
+from .scripted import scripted_server
 
-HUGE_PROMPT = "word " * 9_000  # past SmolLM2's 8,192-token context
+HUGE_PROMPT = "word " * 9_000  # past the 8,192-token context
+# litellm raises ContextWindowExceededError when the message contains this (its exception_mapping_utils).
+LITELLM_CONTEXT_PATTERN = "this model's maximum context length is"
+OPENAI_WORDING = re.compile(
+    r"^This model's maximum context length is (\d+) tokens\. However, you requested (\d+) tokens "
+    r"\((\d+) in the messages, (\d+) in the completion\)\."
+)
 
 
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -160,15 +174,6 @@ BAD_REQUESTS: list[tuple[str, str, str, bytes | dict[str, Any], int, str | None,
         "context_length_exceeded",
         "messages",
     ),
-    (
-        "max_tokens past the context",
-        "POST",
-        "/v1/chat/completions",
-        chat_body(max_tokens=10_000),
-        400,
-        "context_length_exceeded",
-        "max_tokens",
-    ),
     ("tool without type", "POST", CHAT, chat_body(tools=[{"function": WEATHER}]), 400, None, "tools[0].type"),
     (
         "tool name with spaces",
@@ -267,8 +272,8 @@ BAD_REQUESTS: list[tuple[str, str, str, bytes | dict[str, Any], int, str | None,
 
 
 @pytest.fixture(scope="module")
-def http(server: RunningServer) -> httpx.Client:
-    return httpx.Client(base_url=server.base_url, timeout=120)
+def http() -> TestClient:
+    return scripted_server().client
 
 
 class TestBadRequests:
@@ -279,7 +284,7 @@ class TestBadRequests:
     )
     def test_rejected_clearly_and_server_keeps_serving(
         self,
-        http: httpx.Client,
+        http: TestClient,
         case: str,
         method: str,
         path: str,
@@ -305,3 +310,26 @@ class TestBadRequests:
         after = http.post("/v1/chat/completions", json=chat_body(max_tokens=1))
         assert after.status_code == 200
         assert after.json()["usage"]["completion_tokens"] == 1
+
+
+class TestCompletionLimits:
+    def test_a_limit_past_the_context_is_a_ceiling(self) -> None:
+        """max_tokens beyond what the context holds generates until the context is full: 200, never a 400."""
+        server = scripted_server()
+        response = server.client.post(CHAT, json=chat_body(max_tokens=100_000))
+        assert response.status_code == 200, response.text
+        prompt_tokens = response.json()["usage"]["prompt_tokens"]
+        assert server.engine.requests[-1].settings.max_tokens == 8192 - prompt_tokens
+
+    def test_strict_max_tokens_keeps_openais_400(self) -> None:
+        """--strict-max-tokens answers the same request with OpenAI's overflow error and wording."""
+        strict = scripted_server(Settings(strict_max_tokens=True)).client
+        response = strict.post(CHAT, json=chat_body(max_tokens=10_000))
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+        assert LITELLM_CONTEXT_PATTERN in error["message"].lower()
+        match = OPENAI_WORDING.match(error["message"])
+        assert match is not None
+        context, total, prompt, completion = (int(group) for group in match.groups())
+        assert (context, completion) == (8192, 10_000) and total == prompt + completion

@@ -7,22 +7,35 @@ concurrently with asyncio, as the HTTP layer drives them.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
-from mlx_server.chat.request import Message, Tool
-from mlx_server.generation import EngineOptions, GenerationEngine, GenerationStats, SamplingSettings
-from mlx_server.grammar import OutputConstraint, build_grammar
-from mlx_server.prompt_cache import KVPromptCache
-from mlx_server.prompts import render_prompt, render_prompt_with_prefix
+from mlx_server.chat.grammars import OutputConstraint, build_grammar
+from mlx_server.chat.prompts import render_prompt, render_prompt_with_prefix
+from mlx_server.chat.tool_parsing import HERMES, parse_tool_calls
+from mlx_server.engine.generation import EngineOptions, GenerationEngine
+from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.vocabulary import (
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    Message,
+    SamplingSettings,
+    Tool,
+)
 
 from .conftest import RunningServer, start_server, stop_server
 from .helpers import CHAT, LONG_ANSWER, WEATHER_PARAMETERS, chat_body
+
+pytestmark = pytest.mark.e2e
 
 BYTES_PER_TOKEN = 46_080  # SmolLM2-135M, float32: 30 layers x 3 KV heads x 64 x 2 (keys, values) x 4 bytes
 QUESTIONS = [
@@ -44,7 +57,7 @@ class Outcome:
 @pytest.fixture(scope="module")
 def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
     cache = KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 16, 2**30)
-    running = GenerationEngine(loaded_model, cache, EngineOptions(max_batch=8))
+    running = GenerationEngine(loaded_model, cache, EngineOptions(max_batch=8, prefill_batch=8, kv_budget_bytes=2**31))
     yield running
     running.shutdown()
 
@@ -60,15 +73,17 @@ async def generate(
     stable_prefix: int = 0,
     cancel_after: int | None = None,
 ) -> Outcome:
-    cancelled = threading.Event()
     parts: list[str] = []
     stats: GenerationStats | None = None
-    async for event in engine.stream(prompt, settings, cancelled, stable_prefix):
-        assert event is not None
-        parts.append(event.text)
-        stats = event.stats or stats
+    events = engine.stream(GenerationRequest(prompt, settings, stable_prefix))
+    async for event in events:
+        if isinstance(event, GeneratedText):
+            parts.append(event.text)
+        elif isinstance(event, GenerationFinished):
+            stats = event.stats
         if cancel_after is not None and len(parts) >= cancel_after:
             break
+    await events.aclose()
     if stats is None:  # left early: the stream was abandoned, as a disconnected client abandons it
         stats = GenerationStats(prompt_tokens=len(prompt), finish_reason="cancelled")
     return Outcome("".join(parts), stats)
@@ -106,17 +121,22 @@ class TestPerRequestSettings:
         """A stop sequence, a length limit, a forced tool call and a sampled request finish correctly side by side."""
         grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="required", forced_function="get_weather"))
         weather_prompt = render_prompt(engine.tokenizer, [Message("user", "Weather in Paris?")], [WEATHER])
+        question = prompt_for(engine, QUESTIONS[0])
+        free = alone(engine, question, SamplingSettings(max_tokens=40, temperature=0.0)).text
+        stop = free.split()[2]  # a word the greedy answer writes: the stop sequence ends the text before it
         requests = [
-            (prompt_for(engine, QUESTIONS[0]), SamplingSettings(max_tokens=40, temperature=0.0, stop=("Paris",))),
+            (question, SamplingSettings(max_tokens=40, temperature=0.0, stop=(stop,))),
             (prompt_for(engine, LONG_ANSWER), SamplingSettings(max_tokens=7, temperature=0.0)),
             (weather_prompt, SamplingSettings(max_tokens=60, temperature=0.0, grammar=grammar)),
             (prompt_for(engine, QUESTIONS[2]), SamplingSettings(max_tokens=16, temperature=0.9, top_p=0.9, top_k=40)),
         ]
         stopped, limited, called, sampled = together(engine, *requests)
-        assert stopped.stats.finish_reason == "stop" and stopped.stats.stop_sequence == "Paris"
-        assert stopped.text == "The capital of France is "
+        assert stopped.stats.finish_reason == "stop" and stopped.stats.stop_sequence == stop
+        assert stopped.text == free[: free.index(stop)]
         assert limited.stats.finish_reason == "length" and limited.stats.completion_tokens == 7
-        assert called.text.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": ')
+        _, calls = parse_tool_calls(called.text, HERMES, {"get_weather"})
+        assert [call.name for call in calls] == ["get_weather"]
+        jsonschema.validate(json.loads(calls[0].arguments), WEATHER_PARAMETERS)
         assert called.stats.finish_reason == "stop"
         assert 1 <= sampled.stats.completion_tokens <= 16
 
@@ -208,11 +228,18 @@ class TestMemoryBudget:
         assert seen_waiting
 
     def test_a_request_that_could_never_fit_is_a_400(self, budgeted: RunningServer) -> None:
-        """Past what the budget can hold for one sequence: a 400 in the context-overflow wording."""
-        response = httpx.post(budgeted.base_url + CHAT, json=chat_body(max_tokens=300), timeout=60)
+        """A prompt past what the budget can hold for one sequence: a 400 in the context-overflow wording."""
+        response = httpx.post(budgeted.base_url + CHAT, json=chat_body("word " * 300, max_tokens=4), timeout=60)
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "context_length_exceeded"
         assert "maximum context length is 256 tokens" in response.json()["error"]["message"]
+
+    def test_a_limit_past_the_budget_is_a_ceiling(self, budgeted: RunningServer) -> None:
+        """max_tokens beyond what the budget holds for the sequence generates until it is full, never refused."""
+        response = httpx.post(budgeted.base_url + CHAT, json=chat_body(LONG_ANSWER, max_tokens=300), timeout=300)
+        assert response.status_code == 200
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256
 
     def test_health_and_metrics_show_the_batch(self, budgeted: RunningServer) -> None:
         assert httpx.post(budgeted.base_url + CHAT, json=chat_body(max_tokens=4), timeout=60).status_code == 200

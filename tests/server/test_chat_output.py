@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_server.chat.output import OutputParser, ReasoningPiece, ReasoningSyntax
-from mlx_server.tool_parsing import HERMES, CallPiece, ContentPiece, ToolCalling
+from mlx_server.chat.tool_parsing import HERMES, CallPiece, ContentPiece, ToolCalling
 
 THINK = ReasoningSyntax("<think>", "</think>")
 TOOLS = ToolCalling(HERMES, (("get_weather", "function"),))

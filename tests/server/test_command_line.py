@@ -95,6 +95,7 @@ class TestStartupErrors:
         assert "Cannot load the model: GGUF file not found" in result.stderr
         assert "Traceback" not in result.stderr
 
+    @pytest.mark.e2e
     def test_export_command(self, tmp_path: Path) -> None:
         """--export-mlx writes an MLX model directory and exits."""
         destination = tmp_path / "exported"

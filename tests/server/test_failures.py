@@ -1,9 +1,8 @@
-"""The global handler: an unexpected failure is a 500 in OpenAI's shape with a redacted debug file."""
+"""Unexpected failures: a 500 in the route's shape with a redacted debug file, and the loading state."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +10,23 @@ import pytest
 from fastapi.testclient import TestClient
 
 import utils_logging
-from mlx_server.app import ServerState, create_app
 from mlx_server.blas import BlasInfo
 from mlx_server.chat import service as service_module
-from mlx_server.generation import GenerationEngine
-from mlx_server.prompt_cache import KVPromptCache
+from mlx_server.edge.app import ServerState, create_app
 from mlx_server.settings import Settings
+
+from .scripted import scripted_server
 
 SECRET = "sk-ant-api03-failuresecret0000"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
-    engine = GenerationEngine(
-        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 4, 2**30)
-    )
-    yield engine
-    engine.shutdown()  # MLX must not be mid-call on a worker thread when the interpreter exits
-
-
 @pytest.fixture
-def client(engine: GenerationEngine) -> TestClient:
-    state = ServerState(settings=Settings(), blas=BlasInfo("test", None, optimized=False), engine=engine)
-    return TestClient(create_app(state), raise_server_exceptions=False)
+def client() -> TestClient:
+    return scripted_server().client
 
 
-def _explode(*_arguments: object) -> list[int]:
+def _explode(*_arguments: object) -> Any:
     raise RuntimeError(f"tokenizer exploded near {SECRET}")
 
 
@@ -47,7 +36,7 @@ class TestUnexpectedErrors:
     ) -> None:
         """The client gets a 500 with no traceback; the debug file holds the redacted request."""
         monkeypatch.setenv("ANYCLAUDE_DEBUG_DIR", str(tmp_path))
-        monkeypatch.setattr(service_module, "render_prompt_with_prefix", _explode)
+        monkeypatch.setattr(service_module, "render_chat_prompt", _explode)
         utils_logging.set_debug_level(1)
         try:
             response = client.post("/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {SECRET}"})
@@ -67,7 +56,7 @@ class TestUnexpectedErrors:
 
     def test_no_file_path_when_not_debugging(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
         """With debugging off the 500 names no file."""
-        monkeypatch.setattr(service_module, "render_prompt_with_prefix", _explode)
+        monkeypatch.setattr(service_module, "render_chat_prompt", _explode)
         response = client.post("/v1/chat/completions", json=BODY)
         assert response.status_code == 500
         assert "debug_file" not in response.json()["error"]
@@ -75,7 +64,7 @@ class TestUnexpectedErrors:
     def test_server_keeps_serving(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
         """After a failure the next request is answered normally."""
         with monkeypatch.context() as patch:
-            patch.setattr(service_module, "render_prompt_with_prefix", _explode)
+            patch.setattr(service_module, "render_chat_prompt", _explode)
             assert client.post("/v1/chat/completions", json=BODY).status_code == 500
         response = client.post("/v1/chat/completions", json=BODY)
         assert response.status_code == 200

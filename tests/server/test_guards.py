@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mlx_server.dialects.anthropic_messages import ERROR_PATH_PREFIX, anthropic_error
-from mlx_server.errors import ErrorShapes
-from mlx_server.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
+from mlx_server.edge.errors import ErrorShapes
+from mlx_server.edge.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
 from mlx_server.settings import ApiKeys
 
 KEY = "guard-test-key-1234"

@@ -6,9 +6,12 @@ import re
 import uuid
 
 import httpx
+import pytest
 
 from .conftest import RunningServer
 from .helpers import post_chat
+
+pytestmark = pytest.mark.e2e
 
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[[\w.]+\] (DEBUG|INFO|WARNING|ERROR): ")
 SECRET = "sk-ant-api03-logtestsecret0000"
@@ -19,11 +22,25 @@ def _chat(server: RunningServer, content: str, **fields: object) -> httpx.Respon
     return post_chat(server, content, max_tokens=4, headers={"Authorization": f"Bearer {SECRET}"}, **fields)
 
 
+def own_lines(server: RunningServer, response: httpx.Response) -> str:
+    """This request's log records only: lines that carry its id, with their continuations (pretty data)."""
+    request_id = response.headers["x-request-id"]
+    kept: list[str] = []
+    mine = False
+    for line in server.log_text().splitlines():
+        if LINE.match(line):
+            mine = f"[{request_id}]" in line
+        if mine:
+            kept.append(line)
+    return "\n".join(kept)
+
+
 class TestLevelZero:
     def test_two_info_lines_with_numbers(self, server: RunningServer) -> None:
         """Each request logs the guide's two INFO lines; the second carries tokens, TTFT and speed."""
-        assert _chat(server, "Hello there").status_code == 200
-        log = server.log_text()
+        response = _chat(server, "Hello there")
+        assert response.status_code == 200
+        log = own_lines(server, response)
         assert "[mlx] INFO: [req_" in log and "] Processing chat request" in log
         completed = re.findall(
             r"Chat request completed successfully: (\d+) prompt tokens \(\d+ cached\), (\d+) completion tokens, "
@@ -56,16 +73,19 @@ class TestLevelZero:
 class TestLevelThree:
     def test_trace_shows_the_request_redacted(self, trace_server: RunningServer) -> None:
         """debug(3, "Chat request", body) is pretty-printed with secrets masked."""
-        assert _chat(trace_server, f"my key is {SECRET}", stop=["zzz"]).status_code == 200
-        log = trace_server.log_text()
+        response = _chat(trace_server, f"my key is {SECRET}", stop=["zzz"])
+        assert response.status_code == 200
+        log = own_lines(trace_server, response)
+        assert SECRET not in trace_server.log_text()
         assert "DEBUG: [req_" in log and '] Chat request {\n  "messages": [' in log
         assert SECRET not in log and "logtestsecret" not in log
         assert "[REDACTED]" in log
 
     def test_timer_checkpoints(self, trace_server: RunningServer) -> None:
         """The chat_completion timer logs the guide's checkpoints and its total."""
-        assert _chat(trace_server, "Hi").status_code == 200
-        log = trace_server.log_text()
+        response = _chat(trace_server, "Hi, timer")
+        assert response.status_code == 200
+        log = own_lines(trace_server, response)
         for checkpoint in ("request_parsed", "cache_check", "prompt_processed", "inference_complete"):
             assert re.search(rf"\[Timer\] chat_completion @ {checkpoint}: [\d.]+ms", log), checkpoint
         assert re.search(r"\[Timer\] chat_completion completed in [\d.]+ms", log)
@@ -78,5 +98,5 @@ class TestLevelThree:
         """A 400 at debug level logs why; the Authorization header never appears."""
         response = _chat(trace_server, "x", temperature=9)
         assert response.status_code == 400
-        log = trace_server.log_text()
-        assert "Rejected request" in log and SECRET not in log
+        assert "Rejected request" in own_lines(trace_server, response)
+        assert SECRET not in trace_server.log_text()

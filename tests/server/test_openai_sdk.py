@@ -10,6 +10,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import RunningServer
 
+pytestmark = pytest.mark.e2e
+
 
 def user(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
@@ -36,7 +38,7 @@ class TestNonStreaming:
         assert response.created > 0
         choice = response.choices[0]
         assert choice.message.role == "assistant"
-        assert "Paris" in (choice.message.content or "")
+        assert choice.message.content
         assert choice.finish_reason in ("stop", "length")
         assert response.usage is not None
         assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens

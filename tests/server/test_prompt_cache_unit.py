@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_server.prompt_cache import MIN_REUSED_TOKENS, CacheEntry, KVPromptCache, longest_prefix
+from mlx_server.engine.prompt_cache import MIN_REUSED_TOKENS, CacheEntry, KVPromptCache, longest_prefix
 
 LAYERS = 2
 BYTES_PER_TOKEN = LAYERS * 2 * 4  # keys and values, one float32 each per layer
@@ -79,7 +79,7 @@ class TestHandOut:
         kv.release(state, tokens(100, 40), 40)
         lease = kv.acquire([*tokens(100, 40), 7, 8, 9])
         assert lease.source == "extended" and lease.cached_tokens == 40 and lease.cache is state
-        assert kv.stats().entries == 0 and lease.nearest is None
+        assert kv.stats().entries == 0 and lease.divergence is None
 
     def test_a_partial_match_copies_only_the_shared_prefix(self) -> None:
         kv = new_cache()
@@ -89,7 +89,8 @@ class TestHandOut:
         assert lease.source == "copied-prefix" and lease.cached_tokens == 20
         assert lease.cache is not state and held(lease.cache) == tokens(100, 20) and held(state) == tokens(100, 40)
         assert kv.stats().entries == 1
-        assert lease.common_tokens == 20 and lease.nearest is not None and len(lease.nearest) == 40
+        assert lease.divergence is not None and lease.divergence.at_token == 20
+        assert lease.divergence.cached == tuple(tokens(120, 12)) and lease.divergence.prompt == (1, 2, 3)
 
     def test_an_unused_generated_tail_is_trimmed_not_copied(self) -> None:
         """The next turn diverges inside the entry's generated tokens: the entry is taken and its tail trimmed."""
@@ -110,7 +111,8 @@ class TestHandOut:
         kv = new_cache()
         kv.release(kv_state(tokens(100)), tokens(100), 20)
         lease = kv.acquire([*tokens(100, MIN_REUSED_TOKENS - 1), 1, 2, 3])
-        assert lease.source == "miss" and lease.cached_tokens == 0 and lease.common_tokens == MIN_REUSED_TOKENS - 1
+        assert lease.source == "miss" and lease.cached_tokens == 0
+        assert lease.divergence is not None and lease.divergence.at_token == MIN_REUSED_TOKENS - 1
 
     def test_checkpoints_are_copied_and_stay(self) -> None:
         kv = new_cache()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_server.tool_parsing import (
+from mlx_server.chat.tool_parsing import (
     HERMES,
     LLAMA3_JSON,
     CallPiece,
@@ -197,6 +197,38 @@ def test_one_call_when_not_parallel() -> None:
 def test_a_repeated_call_is_dropped() -> None:
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
     assert _calls(f"{call}\n{call}\n", HERMES) == ("", [("get_weather", {"city": "Paris"})])
+
+
+class TestRepeats:
+    """A small model allowed several calls tends to repeat its first until the token limit."""
+
+    FIRST = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
+
+    def test_a_call_that_starts_over_is_recognized_at_its_first_argument(self) -> None:
+        """The same function with the same first argument: recognized before the repeat is written out."""
+        extractor = ToolCallExtractor(HERMES, {"get_weather"})
+        extractor.feed(self.FIRST + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"')
+        assert extractor.repeated and len(extractor.calls) == 1
+
+    def test_a_call_with_another_first_argument_goes_on(self) -> None:
+        """Parallel calls that differ in their first argument are not repeats."""
+        extractor = ToolCallExtractor(HERMES, {"get_weather"})
+        extractor.feed(self.FIRST + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon", "days": 2}}')
+        assert not extractor.repeated
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [('"city": "Paris"', '"city": "Parisian"'), ('"days": 2', '"days": 23')],
+        ids=["string", "number"],
+    )
+    def test_a_first_argument_that_only_begins_alike_is_not_a_repeat(self, first: str, second: str) -> None:
+        """The value must end where the earlier one did: "Paris" then "Parisian", 2 then 23."""
+        extractor = ToolCallExtractor(HERMES, {"get_weather"})
+        extractor.feed(f'<tool_call>\n{{"name": "get_weather", "arguments": {{{first}}}}}\n</tool_call>\n')
+        extractor.feed(f'<tool_call>\n{{"name": "get_weather", "arguments": {{{second}')
+        assert not extractor.repeated
+        extractor.feed("}}")
+        assert not extractor.repeated
 
 
 def test_whitespace_between_calls_is_not_content_but_prose_keeps_its_spaces() -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+import pytest
 
-from mlx_server.chat.request import Message, Tool, ToolCall
-from mlx_server.prompts import render_prompt, stable_prefix_length
-from mlx_server.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
+from mlx_server.chat.prompts import FALLBACK_CHAT_TEMPLATE, render_prompt, stable_prefix_length
+from mlx_server.chat.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
+from mlx_server.vocabulary import Message, Tool, ToolCall
+
+from .model_tokenizers import load_tokenizer
 
 TOOLS = (Tool("read_file", "Read a file", {"type": "object", "properties": {"path": {"type": "string"}}}),)
 LOOP = [
@@ -20,31 +21,37 @@ LOOP = [
 ]
 
 
-def rendered(loaded_model: Any, messages: list[Message], tools: tuple[Tool, ...] = TOOLS) -> str:
-    return str(loaded_model.tokenizer.decode(render_prompt(loaded_model.tokenizer, messages, tools)))
+@pytest.fixture(scope="module")
+def chatml() -> Any:
+    """A tokenizer whose template is plain ChatML, as SmolLM2's: it renders neither tools nor calls."""
+    return load_tokenizer("qwen3", FALLBACK_CHAT_TEMPLATE)
 
 
-def test_smollm2_template_renders_neither_tools_nor_calls(loaded_model: Any) -> None:
-    assert template_tool_support(loaded_model.tokenizer) == TemplateToolSupport(tools=False, tool_calls=False)
+def rendered(tokenizer: Any, messages: list[Message], tools: tuple[Tool, ...] = TOOLS) -> str:
+    return str(tokenizer.decode(render_prompt(tokenizer, messages, tools)))
 
 
-def test_tools_are_injected_into_the_system_prompt(loaded_model: Any) -> None:
-    text = rendered(loaded_model, LOOP[:2])
+def test_a_plain_chatml_template_renders_neither_tools_nor_calls(chatml: Any) -> None:
+    assert template_tool_support(chatml) == TemplateToolSupport(tools=False, tool_calls=False)
+
+
+def test_tools_are_injected_into_the_system_prompt(chatml: Any) -> None:
+    text = rendered(chatml, LOOP[:2])
     system = text.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nYou are a coding agent.")
     assert '"name": "read_file"' in system and "<tool_call>" in system
 
 
-def test_tools_get_their_own_system_message_when_there_is_none(loaded_model: Any) -> None:
-    conversation, template_tools = template_conversation(loaded_model.tokenizer, LOOP[1:2], TOOLS)
+def test_tools_get_their_own_system_message_when_there_is_none(chatml: Any) -> None:
+    conversation, template_tools = template_conversation(chatml, LOOP[1:2], TOOLS)
     assert template_tools is None
     assert [message["role"] for message in conversation] == ["system", "user"]
     assert "read_file" in conversation[0]["content"]
 
 
-def test_history_keeps_calls_and_tool_results_in_their_roles(loaded_model: Any) -> None:
+def test_history_keeps_calls_and_tool_results_in_their_roles(chatml: Any) -> None:
     """The assistant's call is rendered as a Hermes call; the result stays a tool message, not user text."""
-    text = rendered(loaded_model, LOOP)
+    text = rendered(chatml, LOOP)
     assert (
         '<|im_start|>assistant\n<tool_call>\n{"name": "read_file", "arguments": {"path": "setup.cfg"}}\n</tool_call>'
         in text
@@ -53,9 +60,9 @@ def test_history_keeps_calls_and_tool_results_in_their_roles(loaded_model: Any) 
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_stable_prefix_covers_system_prompt_and_tools(loaded_model: Any) -> None:
+def test_stable_prefix_covers_system_prompt_and_tools(chatml: Any) -> None:
     """The prompt cache's checkpoint includes the tool block, so every turn of a tool loop reuses it."""
-    tokenizer = loaded_model.tokenizer
+    tokenizer = chatml
     prompt = render_prompt(tokenizer, LOOP, TOOLS)
     prefix = stable_prefix_length(tokenizer, LOOP, prompt, TOOLS)
     assert prefix > 0
@@ -78,11 +85,9 @@ QWEN_STYLE_TEMPLATE = (
 )
 
 
-def test_a_template_with_tool_support_renders_them_itself(loaded_model: Any) -> None:
+def test_a_template_with_tool_support_renders_them_itself() -> None:
     """Tools go to the template as ``tools=``; past calls carry their arguments as an object, not a string."""
-    hf_tokenizer = copy.copy(loaded_model.tokenizer._tokenizer)
-    hf_tokenizer.chat_template = QWEN_STYLE_TEMPLATE
-    tokenizer = TokenizerWrapper(hf_tokenizer)
+    tokenizer = load_tokenizer("qwen3", QWEN_STYLE_TEMPLATE)
     assert template_tool_support(tokenizer) == TemplateToolSupport(tools=True, tool_calls=True)
     text = tokenizer.decode(render_prompt(tokenizer, LOOP, TOOLS))
     assert "You may call one or more functions" not in text, "nothing injected"

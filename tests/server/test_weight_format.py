@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_server.weight_format import FLOAT32_MEMORY_SHARE, choose_weight_format
+from mlx_server.model.weight_format import FLOAT32_MEMORY_SHARE, choose_weight_format
 
 GIB = 1024**3
 

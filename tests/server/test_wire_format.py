@@ -14,6 +14,8 @@ import pytest
 
 from .conftest import RunningServer
 
+pytestmark = pytest.mark.e2e
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

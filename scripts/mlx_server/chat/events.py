@@ -1,7 +1,9 @@
 """What the core hands a dialect while a request runs: protocol-neutral events, then the completion.
 
 A dialect turns these into its own JSON or server-sent events; the order is
-always: any number of deltas (and keep-alives), then one ``Finished``.
+always: ``Started`` (the prompt's usage is final from here on), any number of
+deltas and keep-alives, then one ``Finished``.  Keep-alives may also come
+before ``Started``, while the request waits for room in the batch.
 """
 
 from __future__ import annotations
@@ -9,10 +11,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from mlx_server.chat.request import ToolCall
-from mlx_server.generation import GenerationStats
+from mlx_server.vocabulary import CacheLookup, GenerationStats, ToolCall
 
-__all__ = ["ChatEvent", "Completion", "Finished", "Keepalive", "ReasoningDelta", "TextDelta", "ToolCallDelta"]
+__all__ = [
+    "ChatEvent",
+    "Completion",
+    "Finished",
+    "Keepalive",
+    "PromptUsage",
+    "ReasoningDelta",
+    "Started",
+    "TextDelta",
+    "ToolCallDelta",
+    "Usage",
+]
+
+
+@dataclass(frozen=True)
+class PromptUsage:
+    """How the prompt was read: all of it, what came from the prompt cache, and what was written to it.
+
+    The three parts add up: ``prompt_tokens = cached_tokens + cache_written_tokens + uncached_tokens``.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    cache_written_tokens: int
+
+    @property
+    def uncached_tokens(self) -> int:
+        """Computed and not kept (the cache is off, or the answer was replayed)."""
+        return self.prompt_tokens - self.cached_tokens - self.cache_written_tokens
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A finished reply's usage: the prompt's, and the tokens generated."""
+
+    prompt: PromptUsage
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request is admitted: its cache lookup is done and its prompt usage will not change."""
+
+    usage: PromptUsage
+    lookup: CacheLookup
 
 
 @dataclass(frozen=True)
@@ -53,8 +102,8 @@ class Completion:
     tool_calls: list[ToolCall]
     stats: GenerationStats
     finish_reason: str
+    usage: Usage
     stop_sequence: str | None = None
-    cache_written_tokens: int = 0  # prompt tokens this request stored in the prompt cache
 
 
 @dataclass(frozen=True)
@@ -62,4 +111,4 @@ class Finished:
     completion: Completion = field(repr=False)
 
 
-ChatEvent = Union[TextDelta, ReasoningDelta, ToolCallDelta, Keepalive, Finished]
+ChatEvent = Union[Started, TextDelta, ReasoningDelta, ToolCallDelta, Keepalive, Finished]

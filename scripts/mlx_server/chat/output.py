@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
+from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
 
 __all__ = ["OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
 
@@ -68,6 +68,11 @@ class OutputParser:
     @property
     def calls(self) -> list[Any]:
         return self._calls.calls if self._calls is not None else []
+
+    @property
+    def repeated_a_call(self) -> bool:
+        """The output repeated a call it already made: what follows is a loop, not an answer."""
+        return self._calls is not None and self._calls.repeated
 
     def feed(self, text: str) -> list[OutputPiece]:
         if self._machine is None:

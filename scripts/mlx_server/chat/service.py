@@ -2,47 +2,59 @@
 
 ``ChatService.start`` renders the prompt (billing line removed, tools in the
 template), decides the output rules (grammar, tool calls, reasoning), fills in
-the sampling settings under the dialect's length policy and looks up the
-response cache.  The ``ChatRun`` it returns owns everything else: the engine
-stream, parsing the output into reasoning, content and calls, timing, metrics,
-storing a deterministic answer, and the two log lines the integration guide
-shows.  Dialects only translate a ``ChatRequest`` in and ``ChatEvent`` values out.
+the sampling settings under the length policy and looks up the answer cache.
+The ``ChatRun`` it returns owns everything else: the engine's stream, parsing
+the output into reasoning, content and calls, timing, metrics, storing a
+deterministic answer, explaining a cache miss, and the two log lines the
+integration guide shows.  Dialects only translate a ``ChatRequest`` in and
+``ChatEvent`` values out; the engine is reached through ``vocabulary.Engine``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
-
+from mlx_server.chat.answer_cache import AnswerCache, CachedAnswer
+from mlx_server.chat.diagnostics import CacheDiagnostics, MissExplanation
 from mlx_server.chat.events import (
     ChatEvent,
     Completion,
     Finished,
     Keepalive,
+    PromptUsage,
     ReasoningDelta,
+    Started,
     TextDelta,
     ToolCallDelta,
+    Usage,
 )
+from mlx_server.chat.failures import report_failure
+from mlx_server.chat.grammars import OutputConstraint, build_grammar
 from mlx_server.chat.output import OutputParser, ReasoningPiece, reasoning_syntax
-from mlx_server.chat.request import ChatRequest, Message, Tool
-from mlx_server.errors import APIError, ContextOverflowError, report_failure
-from mlx_server.generation import GenerationEngine, GenerationStats, KVBudgetError, SamplingSettings, TokenEvent
-from mlx_server.grammar import GrammarError, OutputConstraint, build_grammar
-from mlx_server.prompts import (
-    fill_in_the_middle,
-    message_at_token,
-    normalize_billing_header,
-    render_prompt_with_prefix,
+from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header, render_chat_prompt
+from mlx_server.chat.request import ChatRequest
+from mlx_server.chat.tool_parsing import HERMES, CallPiece, ToolCallFormat, ToolCalling, detect_tool_call_format
+from mlx_server.chat.tool_prompts import template_tool_support
+from mlx_server.vocabulary import (
+    CacheLookup,
+    ContextOverflowError,
+    Engine,
+    EngineEvent,
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    InternalError,
+    InvalidRequestError,
+    KeepAlive,
+    PromptAdmitted,
+    RequestTimeoutError,
+    SamplingSettings,
+    ServerError,
 )
-from mlx_server.response_cache import CachedResponse, ResponseCache
-from mlx_server.tool_parsing import HERMES, CallPiece, ToolCallFormat, ToolCalling, detect_tool_call_format
-from mlx_server.tool_prompts import template_tool_support
 from utils_logging import PerformanceTimer, debug
 
 __all__ = ["ChatRun", "ChatService", "ServiceOptions"]
@@ -52,22 +64,15 @@ logger = logging.getLogger("mlx")
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """The server settings the core reads."""
+    """The server settings the core reads (their defaults live in ``settings``)."""
 
-    default_max_tokens: int = 1024
-    default_temperature: float = 1.0  # for requests that set none
-    default_repetition_penalty: float | None = None  # for requests that set none
-    keep_billing_header: bool = False
-    request_timeout: float = 0.0  # 0: none
-    keepalive_interval: float = 0.0  # 0: none
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    prompt: list[int]
-    stable_prefix: int
-    messages: tuple[Message, ...] = ()  # as rendered (billing line removed)
-    tools: tuple[Tool, ...] = ()
+    default_max_tokens: int
+    default_temperature: float  # for requests that set none
+    default_repetition_penalty: float | None  # for requests that set none
+    keep_billing_header: bool
+    request_timeout: float  # 0: none
+    keepalive_interval: float  # 0: none
+    strict_max_tokens: bool = False  # OpenAI's 400 for a completion limit past the context, instead of a cap
 
 
 class ChatService:
@@ -75,15 +80,16 @@ class ChatService:
 
     def __init__(
         self,
-        engine: GenerationEngine,
+        engine: Engine,
         options: ServiceOptions,
-        response_cache: ResponseCache | None = None,
+        answers: AnswerCache | None = None,
         observe: Callable[[GenerationStats], None] = lambda _stats: None,
     ) -> None:
         self.engine = engine
         self.options = options
-        self.response_cache = response_cache
+        self.answers = answers
         self.observe = observe
+        self.diagnostics = CacheDiagnostics(engine.tokenizer)
 
     @property
     def tokenizer(self) -> Any:
@@ -92,14 +98,14 @@ class ChatService:
     @property
     def context_length(self) -> int:
         """The longest a prompt and its completion may be: the model's context, or less under the KV budget."""
-        return self.engine.max_sequence_tokens
+        return self.engine.context_length
 
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Exactly the prompt tokens ``start`` would use for the same request."""
-        return len(self._render(request).prompt)
+        return len(self._render(request).tokens)
 
     def start(self, request: ChatRequest, trace: Callable[[], Any] | None = None) -> ChatRun:
-        """Validate and prepare a request (APIError on bad input); nothing runs until its events are read.
+        """Validate and prepare a request (a ``ServerError`` on bad input); nothing runs until it is read.
 
         ``trace`` returns the request as received, logged (redacted) at ANYCLAUDE_DEBUG=3.
         """
@@ -109,17 +115,17 @@ class ChatService:
             if trace is not None:
                 debug(3, "Chat request", trace)
             timer.checkpoint("request_parsed")
-            prepared = self._render(request)
+            prompt = self._render(request)
             grammar, tool_calling = self._output_rules(request)
-            settings = self._sampling_settings(request, len(prepared.prompt), grammar)
-            answer_key, cached = self._look_up_answer(prepared.prompt, settings)
+            settings = self._sampling_settings(request, len(prompt.tokens), grammar)
+            answer_key, cached = self._look_up_answer(prompt.tokens, settings)
             timer.checkpoint("cache_check")
             debug(
                 2,
                 "Generation settings",
                 lambda: {
-                    "prompt_tokens": len(prepared.prompt),
-                    "stable_prefix": prepared.stable_prefix,
+                    "prompt_tokens": len(prompt.tokens),
+                    "stable_prefix": prompt.stable_prefix,
                     "tool_calls": "off" if tool_calling is None else tool_calling.call_format.name,
                     **settings.__dict__,
                     "grammar": "none" if grammar is None else f"{len(grammar)} characters",
@@ -128,31 +134,42 @@ class ChatService:
         except BaseException as error:
             timer.stop(error)
             raise
-        parser = OutputParser(reasoning_syntax(self.tokenizer, prepared.prompt), tool_calling)
-        return ChatRun(self, prepared, settings, parser, timer, answer_key, cached)
+        parser = OutputParser(reasoning_syntax(self.tokenizer, prompt.tokens), tool_calling)
+        generation = GenerationRequest(
+            prompt.tokens,
+            settings,
+            stable_prefix=prompt.stable_prefix,
+            lane=request.lane,
+            timeout=self.options.request_timeout or None,
+            keepalive=self.options.keepalive_interval,
+        )
+        return ChatRun(self, prompt, generation, parser, timer, answer_key, cached)
+
+    def recent_misses(self) -> list[dict[str, Any]]:
+        """The last cache misses explained (template renders: call it off the event loop)."""
+        return self.diagnostics.recent_misses()
 
     # -- preparing ------------------------------------------------------------
 
-    def _render(self, request: ChatRequest) -> _Prepared:
+    def _render(self, request: ChatRequest) -> RenderedPrompt:
         if request.prompt is not None:
-            prompt = self._raw_prompt(request)
-            if not prompt:
-                raise APIError(400, "the prompt is empty: send at least one token of text", param="prompt")
-            return _Prepared(prompt, 0)
-        messages: list[Message] = list(request.messages)
+            tokens = self._raw_prompt(request)
+            if not tokens:
+                raise InvalidRequestError("the prompt is empty: send at least one token of text", "prompt")
+            return RenderedPrompt(tokens)
+        messages = list(request.messages)
         if not self.options.keep_billing_header:
             messages, removed = normalize_billing_header(messages)
             if removed:
                 debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
-        prompt, stable_prefix = render_prompt_with_prefix(self.tokenizer, messages, request.tools)
-        return _Prepared(prompt, stable_prefix, tuple(messages), request.tools)
+        return render_chat_prompt(self.tokenizer, messages, request.tools)
 
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
         if isinstance(request.prompt, tuple):
             vocabulary = len(self.tokenizer.get_vocab())
             if any(token >= vocabulary for token in request.prompt):
-                raise APIError(400, f"token ids must be below the vocabulary size ({vocabulary})", param="prompt")
+                raise InvalidRequestError(f"token ids must be below the vocabulary size ({vocabulary})", "prompt")
             return list(request.prompt)
         text = request.prompt or ""
         if request.suffix is not None:
@@ -174,28 +191,30 @@ class ChatService:
             json_schema=request.json_schema,
             forbidden_markers=tuple(marker for marker in markers if marker),
         )
-        try:
-            grammar = build_grammar(constraint, request.tool_params, request.schema_param)
-            if grammar is not None:
-                self.engine.check_grammar_support()
-        except GrammarError as error:
-            raise APIError(400, str(error), param=error.param, code="invalid_schema") from error
+        grammar = build_grammar(constraint, request.tool_params, request.schema_param)
         if not request.tools:
             return grammar, None
         tools = tuple((tool.name, tool.kind) for tool in request.tools)
         return grammar, ToolCalling(call_format, tools, request.parallel_tool_calls, emit=mode != "none")
 
     def _sampling_settings(self, request: ChatRequest, prompt_length: int, grammar: str | None) -> SamplingSettings:
-        """Lengths checked against the context under the dialect's policy, defaults filled in."""
+        """Lengths checked against the context, defaults filled in.
+
+        A completion limit is a ceiling: generation stops where the context
+        ends (finish_reason ``length``).  Under ``--strict-max-tokens`` a
+        dialect whose API refuses a limit past the context (OpenAI's) answers
+        with its 400 instead.  A prompt that does not fit at all is always an
+        overflow error.
+        """
         context = self.context_length
         room = context - prompt_length
         requested = request.max_tokens
         if room < 1:
-            raise ContextOverflowError(context, prompt_length, requested, "messages")
+            raise ContextOverflowError(context, prompt_length, None, "messages")
         if requested is not None and requested > room:
-            if request.length_policy == "reject":
+            if request.length_policy == "reject" and self.options.strict_max_tokens:
                 raise ContextOverflowError(context, prompt_length, requested, request.length_param)
-            requested = room  # Anthropic's max_tokens is a ceiling: generate until it or the context is full
+            requested = room
         sampling = request.sampling
         return SamplingSettings(
             max_tokens=requested if requested is not None else min(self.options.default_max_tokens, room),
@@ -215,14 +234,12 @@ class ChatService:
             grammar=grammar,
         )
 
-    def _look_up_answer(
-        self, prompt: list[int], settings: SamplingSettings
-    ) -> tuple[str | None, CachedResponse | None]:
-        """Deterministic requests (greedy, or seeded) may be answered from the response cache.
+    def _look_up_answer(self, prompt: list[int], settings: SamplingSettings) -> tuple[str | None, CachedAnswer | None]:
+        """Deterministic requests (greedy, or seeded) may be answered from the answer cache.
 
         The key is the rendered prompt (messages, tools and template together) and every sampling setting.
         """
-        cache = self.response_cache
+        cache = self.answers
         if cache is None or not cache.max_entries or (settings.temperature > 0 and settings.seed is None):
             return None, None
         key = cache.key_for({"prompt": prompt, **settings.__dict__})
@@ -230,94 +247,167 @@ class ChatService:
 
 
 class ChatRun:
-    """One request, from the engine's tokens to neutral events; read ``events()`` once, or ``complete()``."""
+    """One request, from the engine's events to neutral events.
+
+    ``begin()`` (optional) waits for the request to be admitted, so that
+    failures before its first token become plain errors and the prompt's usage
+    is known before a response starts; then read ``events()`` once, or
+    ``complete()``.  Leaving early (a cancelled task, a closed iteration)
+    stops generation.
+    """
 
     def __init__(
         self,
         service: ChatService,
-        prepared: _Prepared,
-        settings: SamplingSettings,
+        prompt: RenderedPrompt,
+        generation: GenerationRequest,
         parser: OutputParser,
         timer: PerformanceTimer,
         answer_key: str | None,
-        cached: CachedResponse | None,
+        cached: CachedAnswer | None,
     ) -> None:
         self._service = service
-        self._prepared = prepared
-        self._settings = settings
+        self._prompt = prompt
+        self._generation = generation
         self._parser = parser
         self._timer = timer
         self._answer_key = answer_key
         self._cached = cached
-        self._cancelled = threading.Event()
+        self._source: AsyncGenerator[EngineEvent, None] | None = None
+        self._started: Started | None = None
+        self._end_early: Callable[[], None] = lambda: None
+        self._explain: Callable[[], MissExplanation] | None = None
+        self._silent = False
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self._prepared.prompt)
+        return len(self._prompt.tokens)
 
-    async def complete(self, request: Request) -> Completion:
-        """The whole reply; stops generating if the client disconnects first."""
-        watcher = asyncio.create_task(_cancel_when_disconnected(request, self._cancelled))
-        completion: Completion | None = None
+    @property
+    def started(self) -> Started | None:
+        """The admission, once ``begin()`` or ``events()`` has seen it."""
+        return self._started
+
+    def explain_miss(self) -> MissExplanation | None:
+        """Where the prompt left the cache (a miss or a partial hit, once started); renders templates."""
+        return self._explain() if self._explain is not None else None
+
+    async def begin(self) -> Started | None:
+        """Wait until the engine admits the request, or until the first keep-alive (None: still waiting).
+
+        Raises the engine's refusal (``KVBudgetError``, ``GrammarError``) if it comes first.
+        """
+        if self._started is not None:
+            return self._started
         try:
-            async for event in self.events(streamed=False):
-                if isinstance(event, Finished):
-                    completion = event.completion
-        finally:
-            watcher.cancel()
+            while self._started is None:
+                event = await self._next_event()
+                if isinstance(event, KeepAlive):
+                    self._silent = True  # the stream begins with this keep-alive
+                    return None
+                self._admit(event)
+        except BaseException as error:
+            self._timer.stop(error)
+            raise
+        return self._started
+
+    async def complete(self) -> Completion:
+        """The whole reply (cancel the awaiting task to stop it)."""
+        completion: Completion | None = None
+        async for event in self.events(streamed=False):
+            if isinstance(event, Finished):
+                completion = event.completion
         assert completion is not None, "events() ends with Finished or raises"
         return completion
 
-    async def events(self, streamed: bool = True) -> AsyncIterator[ChatEvent]:
-        """Deltas as they are generated, keep-alives when silent, then ``Finished``.
+    async def events(self, streamed: bool = True) -> AsyncGenerator[ChatEvent, None]:
+        """``Started``, deltas as they are generated (keep-alives when silent), then ``Finished``.
 
-        Raises APIError 504 when the request timed out, and APIError 500
-        (after a debug file and an ERROR line) on an unexpected failure.
-        Leaving early (a client that went away) stops generation.
+        Raises ``RequestTimeoutError`` when the request timed out and
+        ``InternalError`` (after a debug file and an ERROR line) on an
+        unexpected failure; the engine's refusals pass through.
         """
         failure: BaseException | None = None
         try:
             async for event in self._events(streamed):
                 yield event
-        except (asyncio.CancelledError, GeneratorExit) as error:
-            failure = error
-            logger.info("Chat request cancelled: the client disconnected")
-            raise
-        except APIError as error:
+        except ServerError as error:
             failure = error
             raise
-        except KVBudgetError as error:
-            failure = error
-            raise APIError(400, str(error), param="max_tokens", code="kv_budget_exceeded") from error
         except Exception as error:
             failure = error
             report_failure(error, {"stream": streamed, "prompt_tokens": self.prompt_tokens})
-            message = "the server hit an internal error"
-            raise APIError(500, message, error_type="server_error", code="internal_error") from error
+            raise InternalError() from error
+        except BaseException as error:  # cancelled, or the iteration closed: the client went away
+            failure = error
+            logger.info("Chat request cancelled: the client disconnected")
+            raise
         finally:
-            self._cancelled.set()
+            if self._source is not None:
+                await self._source.aclose()
             self._timer.stop(failure)
 
+    # -- the engine's events -> chat events -------------------------------------------
+
+    async def _next_event(self) -> EngineEvent:
+        if self._source is None:
+            self._source = self._engine_events()
+        return await self._source.__anext__()
+
+    def _engine_events(self) -> AsyncGenerator[EngineEvent, None]:
+        if self._cached is not None:
+            return _replay(self._cached, self.prompt_tokens)
+        return self._service.engine.stream(self._generation)
+
+    def _admit(self, event: EngineEvent) -> None:
+        if not isinstance(event, PromptAdmitted):
+            raise AssertionError(f"the engine sent {type(event).__name__} before admitting the request")
+        lookup = event.lookup
+        self._end_early = event.end_early
+        written = 0 if lookup.source in ("off", "response") else self.prompt_tokens - lookup.cached_tokens
+        self._started = Started(PromptUsage(self.prompt_tokens, lookup.cached_tokens, written), lookup)
+        if lookup.source != "response":
+            self._record_lookup(lookup)
+
+    def _record_lookup(self, lookup: CacheLookup) -> None:
+        prompt, service = self._prompt, self._service
+        self._explain = service.diagnostics.explainer(lookup, prompt.messages, prompt.tools)
+        if lookup.source != "off":
+            service.diagnostics.record(lookup, prompt.tokens, self._explain)
+
     async def _events(self, streamed: bool) -> AsyncIterator[ChatEvent]:
+        if self._silent:
+            yield Keepalive()
+        while self._started is None:
+            event = await self._next_event()
+            if isinstance(event, KeepAlive):
+                yield Keepalive()
+            else:
+                self._admit(event)
+        yield self._started
         text_parts: list[str] = []
         reasoning_parts: list[str] = []
         content_parts: list[str] = []
         stats: GenerationStats | None = None
-        async for event in self._token_events():
-            if event is None:
+        while stats is None:
+            event = await self._next_event()
+            if isinstance(event, KeepAlive):
                 yield Keepalive()
-                continue
-            if "prompt_processed" not in self._timer.checkpoints:
-                self._timer.checkpoint("prompt_processed")
-            stats = event.stats or stats
-            if event.text:
+            elif isinstance(event, GenerationFinished):
+                stats = event.stats
+            elif isinstance(event, GeneratedText):
+                if "prompt_processed" not in self._timer.checkpoints:
+                    self._timer.checkpoint("prompt_processed")
                 text_parts.append(event.text)
                 for delta in self._deltas(self._parser.feed(event.text), reasoning_parts, content_parts):
                     yield delta
-        assert stats is not None
+                if self._parser.repeated_a_call:
+                    self._end_early()  # a forced call started over: the reply is complete
         self._service.observe(stats)
         if stats.finish_reason == "timeout":
-            raise _timed_out(stats)
+            error = RequestTimeoutError(stats.completion_tokens)
+            logger.warning("Chat request stopped: %s", error.message)
+            raise error
         for delta in self._deltas(self._parser.finish(), reasoning_parts, content_parts):
             yield delta
         self._timer.checkpoint("inference_complete")
@@ -325,15 +415,14 @@ class ChatRun:
         finish_reason = "tool_calls" if calls and stats.finish_reason == "stop" else stats.finish_reason
         self._remember("".join(text_parts), stats)
         _log_completion(stats, finish_reason, streamed, len(calls))
-        written = 0 if stats.cache_source in ("off", "response") else stats.prompt_tokens - stats.cached_tokens
         completion = Completion(
             text="".join(content_parts),
             reasoning="".join(reasoning_parts),
             tool_calls=calls,
             stats=stats,
             finish_reason=finish_reason,
+            usage=Usage(self._started.usage, stats.completion_tokens),
             stop_sequence=stats.stop_sequence,
-            cache_written_tokens=written,
         )
         yield Finished(completion)
 
@@ -350,30 +439,12 @@ class ChatRun:
                 deltas.append(TextDelta(piece.text))
         return deltas
 
-    def _token_events(self) -> AsyncIterator[TokenEvent | None]:
-        if self._cached is not None:
-            return _replay(self._cached, self.prompt_tokens)
-        options, prepared = self._service.options, self._prepared
-        return self._service.engine.stream(
-            prepared.prompt,
-            self._settings,
-            self._cancelled,
-            prepared.stable_prefix,
-            timeout=options.request_timeout or None,
-            keepalive=options.keepalive_interval,
-            locate=self._locate if prepared.messages else None,
-        )
-
-    def _locate(self, offset: int) -> tuple[int, str] | None:
-        prepared = self._prepared
-        return message_at_token(self._service.tokenizer, prepared.messages, prepared.tools, offset)
-
     def _remember(self, text: str, stats: GenerationStats) -> None:
-        cache = self._service.response_cache
+        cache = self._service.answers
         if cache is None or self._answer_key is None or self._cached is not None:
             return
         if stats.finish_reason in ("stop", "length"):
-            cached = CachedResponse(
+            cached = CachedAnswer(
                 text, stats.finish_reason, stats.prompt_tokens, stats.completion_tokens, stats.stop_sequence
             )
             cache.put(self._answer_key, cached)
@@ -390,9 +461,10 @@ def _call_marker_stems(call_format: ToolCallFormat) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stems))
 
 
-async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[TokenEvent | None]:
-    """A cached answer, delivered like a generation: its text, then its stats (all prompt tokens cached)."""
-    yield TokenEvent(cached.text)
+async def _replay(cached: CachedAnswer, prompt_tokens: int) -> AsyncGenerator[EngineEvent, None]:
+    """A cached answer, delivered like a generation: admitted with every prompt token cached, its text, its stats."""
+    yield PromptAdmitted(CacheLookup(prompt_tokens, "response"))
+    yield GeneratedText(cached.text)
     stats = GenerationStats(
         prompt_tokens=prompt_tokens,
         completion_tokens=cached.completion_tokens,
@@ -401,27 +473,7 @@ async def _replay(cached: CachedResponse, prompt_tokens: int) -> AsyncIterator[T
         finish_reason=cached.finish_reason,
         stop_sequence=cached.stop_sequence,
     )
-    yield TokenEvent("", stats=stats)
-
-
-async def _cancel_when_disconnected(request: Request, cancelled: threading.Event) -> None:
-    """Set ``cancelled`` when the client goes away (the body is already read, so the next message says so)."""
-    while not cancelled.is_set():
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            cancelled.set()
-
-
-def _timed_out(stats: GenerationStats) -> APIError:
-    error = APIError(
-        504,
-        f"the request ran past the server's --request-timeout and was stopped after {stats.completion_tokens} "
-        "generated tokens; raise the timeout or lower max_tokens",
-        error_type="server_error",
-        code="request_timeout",
-    )
-    logger.warning("Chat request stopped: %s", error.message)
-    return error
+    yield GenerationFinished(stats)
 
 
 def _log_completion(stats: GenerationStats, finish_reason: str, streamed: bool, tool_calls: int) -> None:

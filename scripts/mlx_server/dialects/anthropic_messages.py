@@ -5,29 +5,41 @@ Replies are ``message`` objects with ``thinking``, ``text`` and ``tool_use``
 blocks; streams follow Anthropic's event sequence (``message_start``, per
 block ``content_block_start`` / ``content_block_delta`` /
 ``content_block_stop``, ``message_delta``, ``message_stop``), with ``ping``
-events while the prompt is queued or prefilling, and an ``error`` event for a
-failure after the headers.  Usage is counted as Anthropic counts it:
-``input_tokens`` is what was neither read from nor written to the prompt
-cache, so the prompt's total is the sum of the three input fields.
+events while the prompt is prefilling, and an ``error`` event for a failure
+after the headers.  Usage is counted as Anthropic counts it, and is final
+from ``message_start`` on: ``input_tokens`` is what was neither read from
+nor written to the prompt cache, so the prompt's total is the sum of the
+three input fields, in ``message_start`` and ``message_delta`` alike (Claude
+Code merges the two).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, TextDelta, ToolCallDelta
-from mlx_server.chat.request import ToolCall
-from mlx_server.chat.service import ChatRun, ChatService
+from mlx_server.chat.events import Completion, PromptUsage, ReasoningDelta, Started, TextDelta
+from mlx_server.chat.service import ChatService
 from mlx_server.dialects.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_tool_id
-from mlx_server.dialects.common import event_stream, new_id, sse_event
-from mlx_server.errors import APIError, ContextOverflowError
+from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.errors import APIError
+from mlx_server.dialects.lanes import lane_of_headers
+from mlx_server.dialects.streaming import Delta, respond, with_cancellation
+from mlx_server.vocabulary import ContextOverflowError, ToolCall
 
-__all__ = ["COUNT_TOKENS_PATH", "ERROR_PATH_PREFIX", "MESSAGES_PATH", "anthropic_error", "build_router"]
+__all__ = [
+    "COUNT_TOKENS_PATH",
+    "ERROR_PATH_PREFIX",
+    "MESSAGES_PATH",
+    "MessageStream",
+    "anthropic_error",
+    "anthropic_usage",
+    "build_router",
+]
 
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
@@ -52,22 +64,22 @@ def anthropic_error(error: APIError) -> tuple[int, dict[str, Any]]:
     """Anthropic's error shape; a loading model is ``overloaded_error`` (529), which Claude Code retries."""
     status = 529 if error.status == 503 else error.status
     message = error.message
-    if isinstance(error, ContextOverflowError):  # Claude Code recognizes this wording and compacts
-        message = f"prompt is too long: {error.prompt_tokens} tokens > {error.context_length - 1} maximum"
+    if isinstance(error.cause, ContextOverflowError):  # Claude Code recognizes this wording and compacts
+        overflow = error.cause
+        message = f"prompt is too long: {overflow.prompt_tokens} tokens > {overflow.context_length - 1} maximum"
     elif error.param and error.param not in message:
         message = f"{error.param}: {message}"
     kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return status, {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def usage(completion: Completion) -> dict[str, int]:
-    stats = completion.stats
-    written = min(completion.cache_written_tokens, stats.prompt_tokens - stats.cached_tokens)
+def anthropic_usage(prompt: PromptUsage, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage: the three input fields add up to the prompt."""
     return {
-        "input_tokens": stats.prompt_tokens - stats.cached_tokens - written,
-        "cache_creation_input_tokens": written,
-        "cache_read_input_tokens": stats.cached_tokens,
-        "output_tokens": stats.completion_tokens,
+        "input_tokens": prompt.uncached_tokens,
+        "cache_creation_input_tokens": prompt.cache_written_tokens,
+        "cache_read_input_tokens": prompt.cached_tokens,
+        "output_tokens": output_tokens,
     }
 
 
@@ -102,21 +114,58 @@ def _message(message_id: str, model: str, completion: Completion) -> dict[str, A
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": usage(completion),
+        "usage": anthropic_usage(completion.usage.prompt, completion.usage.completion_tokens),
     }
 
 
-class _BlockWriter:
-    """Opens, fills and closes content blocks in Anthropic's event sequence."""
+class MessageStream:
+    """One reply's Anthropic events: the message's start, its blocks opened, filled and closed, its end."""
 
-    def __init__(self) -> None:
+    keepalive = sse_event("ping", {"type": "ping"})
+
+    def __init__(self, message_id: str, model: str) -> None:
+        self.message_id = message_id
+        self.model = model
         self.index = -1
         self.open_kind: str | None = None
 
     def _event(self, name: str, **fields: Any) -> bytes:
         return sse_event(name, {"type": name, **fields})
 
-    def close(self) -> list[bytes]:
+    def start(self, started: Started) -> list[bytes]:
+        message: dict[str, Any] = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": anthropic_usage(started.usage, 0),
+        }
+        return [self._event("message_start", message=message), self.keepalive]
+
+    def delta(self, delta: Delta) -> list[bytes]:
+        if isinstance(delta, TextDelta):
+            return self._text("text", delta.text)
+        if isinstance(delta, ReasoningDelta):
+            return self._text("thinking", delta.text)
+        return self._tool_use(delta.call)
+
+    def finish(self, completion: Completion) -> list[bytes]:
+        stop_reason, stop_sequence = _stop(completion)
+        delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+        usage = anthropic_usage(completion.usage.prompt, completion.usage.completion_tokens)
+        return [
+            *self._close(),
+            self._event("message_delta", delta=delta, usage=usage),
+            self._event("message_stop"),
+        ]
+
+    def error(self, error: APIError) -> list[bytes]:
+        return [sse_event("error", anthropic_error(error)[1])]
+
+    def _close(self) -> list[bytes]:
         if self.open_kind is None:
             return []
         events = []
@@ -126,11 +175,11 @@ class _BlockWriter:
         self.open_kind = None
         return [*events, self._event("content_block_stop", index=self.index)]
 
-    def text(self, kind: str, text: str) -> list[bytes]:
+    def _text(self, kind: str, text: str) -> list[bytes]:
         """A text or thinking delta, opening a block of that kind first when needed."""
         events = []
         if self.open_kind != kind:
-            events += self.close()
+            events += self._close()
             self.index += 1
             self.open_kind = kind
             block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": ""}
@@ -141,8 +190,8 @@ class _BlockWriter:
         events.append(self._event("content_block_delta", index=self.index, delta=delta))
         return events
 
-    def tool_use(self, call: ToolCall) -> list[bytes]:
-        events = self.close()
+    def _tool_use(self, call: ToolCall) -> list[bytes]:
+        events = self._close()
         self.index += 1
         block = {**_tool_use(call), "input": {}}
         events.append(self._event("content_block_start", index=self.index, content_block=block))
@@ -152,58 +201,22 @@ class _BlockWriter:
         return events
 
 
-async def _stream(run: ChatRun, message_id: str, model: str) -> AsyncIterator[bytes]:
-    start: dict[str, Any] = {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": run.prompt_tokens, "output_tokens": 0},
-    }
-    yield sse_event("message_start", {"type": "message_start", "message": start})
-    yield sse_event("ping", {"type": "ping"})
-    blocks = _BlockWriter()
-    try:
-        async for event in run.events():
-            if isinstance(event, Keepalive):
-                yield sse_event("ping", {"type": "ping"})
-            elif isinstance(event, TextDelta):
-                for chunk in blocks.text("text", event.text):
-                    yield chunk
-            elif isinstance(event, ReasoningDelta):
-                for chunk in blocks.text("thinking", event.text):
-                    yield chunk
-            elif isinstance(event, ToolCallDelta):
-                for chunk in blocks.tool_use(event.call):
-                    yield chunk
-            elif isinstance(event, Finished):
-                for chunk in blocks.close():
-                    yield chunk
-                stop_reason, stop_sequence = _stop(event.completion)
-                delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
-                yield sse_event(
-                    "message_delta", {"type": "message_delta", "delta": delta, "usage": usage(event.completion)}
-                )
-                yield sse_event("message_stop", {"type": "message_stop"})
-    except APIError as error:  # headers are sent: the failure is an error event, as Anthropic sends it
-        yield sse_event("error", anthropic_error(error)[1])
-
-
 def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (APIError 503, answered as 529 here, while the model loads)."""
+    """``service`` returns the chat core (ModelLoadingError, answered as 529 here, while the model loads)."""
     router = APIRouter()
 
     @router.post(MESSAGES_PATH, response_model=None)
+    @with_cancellation
     async def messages(body: MessagesRequest, request: Request) -> Response:
-        core = service()
-        run = core.start(body.to_chat_request(), trace=lambda: body.model_dump(exclude_unset=True))
+        chat_request = body.to_chat_request(lane_of_headers(request.headers))
+        run = service().start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
         message_id = new_id("msg_")
-        if body.stream:
-            return event_stream(_stream(run, message_id, body.model))
-        return JSONResponse(_message(message_id, body.model, await run.complete(request)))
+        return await respond(
+            run,
+            body.stream,
+            lambda: MessageStream(message_id, body.model),
+            lambda completion: _message(message_id, body.model, completion),
+        )
 
     @router.post(COUNT_TOKENS_PATH)
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:

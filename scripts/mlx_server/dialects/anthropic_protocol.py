@@ -14,20 +14,17 @@ are a 400 naming the block: the models served here read text.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from mlx_server.chat.request import ChatRequest, Message, Sampling, Tool, ToolCall, ToolChoice
+from mlx_server.chat.request import ChatRequest
 from mlx_server.dialects.common import DialectModel, RequestBody
-from mlx_server.errors import UnsupportedOptionError
+from mlx_server.dialects.validation import Finite, unique_tool_names
+from mlx_server.vocabulary import Message, Sampling, Tool, ToolCall, ToolChoice, UnsupportedOptionError
 from utils_logging import debug
 
 __all__ = ["CountTokensRequest", "MessagesRequest", "anthropic_tool_id"]
-
-logger = logging.getLogger("mlx")
 
 
 def join_text(texts: list[str]) -> str:
@@ -200,14 +197,8 @@ class _MessagesBody(RequestBody):
             return ToolChoice("auto"), parallel
         return ToolChoice("required", choice.name if choice.type == "tool" else None), parallel
 
-    def _check_tools(self) -> None:
-        names = [tool.name for tool in self.tools or ()]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise UnsupportedOptionError("tools", f"tool names must be unique; repeated: {', '.join(duplicates)}")
-
-    def chat_request(self, max_tokens: int | None, sampling: Sampling) -> ChatRequest:
-        self._check_tools()
+    def chat_request(self, max_tokens: int | None, sampling: Sampling, lane: str | None = None) -> ChatRequest:
+        unique_tool_names(tool.name for tool in self.tools or ())
         tools = self._tools()
         choice, parallel = self._tool_choice(tools)
         return ChatRequest(
@@ -218,6 +209,7 @@ class _MessagesBody(RequestBody):
             sampling=sampling,
             max_tokens=max_tokens,
             length_policy="ceiling",
+            lane=lane,
             tool_params=tuple(
                 f"tools[{index}].input_schema" for index, tool in enumerate(self.tools or ()) if tool.is_client_tool()
             ),
@@ -230,25 +222,18 @@ class MessagesRequest(_MessagesBody):
     max_tokens: Annotated[int, Field(ge=1)]
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
-    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    temperature: Annotated[Finite, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
 
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    def to_chat_request(self) -> ChatRequest:
+    def to_chat_request(self, lane: str | None = None) -> ChatRequest:
         sampling = Sampling(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             stop=tuple(self.stop_sequences or ()),
         )
-        return self.chat_request(self.max_tokens, sampling)
+        return self.chat_request(self.max_tokens, sampling, lane)
 
 
 class CountTokensRequest(_MessagesBody):

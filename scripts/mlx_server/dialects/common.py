@@ -1,18 +1,14 @@
-"""What every dialect shares: strict request models, Unicode checks, ids and the server-sent-events wire format."""
+"""What every dialect's protocol shares: strict request models, Unicode checks, ids and server-sent-event framing."""
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 
-__all__ = ["DialectModel", "event_stream", "new_id", "sse_data", "sse_event"]
-
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+__all__ = ["DialectModel", "RequestBody", "new_id", "sse_data", "sse_event"]
 
 
 def _is_valid_unicode(text: str) -> bool:
@@ -78,7 +74,3 @@ def sse_data(body: dict[str, Any]) -> bytes:
 def sse_event(name: str, body: dict[str, Any]) -> bytes:
     """One named server-sent event (Anthropic messages, OpenAI responses)."""
     return b"event: " + name.encode() + b"\ndata: " + _json(body) + b"\n\n"
-
-
-def event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers=_STREAM_HEADERS)

@@ -18,7 +18,7 @@ __all__ = ["build_router"]
 
 
 def build_router(served_model: Callable[[], str], started_at_monotonic: float) -> APIRouter:
-    """``served_model`` returns the loaded model's name (APIError 503 while loading)."""
+    """``served_model`` returns the loaded model's name (ModelLoadingError while loading)."""
     router = APIRouter()
     created = int(time.time() - (time.monotonic() - started_at_monotonic))
 

@@ -10,33 +10,34 @@ chunk, ``[DONE]``.  Failures after the headers are sent become an error event.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, TextDelta, ToolCallDelta
-from mlx_server.chat.request import ToolCall
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import event_stream, new_id, sse_data
+from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
+from mlx_server.chat.service import ChatService
+from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.errors import APIError, openai_error_body
+from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_chat_protocol import ChatCompletionRequest
-from mlx_server.errors import APIError, openai_error_body
-from mlx_server.generation import GenerationStats
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.vocabulary import ToolCall
 
-__all__ = ["CHAT_COMPLETIONS_PATH", "KEEPALIVE", "build_router", "usage"]
+__all__ = ["CHAT_COMPLETIONS_PATH", "DONE", "build_router", "openai_usage"]
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
-def usage(stats: GenerationStats) -> dict[str, Any]:
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object: the prompt, of which ``cached_tokens`` came from the prompt cache."""
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "prompt_tokens": usage.prompt.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.prompt.cached_tokens},
     }
 
 
@@ -44,8 +45,16 @@ def openai_tool_call(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-class _Reply:
-    """The ids and echoes one reply's objects share."""
+def _call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
+    """A call as stream deltas, in OpenAI's shape: id, type and name first, then the arguments."""
+    opening = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    return [{"tool_calls": [opening]}, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+
+
+class ChatCompletionReply:
+    """The objects of one reply (whole, or as chunks), sharing one id and creation time."""
+
+    keepalive = SSE_KEEPALIVE
 
     def __init__(self, body: ChatCompletionRequest) -> None:
         self.id = new_id("chatcmpl-")
@@ -70,11 +79,11 @@ class _Reply:
             "created": self.created,
             "model": self.body.model,
             "choices": [choice],
-            "usage": usage(completion.stats),
+            "usage": openai_usage(completion.usage),
         }
 
     def chunk(
-        self, delta: dict[str, Any] | None, finish_reason: str | None = None, stats: GenerationStats | None = None
+        self, delta: dict[str, Any] | None, finish_reason: str | None = None, usage: Usage | None = None
     ) -> bytes:
         """A ``chat.completion.chunk``; ``delta=None`` gives the usage chunk (``choices: []``)."""
         body: dict[str, Any] = {
@@ -87,51 +96,43 @@ class _Reply:
             body["choices"] = []
         else:
             body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-        if stats is not None:
-            body["usage"] = usage(stats)
+        if usage is not None:
+            body["usage"] = openai_usage(usage)
         return sse_data(body)
 
+    # -- the stream encoder --------------------------------------------------------
 
-def _call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
-    """A call as stream deltas, in OpenAI's shape: id, type and name first, then the arguments."""
-    opening = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-    return [{"tool_calls": [opening]}, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+    def start(self, started: Started) -> list[bytes]:
+        return [self.chunk({"role": "assistant", "content": ""})]
 
+    def delta(self, delta: Delta) -> list[bytes]:
+        if isinstance(delta, TextDelta):
+            return [self.chunk({"content": delta.text})]
+        if isinstance(delta, ReasoningDelta):
+            return [self.chunk({"reasoning_content": delta.text})]
+        return [self.chunk(part) for part in _call_deltas(delta.index, delta.call)]
 
-async def _stream(run: ChatRun, reply: _Reply) -> AsyncIterator[bytes]:
-    yield reply.chunk({"role": "assistant", "content": ""})
-    try:
-        async for event in run.events():
-            if isinstance(event, Keepalive):
-                yield KEEPALIVE
-            elif isinstance(event, TextDelta):
-                yield reply.chunk({"content": event.text})
-            elif isinstance(event, ReasoningDelta):
-                yield reply.chunk({"reasoning_content": event.text})
-            elif isinstance(event, ToolCallDelta):
-                for delta in _call_deltas(event.index, event.call):
-                    yield reply.chunk(delta)
-            elif isinstance(event, Finished):
-                completion = event.completion
-                yield reply.chunk({}, finish_reason=completion.finish_reason)
-                if reply.body.include_usage_in_stream():
-                    yield reply.chunk(None, stats=completion.stats)
-                yield DONE
-    except APIError as error:  # headers are sent: the failure is reported in-stream, as OpenAI does
-        yield sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))
+    def finish(self, completion: Completion) -> list[bytes]:
+        chunks = [self.chunk({}, finish_reason=completion.finish_reason)]
+        if self.body.include_usage_in_stream():
+            chunks.append(self.chunk(None, usage=completion.usage))
+        return [*chunks, DONE]
+
+    def error(self, error: APIError) -> list[bytes]:
+        return [sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))]
 
 
 def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (APIError 503 while the model loads)."""
+    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
     router = APIRouter()
 
     @router.post(CHAT_COMPLETIONS_PATH, response_model=None)
+    @with_cancellation
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
-        run = service().start(body.to_chat_request(), trace=lambda: body.model_dump(exclude_unset=True))
-        reply = _Reply(body)
-        if body.stream:
-            return event_stream(_stream(run, reply))
-        return JSONResponse(reply.completion(await run.complete(request)))
+        chat_request = body.to_chat_request(lane_of_headers(request.headers))
+        run = service().start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+        reply = ChatCompletionReply(body)
+        return await respond(run, body.stream, lambda: reply, reply.completion)
 
     return router

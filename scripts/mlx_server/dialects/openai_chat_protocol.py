@@ -10,15 +10,16 @@ server cannot honour are refused with a message that says so.
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from mlx_server.chat.request import ChatRequest, Message, Sampling, Tool, ToolCall
-from mlx_server.chat.request import ToolChoice as CoreToolChoice
+from mlx_server.chat.request import ChatRequest
 from mlx_server.dialects.common import DialectModel, RequestBody
-from mlx_server.errors import UnsupportedOptionError
+from mlx_server.dialects.lanes import body_lane
+from mlx_server.dialects.validation import Finite, unique_tool_names
+from mlx_server.vocabulary import Message, Sampling, Tool, ToolCall, UnsupportedOptionError
+from mlx_server.vocabulary import ToolChoice as CoreToolChoice
 
 __all__ = [
     "AssistantToolCall",
@@ -162,7 +163,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Probability = Annotated[Finite, Field(ge=0.0, le=1.0)]
 
 
 class ChatCompletionRequest(RequestBody):
@@ -172,13 +173,13 @@ class ChatCompletionRequest(RequestBody):
     model: str = "default"
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
     min_p: Probability = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Finite, Field(gt=0.0, le=10.0)] | None = None
+    presence_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
@@ -191,13 +192,7 @@ class ChatCompletionRequest(RequestBody):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     user: str | None = None
-
-    @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    prompt_cache_key: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -231,9 +226,7 @@ class ChatCompletionRequest(RequestBody):
 
     def _check_tools(self) -> None:
         names = [tool.function.name for tool in self.tools or []]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise UnsupportedOptionError("tools", f"tool names must be unique; repeated: {', '.join(duplicates)}")
+        unique_tool_names(names)
         if self.tool_choice is None or self.tool_choice == "none":
             return
         if not names:
@@ -245,8 +238,8 @@ class ChatCompletionRequest(RequestBody):
                 f"which is not among the tools: {', '.join(names)}",
             )
 
-    def to_chat_request(self) -> ChatRequest:
-        """The core's view of this request (call ``check_supported`` first)."""
+    def to_chat_request(self, header_lane: str | None = None) -> ChatRequest:
+        """The core's view of this request (call ``check_supported`` first); its lane from the body or headers."""
         if isinstance(self.tool_choice, NamedToolChoice):
             choice = CoreToolChoice("required", self.tool_choice.function.name)
         else:
@@ -271,4 +264,5 @@ class ChatCompletionRequest(RequestBody):
             max_tokens=self.requested_max_tokens(),
             length_policy="reject",
             length_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
+            lane=body_lane(self.prompt_cache_key, None) or header_lane or body_lane(None, self.user),
         )

@@ -8,96 +8,39 @@ OpenAI's API, ``max_tokens`` defaults to 16.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import Field, field_validator
+from fastapi.responses import Response
 
-from mlx_server.chat.events import Finished, TextDelta
-from mlx_server.chat.request import ChatRequest, Sampling
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import RequestBody, event_stream, new_id, sse_data
-from mlx_server.dialects.openai_chat import DONE, KEEPALIVE, usage
-from mlx_server.dialects.openai_chat_protocol import MAX_STOP_SEQUENCES, StreamOptions
-from mlx_server.errors import APIError, UnsupportedOptionError, openai_error_body
-from mlx_server.generation import GenerationStats
+from mlx_server.chat.events import Completion, Started, TextDelta, Usage
+from mlx_server.chat.service import ChatService
+from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.errors import APIError, openai_error_body
+from mlx_server.dialects.openai_chat import DONE, openai_usage
+from mlx_server.dialects.openai_completions_protocol import CompletionRequest
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.vocabulary import UnsupportedOptionError
 
-__all__ = ["COMPLETIONS_PATH", "CompletionRequest", "build_router"]
+__all__ = ["COMPLETIONS_PATH", "build_router"]
 
 COMPLETIONS_PATH = "/v1/completions"
-DEFAULT_MAX_TOKENS = 16
-TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
-class CompletionRequest(RequestBody):
-    """POST /v1/completions (one prompt; lists of prompts and ``n > 1`` are refused)."""
+class TextCompletionReply:
+    """The ``text_completion`` objects of one reply (whole, or as chunks); also its stream encoder."""
 
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    model: str = "default"
-    max_tokens: Annotated[int, Field(ge=1)] = DEFAULT_MAX_TOKENS
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: bool = False
-    suffix: str | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    best_of: Annotated[int, Field(ge=1)] = 1
-    logprobs: int | None = None
+    keepalive = SSE_KEEPALIVE
 
-    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    def single_prompt(self) -> str | tuple[int, ...]:
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise UnsupportedOptionError("prompt", "send one prompt per request (this server returns one choice)")
-            prompt = prompt[0]
-        return prompt if isinstance(prompt, str) else tuple(prompt)  # type: ignore[arg-type]
-
-    def to_chat_request(self) -> ChatRequest:
-        if self.n != 1 or self.best_of != 1:
-            raise UnsupportedOptionError("n", "n and best_of must be 1: this server returns one choice")
-        if self.logprobs:
-            raise UnsupportedOptionError("logprobs", "logprobs are not supported by this server")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return ChatRequest(
-            prompt=self.single_prompt(),
-            suffix=self.suffix,
-            sampling=Sampling(
-                temperature=self.temperature,
-                top_p=self.top_p,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                seed=self.seed,
-                stop=tuple(stops),
-            ),
-            max_tokens=self.max_tokens,
-            length_param="max_tokens",
-        )
-
-
-class _Reply:
     def __init__(self, body: CompletionRequest, echo_text: str) -> None:
         self.id = new_id("cmpl-")
         self.created = int(time.time())
         self.body = body
         self.echo_text = echo_text
 
-    def object(self, text: str, finish_reason: str | None, stats: GenerationStats | None = None) -> dict[str, Any]:
+    def object(self, text: str, finish_reason: str | None, usage: Usage | None = None) -> dict[str, Any]:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
         body: dict[str, Any] = {
             "id": self.id,
@@ -106,36 +49,36 @@ class _Reply:
             "model": self.body.model,
             "choices": [choice],
         }
-        if stats is not None:
-            body["usage"] = {key: value for key, value in usage(stats).items() if key != "prompt_tokens_details"}
+        if usage is not None:
+            body["usage"] = {key: value for key, value in openai_usage(usage).items() if key != "prompt_tokens_details"}
         return body
 
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        return self.object(self.echo_text + completion.text, completion.finish_reason, completion.usage)
 
-async def _stream(run: ChatRun, reply: _Reply) -> AsyncIterator[bytes]:
-    try:
-        if reply.echo_text:
-            yield sse_data(reply.object(reply.echo_text, None))
-        async for event in run.events():
-            if isinstance(event, TextDelta):
-                yield sse_data(reply.object(event.text, None))
-            elif isinstance(event, Finished):
-                yield sse_data(reply.object("", event.completion.finish_reason))
-                options = reply.body.stream_options
-                if options is not None and options.include_usage:
-                    usage_chunk = {**reply.object("", None, event.completion.stats), "choices": []}
-                    yield sse_data(usage_chunk)
-                yield DONE
-            else:
-                yield KEEPALIVE
-    except APIError as error:
-        yield sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))
+    def start(self, started: Started) -> list[bytes]:
+        return [sse_data(self.object(self.echo_text, None))] if self.echo_text else []
+
+    def delta(self, delta: Delta) -> list[bytes]:
+        return [sse_data(self.object(delta.text, None))] if isinstance(delta, TextDelta) else []
+
+    def finish(self, completion: Completion) -> list[bytes]:
+        chunks = [sse_data(self.object("", completion.finish_reason))]
+        options = self.body.stream_options
+        if options is not None and options.include_usage:
+            chunks.append(sse_data({**self.object("", None, completion.usage), "choices": []}))
+        return [*chunks, DONE]
+
+    def error(self, error: APIError) -> list[bytes]:
+        return [sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))]
 
 
 def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (APIError 503 while the model loads)."""
+    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
     router = APIRouter()
 
     @router.post(COMPLETIONS_PATH, response_model=None)
+    @with_cancellation
     async def completions(body: CompletionRequest, request: Request) -> Response:
         core = service()
         if body.stream_options is not None and not body.stream:
@@ -146,10 +89,7 @@ def build_router(service: Callable[[], ChatService]) -> APIRouter:
         echo_text = (
             "" if not body.echo else prompt if isinstance(prompt, str) else core.tokenizer.decode(list(prompt or ()))
         )
-        reply = _Reply(body, echo_text)
-        if body.stream:
-            return event_stream(_stream(run, reply))
-        completion = await run.complete(request)
-        return JSONResponse(reply.object(echo_text + completion.text, completion.finish_reason, completion.stats))
+        reply = TextCompletionReply(body, echo_text)
+        return await respond(run, body.stream, lambda: reply, reply.whole)
 
     return router

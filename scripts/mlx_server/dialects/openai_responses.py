@@ -11,76 +11,35 @@ continue it; an unknown id is a 404.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, TextDelta, ToolCallDelta
-from mlx_server.chat.request import CUSTOM_TOOL, Message, ToolCall
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import event_stream, new_id, sse_event
-from mlx_server.dialects.openai_chat import KEEPALIVE
+from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
+from mlx_server.chat.service import ChatService
+from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.errors import APIError
+from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_responses_protocol import ResponsesRequest, ToolNames
-from mlx_server.errors import APIError
+from mlx_server.dialects.responses_store import ResponseStore, StoredResponse
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.vocabulary import CUSTOM_TOOL, InvalidRequestError, Message, NotFoundError, ToolCall
 
-__all__ = ["DEFAULT_STORED_RESPONSES", "RESPONSES_PATH", "ResponseStore", "build_router"]
+__all__ = ["RESPONSES_PATH", "build_router"]
 
 RESPONSES_PATH = "/v1/responses"
-DEFAULT_STORED_RESPONSES = 256
 
 
-@dataclass(frozen=True)
-class StoredResponse:
-    """A stored response and the conversation it ends (input and output, instructions excluded)."""
-
-    body: dict[str, Any]
-    conversation: tuple[Message, ...]
-
-
-class ResponseStore:
-    """The responses kept for ``previous_response_id``: a bounded LRU, safe from any thread (one lock)."""
-
-    def __init__(self, max_entries: int = DEFAULT_STORED_RESPONSES) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, response_id: str) -> StoredResponse:
-        """The stored response; APIError 404 in OpenAI's words when it is unknown (or was evicted)."""
-        with self._lock:
-            found = self._entries.get(response_id)
-            if found is not None:
-                self._entries.move_to_end(response_id)
-        if found is None:
-            raise APIError(
-                404,
-                f"Previous response with id '{response_id}' not found.",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            )
-        return found
-
-    def put(self, response_id: str, stored: StoredResponse) -> None:
-        with self._lock:
-            self._entries[response_id] = stored
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-
-def _usage(completion: Completion) -> dict[str, Any]:
-    stats = completion.stats
+def _usage(usage: Usage) -> dict[str, Any]:
     return {
-        "input_tokens": stats.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": stats.cached_tokens},
-        "output_tokens": stats.completion_tokens,
+        "input_tokens": usage.prompt.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.prompt.cached_tokens},
+        "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "total_tokens": usage.total_tokens,
     }
 
 
@@ -211,14 +170,18 @@ class _Output:
         return item
 
 
-class _Reply:
-    """One response object's fields, from creation to its final state."""
+class ResponseObject:
+    """One response object's fields, from creation to its final state; also its stream encoder."""
 
-    def __init__(self, body: ResponsesRequest) -> None:
+    keepalive = SSE_KEEPALIVE
+
+    def __init__(self, body: ResponsesRequest, remember: Callable[[ResponseObject, Completion], None]) -> None:
         self.id = new_id("resp_")
         self.created_at = int(time.time())
         self.body = body
         self.output = _Output(body.tool_names())
+        self._remember = remember
+        self._sequence = 0
 
     def snapshot(self, status: str, completion: Completion | None = None) -> dict[str, Any]:
         body = self.body
@@ -246,104 +209,107 @@ class _Reply:
             "tools": [tool.model_dump(by_alias=True, exclude_none=True) for tool in body.tools],
             "top_p": body.top_p,
             "truncation": "disabled",
-            "usage": _usage(completion) if completion is not None else None,
-            "user": None,
+            "usage": _usage(completion.usage) if completion is not None else None,
+            "user": body.user,
             "metadata": body.metadata or {},
         }
 
-    def finish(self, completion: Completion) -> list[dict[str, Any]]:
+    def _add_whole(self, completion: Completion) -> None:
         """Feed a whole completion (the non-streaming path) and close the last item."""
-        events = self.output.reasoning(completion.reasoning) if completion.reasoning else []
+        if completion.reasoning:
+            self.output.reasoning(completion.reasoning)
         if completion.text or not completion.tool_calls:
-            events += self.output.text(completion.text)
+            self.output.text(completion.text)
         for call in completion.tool_calls:
-            events += self.output.call(call)
-        return events + self.output.close()
+            self.output.call(call)
+        self.output.close()
 
     def conversation_turn(self, completion: Completion) -> Message:
         return Message(
             "assistant", completion.text, tuple(completion.tool_calls), reasoning=completion.reasoning or None
         )
 
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        """The non-streamed reply: every item, the final state, stored if asked."""
+        self._add_whole(completion)
+        self._remember(self, completion)
+        return self.snapshot("completed", completion)
 
-def _event(payload: dict[str, Any], sequence: int) -> bytes:
-    return sse_event(str(payload["type"]), {**payload, "sequence_number": sequence})
+    # -- the stream encoder --------------------------------------------------------
 
+    def _emit(self, payloads: list[dict[str, Any]]) -> list[bytes]:
+        events = []
+        for payload in payloads:
+            events.append(sse_event(str(payload["type"]), {**payload, "sequence_number": self._sequence}))
+            self._sequence += 1
+        return events
 
-async def _stream(run: ChatRun, reply: _Reply, remember: Callable[[Completion], None]) -> AsyncIterator[bytes]:
-    sequence = 0
+    def start(self, started: Started) -> list[bytes]:
+        return self._emit(
+            [
+                {"type": "response.created", "response": self.snapshot("in_progress")},
+                {"type": "response.in_progress", "response": self.snapshot("in_progress")},
+            ]
+        )
 
-    def emit(payload: dict[str, Any]) -> bytes:
-        nonlocal sequence
-        sequence += 1
-        return _event(payload, sequence - 1)
+    def delta(self, delta: Delta) -> list[bytes]:
+        if isinstance(delta, TextDelta):
+            return self._emit(self.output.text(delta.text))
+        if isinstance(delta, ReasoningDelta):
+            return self._emit(self.output.reasoning(delta.text))
+        return self._emit(self.output.call(delta.call))
 
-    yield emit({"type": "response.created", "response": reply.snapshot("in_progress")})
-    yield emit({"type": "response.in_progress", "response": reply.snapshot("in_progress")})
-    output = reply.output
-    try:
-        async for event in run.events():
-            payloads: list[dict[str, Any]] = []
-            if isinstance(event, Keepalive):
-                yield KEEPALIVE
-            elif isinstance(event, TextDelta):
-                payloads = output.text(event.text)
-            elif isinstance(event, ReasoningDelta):
-                payloads = output.reasoning(event.text)
-            elif isinstance(event, ToolCallDelta):
-                payloads = output.call(event.call)
-            elif isinstance(event, Finished):
-                completion = event.completion
-                if not output.items:  # an empty reply is still one (empty) message
-                    payloads += output.text("")
-                payloads += output.close()
-                remember(completion)
-                final = reply.snapshot("completed", completion)
-                payloads.append({"type": f"response.{final['status']}", "response": final})
-            for payload in payloads:
-                yield emit(payload)
-    except APIError as error:  # headers are sent: an error event, then the failed response
-        yield emit({"type": "error", "code": error.code, "message": error.message, "param": error.param})
-        failed = {**reply.snapshot("failed"), "error": {"code": error.code or "server_error", "message": error.message}}
-        yield emit({"type": "response.failed", "response": failed})
+    def finish(self, completion: Completion) -> list[bytes]:
+        payloads: list[dict[str, Any]] = []
+        if not self.output.items:  # an empty reply is still one (empty) message
+            payloads += self.output.text("")
+        payloads += self.output.close()
+        self._remember(self, completion)
+        final = self.snapshot("completed", completion)
+        payloads.append({"type": f"response.{final['status']}", "response": final})
+        return self._emit(payloads)
+
+    def error(self, error: APIError) -> list[bytes]:
+        failed = {**self.snapshot("failed"), "error": {"code": error.code or "server_error", "message": error.message}}
+        return self._emit(
+            [
+                {"type": "error", "code": error.code, "message": error.message, "param": error.param},
+                {"type": "response.failed", "response": failed},
+            ]
+        )
 
 
 def build_router(service: Callable[[], ChatService], store: ResponseStore | None = None) -> APIRouter:
-    """``service`` returns the chat core (APIError 503 while the model loads)."""
+    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
     router = APIRouter()
     responses = store or ResponseStore()
 
     @router.post(RESPONSES_PATH, response_model=None)
+    @with_cancellation
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         core = service()
         history = responses.get(body.previous_response_id).conversation if body.previous_response_id else ()
         conversation = history + body.input_conversation()
         if not conversation:
-            raise APIError(400, "input is empty: send a string or at least one input item", param="input")
-        run = core.start(body.to_chat_request(conversation), trace=lambda: body.model_dump(exclude_unset=True))
-        reply = _Reply(body)
+            raise InvalidRequestError("input is empty: send a string or at least one input item", "input")
+        chat_request = body.to_chat_request(conversation, lane_of_headers(request.headers))
+        run = core.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
 
-        def remember(completion: Completion) -> None:
+        def remember(reply: ResponseObject, completion: Completion) -> None:
             if body.store:
-                stored = StoredResponse(
-                    reply.snapshot("completed", completion), (*conversation, reply.conversation_turn(completion))
-                )
-                responses.put(reply.id, stored)
+                turn = (*conversation, reply.conversation_turn(completion))
+                responses.put(reply.id, StoredResponse(reply.snapshot("completed", completion), turn))
 
-        if body.stream:
-            return event_stream(_stream(run, reply, remember))
-        completion = await run.complete(request)
-        reply.finish(completion)
-        remember(completion)
-        return JSONResponse(reply.snapshot("completed", completion))
+        reply = ResponseObject(body, remember)
+        return await respond(run, body.stream, lambda: reply, reply.whole)
 
     @router.get(RESPONSES_PATH + "/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:
         try:
             return responses.get(response_id).body
-        except APIError as error:
-            raise APIError(
-                404, f"No response found with id '{response_id}'.", param="response_id", code="not_found"
+        except NotFoundError as error:
+            raise NotFoundError(
+                f"No response found with id '{response_id}'.", param="response_id", code="not_found"
             ) from error
 
     return router

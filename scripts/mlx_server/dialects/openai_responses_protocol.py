@@ -12,25 +12,26 @@ returned under the namespace and name the client expects.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from mlx_server.chat.request import (
+from mlx_server.chat.request import ChatRequest
+from mlx_server.dialects.common import DialectModel, RequestBody
+from mlx_server.dialects.lanes import body_lane
+from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
+from mlx_server.dialects.validation import Finite, unique_tool_names
+from mlx_server.vocabulary import (
     CUSTOM_TOOL,
-    ChatRequest,
     Message,
     Sampling,
     Tool,
     ToolCall,
     ToolChoice,
     ToolGrammar,
+    UnsupportedOptionError,
 )
-from mlx_server.dialects.common import DialectModel, RequestBody
-from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
-from mlx_server.errors import UnsupportedOptionError
 from utils_logging import debug
 
 __all__ = ["NAMESPACE_SEPARATOR", "ResponsesRequest", "ToolNames"]
@@ -230,8 +231,8 @@ class ResponsesRequest(RequestBody):
     input: str | list[dict[str, Any]] = Field(default_factory=list)
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
     tools: list[Annotated[FunctionTool | CustomTool | NamespaceTool, Field(discriminator="type")] | HostedTool] = Field(
         default_factory=list
     )
@@ -242,13 +243,8 @@ class ResponsesRequest(RequestBody):
     store: bool = True
     metadata: dict[str, str] | None = None
     stream: bool = False
-
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    prompt_cache_key: str | None = None
+    user: str | None = None
 
     def input_items(self) -> list[InputItem]:
         """The input as typed items (a string is one user message); unknown item types are kept as OtherItem."""
@@ -281,10 +277,7 @@ class ResponsesRequest(RequestBody):
                 offered.append(_core_tool(tool, tool.name))
             else:
                 debug(1, "Left out a tool this server cannot run", {"type": tool.type})
-        names = [tool.name for tool in offered]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise UnsupportedOptionError("tools", f"tool names must be unique; repeated: {', '.join(duplicates)}")
+        unique_tool_names(tool.name for tool in offered)
         return tuple(offered)
 
     def core_tool_choice(self, tools: tuple[Tool, ...]) -> tuple[ToolChoice, tuple[Tool, ...]]:
@@ -320,7 +313,7 @@ class ResponsesRequest(RequestBody):
         """This request's input as messages (without the instructions, which are never carried over)."""
         return input_messages(self.input_items(), self.tool_names())
 
-    def to_chat_request(self, conversation: tuple[Message, ...]) -> ChatRequest:
+    def to_chat_request(self, conversation: tuple[Message, ...], header_lane: str | None = None) -> ChatRequest:
         """``conversation``: the stored one ``previous_response_id`` names, then this request's input."""
         tools = self.core_tools()
         choice, tools = self.core_tool_choice(tools)
@@ -336,10 +329,11 @@ class ResponsesRequest(RequestBody):
             length_param="max_output_tokens",
             tool_params=tuple(f"tools[{tool.name}]" for tool in tools),
             schema_param="text.format.schema",
+            lane=body_lane(self.prompt_cache_key, None) or header_lane or body_lane(None, self.user),
         )
 
 
-def _item_error(index: int, error: ValueError) -> ValueError:
+def _item_error(index: int, error: ValueError) -> UnsupportedOptionError:
     details = getattr(error, "errors", None)
     if callable(details) and details():
         first = details()[0]

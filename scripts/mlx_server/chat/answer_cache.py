@@ -20,11 +20,11 @@ from typing import Any
 
 from utils_logging import log_cache_hit, log_cache_miss
 
-__all__ = ["CachedResponse", "ResponseCache", "ResponseCacheStats"]
+__all__ = ["AnswerCache", "AnswerCacheStats", "CachedAnswer"]
 
 
 @dataclass(frozen=True)
-class CachedResponse:
+class CachedAnswer:
     text: str
     finish_reason: str
     prompt_tokens: int
@@ -33,13 +33,13 @@ class CachedResponse:
     stored_at: float = field(default_factory=time.time)
 
 
-class ResponseCache:
-    """An LRU of finished answers; ``max_entries=0`` turns it off."""
+class AnswerCache:
+    """An LRU of finished answers (``--response-cache-size``); ``max_entries=0`` turns it off."""
 
     def __init__(self, model_identity: str, max_entries: int) -> None:
         self._identity = model_identity
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
+        self._entries: OrderedDict[str, CachedAnswer] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -48,7 +48,7 @@ class ResponseCache:
         canonical = json.dumps({"model": self._identity, **shaping_fields}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def get(self, key: str) -> CachedResponse | None:
+    def get(self, key: str) -> CachedAnswer | None:
         if not self.max_entries:
             return None
         with self._lock:
@@ -68,7 +68,7 @@ class ResponseCache:
             )
         return found
 
-    def put(self, key: str, response: CachedResponse) -> None:
+    def put(self, key: str, response: CachedAnswer) -> None:
         if not self.max_entries:
             return
         with self._lock:
@@ -77,13 +77,13 @@ class ResponseCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def stats(self) -> ResponseCacheStats:
+    def stats(self) -> AnswerCacheStats:
         with self._lock:
-            return ResponseCacheStats(len(self._entries), self.max_entries, self.hits, self.misses)
+            return AnswerCacheStats(len(self._entries), self.max_entries, self.hits, self.misses)
 
 
 @dataclass(frozen=True)
-class ResponseCacheStats:
+class AnswerCacheStats:
     entries: int
     max_entries: int
     hits: int

@@ -16,7 +16,7 @@ this module adds:
   same);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
-  deadlines checked at every step, stats and delivery (``jobs.Sequence``).
+  deadlines checked at every step, stats and delivery (``sequence.ActiveSequence``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
-from mlx_server.jobs import Job, Sequence
-from mlx_server.prompt_cache import KVPromptCache
-from mlx_server.sampling import logits_processors, sampler
+from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
+from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.engine.sampling import logits_processors, sampler
+from mlx_server.engine.sequence import ActiveSequence, Job
+from mlx_server.vocabulary import GrammarError
 
 __all__ = ["BatchDecoder"]
 
@@ -43,14 +44,14 @@ class BatchDecoder:
     def __init__(
         self,
         loaded: Any,
-        kv_cache: KVPromptCache,
+        prompt_cache: KVPromptCache,
         grammar_tokenizer: GrammarTokenizer,
         max_batch: int,
         prefill_step: int,
         prefill_batch: int,
     ) -> None:
         self._tokenizer = loaded.tokenizer
-        self._kv_cache = kv_cache
+        self._prompt_cache = prompt_cache
         self._grammar_tokenizer = grammar_tokenizer
         self._stops = StopSequences([(token,) for token in sorted(loaded.tokenizer.eos_token_ids)])
         self._generator = BatchGenerator(
@@ -62,7 +63,7 @@ class BatchDecoder:
         )
         self._prefill_step = prefill_step
         self._prefill_batch = min(prefill_batch, max_batch)
-        self._sequences: dict[int, Sequence] = {}
+        self._sequences: dict[int, ActiveSequence] = {}
         self._checkpoints: dict[int, int] = {}  # uid -> where its prefill pauses for a checkpoint
 
     @property
@@ -82,7 +83,7 @@ class BatchDecoder:
 
     def admit(self, job: Job) -> None:
         """Insert a job; it is prefilled in chunks between the decode steps of the others."""
-        sequence = Sequence(job, self._kv_cache, self._tokenizer)
+        sequence = ActiveSequence(job, self._prompt_cache, self._tokenizer)
         if job.should_stop():
             sequence.finish(job.stop_reason(), None, None)
             return
@@ -131,7 +132,7 @@ class BatchDecoder:
                 self._sequences.pop(response.uid)
                 self._checkpoints.pop(response.uid, None)
                 sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
-            elif sequence.stop_text.matched is not None:
+            elif sequence.stop_text.matched is not None or sequence.job.end_requested.is_set():
                 leaving.append((response.uid, "stop"))
         leaving += [
             (uid, sequence.job.stop_reason())

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -29,32 +29,32 @@ from typing import Any, Protocol, TypeVar
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_server.batch_decoding import BatchDecoder
-from mlx_server.grammar import GrammarError, GrammarTokenizer
-from mlx_server.jobs import GenerationStats, Job, SamplingSettings, StopText, TokenEvent
-from mlx_server.kv_budget import KV_STEP, KVBudget, default_budget_bytes
-from mlx_server.model_loading import LoadedModel
-from mlx_server.prompt_cache import KVPromptCache, PromptCacheStats
-from mlx_server.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
+from mlx_server.engine.batch_decoding import BatchDecoder
+from mlx_server.engine.constrained import GrammarTokenizer
+from mlx_server.engine.kv_budget import KV_STEP, KVBudget
+from mlx_server.engine.prompt_cache import KVPromptCache, PromptCacheStats
+from mlx_server.engine.sequence import Delivery, Job
+from mlx_server.engine.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
+from mlx_server.model.loading import LoadedModel
+from mlx_server.vocabulary import (
+    EngineEvent,
+    EngineStats,
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    GrammarError,
+    KeepAlive,
+    KVBudgetError,
+    SamplingSettings,
+)
 
-__all__ = [
-    "DEFAULT_MAX_BATCH",
-    "DEFAULT_PREFILL_BATCH",
-    "EngineOptions",
-    "EngineStats",
-    "GenerationEngine",
-    "GenerationStats",
-    "KVBudgetError",
-    "SamplingSettings",
-    "StopText",
-    "TokenEvent",
-]
+__all__ = ["EngineOptions", "GenerationEngine"]
 
 logger = logging.getLogger("mlx")
 Result = TypeVar("Result")
+KEEPALIVE = KeepAlive()
 
-DEFAULT_MAX_BATCH = 16
-DEFAULT_PREFILL_BATCH = 8
 JOIN_INTERVAL_SECONDS = 0.5  # a running batch takes newcomers at most this often (mlx_lm.server's time budget)
 GATHER_SECONDS = 0.05  # an idle batch waits this long for requests that arrive together
 GATHER_POLL_SECONDS = 0.005
@@ -62,30 +62,15 @@ GATHER_POLL_SECONDS = 0.005
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine batches: sequences per batch, prompts prefilled together, the KV budget, KV quantization."""
+    """How the engine batches: sequences per batch, prompts prefilled together, the KV budget, KV quantization.
 
-    max_batch: int = DEFAULT_MAX_BATCH
-    prefill_batch: int = DEFAULT_PREFILL_BATCH
-    kv_budget_bytes: int | None = None  # None: a quarter of physical memory
-    kv_bits: int | None = None  # quantize the KV cache; requests then decode one at a time
+    The defaults live in ``settings`` (one place); the start-up builds these from them.
+    """
 
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What /health and /metrics show of the engine."""
-
-    waiting: int
-    running: int
     max_batch: int
-    decode_steps: int
-    generated_tokens: int
-    active_kv_bytes: int
+    prefill_batch: int
     kv_budget_bytes: int
-    kv_bytes_per_token: int
-
-
-class KVBudgetError(Exception):
-    """A request whose KV state could not fit the budget even decoding alone."""
+    kv_bits: int | None = None  # quantize the KV cache; requests then decode one at a time
 
 
 class Decoder(Protocol):
@@ -116,10 +101,10 @@ class _Outbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]] = []
+        self._pending: list[tuple[asyncio.Queue[Delivery], Delivery]] = []
         self._lock = threading.Lock()
 
-    def post(self, queue: asyncio.Queue[TokenEvent | None], event: TokenEvent) -> None:
+    def post(self, queue: asyncio.Queue[Delivery], event: Delivery) -> None:
         with self._lock:
             self._pending.append((queue, event))
 
@@ -131,7 +116,7 @@ class _Outbox:
                 self._loop.call_soon_threadsafe(_put_all, pending)
 
 
-def _put_all(pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]) -> None:
+def _put_all(pending: list[tuple[asyncio.Queue[Delivery], Delivery]]) -> None:
     for queue, event in pending:
         queue.put_nowait(event)
 
@@ -139,10 +124,10 @@ def _put_all(pending: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]])
 class GenerationEngine:
     """Owns the model; batches generation on one worker thread (shared state under ``_condition``)."""
 
-    def __init__(self, loaded: LoadedModel, kv_cache: KVPromptCache, options: EngineOptions | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, prompt_cache: KVPromptCache, options: EngineOptions) -> None:
         self.loaded = loaded
-        self.kv_cache = kv_cache
-        self.options = options or EngineOptions()
+        self.prompt_cache = prompt_cache
+        self.options = options
         self.max_batch = 1 if self.options.kv_bits else self.options.max_batch
         self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
         self._prefill_step = prefill_step()
@@ -171,11 +156,7 @@ class GenerationEngine:
 
     @property
     def context_length(self) -> int:
-        return self.loaded.context_length
-
-    @property
-    def max_sequence_tokens(self) -> int:
-        """The longest a prompt plus its completion may be: the context, or less if the KV budget says so."""
+        """The longest a prompt plus its completion may be: the model's context, or less if the KV budget says so."""
         return min(self.loaded.context_length, self.budget.max_sequence_tokens)
 
     @property
@@ -183,17 +164,10 @@ class GenerationEngine:
         return self.loaded.describe()
 
     def cache_stats(self) -> PromptCacheStats:
-        return self.kv_cache.stats()
+        return self.prompt_cache.stats()
 
     def cache_entries(self) -> list[dict[str, Any]]:
-        return self.kv_cache.describe_entries()
-
-    def recent_cache_misses(self) -> list[dict[str, Any]]:
-        return self.kv_cache.recent_misses()
-
-    def check_grammar_support(self) -> None:
-        """GrammarError when this model's tokenizer cannot drive constrained decoding."""
-        self.grammar_tokenizer.get()
+        return self.prompt_cache.describe_entries()
 
     def stats(self) -> EngineStats:
         with self._condition:
@@ -230,9 +204,13 @@ class GenerationEngine:
         started = time.perf_counter()
         prompt = list(self.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         finished = threading.Event()
-        job = Job(prompt, 0, SamplingSettings(max_tokens=2, temperature=0.0), threading.Event(),
-                  lambda event: finished.set() if event.final else None, started, use_cache=False)  # fmt: skip
-        self._enqueue(job)
+        request = GenerationRequest(prompt, SamplingSettings(max_tokens=2, temperature=0.0), use_cache=False)
+
+        def deliver(event: Delivery) -> None:
+            if isinstance(event, (GenerationFinished, BaseException)):
+                finished.set()
+
+        self._enqueue(Job(request, threading.Event(), deliver, started))
         finished.wait()
         with contextlib.suppress(GrammarError):  # logged; constrained requests then get a clear 400
             self.grammar_tokenizer.get()
@@ -242,13 +220,13 @@ class GenerationEngine:
         """Compute the KV state of ``tokens`` and pin it as a checkpoint (the --warm-prompt path)."""
 
         def run() -> bool:
-            if self.kv_cache.has_checkpoint(tokens):
+            if self.prompt_cache.has_checkpoint(tokens):
                 return False
-            cache = self.kv_cache.new_cache()
+            cache = self.prompt_cache.new_cache()
             for start in range(0, len(tokens), self._prefill_step):
                 self.loaded.model(mx.array(tokens[start : start + self._prefill_step])[None], cache=cache)
                 mx.eval([layer.state for layer in cache])
-            return self.kv_cache.add_checkpoint(cache, tokens, copy=False)
+            return self.prompt_cache.add_checkpoint(cache, tokens, copy=False)
 
         return self._on_worker(run)
 
@@ -261,48 +239,35 @@ class GenerationEngine:
 
     # -- requests ------------------------------------------------------------------
 
-    async def stream(
-        self,
-        prompt_tokens: list[int],
-        settings: SamplingSettings,
-        cancelled: threading.Event,
-        stable_prefix: int = 0,
-        timeout: float | None = None,
-        keepalive: float = 0.0,
-        locate: Callable[[int], tuple[int, str] | None] | None = None,
-    ) -> AsyncIterator[TokenEvent | None]:
-        """Yield text as it is generated, then a final event with the stats.
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        """``PromptAdmitted`` when the request joins the batch, text as it is generated, then ``GenerationFinished``.
 
-        Leaving the iteration early (a client that disconnected) sets
-        ``cancelled``; the sequence leaves the batch at the next step.
-        ``stable_prefix`` is where a checkpoint should be kept (0: none).
-        After ``timeout`` seconds from now, waiting included, generation stops
-        with finish_reason ``timeout``.  With ``keepalive``, a ``None`` comes
-        whenever that many seconds pass without an event (a long prefill, a
-        wait in the queue), for streams to send something their clients and
-        proxies read.  Raises KVBudgetError when the request cannot fit the KV
-        budget even alone.  ``locate`` maps a prompt token to its message
-        (index, role), to explain a prompt-cache miss.
+        Leaving the iteration early (a client that disconnected) cancels the
+        request: it leaves the batch at the next step.  KVBudgetError when it
+        cannot fit the KV budget even alone, GrammarError when its grammar
+        cannot run.  See ``GenerationRequest`` for the timeout and keep-alives.
         """
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        events: asyncio.Queue[Delivery] = asyncio.Queue()
         enqueued = time.perf_counter()
-        deadline = enqueued + timeout if timeout else None
+        deadline = enqueued + request.timeout if request.timeout else None
         outbox = self._outbox_for(loop)
-        job = Job(prompt_tokens, stable_prefix, settings, cancelled, lambda event: outbox.post(events, event),
-                  enqueued, deadline=deadline, context=contextvars.copy_context(), locate=locate)  # fmt: skip
+        cancelled = threading.Event()
+        job = Job(request, cancelled, lambda event: outbox.post(events, event), enqueued, deadline,
+                  contextvars.copy_context())  # fmt: skip
         self._enqueue(job)
-        timer = loop.call_later(keepalive, events.put_nowait, None) if keepalive else None
+        keepalive = request.keepalive
+        timer = loop.call_later(keepalive, events.put_nowait, KEEPALIVE) if keepalive else None
         try:
             while True:
                 event = await events.get()
                 if timer is not None:
                     timer.cancel()
-                    timer = loop.call_later(keepalive, events.put_nowait, None)
-                if event is not None and event.error is not None:
-                    raise event.error
+                    timer = loop.call_later(keepalive, events.put_nowait, KEEPALIVE)
+                if isinstance(event, BaseException):
+                    raise event
                 yield event
-                if event is not None and event.final:
+                if isinstance(event, GenerationFinished):
                     break
         finally:
             if timer is not None:
@@ -310,6 +275,16 @@ class GenerationEngine:
             cancelled.set()
             with self._condition:
                 self._condition.notify_all()
+
+    async def complete(self, request: GenerationRequest) -> tuple[str, GenerationStats]:
+        """The whole text and its stats, for in-process callers (benchmarks, tests)."""
+        parts: list[str] = []
+        async for event in self.stream(request):
+            if isinstance(event, GeneratedText):
+                parts.append(event.text)
+            elif isinstance(event, GenerationFinished):
+                return "".join(parts), event.stats
+        raise AssertionError("the stream ends with GenerationFinished or raises")
 
     def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
         with self._condition:
@@ -334,7 +309,7 @@ class GenerationEngine:
 
     def _work(self) -> None:
         try:
-            budget = KVBudget(self.options.kv_budget_bytes or default_budget_bytes(), self._bytes_per_token())
+            budget = KVBudget(self.options.kv_budget_bytes, self._bytes_per_token())
             decoder = self._decoder()
         except Exception as error:  # noqa: BLE001 - reported to the constructor, which raises it
             self._ready.set_exception(error)
@@ -354,10 +329,10 @@ class GenerationEngine:
     def _decoder(self) -> Decoder:
         if self.options.kv_bits:
             return SequentialDecoder(
-                self.loaded, self.kv_cache, self.grammar_tokenizer, self._prefill_step, self.options.kv_bits
+                self.loaded, self.prompt_cache, self.grammar_tokenizer, self._prefill_step, self.options.kv_bits
             )
         return BatchDecoder(
-            self.loaded, self.kv_cache, self.grammar_tokenizer, self.max_batch, self._prefill_step,
+            self.loaded, self.prompt_cache, self.grammar_tokenizer, self.max_batch, self._prefill_step,
             self.options.prefill_batch,
         )  # fmt: skip
 
@@ -434,11 +409,11 @@ class GenerationEngine:
                     if decoder.active:
                         return  # it waits until running sequences leave
                     del self._waiting[index]
-                    job.deliver(TokenEvent("", error=KVBudgetError(self._too_large(job))))
+                    job.deliver(KVBudgetError(self._too_large(job)))
                     self._flush()
                     continue
                 del self._waiting[index]
-            self.kv_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
+            self.prompt_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
             self._last_join = time.perf_counter()
             decoder.admit(job)  # a job that was cancelled while it waited finishes here without joining
             with self._condition:
@@ -470,7 +445,7 @@ class GenerationEngine:
             logger.error("Generation step failed: %s: %s", type(error).__name__, error, exc_info=error)
             decoder.fail_all(error)
             generated = 0
-        self.kv_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(decoder.final_lengths()))
+        self.prompt_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(decoder.final_lengths()))
         with self._condition:
             self._steps += 1
             self._generated += generated
@@ -491,5 +466,5 @@ class GenerationEngine:
             self._waiting.clear()
         for job in waiting:
             stats = GenerationStats(prompt_tokens=len(job.prompt), finish_reason="cancelled")
-            job.deliver(TokenEvent("", stats=stats))
+            job.deliver(GenerationFinished(stats))
         self._flush()

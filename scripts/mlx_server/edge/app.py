@@ -8,10 +8,12 @@ from messages to events.  Errors answer in the dialect of the path they came in 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,17 +22,17 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.blas import BlasInfo
+from mlx_server.chat.answer_cache import AnswerCache
 from mlx_server.chat.service import ChatService, ServiceOptions
 from mlx_server.dialects import anthropic_messages, models, openai_chat, openai_completions, openai_responses
-from mlx_server.errors import APIError, ErrorShapes, install_error_handlers, report_unexpected_error
-from mlx_server.generation import EngineStats, GenerationEngine
-from mlx_server.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
-from mlx_server.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
-from mlx_server.response_cache import ResponseCache
+from mlx_server.edge.errors import ErrorShapes, install_error_handlers, report_unexpected_error
+from mlx_server.edge.guards import AUTHENTICATED, ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
+from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.settings import Settings
+from mlx_server.vocabulary import Engine, EngineStats, ModelLoadingError
 from utils_logging import request_context
 
-__all__ = ["GENERATION_PATHS", "ServerState", "create_app"]
+__all__ = ["GENERATION_PATHS", "ServedEngine", "ServerState", "create_app", "service_options"]
 
 MAX_CAPTURED_BODY_BYTES = 256 * 1024
 GENERATION_PATHS = frozenset(
@@ -52,42 +54,61 @@ ROUTES = {
 }
 
 
+class ServedEngine(Engine, Protocol):
+    """What the edge reads of the engine beyond the chat core's needs: /health, /v1/cache and /metrics."""
+
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def model_info(self) -> dict[str, Any]: ...
+
+    def cache_stats(self) -> Any: ...
+
+    def cache_entries(self) -> list[dict[str, Any]]: ...
+
+    def observe_steps(self, observer: Callable[[int], None]) -> None: ...
+
+    def count_arrivals(self, in_flight: Callable[[], int]) -> None: ...
+
+
+def service_options(settings: Settings) -> ServiceOptions:
+    return ServiceOptions(
+        default_max_tokens=settings.default_max_tokens,
+        default_temperature=settings.default_temperature,
+        default_repetition_penalty=settings.default_repetition_penalty,
+        keep_billing_header=settings.keep_billing_header,
+        request_timeout=settings.request_timeout,
+        keepalive_interval=settings.keepalive_interval,
+        strict_max_tokens=settings.strict_max_tokens,
+    )
+
+
 @dataclass
 class ServerState:
     """What the routes share: settings, the BLAS in use, and the engine (None while loading)."""
 
     settings: Settings
     blas: BlasInfo
-    engine: GenerationEngine | None = None
-    response_cache: ResponseCache | None = None
+    engine: ServedEngine | None = None
+    answers: AnswerCache | None = None
     started_at: float = field(default_factory=time.monotonic)
     _service: ChatService | None = None
 
     def service(self, metrics: Metrics) -> ChatService:
-        """The chat core; APIError 503 while the model is still loading."""
+        """The chat core; ModelLoadingError while the model is still loading."""
         if self.engine is None:
-            raise APIError(
-                503, "the model is still loading; retry shortly", error_type="server_error", code="model_loading"
-            )
+            raise ModelLoadingError()
         if self._service is None:
-            settings = self.settings
-            options = ServiceOptions(
-                default_max_tokens=settings.default_max_tokens,
-                default_temperature=settings.default_temperature,
-                default_repetition_penalty=settings.default_repetition_penalty,
-                keep_billing_header=settings.keep_billing_header,
-                request_timeout=settings.request_timeout,
-                keepalive_interval=settings.keepalive_interval,
-            )
-            self._service = ChatService(self.engine, options, self.response_cache, metrics.observe)
+            self._service = ChatService(self.engine, service_options(self.settings), self.answers, metrics.observe)
         return self._service
 
     def live_stats(self) -> LiveStats | None:
         """Batch and cache figures for /metrics (None while loading)."""
         if self.engine is None:
             return None
-        response_cache = self.response_cache.stats() if self.response_cache else None
-        return LiveStats(self.engine.stats(), self.engine.cache_stats(), response_cache)
+        answers = self.answers.stats() if self.answers else None
+        return LiveStats(self.engine.stats(), self.engine.cache_stats(), answers)
 
 
 class RequestContextMiddleware:
@@ -150,35 +171,42 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        """Readiness for anyone (a load balancer); the details (model, paths, BLAS, figures) with the key."""
+        engine = state.engine
+        status_code = 200 if engine is not None else 503
+        ready = {"status": "ok" if engine is not None else "loading"}
+        if not request.scope.get("state", {}).get(AUTHENTICATED, False):
+            return JSONResponse(ready, status_code=status_code)
         uptime = round(time.monotonic() - state.started_at, 1)
         blas = {"name": state.blas.name, "path": state.blas.path, "optimized": state.blas.optimized}
-        engine = state.engine
         if engine is None:
-            return JSONResponse({"status": "loading", "blas": blas, "uptime_seconds": uptime}, status_code=503)
+            return JSONResponse({**ready, "blas": blas, "uptime_seconds": uptime}, status_code=status_code)
         stats = engine.stats()
         return JSONResponse(
             {
-                "status": "ok",
+                **ready,
                 **engine.model_info,
                 "blas": blas,
                 "uptime_seconds": uptime,
                 "queue": {"waiting": stats.waiting, "running": stats.running},
                 "batch": _batch_report(stats),
                 "prompt_cache": engine.cache_stats().as_dict(),
-                "response_cache": state.response_cache.stats().as_dict() if state.response_cache else None,
+                "response_cache": state.answers.stats().as_dict() if state.answers else None,
             }
         )
 
     @router.get("/v1/cache")
     async def cache_report() -> dict[str, Any]:
-        engine = state.service(metrics).engine
+        service = state.service(metrics)
+        engine = state.engine
+        assert engine is not None  # service() raises while loading
         prompt_cache = {
             **engine.cache_stats().as_dict(),
             "entries_detail": engine.cache_entries(),
-            "recent_misses": engine.recent_cache_misses(),
+            "recent_misses": await asyncio.to_thread(service.recent_misses),  # template renders: off the loop
         }
-        response_cache = state.response_cache.stats().as_dict() if state.response_cache else None
+        response_cache = state.answers.stats().as_dict() if state.answers else None
         return {"prompt_cache": prompt_cache, "response_cache": response_cache}
 
     return router
@@ -186,7 +214,7 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
 
 def _batch_report(stats: EngineStats) -> dict[str, Any]:
     steps = stats.decode_steps
-    return {
+    report: dict[str, Any] = {
         "running": stats.running,
         "waiting": stats.waiting,
         "max_batch": stats.max_batch,
@@ -196,6 +224,13 @@ def _batch_report(stats: EngineStats) -> dict[str, Any]:
         "kv_budget_bytes": stats.kv_budget_bytes,
         "kv_bytes_per_token": stats.kv_bytes_per_token,
     }
+    if stats.drafted_tokens:
+        report["speculative"] = {
+            "drafted_tokens": stats.drafted_tokens,
+            "accepted_tokens": stats.accepted_tokens,
+            "acceptance_rate": round(stats.accepted_tokens / stats.drafted_tokens, 3),
+        }
+    return report
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -213,7 +248,9 @@ def create_app(state: ServerState) -> FastAPI:
         return state.service(metrics)
 
     def model_name() -> str:
-        return str(service().engine.model_info["model"])
+        if state.engine is None:
+            raise ModelLoadingError()
+        return str(state.engine.model_info["model"])
 
     # Added innermost first: metrics see every response, the request id covers the guards' answers,
     # CORS headers reach 401s, and unauthenticated requests never take a queue slot.

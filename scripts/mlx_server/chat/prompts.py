@@ -16,20 +16,22 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_server.chat.request import Message, Tool
-from mlx_server.errors import APIError
-from mlx_server.tool_prompts import template_conversation
+from mlx_server.chat.tool_prompts import template_conversation
+from mlx_server.vocabulary import InvalidRequestError, Message, Tool, UnsupportedOptionError
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "RenderedPrompt",
     "fill_in_the_middle",
     "message_at_token",
     "normalize_billing_header",
+    "render_chat_prompt",
     "render_prompt",
     "render_prompt_with_prefix",
     "stable_prefix_length",
@@ -82,11 +84,29 @@ def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation
     try:
         return _render(tokenizer, conversation[0], True, conversation[1])
     except (TemplateError, ValueError) as error:
-        raise APIError(400, f"the model's chat template rejected the messages: {error}", param="messages") from error
+        raise InvalidRequestError(f"the model's chat template rejected the messages: {error}", "messages") from error
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt's tokens, where its stable prefix ends, and the messages and tools it was rendered from."""
+
+    tokens: list[int]
+    stable_prefix: int = 0
+    messages: tuple[Message, ...] = ()
+    tools: tuple[Tool, ...] = ()
+
+
+def render_chat_prompt(
+    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()
+) -> RenderedPrompt:
+    """The prompt for a conversation, with what the prompt cache needs to know about it."""
+    tokens, stable_prefix = render_prompt_with_prefix(tokenizer, messages, tools)
+    return RenderedPrompt(tokens, stable_prefix, tuple(messages), tuple(tools))
 
 
 def render_prompt(tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
-    """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening; a template error is a 400."""
+    """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening (InvalidRequestError if refused)."""
     return _render_conversation(tokenizer, template_conversation(tokenizer, messages, tools))
 
 
@@ -183,15 +203,12 @@ _FIM_MARKERS = (
 def fill_in_the_middle(tokenizer: TokenizerWrapper, prefix: str, suffix: str) -> str:
     """The prompt for completing between ``prefix`` and ``suffix``, in the model's own FIM markers.
 
-    APIError 400 when the vocabulary has none of the known marker sets (the model was not trained for it).
+    UnsupportedOptionError when the vocabulary has none of the known marker sets (the model was not trained for it).
     """
     vocabulary = tokenizer.get_vocab()
     for begin, hole, end in _FIM_MARKERS:
         if begin in vocabulary and hole in vocabulary and end in vocabulary:
             return f"{begin}{prefix}{hole}{suffix}{end}"
-    raise APIError(
-        400,
-        "suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; this one has none",
-        param="suffix",
-        code="unsupported_parameter",
+    raise UnsupportedOptionError(
+        "suffix", "suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; this one has none"
     )

@@ -18,9 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.generation import EngineStats, GenerationStats
-from mlx_server.prompt_cache import PromptCacheStats
-from mlx_server.response_cache import ResponseCacheStats
+from mlx_server.chat.answer_cache import AnswerCacheStats
+from mlx_server.engine.prompt_cache import PromptCacheStats
+from mlx_server.vocabulary import EngineStats, GenerationStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "LiveStats", "Metrics", "MetricsMiddleware"]
 
@@ -35,7 +35,7 @@ class LiveStats:
 
     engine: EngineStats
     prompt_cache: PromptCacheStats
-    response_cache: ResponseCacheStats | None
+    response_cache: AnswerCacheStats | None
 
 
 class _LiveState(Collector):

@@ -24,13 +24,14 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from mlx_server.chat.request import CUSTOM_TOOL, Message, Tool, ToolCall
+from mlx_server.vocabulary import CUSTOM_TOOL, Message, Tool, ToolCall
 
 __all__ = [
     "TemplateToolSupport",
     "arguments_object",
     "hermes_call_text",
     "template_conversation",
+    "template_tool",
     "template_tool_support",
     "tool_system_block",
 ]
@@ -95,9 +96,25 @@ def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
     return _detect(tokenizer)
 
 
+def template_tool(tool: Tool) -> dict[str, Any]:
+    """The Hugging Face chat-template convention for one tool."""
+    if tool.kind == CUSTOM_TOOL:
+        custom: dict[str, Any] = {"type": "custom", "name": tool.name}
+        if tool.description:
+            custom["description"] = tool.description
+        if tool.grammar is not None:
+            custom["format"] = {"syntax": tool.grammar.syntax, "definition": tool.grammar.definition}
+        return custom
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = tool.parameters_schema()
+    return {"type": "function", "function": function}
+
+
 def tool_system_block(tools: Sequence[Tool]) -> str:
     """The Hermes tool-use instructions, for templates that cannot render tools."""
-    signatures = "\n".join(json.dumps(tool.as_template_tool(), ensure_ascii=False) for tool in tools)
+    signatures = "\n".join(json.dumps(template_tool(tool), ensure_ascii=False) for tool in tools)
     footer = TOOL_BLOCK_FOOTER + (CUSTOM_TOOL_FOOTER if any(tool.kind == CUSTOM_TOOL for tool in tools) else "")
     return TOOL_BLOCK_HEADER + signatures + footer
 
@@ -151,7 +168,7 @@ def template_conversation(
     if not tools:
         return conversation, None
     if support.tools:
-        return conversation, [tool.as_template_tool() for tool in tools]
+        return conversation, [template_tool(tool) for tool in tools]
     block = tool_system_block(tools)
     if conversation and conversation[0]["role"] == "system":
         first = conversation[0]

@@ -18,8 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
-from mlx_server.default_model import find_default_model
-from mlx_server.gguf import UnsupportedGgufError, load_gguf
+from mlx_server.model.default_model import find_default_model
+from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
 
 __all__ = ["LoadedModel", "ModelLoadError", "export_mlx_model", "load_model"]
 

@@ -1,18 +1,17 @@
-"""Failures: one neutral exception inside, one translation into each dialect's error shape at the HTTP edge.
+"""Failures as responses: each in the error shape of the dialect its path belongs to, never a traceback.
 
-Inside the server, failures are precise exceptions (APIError and its
-subclasses, pydantic's ValidationError, UnsupportedOptionError).  At the edge,
-``ErrorShapes`` picks the dialect by path (Anthropic's routes answer in
-Anthropic's shape, everything else in OpenAI's) and renders the error with the
-right status.  Anything unexpected becomes a 500 whose details go to a
-redacted debug file (when ANYCLAUDE_DEBUG is on), never a traceback to the
-client.
+Inside the server, failures are domain exceptions (``vocabulary.ServerError``
+and its kinds), pydantic's validation errors, and the guards' ``APIError``.
+Here ``ErrorShapes`` picks the dialect by path (Anthropic's routes answer in
+Anthropic's shape, everything else in OpenAI's) and the handlers render every
+failure with its status (``dialects.errors.http_error``).  Anything unexpected
+becomes a 500 whose details go to a redacted debug file (when ANYCLAUDE_DEBUG
+is on).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,91 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from utils_logging import debug, is_debug_enabled, log_debug_error, redact, write_error_debug_file
+from mlx_server.chat.failures import report_failure
+from mlx_server.dialects.errors import APIError, http_error, openai_error
+from mlx_server.vocabulary import ServerError
+from utils_logging import debug, is_debug_enabled, redact
 
-__all__ = [
-    "APIError",
-    "ContextOverflowError",
-    "ErrorShapes",
-    "UnsupportedOptionError",
-    "install_error_handlers",
-    "openai_error",
-    "openai_error_body",
-    "report_unexpected_error",
-    "validation_error",
-]
-
-logger = logging.getLogger("mlx")
-
-
-class APIError(Exception):
-    """A failure with an HTTP status; ``error_type``, ``param`` and ``code`` are OpenAI's fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        error_type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-
-class ContextOverflowError(APIError):
-    """The prompt (plus the requested completion) does not fit the model's context.
-
-    The default message is OpenAI's wording, which litellm and langchain match
-    to trigger their overflow handling; Anthropic's routes word it as
-    Anthropic does ("prompt is too long: N tokens > M maximum").
-    """
-
-    def __init__(self, context_length: int, prompt_tokens: int, completion_tokens: int | None, param: str) -> None:
-        self.context_length = context_length
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
-        if completion_tokens is None:
-            message = (
-                f"This model's maximum context length is {context_length} tokens. However, your messages resulted "
-                f"in {prompt_tokens} tokens. Please reduce the length of the messages."
-            )
-        else:
-            message = (
-                f"This model's maximum context length is {context_length} tokens. However, you requested "
-                f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, {completion_tokens} "
-                "in the completion). Please reduce the length of the messages or completion."
-            )
-        super().__init__(400, message, param=param, code="context_length_exceeded")
-
-
-class UnsupportedOptionError(ValueError):
-    """A recognised option with a value this server does not support."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def openai_error_body(
-    message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+__all__ = ["ErrorShapes", "install_error_handlers", "report_unexpected_error", "validation_error"]
 
 
 ErrorShape = Callable[[APIError], tuple[int, dict[str, Any]]]
 """A dialect's rendering of an error: the status it answers with and the body."""
-
-
-def openai_error(error: APIError) -> tuple[int, dict[str, Any]]:
-    return error.status, openai_error_body(error.message, error.error_type, error.param, error.code)
 
 
 class ErrorShapes:
@@ -176,19 +100,6 @@ async def _request_info(request: Request) -> dict[str, Any]:
 INTERNAL_ERROR = "the server hit an internal error; the request was not completed"
 
 
-def report_failure(error: BaseException, request_info: dict[str, Any], model: str = "unknown") -> str | None:
-    """An unexpected failure: a redacted debug file and an ERROR line (LOGGING_GUIDE.md, "Error debug files")."""
-    debug_file = write_error_debug_file(
-        status_code=500,
-        request_info=request_info,
-        response_info={"statusCode": 500, "body": f"{type(error).__name__}: {error}"},
-    )
-    if debug_file:
-        log_debug_error("HTTP", 500, debug_file, {"provider": "mlx", "model": model})
-    logger.error("Unexpected failure: %s: %s", type(error).__name__, error, exc_info=error)
-    return debug_file
-
-
 async def report_unexpected_error(request: Request, error: BaseException) -> JSONResponse:
     """A 500 in the route's dialect that carries no traceback (with the debug file's path when debugging)."""
     debug_file = report_failure(error, await _request_info(request), getattr(request.app.state, "model_name", "?"))
@@ -213,10 +124,11 @@ def install_error_handlers(app: FastAPI, shapes: ErrorShapes) -> None:
         debug(1, "Rejected request", lambda: {"param": api_error.param, "message": api_error.message})
         return shapes.response(request.url.path, api_error)
 
-    @app.exception_handler(UnsupportedOptionError)
-    async def _unsupported(request: Request, error: UnsupportedOptionError) -> JSONResponse:
-        debug(1, "Rejected request", lambda: {"param": error.param, "message": str(error)})
-        api_error = APIError(400, str(error), param=error.param, code="unsupported_parameter")
+    @app.exception_handler(ServerError)
+    async def _domain_error(request: Request, error: ServerError) -> JSONResponse:
+        api_error = http_error(error)
+        if api_error.status < 500:
+            debug(1, "Rejected request", lambda: {"param": api_error.param, "message": api_error.message})
         return shapes.response(request.url.path, api_error)
 
     @app.exception_handler(StarletteHTTPException)

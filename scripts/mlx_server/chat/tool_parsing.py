@@ -31,7 +31,7 @@ from typing import Any, Union
 from mlx_lm import tokenizer_utils
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.chat.request import CUSTOM_TOOL, FUNCTION_TOOL, ToolCall
+from mlx_server.vocabulary import CUSTOM_TOOL, FUNCTION_TOOL, ToolCall
 from utils_logging import debug
 
 __all__ = [
@@ -58,12 +58,17 @@ ToolKinds = Mapping[str, str]
 """The offered tools: name -> ``function`` or ``custom``."""
 
 
+RepeatPrefix = Callable[[str, dict[str, Any]], "str | None"]
+"""How a call's text begins, through its first argument: a new call that writes it repeats the earlier one."""
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     """How one model family marks and writes its calls.
 
     ``end`` is empty for formats whose calls run to the end of the output;
     ``bare_json`` formats (Llama 3) may also write a call with no marker at all.
+    ``repeat_prefix`` recognizes a call that starts over (None: not recognized early).
     """
 
     name: str
@@ -71,6 +76,7 @@ class ToolCallFormat:
     end: str
     parse: ParseFunction
     bare_json: bool = False
+    repeat_prefix: RepeatPrefix | None = None
 
 
 def new_tool_call_id() -> str:
@@ -146,7 +152,16 @@ def mlx_lm_format(module_name: str) -> ToolCallFormat:
     return ToolCallFormat(module_name, module.tool_call_start, module.tool_call_end, parse)
 
 
-HERMES = ToolCallFormat("hermes", "<tool_call>", "</tool_call>", _parse_json_calls)
+def _json_repeat_prefix(name: str, arguments: dict[str, Any]) -> str | None:
+    """``{"name": …, "arguments": {"<first>": <value>`` as the grammar writes it (compact, ", " and ": ")."""
+    if not arguments:
+        return None
+    key, value = next(iter(arguments.items()))
+    first = json.dumps({key: value}, ensure_ascii=False, separators=(", ", ": "))[:-1]
+    return json.dumps({"name": name, "arguments": {}}, ensure_ascii=False)[:-3] + first
+
+
+HERMES = ToolCallFormat("hermes", "<tool_call>", "</tool_call>", _parse_json_calls, repeat_prefix=_json_repeat_prefix)
 LLAMA3_JSON = ToolCallFormat("llama3_json", "<|python_tag|>", "", _parse_json_calls, bare_json=True)
 
 
@@ -203,6 +218,14 @@ def _finish_calls(raw_calls: list[dict[str, Any]], tools: ToolKinds) -> list[Too
             arguments = json.dumps(call["arguments"], ensure_ascii=False)
             calls.append(ToolCall(new_tool_call_id(), call["name"], arguments))
     return calls
+
+
+def arguments_object_or_none(arguments: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _try_parse(text: str, parse: ParseFunction, tools: ToolKinds) -> list[ToolCall] | None:
@@ -276,6 +299,8 @@ class ToolCallExtractor:
         self._bare_json = ""
         self._pending_space = ""
         self.calls: list[ToolCall] = []
+        self.repeated = False  # a call repeated an earlier one: small models loop so until the token limit
+        self._repeat_prefixes: list[str] = []  # how each accepted call began, to recognize one starting over
 
     def feed(self, text: str) -> list[Piece]:
         if self._bare_json or self._starts_bare_json(text):
@@ -312,11 +337,22 @@ class ToolCallExtractor:
                 pieces += self._close_call(previous)
             if state_name in self._formats:
                 self._call_text += text
+                self._check_repeat()
             elif text:
                 self._content_seen += text
                 pieces += self._content(text)
             previous = state_name
         return pieces
+
+    def _check_repeat(self) -> None:
+        """A call being written that began as an earlier one did, through its first argument, is a loop."""
+        written = self._call_text.lstrip()
+        for prefix in self._repeat_prefixes:
+            if self.repeated or not written.startswith(prefix):
+                continue
+            after = written[len(prefix) : len(prefix) + 1]
+            # A number may go on ("2" then "23"); a string, list or object has ended.
+            self.repeated = prefix[-1] in '"]}' or (after != "" and after in ", }\n")
 
     def _close_call(self, state_name: str) -> list[Piece]:
         """A call whose text ended (its end marker, or the end of the output): its calls, or nothing."""
@@ -333,6 +369,7 @@ class ToolCallExtractor:
         accepted: list[Piece] = []
         for call in calls:
             seen = any((call.name, call.arguments) == (earlier.name, earlier.arguments) for earlier in self.calls)
+            self.repeated = self.repeated or seen
             if seen or (self.calls and not self._parallel):
                 continue
             if not self._emit:
@@ -340,9 +377,17 @@ class ToolCallExtractor:
                 continue
             self.calls.append(call)
             accepted.append(CallPiece(call))
+            self._remember_prefix(call)
         if accepted:
             self._pending_space = ""  # whitespace between calls is not content
         return accepted
+
+    def _remember_prefix(self, call: ToolCall) -> None:
+        render = self._format.repeat_prefix or HERMES.repeat_prefix
+        arguments = arguments_object_or_none(call.arguments)
+        prefix = render(call.name, arguments) if render is not None and arguments is not None else None
+        if prefix:
+            self._repeat_prefixes.append(prefix)
 
     def _content(self, text: str) -> list[Piece]:
         """Whitespace is held back until real content follows: between and after calls it is dropped."""

@@ -16,10 +16,11 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import KVCache
 
-from mlx_server.grammar import GrammarError, GrammarProcessor, GrammarTokenizer
-from mlx_server.jobs import Job, Sequence
-from mlx_server.prompt_cache import KVPromptCache
-from mlx_server.sampling import logits_processors, sampler
+from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
+from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.engine.sampling import logits_processors, sampler
+from mlx_server.engine.sequence import ActiveSequence, Job
+from mlx_server.vocabulary import GrammarError
 
 __all__ = ["KV_GROUP_SIZE", "SequentialDecoder"]
 
@@ -34,10 +35,15 @@ class SequentialDecoder:
     """Runs each admitted job to its end in one ``step`` (worker thread only)."""
 
     def __init__(
-        self, loaded: Any, kv_cache: KVPromptCache, grammar_tokenizer: GrammarTokenizer, prefill_step: int, kv_bits: int
+        self,
+        loaded: Any,
+        prompt_cache: KVPromptCache,
+        grammar_tokenizer: GrammarTokenizer,
+        prefill_step: int,
+        kv_bits: int,
     ) -> None:
         self._loaded = loaded
-        self._kv_cache = kv_cache
+        self._prompt_cache = prompt_cache
         self._grammar_tokenizer = grammar_tokenizer
         self._prefill_step = prefill_step
         self._kv_bits = kv_bits
@@ -63,7 +69,7 @@ class SequentialDecoder:
         job, self._job = self._job, None
         if job is None:
             return 0
-        sequence = Sequence(job, self._kv_cache, self._loaded.tokenizer)
+        sequence = ActiveSequence(job, self._prompt_cache, self._loaded.tokenizer)
         try:
             return self._run(job, sequence)
         except Exception as error:  # noqa: BLE001 - handed to the request, which reports it
@@ -82,7 +88,7 @@ class SequentialDecoder:
             for layer in cache
         ]
 
-    def _run(self, job: Job, sequence: Sequence) -> int:
+    def _run(self, job: Job, sequence: ActiveSequence) -> int:
         if job.should_stop():
             sequence.finish(job.stop_reason(), None, None)
             return 0
@@ -99,7 +105,7 @@ class SequentialDecoder:
         if pause:
             start += self._prefill(cache, job.prompt[start:pause], job.should_stop)
             if start == pause:
-                self._kv_cache.add_checkpoint(cache, job.prompt[:pause])
+                self._prompt_cache.add_checkpoint(cache, job.prompt[:pause])
         if job.should_stop():
             sequence.finish(job.stop_reason(), cache, job.prompt[:start])
             return 0
@@ -128,7 +134,7 @@ class SequentialDecoder:
         try:
             for response in responses:
                 sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
-                if sequence.stop_text.matched is not None:
+                if sequence.stop_text.matched is not None or job.end_requested.is_set():
                     break
                 if response.finish_reason is not None:
                     reason = response.finish_reason

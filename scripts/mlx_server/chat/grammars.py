@@ -1,10 +1,9 @@
-"""Grammar-constrained decoding with llguidance: forced tool calls and JSON output that always parse.
+"""The grammars that make forced tool calls and JSON output always parse (llguidance's Lark dialect).
 
 A request that must call a tool (``tool_choice`` ``required`` or a named
-function) or must answer in JSON (``response_format``) gets a grammar.  At
-every step llguidance computes which tokens keep the output inside it; the
-rest get -inf before sampling, so the result parses and validates by
-construction, and once the grammar is complete only end-of-sequence remains.
+function) or must answer in JSON (``response_format``) gets a grammar, which
+the engine enforces token by token (``engine.constrained``): the result parses
+and validates by construction.
 
 The grammar is a Lark grammar with embedded JSON schemas.  Tool calls are
 written in the Hermes form (``<tool_call>{"name": …, "arguments": …}</tool_call>``),
@@ -16,9 +15,6 @@ is free text that cannot contain a call's opening marker.  Object schemas that l
 validates against the schema as given): a small model otherwise fills
 arguments with invented keys.  JSON is written compactly, with ``", "`` and
 ``": "`` separators as models are trained to write it.
-
-``llguidance.mlx`` applies the mask with a Metal kernel; on CPU the bitmask is
-unpacked with numpy and applied with ``mx.where``, which works everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -34,26 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.hf
-import mlx.core as mx
-import numpy as np
 
-from mlx_server.chat.request import CUSTOM_TOOL, Tool
+from mlx_server.vocabulary import CUSTOM_TOOL, GrammarError, Tool
 
-__all__ = ["GrammarError", "GrammarProcessor", "GrammarTokenizer", "OutputConstraint", "build_grammar"]
-
-logger = logging.getLogger("mlx")
+__all__ = ["OutputConstraint", "build_grammar", "check_schema"]
 
 MAX_PARALLEL_CALLS = 8
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
-
-
-class GrammarError(ValueError):
-    """A schema or grammar that cannot be compiled; ``param`` names the request field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -230,113 +212,3 @@ def build_grammar(
     if error:
         raise GrammarError("tools" if constraint.tools else "response_format", f"could not build the grammar: {error}")
     return grammar
-
-
-class GrammarTokenizer:
-    """The model's vocabulary as llguidance sees it; built once (about 0.3 s), at warm-up or on first use."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._built: llguidance.LLTokenizer | None = None
-        self.unavailable: str | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> llguidance.LLTokenizer:
-        """The llguidance tokenizer; GrammarError when this model's tokenizer cannot be used."""
-        with self._lock:
-            if self._built is None and self.unavailable is None:
-                hf_tokenizer = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
-                try:
-                    eos = sorted(self._tokenizer.eos_token_ids)
-                    self._built = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos)
-                    logger.info("Constrained decoding ready (llguidance, %d tokens)", self._built.vocab_size)
-                except (ValueError, TypeError, AttributeError) as error:
-                    self.unavailable = (
-                        f"constrained decoding needs a fast tokenizer; this model's cannot be used ({error})"
-                    )
-                    logger.warning("%s", self.unavailable)
-            if self._built is None:
-                raise GrammarError("response_format", self.unavailable or "constrained decoding is unavailable")
-            return self._built
-
-
-class GrammarProcessor:
-    """An mlx-lm logits processor that masks every token the grammar does not allow next.
-
-    mlx-lm calls it with the tokens so far and the next-token logits; from the
-    second call on, the last token is the one sampled after the previous call,
-    which the matcher consumes before computing the next mask.
-
-    A small model allowed several calls tends to repeat its first one until
-    the token limit.  A repeat is recognized as soon as a new call names the
-    same function with the same first argument as an earlier call; the output
-    then ends (only end-of-sequence is allowed), and the parser drops the
-    unfinished repeat.  (Two genuine calls that differ only after their first
-    argument are cut to one: the trade made for stopping early.)
-    """
-
-    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
-        if self.matcher.is_error():
-            raise GrammarError("response_format", self.matcher.get_error())
-        self._tokenizer = tokenizer
-        self._text = ""
-        self._started = False
-        self._ended = False
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self._ended:
-            return logits
-        if self._started:
-            token = int(tokens[-1])
-            if token in self._tokenizer.eos_tokens:
-                # A batch computes one step past end-of-sequence; the matcher (which may have been cut
-                # short by a repeat) must not see it.
-                self._ended = True
-                return logits
-            self._text += self._tokenizer.decode_str([token])
-            if not self.matcher.consume_token(token):
-                logger.warning("Constrained decoding: the grammar refused a token (%s)", self.matcher.get_error())
-        self._started = True
-        if self.matcher.is_error():
-            return logits
-        if self._repeats_a_call():
-            allowed = np.zeros(logits.shape[-1], dtype=np.bool_)
-            allowed[[eos for eos in self._tokenizer.eos_tokens if eos < allowed.size]] = True
-        else:
-            allowed = self._allowed_tokens(logits.shape[-1])
-        return mx.where(mx.array(allowed), logits, mx.array(-np.inf, logits.dtype))
-
-    def _allowed_tokens(self, vocabulary: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        if bits.size < vocabulary:  # the model's output layer may be padded past the vocabulary
-            bits = np.concatenate([bits, np.zeros(vocabulary - bits.size, dtype=np.uint8)])
-        return bits[:vocabulary].astype(np.bool_)
-
-    def _repeats_a_call(self) -> bool:
-        if "</tool_call>" not in self._text:
-            return False
-        *earlier, current = self._text.split("<tool_call>")[1:] or [""]
-        if "</tool_call>" in current:
-            current = current.split("</tool_call>")[0]
-        current = current.strip()
-        return any(_is_recognized_repeat(previous.split("</tool_call>")[0].strip(), current) for previous in earlier)
-
-
-def _is_recognized_repeat(previous: str, current: str) -> bool:
-    """``current`` (a call being written) repeats ``previous`` through the end of its first argument."""
-    try:
-        call = json.loads(previous)
-    except ValueError:
-        return False
-    arguments = call.get("arguments") if isinstance(call, dict) else None
-    recognized_at = len(previous)
-    if isinstance(arguments, dict) and arguments:
-        key, value = next(iter(arguments.items()))
-        first = (
-            f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False, separators=(', ', ': '))}"
-        )
-        found = previous.find(first)
-        if found >= 0:
-            recognized_at = found + len(first)
-    return len(current) >= recognized_at and current[:recognized_at] == previous[:recognized_at]

@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from mlx_server.machine import physical_memory_bytes
-from mlx_server.weight_format import WeightFormat, choose_weight_format
+from mlx_server.model.weight_format import WeightFormat, choose_weight_format
 
 __all__ = ["GGUF_GROUP_SIZE", "SUPPORTED_ARCHITECTURES", "GgufModel", "UnsupportedGgufError", "load_gguf"]
 

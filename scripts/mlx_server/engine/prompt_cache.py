@@ -34,7 +34,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +44,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from mlx_server.prompt_cache_files import CheckpointFiles
+from mlx_server.engine.prompt_cache_files import CheckpointFiles
+from mlx_server.vocabulary import CacheLookup, Divergence
 
 __all__ = [
     "MIN_REUSED_TOKENS",
@@ -61,8 +62,8 @@ logger = logging.getLogger("mlx")
 
 #: A match shorter than this is not worth a copy; the request starts cold.
 MIN_REUSED_TOKENS = 8
-#: Misses (and partial hits) whose explanation /v1/cache keeps.
-RECENT_MISSES = 8
+#: How many tokens of the cached and the new prompt a divergence carries, to explain a miss.
+DIVERGENCE_EXCERPT_TOKENS = 12
 
 
 def token_digest(tokens: np.ndarray | list[int]) -> str:
@@ -150,16 +151,23 @@ def longest_prefix(entries: Iterable[CacheEntry], request: np.ndarray) -> tuple[
 class CacheLease:
     """What a request got from the cache: the KV objects to extend and how many tokens they hold.
 
-    ``nearest`` is the closest entry's tokens when the request was not a plain
-    extension of it (a miss, or a partial hit): where the two part is what
-    explains the miss.
+    ``divergence`` says where the request left the closest entry when it was
+    not a plain extension of it (a miss, or a partial hit): what explains the
+    miss.  ``nothing_shared``: no entry shared even one token with it.
     """
 
     cache: list[Any]
     cached_tokens: int
-    source: str  # "miss", "extended", "copied-prefix", "checkpoint", "off"
-    nearest: np.ndarray | None = None
-    common_tokens: int = 0
+    source: str  # "miss", "extended", "copied-prefix", "checkpoint", "snapshot", "off"
+    divergence: Divergence | None = None
+
+    def lookup(self, lane: str | None = None) -> CacheLookup:
+        return CacheLookup(self.cached_tokens, self.source, self.divergence, lane)
+
+
+def _divergence(nearest: np.ndarray, request: np.ndarray, at: int) -> Divergence:
+    end = at + DIVERGENCE_EXCERPT_TOKENS
+    return Divergence(at, tuple(int(token) for token in nearest[at:end]), tuple(int(t) for t in request[at:end]))
 
 
 @dataclass(frozen=True)
@@ -204,9 +212,6 @@ class KVPromptCache:
         self.misses = 0
         self.tokens_saved = 0
         self.evictions = 0
-        self._recent_misses: deque[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]] = deque(
-            maxlen=RECENT_MISSES
-        )
         self._files = CheckpointFiles(directory, model_identity, max_entries, max_bytes) if directory else None
         if self._files is not None and self.enabled:
             self._load_checkpoints(self._files)
@@ -230,22 +235,23 @@ class KVPromptCache:
 
     # -- lookup ---------------------------------------------------------------
 
-    def acquire(self, tokens: list[int]) -> CacheLease:
-        """KV state for the longest cached prefix of ``tokens``; at least one token is left to compute."""
+    def acquire(self, tokens: list[int], lane: str | None = None) -> CacheLease:
+        """KV state for the longest cached prefix of ``tokens``; at least one token is left to compute.
+
+        The choice is made under the lock; a copy (MLX work) is made after it,
+        so /health and /metrics never wait for one.
+        """
         if not self.enabled:
-            return CacheLease(self.new_cache(), 0, "miss")
+            return CacheLease(self.new_cache(), 0, "off")
         request = np.asarray(tokens, dtype=np.int64)
         with self._lock:
             best, length = longest_prefix(reversed(self._entries.values()), request)
             usable = min(length, len(request) - 1)
-            nearest = None if best is None else best.tokens
-            if best is None or usable < MIN_REUSED_TOKENS:
+            divergence = None if best is None or length == 0 else _divergence(best.tokens, request, length)
+            whole = best is not None and usable == len(best.tokens)
+            if best is None or usable < MIN_REUSED_TOKENS or (not whole and not can_trim_prompt_cache(best.cache)):
                 self.misses += 1
-                return CacheLease(self.new_cache(), 0, "miss", nearest, length)
-            whole = usable == len(best.tokens)
-            if not whole and not can_trim_prompt_cache(best.cache):
-                self.misses += 1
-                return CacheLease(self.new_cache(), 0, "miss", nearest, length)
+                return CacheLease(self.new_cache(), 0, "miss", divergence)
             best.hits += 1
             self.hits += 1
             self.tokens_saved += usable
@@ -257,23 +263,14 @@ class KVPromptCache:
                 return CacheLease(best.cache, usable, "extended")
             self._entries.move_to_end(best.key)
             source = "checkpoint" if best.pinned else "copied-prefix"
-            diverged = nearest if length < len(best.tokens) else None  # the request left the entry before its end
-            return CacheLease(copy_prefix(best.cache, usable), usable, source, diverged, length)
-
-    def record_miss(self, at: str, counts: dict[str, Any], explain: Callable[[], dict[str, Any]]) -> None:
-        """Keep why a request missed (or only partly hit), for /v1/cache; ``explain`` runs when that is read."""
-        with self._lock:
-            self._recent_misses.append((at, counts, explain))
-
-    def recent_misses(self) -> list[dict[str, Any]]:
-        """The last misses explained, oldest first."""
-        with self._lock:
-            misses = list(self._recent_misses)
-        return [{"at": at, **counts, **explain()} for at, counts, explain in misses]
+            shared = best.cache
+            if length >= len(best.tokens):
+                divergence = None  # the request went past the entry's end: nothing to explain
+        return CacheLease(copy_prefix(shared, usable), usable, source, divergence)
 
     # -- storing --------------------------------------------------------------
 
-    def release(self, cache: list[Any], tokens: list[int], prompt_length: int) -> None:
+    def release(self, cache: list[Any], tokens: list[int], prompt_length: int, lane: str | None = None) -> None:
         """Store a request's KV state back under the tokens it holds (never raises on odd state).
 
         ``tokens`` is the prompt followed by what was generated; ``prompt_length`` says where one ends.

@@ -5,8 +5,10 @@ streamed responses and answers before a body is read:
 
 * ``ApiKeyGuard``: with keys configured, every route but ``/health`` and
   ``/`` (Claude Code's ``HEAD /`` probe) needs ``Authorization: Bearer <key>``
-  or ``x-api-key: <key>``; a missing or wrong key is a 401.  Keys are compared
-  in constant time and never logged.
+  or ``x-api-key: <key>``; a missing or wrong key is a 401.  ``/health``
+  answers anyone whether the server is ready, and its details only to a
+  request that carries a key (``AUTHENTICATED`` in the request's state).
+  Keys are compared in constant time and never logged.
 * ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
   Content-Length before anything is processed, or as soon as a chunked body
   passes the limit.  The rest of the body is read and discarded first
@@ -33,14 +35,16 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.errors import APIError, ErrorShapes
+from mlx_server.dialects.errors import APIError
+from mlx_server.edge.errors import ErrorShapes
 from mlx_server.settings import ApiKeys
 
-__all__ = ["OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "InFlight", "QueueLimit"]
+__all__ = ["AUTHENTICATED", "OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "InFlight", "QueueLimit"]
 
 logger = logging.getLogger("mlx")
 
 OPEN_PATHS = frozenset({"/health", "/"})
+AUTHENTICATED = "authenticated"  # the request's state: it carried a valid key, or none is required
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, shapes: ErrorShapes, error: APIError) -> None:
@@ -61,11 +65,13 @@ class ApiKeyGuard:
         return headers.get("x-api-key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        offered = self._offered_key(scope)
-        if offered is not None and self.keys.accepts(offered):
+        offered = self._offered_key(scope) if self.keys else None
+        authenticated = not self.keys or (offered is not None and self.keys.accepts(offered))
+        scope.setdefault("state", {})[AUTHENTICATED] = authenticated
+        if authenticated or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         message = (

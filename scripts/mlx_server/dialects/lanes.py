@@ -1,0 +1,45 @@
+"""Which session a request belongs to, for the prompt cache's lanes (one per agent conversation).
+
+Agents say it in headers: Claude Code sends ``X-Claude-Code-Session-Id`` on
+every request, and ``X-Claude-Code-Agent-Id`` for a subagent's; Codex sends
+``thread-id`` and ``session-id``.  OpenAI's APIs also have body fields for it
+(``prompt_cache_key``, ``user``), which each dialect reads itself.  A lane
+key is a short digest, never the identifier itself: session ids are
+credentials of a kind, and no log line or /v1/cache report may carry one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+__all__ = ["body_lane", "lane_key", "lane_of_headers"]
+
+MAX_IDENTIFIER_CHARS = 512
+
+
+def lane_key(kind: str, *identifiers: str) -> str:
+    """``kind:`` and a 12-digit digest of the identifiers (bounded, stable, not reversible)."""
+    joined = "\x00".join(identifier[:MAX_IDENTIFIER_CHARS] for identifier in identifiers)
+    return f"{kind}:{hashlib.sha256(joined.encode('utf-8', 'replace')).hexdigest()[:12]}"
+
+
+def lane_of_headers(headers: Mapping[str, str]) -> str | None:
+    """The session an agent's headers name: Claude Code's (per subagent) or Codex's thread; None if neither."""
+    session = headers.get("x-claude-code-session-id")
+    if session:
+        agent = headers.get("x-claude-code-agent-id")
+        return lane_key("claude-code", session, agent) if agent else lane_key("claude-code", session)
+    thread = headers.get("thread-id") or headers.get("session-id")
+    if thread:
+        return lane_key("codex", thread)
+    return None
+
+
+def body_lane(prompt_cache_key: str | None, user: str | None) -> str | None:
+    """OpenAI's body fields for the same: ``prompt_cache_key`` first, then ``user``."""
+    if prompt_cache_key:
+        return lane_key("key", prompt_cache_key)
+    if user:
+        return lane_key("user", user)
+    return None

@@ -1,0 +1,161 @@
+"""How every dialect's route answers: wait for admission, then stream through one driver or reply once.
+
+A dialect supplies a ``StreamEncoder`` (its start, its deltas, its finish and
+its in-stream error) and a function that builds its whole reply; ``respond``
+and the driver do the rest, the same way for all of them:
+
+* the request is admitted first (``ChatRun.begin``), so a refusal before the
+  first token (a KV budget it cannot fit, a grammar that cannot run) is a
+  plain error response, and the prompt's usage is final when the response
+  starts: Anthropic's ``message_start`` carries the same numbers as its
+  ``message_delta``;
+* response headers tell the client what the prompt cache gave it (``x-prompt-cache-*``);
+* keep-alives: an SSE comment before the dialect's start event, the
+  dialect's own (an Anthropic ``ping``) after it;
+* cancellation: a client that goes away stops generation, whether it was
+  streaming (Starlette cancels the driver) or waiting for a whole reply
+  (``with_cancellation``, vLLM's pattern);
+* a failure after the headers are sent is the dialect's error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar, Union
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, Started, TextDelta, ToolCallDelta
+from mlx_server.chat.service import ChatRun
+from mlx_server.dialects.errors import APIError, http_error
+from mlx_server.vocabulary import ServerError
+
+__all__ = [
+    "SSE_KEEPALIVE",
+    "StreamEncoder",
+    "cache_headers",
+    "encode_stream",
+    "event_stream",
+    "respond",
+    "with_cancellation",
+]
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta]
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+class StreamEncoder(Protocol):
+    """One dialect's server-sent events for one reply."""
+
+    keepalive: bytes  # what a silence is filled with once the stream has started
+
+    def start(self, started: Started) -> Iterable[bytes]: ...
+    def delta(self, delta: Delta) -> Iterable[bytes]: ...
+    def finish(self, completion: Completion) -> Iterable[bytes]: ...
+    def error(self, error: APIError) -> Iterable[bytes]: ...
+
+
+async def encode_stream(run: ChatRun, encoder: StreamEncoder) -> AsyncIterator[bytes]:
+    """The driver: the run's events as the encoder's bytes; a failure becomes the encoder's error event."""
+    started = False
+    events = run.events()
+    try:
+        async for event in events:
+            if isinstance(event, Keepalive):
+                yield encoder.keepalive if started else SSE_KEEPALIVE
+                continue
+            if isinstance(event, Started):
+                started = True
+                chunks = encoder.start(event)
+            elif isinstance(event, Finished):
+                chunks = encoder.finish(event.completion)
+            else:
+                chunks = encoder.delta(event)
+            for chunk in chunks:
+                yield chunk
+    except ServerError as error:  # the headers are sent: the failure is reported in-stream
+        for chunk in encoder.error(http_error(error)):
+            yield chunk
+    finally:
+        await events.aclose()
+
+
+def event_stream(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
+
+
+async def cache_headers(run: ChatRun) -> dict[str, str]:
+    """What the prompt cache gave this request, for the client: tokens read and, on a miss, where it diverged.
+
+    Empty when the request is still waiting for room in the batch (its usage
+    then says the same, at the end).  Working out the message takes template
+    renders, so it runs off the event loop.
+    """
+    started = run.started
+    if started is None:
+        return {}
+    lookup = started.lookup
+    headers = {"x-prompt-cache-read-tokens": str(lookup.cached_tokens), "x-prompt-cache-source": lookup.source}
+    if lookup.lane is not None:
+        headers["x-prompt-cache-lane"] = lookup.lane.encode("ascii", "replace").decode()[:64]
+    explanation = await asyncio.to_thread(run.explain_miss)
+    if explanation is not None and explanation.diverged_at_token is not None:
+        headers["x-prompt-cache-diverged-at-token"] = str(explanation.diverged_at_token)
+        if explanation.diverged_at_message is not None:
+            headers["x-prompt-cache-diverged-at-message"] = str(explanation.diverged_at_message)
+            headers["x-prompt-cache-diverged-role"] = str(explanation.role)
+    return headers
+
+
+async def respond(
+    run: ChatRun, stream: bool, encoder: Callable[[], StreamEncoder], reply: Callable[[Completion], dict[str, Any]]
+) -> Response:
+    """Admit the request, then answer with server-sent events or one JSON object."""
+    await run.begin()
+    headers = await cache_headers(run)
+    if stream:
+        return event_stream(encode_stream(run, encoder()), headers)
+    return JSONResponse(reply(await run.complete()), headers=headers)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is read already, so the next message says so)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def with_cancellation(handler: Handler) -> Handler:
+    """Run a route so that a client who disconnects cancels it (and with it, its generation).
+
+    The route must take the raw ``Request`` as a keyword argument named ``request``.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        request: Request = kwargs["request"]
+        handling = asyncio.ensure_future(handler(*args, **kwargs))
+        watching = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((handling, watching), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the server is shutting down: stop the handler too
+            handling.cancel()
+            raise
+        finally:
+            watching.cancel()
+        if handling.done():
+            return handling.result()
+        handling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await handling
+        return Response(status_code=499)  # nobody reads it: the client is gone
+
+    return wrapper  # type: ignore[return-value]

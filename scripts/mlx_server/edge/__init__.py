@@ -1,0 +1,3 @@
+"""The HTTP edge: the application, its middleware (keys, body size, queue), metrics, and errors as responses."""
+
+__all__: list[str] = []

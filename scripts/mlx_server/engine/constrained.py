@@ -1,0 +1,95 @@
+"""Constrained decoding at the token level: an llguidance matcher per sequence masks what its grammar forbids.
+
+The engine gets a grammar as text (the chat core writes it); at every step the
+matcher computes which tokens keep the output inside it, and the rest get
+-inf before sampling, so the output parses by construction.  Once the grammar
+is complete only end-of-sequence remains.
+
+``llguidance.mlx`` applies the mask with a Metal kernel; on CPU the bitmask is
+unpacked with numpy and applied with ``mx.where``, which works everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import mlx.core as mx
+import numpy as np
+
+from mlx_server.vocabulary import GrammarError
+
+__all__ = ["GrammarProcessor", "GrammarTokenizer"]
+
+logger = logging.getLogger("mlx")
+
+
+class GrammarTokenizer:
+    """The model's vocabulary as llguidance sees it; built once (about 0.3 s), at warm-up or on first use."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._built: llguidance.LLTokenizer | None = None
+        self.unavailable: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> llguidance.LLTokenizer:
+        """The llguidance tokenizer; GrammarError when this model's tokenizer cannot be used."""
+        with self._lock:
+            if self._built is None and self.unavailable is None:
+                hf_tokenizer = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
+                try:
+                    eos = sorted(self._tokenizer.eos_token_ids)
+                    self._built = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos)
+                    logger.info("Constrained decoding ready (llguidance, %d tokens)", self._built.vocab_size)
+                except (ValueError, TypeError, AttributeError) as error:
+                    self.unavailable = (
+                        f"constrained decoding needs a fast tokenizer; this model's cannot be used ({error})"
+                    )
+                    logger.warning("%s", self.unavailable)
+            if self._built is None:
+                raise GrammarError("response_format", self.unavailable or "constrained decoding is unavailable")
+            return self._built
+
+
+class GrammarProcessor:
+    """An mlx-lm logits processor that masks every token the grammar does not allow next.
+
+    mlx-lm calls it with the tokens so far and the next-token logits; from the
+    second call on, the last token is the one sampled after the previous call,
+    which the matcher consumes before computing the next mask.
+    """
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+        if self.matcher.is_error():
+            raise GrammarError("response_format", self.matcher.get_error())
+        self._eos = frozenset(tokenizer.eos_tokens)
+        self._started = False
+        self._ended = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._ended:
+            return logits
+        if self._started:
+            token = int(tokens[-1])
+            if token in self._eos:
+                # A batch computes one step past end-of-sequence; the matcher must not see it.
+                self._ended = True
+                return logits
+            if not self.matcher.consume_token(token):
+                logger.warning("Constrained decoding: the grammar refused a token (%s)", self.matcher.get_error())
+        self._started = True
+        if self.matcher.is_error():
+            return logits
+        allowed = self._allowed_tokens(logits.shape[-1])
+        return mx.where(mx.array(allowed), logits, mx.array(-np.inf, logits.dtype))
+
+    def _allowed_tokens(self, vocabulary: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        if bits.size < vocabulary:  # the model's output layer may be padded past the vocabulary
+            bits = np.concatenate([bits, np.zeros(vocabulary - bits.size, dtype=np.uint8)])
+        return bits[:vocabulary].astype(np.bool_)

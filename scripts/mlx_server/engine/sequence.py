@@ -1,0 +1,218 @@
+"""What a generation request is to the engine's worker, and the steps every decoder shares.
+
+A ``Job`` is one request on the worker thread: its ``GenerationRequest``, its
+cancellation and deadline, and how to deliver events back to the request's
+event loop.  ``ActiveSequence`` follows a job from its prompt-cache lease to its
+last event: the lookup, the checkpoint at the stable prefix, detokenizing,
+stop text, stats, and storing the KV state back.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from mlx_lm.generate import TextStateMachine
+
+from mlx_server.engine.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache, token_digest
+from mlx_server.vocabulary import (
+    EngineEvent,
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    PromptAdmitted,
+    SamplingSettings,
+)
+
+__all__ = ["ActiveSequence", "Delivery", "Job", "StopText"]
+
+logger = logging.getLogger("mlx")
+
+Delivery = Union[EngineEvent, BaseException]
+"""What the worker hands a request's event loop: an event, or the failure that ends it."""
+
+
+@dataclass
+class Job:
+    """One request's work, as the worker thread sees it."""
+
+    request: GenerationRequest
+    cancelled: threading.Event
+    deliver: Callable[[Delivery], None]
+    enqueued: float
+    deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
+    context: contextvars.Context | None = None  # the request's logging context (its request id)
+    end_requested: threading.Event = field(default_factory=threading.Event)  # the reader has what it needs
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def settings(self) -> SamplingSettings:
+        return self.request.settings
+
+    @property
+    def stable_prefix(self) -> int:
+        return self.request.stable_prefix
+
+    def in_context(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` so that its log lines carry this request's id."""
+        return work() if self.context is None else self.context.run(work)
+
+    @functools.cached_property
+    def prefix_key(self) -> str | None:
+        """The digest of the stable prefix (what a checkpoint would hold), or None when there is none worth one."""
+        return token_digest(self.prompt[: self.stable_prefix]) if self.stable_prefix >= MIN_REUSED_TOKENS else None
+
+    @property
+    def final_length(self) -> int:
+        """The most tokens this request's KV state can reach: its prompt and every token it may generate."""
+        return len(self.prompt) + self.settings.max_tokens
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
+
+    def stop_reason(self) -> str:
+        return "cancelled" if self.cancelled.is_set() else "timeout"
+
+
+class StopText:
+    """Stop sequences over streamed text: what may be sent, and which sequence matched (mlx-lm's TextStateMachine).
+
+    Text that could be the start of a stop sequence is held back; the
+    sequence itself and anything after it are never sent.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._state = TextStateMachine({"normal": [(stop, None) for stop in stops]}).make_state()
+        self._seen = ""
+        self._sent = 0
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> str:
+        """The text that is safe to send; sets ``matched`` when a stop sequence completes."""
+        if self.matched is not None:
+            return ""
+        self._seen += text
+        self._state, safe, state_name = TextStateMachine.step(self._state, text)
+        safe = str(safe)
+        self._sent += len(safe)
+        if state_name is None:
+            candidates = [stop for stop in self._stops if self._seen.startswith(stop, self._sent)]
+            self.matched = min(candidates, key=len) if candidates else self._stops[0]
+        return safe
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of the output (no stop sequence followed it)."""
+        if self.matched is not None:
+            return ""
+        self._state, held, _ = TextStateMachine.flush(self._state)
+        return str(held)
+
+
+class ActiveSequence:
+    """One job from its cache lease to its final event (created and used on the worker thread only)."""
+
+    def __init__(self, job: Job, prompt_cache: KVPromptCache, tokenizer: Any) -> None:
+        self.job = job
+        self._prompt_cache = prompt_cache
+        self.started = time.perf_counter()
+        self.stats = GenerationStats(prompt_tokens=len(job.prompt), queue_ms=(self.started - job.enqueued) * 1000)
+        self.detokenizer = tokenizer.detokenizer
+        self.stop_text = StopText(job.settings.stop)
+        self.generated: list[int] = []
+        self.finished = False
+
+    @property
+    def use_cache(self) -> bool:
+        return self.job.request.use_cache and self._prompt_cache.enabled
+
+    def lease(self) -> CacheLease:
+        """KV state for the longest cached prefix of the prompt (a fresh cache when the cache is off).
+
+        Tells the request at once: its cache lookup is what the usage it
+        reports will say, before the first token.
+        """
+        request = self.job.request
+        lease = self._prompt_cache.acquire(request.prompt, request.lane) if request.use_cache else None
+        if lease is None:
+            lease = CacheLease(self._prompt_cache.new_cache(), 0, "off")
+        self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
+        self.job.deliver(PromptAdmitted(lease.lookup(request.lane), self.job.end_requested.set))
+        return lease
+
+    def checkpoint_at(self, lease: CacheLease) -> int:
+        """Where the prefill should pause to pin a checkpoint (0: nowhere).
+
+        A lease that already covers the stable prefix (system prompt and
+        tools) is snapshotted at once; otherwise the prefill stops there.
+        """
+        prefix = self.job.stable_prefix
+        if not self.use_cache or prefix < MIN_REUSED_TOKENS:
+            return 0
+        if self._prompt_cache.has_checkpoint(self.job.prompt[:prefix]):
+            return 0
+        if lease.cached_tokens >= prefix:
+            self._prompt_cache.add_checkpoint(lease.cache, self.job.prompt[:prefix])
+            return 0
+        return prefix
+
+    def keep_checkpoint(self, cache: list[Any], tokens: list[int]) -> None:
+        """A snapshot taken at the stable prefix (the cache is this sequence's own copy)."""
+        if len(tokens) == self.job.stable_prefix:
+            self._prompt_cache.add_checkpoint(cache, tokens, copy=False)
+
+    def token(self, token: int, end_of_sequence: bool) -> None:
+        """One generated token; sends its text (less any held-back stop text)."""
+        if not self.generated:
+            self.stats.time_to_first_token_ms = (time.perf_counter() - self.started) * 1000
+        self.generated.append(token)
+        if end_of_sequence:
+            self.detokenizer.finalize()
+        else:
+            self.stats.completion_tokens += 1
+            self.detokenizer.add_token(token)
+        text = self.stop_text.feed(self.detokenizer.last_segment)
+        if self.stop_text.matched is not None:
+            self.stats.finish_reason, self.stats.stop_sequence = "stop", self.stop_text.matched
+        if text:
+            self.job.deliver(GeneratedText(text))
+
+    def finish(self, reason: str, cache: list[Any] | None, tokens: list[int] | None) -> None:
+        """Store the KV state back (it holds ``tokens``), and send the final event."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.stats.stop_sequence is None:
+            self.stats.finish_reason = reason
+            if reason in ("stop", "length"):
+                self.detokenizer.finalize()
+                held = self.stop_text.feed(self.detokenizer.last_segment) + self.stop_text.flush()
+                if held:
+                    self.job.deliver(GeneratedText(held))
+        if self.use_cache and cache is not None and tokens is not None:
+            self._prompt_cache.release(cache, tokens, len(self.job.prompt), self.job.request.lane)
+        self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
+        self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
+        self.job.deliver(GenerationFinished(self.stats))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.finished = True
+            self.job.deliver(error)
+
+
+def _log_stop(reason: str, tokens: int) -> None:
+    if reason == "cancelled":
+        logger.info("Generation stopped after %d tokens: the client disconnected", tokens)
+    elif reason == "timeout":
+        logger.warning("Generation stopped after %d tokens: the request timed out", tokens)

