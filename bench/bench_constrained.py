@@ -28,6 +28,7 @@ from mlx_server.blas import preload_optimized_blas  # noqa: E402 - before MLX is
 
 BLAS = preload_optimized_blas()
 
+from mlx_server.chat.call_formats import grammar_writer  # noqa: E402
 from mlx_server.chat.grammars import OutputConstraint, build_grammar  # noqa: E402
 from mlx_server.chat.prompts import render_prompt  # noqa: E402
 from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
@@ -75,16 +76,17 @@ def main() -> None:
         EngineOptions(max_batch=1, prefill_batch=1, kv_budget_bytes=2**31),
     )
     engine.warm_up()
+    writer = grammar_writer(loaded.tokenizer)
     ask = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]
     act = [Message("user", "Save a long README for my project in README.md.")]
     cases = {
         "JSON schema (long string)": (
             render_prompt(loaded.tokenizer, ask),
-            build_grammar(OutputConstraint(json_schema=STORY_SCHEMA)),
+            build_grammar(OutputConstraint(json_schema=STORY_SCHEMA), writer),
         ),
         "forced tool call (4 tools)": (
             render_prompt(loaded.tokenizer, act, TOOLS),
-            build_grammar(OutputConstraint(tools=TOOLS, tool_mode="required", parallel_calls=False)),
+            build_grammar(OutputConstraint(tools=TOOLS, tool_mode="required", parallel_calls=False), writer),
         ),
     }
     print(f"Model {loaded.name} on {loaded.device}, BLAS {BLAS.name}; {args.trials} trials each, alternating")

@@ -158,9 +158,14 @@ class GenerationRequest:
     """One completion for the engine to generate.
 
     ``stable_prefix`` is where the system prompt and tools end (a checkpoint
-    worth keeping, 0: none); ``boundaries`` are where earlier messages end, the
-    points a cache that cannot step back may resume from; ``lane`` is the
-    client's session, whose cache entries other sessions' churn cannot evict.
+    worth keeping, 0: none).  ``turn_start`` is where the conversation's
+    history ends and the generation prompt begins (0: unknown): the next
+    turn's prompt agrees with this one up to there whatever the reply
+    re-renders to, so a cache that cannot step back keeps a snapshot there;
+    ``after_user`` says the history ends with the user's message, a point
+    later turns keep agreeing with even when the template re-renders the
+    replies after it.  ``lane`` is the client's session, whose cache entries
+    other sessions' churn cannot evict.
     ``timeout`` (seconds from now, waiting included) stops generation with
     finish_reason ``timeout``; with ``keepalive``, a ``KeepAlive`` comes
     whenever that many seconds pass without an event.
@@ -169,7 +174,8 @@ class GenerationRequest:
     prompt: list[int]
     settings: SamplingSettings
     stable_prefix: int = 0
-    boundaries: tuple[int, ...] = ()
+    turn_start: int = 0
+    after_user: bool = False
     lane: str | None = None
     use_cache: bool = True
     timeout: float | None = None

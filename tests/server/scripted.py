@@ -140,7 +140,7 @@ class ScriptedEngine:
                 "device": "cpu", "context_length": self.context_length}  # fmt: skip
 
     def cache_stats(self) -> PromptCacheStats:
-        return PromptCacheStats(True, 0, 0, 0, 32, 1 << 30, 0, 0, 0, 0, None)
+        return PromptCacheStats(True, 0, 0, 0, 0, 0, 32, 1 << 30, 0, 0, 0, 0, None)
 
     def cache_entries(self) -> list[dict[str, Any]]:
         return []

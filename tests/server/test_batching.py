@@ -17,9 +17,10 @@ import httpx
 import jsonschema
 import pytest
 
+from mlx_server.chat.call_formats import HERMES, grammar_writer
 from mlx_server.chat.grammars import OutputConstraint, build_grammar
 from mlx_server.chat.prompts import render_prompt, render_prompt_with_prefix
-from mlx_server.chat.tool_parsing import HERMES, parse_tool_calls
+from mlx_server.chat.tool_parsing import parse_tool_calls
 from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.vocabulary import (
@@ -119,7 +120,8 @@ class TestPerRequestSettings:
 
     def test_mixed_settings_stops_and_grammars_in_one_batch(self, engine: GenerationEngine) -> None:
         """A stop sequence, a length limit, a forced tool call and a sampled request finish correctly side by side."""
-        grammar = build_grammar(OutputConstraint(tools=[WEATHER], tool_mode="required", forced_function="get_weather"))
+        constraint = OutputConstraint(tools=[WEATHER], tool_mode="required", forced_function="get_weather")
+        grammar = build_grammar(constraint, grammar_writer(engine.tokenizer))
         weather_prompt = render_prompt(engine.tokenizer, [Message("user", "Weather in Paris?")], [WEATHER])
         question = prompt_for(engine, QUESTIONS[0])
         free = alone(engine, question, SamplingSettings(max_tokens=40, temperature=0.0)).text

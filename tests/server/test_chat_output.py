@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlx_server.chat.call_formats import HERMES
 from mlx_server.chat.output import OutputParser, ReasoningPiece, ReasoningSyntax
-from mlx_server.chat.tool_parsing import HERMES, CallPiece, ContentPiece, ToolCalling
+from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCalling
 
 THINK = ReasoningSyntax("<think>", "</think>")
 TOOLS = ToolCalling(HERMES, (("get_weather", "function"),))
@@ -47,6 +48,12 @@ def test_output_that_starts_inside_a_thinking_block() -> None:
     """Templates that open <think> in the prompt: everything before </think> is reasoning."""
     syntax = ReasoningSyntax("<think>", "</think>", starts_inside=True)
     assert parse("Hmm, easy.</think>Paris.", syntax, None) == ("Hmm, easy.", "Paris.", [])
+
+
+def test_the_whitespace_after_thinking_is_not_content() -> None:
+    """Templates write "</think>\\n\\n" before the answer; a call after it leaves no blank content."""
+    assert parse("<think>Plan.</think>\n\n  Paris.", THINK, None) == ("Plan.", "Paris.", [])
+    assert parse(OUTPUT.replace("Let me check.", "\n \n"))[1] == ""
 
 
 def test_a_model_without_thinking_markers_keeps_them_as_text() -> None:

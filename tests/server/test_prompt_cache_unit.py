@@ -1,7 +1,9 @@
-"""The prompt cache's own rules, on small synthetic KV caches (no model): lookup, hand-out, LRU, bounds, files.
+"""The prompt cache's own rules, on small synthetic KV caches (no model): lookup, hand-out, bounds, files.
 
 Each "KV cache" here is two mlx-lm ``KVCache`` layers filled with one number
-per token, so a test can read back exactly which tokens a cache holds.
+per token, so a test can read back exactly which tokens a cache holds.  The
+rules for caches that cannot step back, and for sessions, are in
+``test_cache_lanes.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_server.engine.prompt_cache import MIN_REUSED_TOKENS, CacheEntry, KVPromptCache, longest_prefix
+from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, MIN_REUSED_TOKENS, CacheEntry, best_reuse
+from mlx_server.engine.prompt_cache import KVPromptCache
 
 LAYERS = 2
 BYTES_PER_TOKEN = LAYERS * 2 * 4  # keys and values, one float32 each per layer
@@ -47,29 +50,33 @@ def tokens(base: int, count: int = 20) -> list[int]:
     return [base + index for index in range(count)]
 
 
-def entry(token_list: list[int], pinned: bool = False) -> CacheEntry:
-    return CacheEntry(np.asarray(token_list, dtype=np.int64), [], 0, pinned, len(token_list))
+def entry(token_list: list[int], kind: str = CONVERSATION, lane: str | None = None) -> CacheEntry:
+    return CacheEntry(np.asarray(token_list, dtype=np.int64), empty_cache(), 0, kind, len(token_list), lane)
 
 
 class TestLookup:
-    def test_the_longest_common_prefix_wins(self) -> None:
-        entries = [entry([1, 2, 3, 9]), entry([1, 2, 3, 4, 5, 6]), entry([7, 8])]
-        best, length = longest_prefix(entries, np.array([1, 2, 3, 4, 5, 0]))
-        assert best is entries[1] and length == 5
+    def test_the_longest_usable_prefix_wins(self) -> None:
+        entries = [entry([*tokens(1, 12), 99]), entry(tokens(1, 30)), entry([7, 8])]
+        reuse = best_reuse(entries, np.array([*tokens(1, 25), 0]), None)
+        assert reuse.entry is entries[1] and reuse.usable == 25
 
-    def test_ties_go_to_the_most_recent_and_conversations_beat_checkpoints(self) -> None:
-        recent, older = entry([1, 2, 3]), entry([1, 2, 3, 4])
-        assert longest_prefix([recent, older], np.array([1, 2, 3, 9]))[0] is recent
-        checkpoint, conversation = entry([1, 2, 3], pinned=True), entry([1, 2, 3, 8])
-        assert longest_prefix([checkpoint, conversation], np.array([1, 2, 3, 9]))[0] is conversation
+    def test_ties_go_to_the_own_lane_then_conversations_then_the_most_recent(self) -> None:
+        request = np.array([*tokens(1, 20), 0])
+        recent, older = entry(tokens(1, 20)), entry(tokens(1, 21))
+        assert best_reuse([recent, older], request, None).entry is recent
+        checkpoint, conversation = entry(tokens(1, 20), CHECKPOINT), entry([*tokens(1, 20), 5])
+        assert best_reuse([checkpoint, conversation], request, None).entry is conversation
+        other, own = entry(tokens(1, 20), lane="other"), entry([*tokens(1, 20), 6], lane="own")
+        assert best_reuse([other, own], request, "own").entry is own
 
     def test_nothing_shared(self) -> None:
-        assert longest_prefix([entry([5, 6])], np.array([1, 2])) == (None, 0)
+        reuse = best_reuse([entry([5, 6])], np.array([1, 2]), None)
+        assert reuse.entry is None and reuse.nearest is None and reuse.usable == 0
 
     def test_the_key_is_computed_once(self) -> None:
         made = entry([1, 2, 3])
         made.tokens = np.array([9, 9, 9])
-        assert made.key == entry([1, 2, 3]).key
+        assert made.key == entry([1, 2, 3]).key and made.key != entry([1, 2, 3], CHECKPOINT).key
 
 
 class TestHandOut:

@@ -10,22 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_server.chat.tool_parsing import (
+from mlx_server.chat.call_formats import (
+    HARMONY,
     HERMES,
     LLAMA3_JSON,
-    CallPiece,
-    ContentPiece,
-    ToolCallExtractor,
     ToolCallFormat,
     detect_tool_call_format,
-    mlx_lm_format,
-    parse_tool_calls,
+    format_named,
 )
+from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, parse_tool_calls
 
-NAMES = frozenset({"get_weather", "search_web"})
-MISTRAL = mlx_lm_format("mistral")
-QWEN3_CODER = mlx_lm_format("qwen3_coder")
-PYTHONIC = mlx_lm_format("pythonic")
+NAMES = frozenset({"get_weather", "search_web", "write_file"})
+MISTRAL = format_named("mistral")
+QWEN3_CODER = format_named("qwen3_coder")
+PYTHONIC = format_named("pythonic")
+GLM = format_named("glm47")
+KIMI = format_named("kimi_k2")
+GEMMA4 = format_named("gemma4")
 
 # (family, format, recorded output, expected content, expected [(name, arguments)])
 RECORDED: list[tuple[str, ToolCallFormat, str, str, list[tuple[str, dict[str, Any]]]]] = [
@@ -108,6 +109,35 @@ RECORDED: list[tuple[str, ToolCallFormat, str, str, list[tuple[str, dict[str, An
         "LFM2, pythonic",
         PYTHONIC,
         '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "GLM 4.5, arg_key and arg_value",
+        GLM,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>",
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "Kimi K2, a tool-call section",
+        KIMI,
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "Gemma 4, quoted strings",
+        GEMMA4,
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "gpt-oss, harmony commentary",
+        HARMONY,
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}',
         "",
         [("get_weather", {"city": "Paris"})],
     ),
@@ -197,6 +227,33 @@ def test_one_call_when_not_parallel() -> None:
 def test_a_repeated_call_is_dropped() -> None:
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
     assert _calls(f"{call}\n{call}\n", HERMES) == ("", [("get_weather", {"city": "Paris"})])
+
+
+class TestMarkersInsideArguments:
+    """A call ends where its format ends: a file an agent writes may contain the closing marker's text."""
+
+    CASES = (
+        (HERMES, '<tool_call>\n{"name": "write_file", "arguments": {"text": "a</tool_call>b"}}\n</tool_call> Done.'),
+        (
+            QWEN3_CODER,
+            "<tool_call>\n<function=write_file>\n<parameter=text>\na</tool_call>b\n</parameter>\n</function>\n"
+            "</tool_call> Done.",
+        ),
+    )
+
+    @pytest.mark.parametrize(("call_format", "output"), CASES, ids=["hermes", "qwen3_coder"])
+    @pytest.mark.parametrize("chunk", [1, 3, 1000], ids=["by character", "by three", "whole"])
+    def test_the_closing_marker_inside_an_argument_is_part_of_it(
+        self, call_format: ToolCallFormat, output: str, chunk: int
+    ) -> None:
+        extractor = ToolCallExtractor(call_format, NAMES, parallel=False)
+        pieces = [
+            piece for index in range(0, len(output), chunk) for piece in extractor.feed(output[index : index + chunk])
+        ]
+        pieces += extractor.finish()
+        calls = [json.loads(piece.call.arguments) for piece in pieces if isinstance(piece, CallPiece)]
+        assert calls == [{"text": "a</tool_call>b"}]
+        assert "".join(piece.text for piece in pieces if isinstance(piece, ContentPiece)) == " Done."
 
 
 class TestRepeats:

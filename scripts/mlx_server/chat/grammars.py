@@ -1,25 +1,27 @@
-"""The grammars that make forced tool calls and JSON output always parse (llguidance's Lark dialect).
+"""The grammar a request's whole output follows (llguidance's Lark dialect), in the model's own call format.
 
-A request that must call a tool (``tool_choice`` ``required`` or a named
-function) or must answer in JSON (``response_format``) gets a grammar, which
-the engine enforces token by token (``engine.constrained``): the result parses
-and validates by construction.
+* ``tool_choice`` ``required`` or a named function: the output is calls
+  (several when parallel calls are allowed), after the model's reasoning if
+  it reasons.
+* ``auto`` with tools: a lazy grammar.  The output is free (any token, the
+  reasoning markers included) until the model opens a call with its start
+  token or marker; from there the call must be valid, then the output is
+  free again (or ends, when parallel calls are off).  So every call the
+  model starts parses and validates.
+* ``none`` with tools: free output that cannot open a call.
+* a JSON ``response_format``: the output is that JSON (or, with ``auto``
+  and tools, either calls or the JSON).
 
-The grammar is a Lark grammar with embedded JSON schemas.  Tool calls are
-written in the Hermes form (``<tool_call>{"name": …, "arguments": …}</tool_call>``),
-which the tool-call parser always accepts; a custom tool's call is its name
-as a JSON header, then its text, under the tool's own Lark or regex grammar
-when it has one.  Under ``tool_choice: none`` with tools offered, the output
-is free text that cannot contain a call's opening marker.  Object schemas that leave
-``additionalProperties`` open are closed for generation (the output still
-validates against the schema as given): a small model otherwise fills
-arguments with invented keys.  JSON is written compactly, with ``", "`` and
-``": "`` separators as models are trained to write it.
+gpt-oss writes everything in harmony channels; its grammars keep the
+analysis channel (its reasoning) free and constrain the call or final answer
+after it.  Calls are written by ``call_grammars`` in each family's format;
+object schemas that leave ``additionalProperties`` open are closed for
+generation (the output still validates against the schema as given), and JSON
+is written compactly as models are trained to write it.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import threading
@@ -30,21 +32,36 @@ from typing import Any
 
 import llguidance
 
+from mlx_server.chat.call_formats import HARMONY, HERMES, ToolCallFormat
+from mlx_server.chat.call_grammars import (
+    MAX_PARALLEL_CALLS,
+    GrammarWriter,
+    custom_input_rules,
+    styled_schema,
+    text_without,
+)
 from mlx_server.vocabulary import CUSTOM_TOOL, GrammarError, Tool
 
-__all__ = ["OutputConstraint", "build_grammar", "check_schema"]
+__all__ = ["OutputConstraint", "ReasoningMarkers", "build_grammar", "check_schema", "check_tool"]
 
-MAX_PARALLEL_CALLS = 8
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+_CHECKED_ENTRIES = 512
+
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """How the model marks its thinking (``<think>``, ``</think>``), and whether its prompt opened it already."""
+
+    start: str
+    end: str
+    starts_inside: bool = False
 
 
 @dataclass(frozen=True)
 class OutputConstraint:
-    """What a request's output must be.
+    """What a request's output must be (see the module's docstring).
 
-    ``tool_mode`` is ``none``, ``auto`` or ``required``.  Required calls, and
-    JSON output, are constrained; with ``auto`` and a JSON response format the
-    output is either calls or the JSON; ``auto`` alone stays free.
+    ``forbidden_markers`` is text that must never appear (call openings under
+    ``none``); ``eos`` are the tokens that end the output.
     """
 
     tools: Sequence[Tool] = ()
@@ -52,117 +69,46 @@ class OutputConstraint:
     forced_function: str | None = None
     parallel_calls: bool = True
     json_schema: dict[str, Any] | None = None
-    forbidden_markers: tuple[str, ...] = ()  # text that must never appear (call openings under "none")
+    call_format: ToolCallFormat = HERMES
+    reasoning: ReasoningMarkers | None = None
+    forbidden_markers: tuple[str, ...] = ()
+    eos: tuple[int, ...] = ()
+    reasoning_budget: int | None = None  # tokens of thinking before a forced answer; None: unbounded
 
     @property
     def constrained(self) -> bool:
-        return self.tool_mode == "required" or self.json_schema is not None or bool(self.forbidden_markers)
+        calls = bool(self.tools) and self.tool_mode in ("required", "auto")
+        return calls or self.json_schema is not None or bool(self.forbidden_markers)
 
 
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_VALUES = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_checked: OrderedDict[str, str] = OrderedDict()
+_checked_lock = threading.Lock()
 
 
-def _closed(schema: Any) -> Any:
-    """A copy where every object schema with ``properties`` and no ``additionalProperties`` is closed.
-
-    Only subschemas are visited, never ``const``, ``enum`` or ``default`` data.
-    """
-    if not isinstance(schema, dict):
-        return schema
-    closed = dict(schema)
-    for key in _SCHEMA_MAPS:
-        if isinstance(closed.get(key), dict):
-            closed[key] = {name: _closed(sub) for name, sub in closed[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(closed.get(key), list):
-            closed[key] = [_closed(sub) for sub in closed[key]]
-    for key in _SCHEMA_VALUES:
-        if key in closed:
-            closed[key] = _closed(closed[key])
-    if isinstance(closed.get("properties"), dict) and "additionalProperties" not in closed:
-        closed["additionalProperties"] = False
-    return closed
-
-
-def _with_style(schema: dict[str, Any]) -> dict[str, Any]:
-    styled: dict[str, Any] = _closed(copy.deepcopy(schema))
-    styled["x-guidance"] = {**_JSON_STYLE, **styled.get("x-guidance", {})}
-    return styled
-
-
-_validated: OrderedDict[str, str] = OrderedDict()
-_validated_lock = threading.Lock()
-_VALIDATED_ENTRIES = 512
+def _check(kind: str, definition: str, compile_grammar: Any) -> str:
+    """llguidance's verdict on a grammar (empty: valid), memoized by its text."""
+    key = hashlib.sha256(f"{kind}\0{definition}".encode()).hexdigest()
+    with _checked_lock:
+        verdict = _checked.get(key)
+    if verdict is None:
+        try:
+            verdict = llguidance.LLMatcher.validate_grammar(compile_grammar())
+        except (ValueError, TypeError) as problem:
+            verdict = str(problem)
+        with _checked_lock:
+            _checked[key] = verdict
+            while len(_checked) > _CHECKED_ENTRIES:
+                _checked.popitem(last=False)
+    return verdict
 
 
 def check_schema(schema: dict[str, Any], param: str) -> None:
-    """Raise GrammarError naming the problem when llguidance cannot compile ``schema`` (results memoized)."""
-    key = hashlib.sha256(json.dumps(schema, sort_keys=True, default=str).encode()).hexdigest()
-    with _validated_lock:
-        error = _validated.get(key)
-    if error is None:
-        try:
-            error = llguidance.LLMatcher.validate_grammar(
-                llguidance.LLMatcher.grammar_from_json_schema(_with_style(schema))
-            )
-        except (ValueError, TypeError) as problem:
-            error = str(problem)
-        with _validated_lock:
-            _validated[key] = error
-            while len(_validated) > _VALIDATED_ENTRIES:
-                _validated.popitem(last=False)
+    """GrammarError naming ``param`` when llguidance cannot compile ``schema``."""
+    styled = styled_schema(schema)
+    text = json.dumps(schema, sort_keys=True, default=str)
+    error = _check("schema", text, lambda: llguidance.LLMatcher.grammar_from_json_schema(styled))
     if error:
         raise GrammarError(param, f"invalid JSON schema in {param}: {error}")
-
-
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": tool.parameters_schema()},
-        "required": ["name", "arguments"],
-    }
-
-
-def _text_without(markers: Sequence[str]) -> str:
-    """A Lark lexeme body: any text in which none of ``markers`` occurs (llguidance's ``&`` and ``~``)."""
-    excluded = "|".join(llguidance.regex_to_lark(_regex_literal(marker)) for marker in markers)
-    return f"/(.|\\n)*/ & ~/(.|\\n)*({excluded})(.|\\n)*/"
-
-
-def _regex_literal(text: str) -> str:
-    return "".join(f"\\{char}" if char in ".^$*+?()[]{}|\\/" else char for char in text)
-
-
-def _custom_input_rule(index: int, tool: Tool) -> list[str]:
-    """The text of a custom tool's call: its own grammar, or any text that does not close the call."""
-    name = f"input_{index}"
-    if tool.grammar is None:
-        return [f"{name.upper()}: {_text_without(['</tool_call>'])}", f"{name}: {name.upper()}"]
-    if tool.grammar.syntax == "regex":
-        return [f"{name}: /{llguidance.regex_to_lark(tool.grammar.definition)}/"]
-    return [f"{name}: %lark {{\n{tool.grammar.definition}\n}}"]
-
-
-def _call_rule(index: int, tool: Tool) -> list[str]:
-    if tool.kind == CUSTOM_TOOL:
-        header = json.dumps(json.dumps({"name": tool.name}, ensure_ascii=False) + "\n")
-        return [f"call_{index}: {header} input_{index}", *_custom_input_rule(index, tool)]
-    return [f"call_{index}: %json {json.dumps(_with_style(_call_schema(tool)))}"]
-
-
-def _call_rules(constraint: OutputConstraint) -> list[str]:
-    """Lark rules for one call (a named tool) or up to MAX_PARALLEL_CALLS, each in the Hermes form."""
-    tools = [tool for tool in constraint.tools if constraint.forced_function in (None, tool.name)]
-    rules = [rule for index, tool in enumerate(tools) for rule in _call_rule(index, tool)]
-    rules.append("call_body: " + " | ".join(f"call_{index}" for index in range(len(tools))))
-    rules.append('call: "<tool_call>\\n" call_body "\\n</tool_call>"')
-    several = constraint.parallel_calls and constraint.forced_function is None
-    # A newline may end the calls too: models often write one before end-of-sequence, and forcing
-    # another call after it made SmolLM2 call on until the token limit.
-    rules.append(f'calls: call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}} "\\n"?' if several else 'calls: call "\\n"?')
-    return rules
 
 
 def check_tool(tool: Tool, param: str) -> None:
@@ -172,17 +118,15 @@ def check_tool(tool: Tool, param: str) -> None:
         return
     if tool.grammar is None:
         return
-    try:
-        lark = "start: input_0\n" + "\n".join(_custom_input_rule(0, tool))
-        error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
-    except (ValueError, TypeError) as problem:
-        error = str(problem)
+    lark = "start: input_0\n" + "\n".join(custom_input_rules(0, tool))
+    error = _check("lark", lark, lambda: llguidance.LLMatcher.grammar_from_lark(lark))
     if error:
         raise GrammarError(param, f"invalid {tool.grammar.syntax} grammar in {param}: {error}")
 
 
 def build_grammar(
     constraint: OutputConstraint,
+    writer: GrammarWriter,
     tool_params: Sequence[str] = (),
     schema_param: str = "response_format.json_schema.schema",
 ) -> str | None:
@@ -196,19 +140,170 @@ def build_grammar(
         check_schema(constraint.json_schema, schema_param)
     if not constraint.constrained:
         return None
-    if constraint.tool_mode == "none" and constraint.json_schema is None:
-        return f"start: FREE_TEXT\nFREE_TEXT: {_text_without(constraint.forbidden_markers)}"
-    rules: list[str] = []
-    alternatives: list[str] = []
-    if constraint.tools and constraint.tool_mode != "none":
-        rules += _call_rules(constraint)
-        alternatives.append("calls")
-    if constraint.json_schema is not None and constraint.tool_mode != "required":
-        rules.append(f"json_output: %json {json.dumps(_with_style(constraint.json_schema))}")
-        alternatives.append("json_output")
-    lark = "start: " + " | ".join(alternatives) + "\n" + "\n".join(rules)
+    builder = _GrammarBuilder(constraint, writer)
+    lark = builder.harmony() if constraint.call_format is HARMONY else builder.lark()
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise GrammarError("tools" if constraint.tools else "response_format", f"could not build the grammar: {error}")
     return grammar
+
+
+class _GrammarBuilder:
+    """Writes one request's grammar (one use)."""
+
+    def __init__(self, constraint: OutputConstraint, writer: GrammarWriter) -> None:
+        self.constraint = constraint
+        self.writer = writer
+        self.format = constraint.call_format
+        self.rules: list[str] = []
+
+    @property
+    def calling(self) -> bool:
+        return bool(self.constraint.tools) and self.constraint.tool_mode in ("required", "auto")
+
+    def lark(self) -> str:
+        constraint = self.constraint
+        if not self.calling and constraint.json_schema is None:
+            markers = (self.format.start, self.format.end, HERMES.start, HERMES.end) if constraint.tools else ()
+            return self._finish(self._free(constraint.forbidden_markers, markers, name="free"))
+        if constraint.tool_mode == "auto" and constraint.json_schema is None:
+            return self._finish(self._lazy_calls())
+        alternatives = []
+        if self.calling:
+            alternatives.append(self._calls(opened=False))
+        if constraint.json_schema is not None and constraint.tool_mode != "required":
+            self.rules.append(f"json_output: {self.writer.json(constraint.json_schema)}")
+            alternatives.append("json_output")
+        body = alternatives[0] if len(alternatives) == 1 else "(" + " | ".join(alternatives) + ")"
+        return self._finish(f"{self._reasoning()} {body}")
+
+    def _finish(self, start: str) -> str:
+        return "\n".join([f"start: {start}", *self.rules])
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _tools(self) -> list[Tool]:
+        forced = self.constraint.forced_function
+        return [tool for tool in self.constraint.tools if forced in (None, tool.name)]
+
+    def _call(self, opened: bool) -> str:
+        """One call of any offered tool, as a rule name (written once)."""
+        suffix = "opened" if opened else "any"
+        if any(rule.startswith(f"call_{suffix}:") for rule in self.rules):
+            return f"call_{suffix}"
+        names = []
+        for index, tool in enumerate(self._tools()):
+            number = index if not opened else 1000 + index
+            self.rules += self.format.call(self.writer, number, tool, opened)
+            names.append(f"call_{number}")
+        self.rules.append(f"call_{suffix}: " + " | ".join(names))
+        return f"call_{suffix}"
+
+    def _calls(self, opened: bool) -> str:
+        """One or several calls, in the format's outer markers and list; ``opened``: its opening is written."""
+        fmt, writer = self.format, self.writer
+        first = self._call(opened and not fmt.outer[0])
+        several = self.constraint.parallel_calls and self.constraint.forced_function is None and fmt.parallel
+        rest = self._call(False) if several else ""
+        separator = json.dumps(fmt.separator) if fmt.separator else ""
+        sequence = f"{first} ({separator} {rest}){{0,{MAX_PARALLEL_CALLS - 1}}}" if several else first
+        parts = [
+            writer.mark(fmt.outer[0]) if fmt.outer[0] and not opened else "",
+            json.dumps(fmt.list_start) if fmt.list_start else "",
+            sequence,
+            json.dumps(fmt.list_end) if fmt.list_end else "",
+            writer.mark(fmt.outer[1]) if fmt.outer[1] else "",
+        ]
+        # A newline may end the calls: models often write one before end-of-sequence.
+        trailing = ' "\\n"?' if fmt.separator == "\n" else ""
+        return " ".join(part for part in parts if part) + trailing
+
+    def _reasoning(self) -> str:
+        """The model's thinking before a forced answer: optional, or required when the prompt opened it."""
+        reasoning = self.constraint.reasoning
+        if reasoning is None:
+            return ""
+        end = self.writer.mark(reasoning.end)
+        thought = self._thought((reasoning.end,))
+        space = self.writer.lexeme("/[ \\t\\r\\n]{0,8}/", self.rules)  # bounded: a random model may loop on it
+        if reasoning.starts_inside:
+            return f"{thought} {end} {space}"
+        return f"({self.writer.mark(reasoning.start)} {thought} {end} {space})?"
+
+    def _thought(self, ends: Sequence[str]) -> str:
+        """Reasoning before a forced answer; within ``reasoning_budget`` tokens when set, so the answer comes.
+
+        A bounded thought is text only (llguidance bounds terminals, not
+        special tokens), which is what thinking is.
+        """
+        budget = self.constraint.reasoning_budget
+        if budget is None:
+            return self._free(excluded_texts=ends, excluded_tokens=ends, name="thought")
+        texts = [marker for marker in ends if not self.writer.is_token(marker)]
+        return self.writer.lexeme(text_without(texts), self.rules, max_tokens=max(budget, 1))
+
+    def _free(self, excluded_texts: Sequence[str] = (), excluded_tokens: Sequence[str] = (), name: str = "") -> str:
+        """Any output without these markers: text, and every special token but them and end-of-sequence.
+
+        A marker that is one special token is excluded by id; one that is text, by the text lexeme.
+        """
+        writer = self.writer
+        texts = [marker for marker in excluded_texts if not writer.is_token(marker)]
+        blocked = {writer.token_id(marker) for marker in (*excluded_texts, *excluded_tokens)} - {None}
+        blocked |= set(self.constraint.eos)
+        text = writer.lexeme(text_without(texts, non_empty=True), self.rules)
+        specials = sorted(token for token in writer.special_ids() if token not in blocked)
+        rule = f"{name or 'free'}_{len(self.rules)}"
+        alternatives = [text] + ([f"<[{','.join(map(str, specials))}]>"] if specials else [])
+        self.rules.append(f"{rule}: ({' | '.join(alternatives)})*")
+        return rule
+
+    def _lazy_calls(self) -> str:
+        """Free output, calls wherever the model opens one (``auto``)."""
+        fmt, writer = self.format, self.writer
+        if fmt.bare_json:
+            return self._bare_json_or_text()
+        trigger = fmt.outer[0] or fmt.start
+        free = self._free(excluded_texts=(trigger,), name="free")
+        once = not self.constraint.parallel_calls  # then the output ends with its one call
+        if writer.is_token(trigger):
+            calls = self._calls(opened=False)
+            return f"{free} ({calls})?" if once else f"{free} ({calls} {free})*"
+        # A text trigger: a lazy rule that ends where the marker is written (llguidance's lazy lexemes),
+        # then the rest of the call.
+        anything = writer.lexeme("/(.|\\n)*/", self.rules)
+        opened = f"opened_{len(self.rules)}"
+        self.rules.append(f"{opened}[lazy]: {anything} {json.dumps(trigger)}")
+        calls = self._calls(opened=True)
+        return f"({opened} {calls} | {free})" if once else f"({opened} {calls})* {free}?"
+
+    def _bare_json_or_text(self) -> str:
+        """Llama 3.1 under ``auto``: a bare JSON call (after ``<|python_tag|>`` if it writes one), or text."""
+        text = self.writer.lexeme("/[^{\\[ \\t\\r\\n](.|\\n)*/", self.rules)
+        tag = self.format.start
+        opening = f"{self.writer.mark(tag)}? " if tag and self.writer.is_token(tag) else ""
+        return f"({opening}{self._calls(opened=False)} | {text})?"
+
+    # -- gpt-oss -------------------------------------------------------------------------------
+
+    def harmony(self) -> str:
+        """Harmony: reasoning on the analysis channel, then a call on commentary or the answer on final."""
+        writer, constraint = self.writer, self.constraint
+        channel, message, end, start = (writer.mark(marker) for marker in
+                                        ("<|channel|>", "<|message|>", "<|end|>", "<|start|>"))  # fmt: skip
+        forced = constraint.tool_mode == "required" or constraint.json_schema is not None
+        if forced and constraint.reasoning_budget is not None:
+            analysis_text, analyses = self._thought(("<|end|>",)), "analysis?"
+        else:
+            analysis_text, analyses = self._free(excluded_tokens=("<|end|>",), name="analysis"), "analysis*"
+        self.rules.append(f'analysis: {channel} "analysis" {message} {analysis_text} {end} {start} "assistant"')
+        answer_text = self._free(excluded_tokens=("<|end|>",), name="answer")
+        endings = []
+        if self.calling:
+            endings.append(self._call(opened=False))
+        if constraint.json_schema is not None and constraint.tool_mode != "required":
+            endings.append(f'{channel} "final" {message} {writer.json(constraint.json_schema)}')
+        elif constraint.tool_mode != "required":
+            endings.append(f'{channel} "final" {message} {answer_text}')
+        return self._finish(f"{analyses} ({' | '.join(endings)})")

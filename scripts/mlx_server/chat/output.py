@@ -3,9 +3,11 @@
 A reasoning model writes its thinking between markers (``<think>`` …
 ``</think>``, or the pair mlx-lm finds in its vocabulary); some chat templates
 open the thinking block in the prompt, so the output starts inside it.
-Thinking becomes reasoning pieces; what follows goes through the tool-call
-extractor (when the request offered tools) and comes out as content and
-whole calls.  Nothing here knows a wire format.
+gpt-oss writes in harmony channels instead: ``analysis`` is its thinking,
+``final`` its answer, and the channel headers are not content.  Thinking
+becomes reasoning pieces; what follows goes through the tool-call extractor
+(when the request offered tools) and comes out as content and whole calls.
+Nothing here knows a wire format.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
+from mlx_server.chat.call_formats import HARMONY, detect_tool_call_format
 from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
 
-__all__ = ["OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
+__all__ = ["HARMONY_REASONING", "OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
 
 REASONING = "reasoning"
 NORMAL = "normal"
@@ -34,19 +37,35 @@ OutputPiece = Union[ContentPiece, CallPiece, ReasoningPiece]
 
 @dataclass(frozen=True)
 class ReasoningSyntax:
-    """How a model marks its thinking, and whether its prompt already opened a thinking block."""
+    """How a model marks its thinking, whether its prompt already opened a thinking block, and markers to drop."""
 
     start: str
     end: str
     starts_inside: bool = False
+    skipped: tuple[str, ...] = ()  # markers that are neither reasoning nor content (harmony's channel headers)
+
+
+HARMONY_REASONING = ReasoningSyntax(
+    "<|channel|>analysis<|message|>",
+    "<|end|>",
+    skipped=(
+        "<|start|>assistant",
+        "<|channel|>final<|message|>",
+        "<|channel|>commentary<|message|>",
+        "<|end|>",
+        "<|return|>",
+    ),
+)
 
 
 def reasoning_syntax(tokenizer: Any, prompt: Sequence[int]) -> ReasoningSyntax | None:
-    """The thinking markers mlx-lm found for this tokenizer (None: not a reasoning model).
+    """The thinking markers mlx-lm found for this tokenizer, or harmony's channels (None: not a reasoning model).
 
     The output starts inside a thinking block when the prompt's last start
     marker comes after its last end marker (Qwen3-style generation prompts).
     """
+    if detect_tool_call_format(tokenizer) is HARMONY:
+        return HARMONY_REASONING
     if not getattr(tokenizer, "has_thinking", False):
         return None
     last_start = tokenizer.rfind_think_start(list(prompt))
@@ -60,9 +79,11 @@ class OutputParser:
     def __init__(self, reasoning: ReasoningSyntax | None, tool_calling: ToolCalling | None) -> None:
         self._machine: TextStateMachine | None = None
         if reasoning is not None:
-            machine = TextStateMachine({NORMAL: [(reasoning.start, REASONING)], REASONING: [(reasoning.end, NORMAL)]})
+            normal = [(reasoning.start, REASONING), *((marker, NORMAL) for marker in reasoning.skipped)]
+            machine = TextStateMachine({NORMAL: normal, REASONING: [(reasoning.end, NORMAL)]})
             self._machine = machine
             self._state = machine.make_state(REASONING if reasoning.starts_inside else NORMAL)
+        self._after_reasoning = False  # the whitespace templates put after the thinking is not content
         self._calls: ToolCallExtractor | None = tool_calling.extractor() if tool_calling is not None else None
 
     @property
@@ -97,8 +118,12 @@ class OutputParser:
                 continue
             if state_name == REASONING:
                 pieces.append(ReasoningPiece(text))
-            else:
-                pieces += self._content(text)
+                self._after_reasoning = True
+                continue
+            if self._after_reasoning:
+                text = text.lstrip()
+                self._after_reasoning = not text
+            pieces += self._content(text)
         return pieces
 
     def _content(self, text: str) -> list[OutputPiece]:

@@ -10,6 +10,7 @@ cache can keep a checkpoint there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -89,10 +90,16 @@ def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt's tokens, where its stable prefix ends, and the messages and tools it was rendered from."""
+    """A prompt's tokens and the messages and tools it was rendered from, with what the prompt cache needs.
+
+    ``stable_prefix`` ends the system prompt and tools; ``turn_start`` ends
+    the history, before the generation prompt (see ``GenerationRequest``).
+    """
 
     tokens: list[int]
     stable_prefix: int = 0
+    turn_start: int = 0
+    after_user: bool = False
     messages: tuple[Message, ...] = ()
     tools: tuple[Tool, ...] = ()
 
@@ -102,7 +109,26 @@ def render_chat_prompt(
 ) -> RenderedPrompt:
     """The prompt for a conversation, with what the prompt cache needs to know about it."""
     tokens, stable_prefix = render_prompt_with_prefix(tokenizer, messages, tools)
-    return RenderedPrompt(tokens, stable_prefix, tuple(messages), tuple(tools))
+    opening = generation_prompt(tokenizer)
+    turn_start = 0
+    if tokens[len(tokens) - len(opening) :] == list(opening):
+        turn_start = len(tokens) - max(1, len(opening))
+    after_user = bool(messages) and messages[-1].role == "user"
+    return RenderedPrompt(tokens, stable_prefix, turn_start, after_user, tuple(messages), tuple(tools))
+
+
+@functools.lru_cache(maxsize=8)
+def generation_prompt(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``), found once.
+
+    Empty when the template opens the turn whether asked or not (the history then ends with the opening).
+    """
+    probe = [{"role": "user", "content": "probe"}]
+    try:
+        closed, opened = _render(tokenizer, probe, False), _render(tokenizer, probe, True)
+    except (TemplateError, ValueError):
+        return ()
+    return tuple(opened[len(closed) :]) if opened[: len(closed)] == closed else ()
 
 
 def render_prompt(tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:

@@ -12,12 +12,14 @@ integration guide shows.  Dialects only translate a ``ChatRequest`` in and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mlx_server.chat.answer_cache import AnswerCache, CachedAnswer
+from mlx_server.chat.call_formats import HERMES, ToolCallFormat, detect_tool_call_format, grammar_writer
 from mlx_server.chat.diagnostics import CacheDiagnostics, MissExplanation
 from mlx_server.chat.events import (
     ChatEvent,
@@ -32,12 +34,12 @@ from mlx_server.chat.events import (
     Usage,
 )
 from mlx_server.chat.failures import report_failure
-from mlx_server.chat.grammars import OutputConstraint, build_grammar
-from mlx_server.chat.output import OutputParser, ReasoningPiece, reasoning_syntax
+from mlx_server.chat.grammars import OutputConstraint, ReasoningMarkers, build_grammar
+from mlx_server.chat.output import HARMONY_REASONING, OutputParser, ReasoningPiece, ReasoningSyntax, reasoning_syntax
 from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header, render_chat_prompt
 from mlx_server.chat.request import ChatRequest
-from mlx_server.chat.tool_parsing import HERMES, CallPiece, ToolCallFormat, ToolCalling, detect_tool_call_format
-from mlx_server.chat.tool_prompts import template_tool_support
+from mlx_server.chat.tool_parsing import CallPiece, ToolCalling
+from mlx_server.chat.tool_prompts import template_tool, template_tool_support
 from mlx_server.vocabulary import (
     CacheLookup,
     ContextOverflowError,
@@ -56,6 +58,8 @@ from mlx_server.vocabulary import (
     ServerError,
 )
 from utils_logging import PerformanceTimer, debug
+
+THINKING_SHARE_BEFORE_A_FORCED_ANSWER = 0.5  # of max_tokens: the rest is room for the call or JSON
 
 __all__ = ["ChatRun", "ChatService", "ServiceOptions"]
 
@@ -116,8 +120,10 @@ class ChatService:
                 debug(3, "Chat request", trace)
             timer.checkpoint("request_parsed")
             prompt = self._render(request)
-            grammar, tool_calling = self._output_rules(request)
-            settings = self._sampling_settings(request, len(prompt.tokens), grammar)
+            reasoning = reasoning_syntax(self.tokenizer, prompt.tokens)
+            settings = self._sampling_settings(request, len(prompt.tokens))
+            grammar, tool_calling = self._output_rules(request, reasoning, settings.max_tokens)
+            settings = dataclasses.replace(settings, grammar=grammar)
             answer_key, cached = self._look_up_answer(prompt.tokens, settings)
             timer.checkpoint("cache_check")
             debug(
@@ -134,11 +140,13 @@ class ChatService:
         except BaseException as error:
             timer.stop(error)
             raise
-        parser = OutputParser(reasoning_syntax(self.tokenizer, prompt.tokens), tool_calling)
+        parser = OutputParser(reasoning, tool_calling)
         generation = GenerationRequest(
             prompt.tokens,
             settings,
             stable_prefix=prompt.stable_prefix,
+            turn_start=prompt.turn_start,
+            after_user=prompt.after_user,
             lane=request.lane,
             timeout=self.options.request_timeout or None,
             keepalive=self.options.keepalive_interval,
@@ -176,28 +184,45 @@ class ChatService:
             text = fill_in_the_middle(self.tokenizer, text, request.suffix)
         return [int(token) for token in self.tokenizer.encode(text)]
 
-    def _output_rules(self, request: ChatRequest) -> tuple[str | None, ToolCalling | None]:
-        """The grammar the output must follow (None: free) and how to find tool calls in it (None: do not look)."""
+    def _output_rules(
+        self, request: ChatRequest, reasoning: ReasoningSyntax | None, max_tokens: int
+    ) -> tuple[str | None, ToolCalling | None]:
+        """The grammar the output must follow (None: free) and how to find tool calls in it (None: do not look).
+
+        Calls are written in the model's own format when its template renders
+        tools (the model was trained on it), in the Hermes form that the
+        injected tool block asks for otherwise.  Thinking before a forced call
+        or JSON answer gets at most half of ``max_tokens``, so that the answer
+        always has room.
+        """
         mode = request.tool_mode
         call_format = HERMES
         if request.tools and template_tool_support(self.tokenizer).tools:
             call_format = detect_tool_call_format(self.tokenizer)
         markers = _call_marker_stems(call_format) if request.tools and mode == "none" else ()
+        thinking = None
+        if reasoning is not None and reasoning is not HARMONY_REASONING:
+            thinking = ReasoningMarkers(reasoning.start, reasoning.end, reasoning.starts_inside)
         constraint = OutputConstraint(
             tools=request.tools,
             tool_mode=mode,
             forced_function=request.tool_choice.name,
             parallel_calls=request.parallel_tool_calls,
             json_schema=request.json_schema,
+            call_format=call_format,
+            reasoning=thinking,
             forbidden_markers=tuple(marker for marker in markers if marker),
+            eos=tuple(sorted(self.tokenizer.eos_token_ids)),
+            reasoning_budget=int(max_tokens * THINKING_SHARE_BEFORE_A_FORCED_ANSWER),
         )
-        grammar = build_grammar(constraint, request.tool_params, request.schema_param)
+        grammar = build_grammar(constraint, grammar_writer(self.tokenizer), request.tool_params, request.schema_param)
         if not request.tools:
             return grammar, None
         tools = tuple((tool.name, tool.kind) for tool in request.tools)
-        return grammar, ToolCalling(call_format, tools, request.parallel_tool_calls, emit=mode != "none")
+        schemas = tuple(template_tool(tool) for tool in request.tools)
+        return grammar, ToolCalling(call_format, tools, request.parallel_tool_calls, mode != "none", schemas)
 
-    def _sampling_settings(self, request: ChatRequest, prompt_length: int, grammar: str | None) -> SamplingSettings:
+    def _sampling_settings(self, request: ChatRequest, prompt_length: int) -> SamplingSettings:
         """Lengths checked against the context, defaults filled in.
 
         A completion limit is a ceiling: generation stops where the context
@@ -231,7 +256,6 @@ class ChatService:
             frequency_penalty=sampling.frequency_penalty,
             seed=sampling.seed,
             stop=sampling.stop,
-            grammar=grammar,
         )
 
     def _look_up_answer(self, prompt: list[int], settings: SamplingSettings) -> tuple[str | None, CachedAnswer | None]:

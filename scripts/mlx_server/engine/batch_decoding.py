@@ -11,9 +11,10 @@ this module adds:
   ``all_tokens`` at insert) and its KV state is stored back when it ends, by
   the generator (``prompt_cache`` of a finished response) or extracted when
   this module removes it;
-* a checkpoint at the stable prefix: the prompt is inserted as two segments,
-  and the state at the end of the first is pinned (mlx-lm's server does the
-  same);
+* KV state kept on the way: the prompt is inserted in segments that pause
+  at the stable prefix (a checkpoint, as mlx-lm's server keeps) and, for a
+  cache that cannot step back, at the end of the history (the snapshot the
+  next turn resumes from);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
   deadlines checked at every step, stats and delivery (``sequence.ActiveSequence``).
@@ -64,7 +65,7 @@ class BatchDecoder:
         self._prefill_step = prefill_step
         self._prefill_batch = min(prefill_batch, max_batch)
         self._sequences: dict[int, ActiveSequence] = {}
-        self._checkpoints: dict[int, int] = {}  # uid -> where its prefill pauses for a checkpoint
+        self._pauses: dict[int, list[int]] = {}  # uid -> where its prefill still pauses to keep KV state
 
     @property
     def active(self) -> int:
@@ -75,7 +76,7 @@ class BatchDecoder:
 
     def pending_prefixes(self) -> set[str]:
         """The stable prefixes whose checkpoints the batch is prefilling now."""
-        return {key for uid in self._checkpoints if (key := self._sequences[uid].job.prefix_key) is not None}
+        return {key for uid in self._pauses if (key := self._sequences[uid].job.prefix_key) is not None}
 
     def kv_bytes(self) -> int:
         """What the active sequences' batch caches hold now."""
@@ -89,14 +90,15 @@ class BatchDecoder:
             return
         settings = job.settings
         try:
-            grammar = GrammarProcessor(self._grammar_tokenizer.get(), settings.grammar) if settings.grammar else None
+            grammar = GrammarProcessor(self._grammar_tokenizer, settings.grammar) if settings.grammar else None
         except GrammarError as error:
             sequence.fail(error)
             return
         lease = sequence.lease()
-        pause = sequence.checkpoint_at(lease)
+        pauses = sequence.pause_points(lease)
         start, prompt = lease.cached_tokens, job.prompt
-        segments = [prompt[start:pause], prompt[pause:]] if pause else [prompt[start:]]
+        bounds = [start, *pauses, len(prompt)]
+        segments = [prompt[begin:end] for begin, end in zip(bounds, bounds[1:])]
         processors = logits_processors(
             settings.repetition_penalty, settings.presence_penalty, settings.frequency_penalty, grammar
         )
@@ -110,18 +112,21 @@ class BatchDecoder:
             stop_sequences=[self._stops],
         )
         self._sequences[uid] = sequence
-        if pause:
-            self._checkpoints[uid] = pause
+        if pauses:
+            self._pauses[uid] = pauses
 
     def step(self) -> int:
         """One decode step for the batch and one prefill chunk; returns the tokens generated."""
         self._generator.prefill_batch_size = self._prompts_this_step()
         prompt_responses, generation_responses = self._generator.next()
         for response in prompt_responses:
-            if response.uid in self._checkpoints and response.end_of_segment and not response.end_of_prompt:
-                del self._checkpoints[response.uid]
+            pauses = self._pauses.get(response.uid)
+            if pauses and response.end_of_segment and not response.end_of_prompt:
+                pauses.pop(0)
+                if not pauses:
+                    del self._pauses[response.uid]
                 for cache, tokens in self._generator.extract_cache([response.uid]).values():
-                    self._sequences[response.uid].keep_checkpoint(cache, list(tokens))
+                    self._sequences[response.uid].keep_state(cache, list(tokens))
         leaving: list[tuple[int, str]] = []
         for response in generation_responses:
             sequence = self._sequences.get(response.uid)
@@ -130,7 +135,7 @@ class BatchDecoder:
             sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
             if response.finish_reason is not None:
                 self._sequences.pop(response.uid)
-                self._checkpoints.pop(response.uid, None)
+                self._pauses.pop(response.uid, None)
                 sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
             elif sequence.stop_text.matched is not None or sequence.job.end_requested.is_set():
                 leaving.append((response.uid, "stop"))
@@ -177,7 +182,7 @@ class BatchDecoder:
         caches = self._generator.remove([uid for uid, _ in leaving], return_prompt_caches=True)
         for uid, reason in leaving:
             sequence = self._sequences.pop(uid)
-            self._checkpoints.pop(uid, None)
+            self._pauses.pop(uid, None)
             cache, tokens = caches.get(uid, (None, None))
             sequence.finish(reason, cache, list(tokens) if tokens is not None else None)
 
@@ -187,7 +192,7 @@ class BatchDecoder:
         for sequence in self._sequences.values():
             sequence.fail(error)
         self._sequences.clear()
-        self._checkpoints.clear()
+        self._pauses.clear()
 
     def close(self) -> None:
         self._generator.close()

@@ -33,6 +33,7 @@ class GrammarTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._built: llguidance.LLTokenizer | None = None
+        self.special_ids: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, dtype=np.int64)
         self.unavailable: str | None = None
         self._lock = threading.Lock()
 
@@ -44,6 +45,11 @@ class GrammarTokenizer:
                 try:
                     eos = sorted(self._tokenizer.eos_token_ids)
                     self._built = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos)
+                    added = getattr(hf_tokenizer, "added_tokens_decoder", {}) or {}
+                    self.special_ids = np.array(
+                        sorted(i for i in added if i < self._built.vocab_size and self._built.is_special_token(i)),
+                        dtype=np.int64,
+                    )
                     logger.info("Constrained decoding ready (llguidance, %d tokens)", self._built.vocab_size)
                 except (ValueError, TypeError, AttributeError) as error:
                     self.unavailable = (
@@ -63,10 +69,13 @@ class GrammarProcessor:
     which the matcher consumes before computing the next mask.
     """
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
+    def __init__(self, vocabulary: GrammarTokenizer, grammar: str) -> None:
+        tokenizer = vocabulary.get()
         self.matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
             raise GrammarError("response_format", self.matcher.get_error())
+        self._tokenizer = tokenizer
+        self._special = vocabulary.special_ids
         self._eos = frozenset(tokenizer.eos_tokens)
         self._started = False
         self._ended = False
@@ -92,4 +101,16 @@ class GrammarProcessor:
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         if bits.size < vocabulary:  # the model's output layer may be padded past the vocabulary
             bits = np.concatenate([bits, np.zeros(vocabulary - bits.size, dtype=np.uint8)])
-        return bits[:vocabulary].astype(np.bool_)
+        allowed = bits[:vocabulary].astype(np.bool_)
+        # llguidance's mask can let a special token through where the grammar forces its text (inside a
+        # JSON string: "</tool_call>" in an argument), then refuses the token; ask the matcher itself.
+        refused = [int(token) for token in self._special[allowed[self._special]]
+                   if token not in self._eos and self.matcher.validate_tokens([int(token)]) != 1]  # fmt: skip
+        if refused:
+            allowed[refused] = False
+            if not allowed.any():  # the forced text was all the mask offered: write it as text tokens
+                forced = self.matcher.compute_ff_bytes().decode("utf-8", errors="ignore")
+                first = self._tokenizer.greedy_tokenize(forced)[:1]
+                if first and self.matcher.validate_tokens(first) == 1:
+                    allowed[first[0]] = True
+        return allowed

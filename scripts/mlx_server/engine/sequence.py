@@ -20,7 +20,8 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.engine.prompt_cache import MIN_REUSED_TOKENS, CacheLease, KVPromptCache, token_digest
+from mlx_server.engine.cache_entries import MIN_REUSED_TOKENS, token_digest
+from mlx_server.engine.prompt_cache import CacheLease, KVPromptCache
 from mlx_server.vocabulary import (
     EngineEvent,
     GeneratedText,
@@ -131,6 +132,7 @@ class ActiveSequence:
         self.stop_text = StopText(job.settings.stop)
         self.generated: list[int] = []
         self.finished = False
+        self.turn = 0  # this request's turn in its session's conversation, from its cache lease
 
     @property
     def use_cache(self) -> bool:
@@ -147,28 +149,46 @@ class ActiveSequence:
         if lease is None:
             lease = CacheLease(self._prompt_cache.new_cache(), 0, "off")
         self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
+        self.turn = lease.turn
         self.job.deliver(PromptAdmitted(lease.lookup(request.lane), self.job.end_requested.set))
         return lease
 
-    def checkpoint_at(self, lease: CacheLease) -> int:
-        """Where the prefill should pause to pin a checkpoint (0: nowhere).
+    def pause_points(self, lease: CacheLease) -> list[int]:
+        """Where the prefill pauses to keep KV state: the stable prefix, and the end of the history.
 
-        A lease that already covers the stable prefix (system prompt and
-        tools) is snapshotted at once; otherwise the prefill stops there.
+        The stable prefix (system prompt and tools) becomes a checkpoint every
+        conversation shares; a lease that already covers it is copied at once.
+        For a cache that cannot step back, the end of the history becomes the
+        snapshot the next turn resumes from.
         """
-        prefix = self.job.stable_prefix
-        if not self.use_cache or prefix < MIN_REUSED_TOKENS:
-            return 0
-        if self._prompt_cache.has_checkpoint(self.job.prompt[:prefix]):
-            return 0
-        if lease.cached_tokens >= prefix:
-            self._prompt_cache.add_checkpoint(lease.cache, self.job.prompt[:prefix])
-            return 0
-        return prefix
+        if not self.use_cache:
+            return []
+        request, prompt = self.job.request, self.job.prompt
+        points = []
+        prefix = request.stable_prefix
+        if prefix >= MIN_REUSED_TOKENS and not self._prompt_cache.has_checkpoint(prompt[:prefix]):
+            if lease.cached_tokens < prefix:
+                points.append(prefix)
+            elif lease.cached_tokens == prefix or self._prompt_cache.trimmable:
+                self._prompt_cache.add_checkpoint(lease.cache, prompt[:prefix])
+        end = request.turn_start
+        if (
+            self._prompt_cache.needs_snapshots
+            and lease.cached_tokens < end < len(prompt)
+            and end >= MIN_REUSED_TOKENS
+            and not self._prompt_cache.has_snapshot(prompt[:end])
+        ):
+            points.append(end)
+        return sorted(set(points))
 
-    def keep_checkpoint(self, cache: list[Any], tokens: list[int]) -> None:
-        """A snapshot taken at the stable prefix (the cache is this sequence's own copy)."""
-        if len(tokens) == self.job.stable_prefix:
+    def keep_state(self, cache: list[Any], tokens: list[int]) -> None:
+        """KV state taken at a pause point (the cache is this sequence's own copy): a checkpoint or a snapshot."""
+        request = self.job.request
+        if len(tokens) == request.turn_start and self._prompt_cache.needs_snapshots:
+            if len(tokens) == request.stable_prefix:
+                self._prompt_cache.add_checkpoint(cache, tokens)  # a copy: the snapshot keeps this one
+            self._prompt_cache.add_snapshot(cache, tokens, request.lane, request.after_user, self.turn)
+        elif len(tokens) == request.stable_prefix:
             self._prompt_cache.add_checkpoint(cache, tokens, copy=False)
 
     def token(self, token: int, end_of_sequence: bool) -> None:
@@ -200,7 +220,7 @@ class ActiveSequence:
                 if held:
                     self.job.deliver(GeneratedText(held))
         if self.use_cache and cache is not None and tokens is not None:
-            self._prompt_cache.release(cache, tokens, len(self.job.prompt), self.job.request.lane)
+            self._prompt_cache.release(cache, tokens, len(self.job.prompt), self.job.request.lane, self.turn)
         self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
         self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
         self.job.deliver(GenerationFinished(self.stats))

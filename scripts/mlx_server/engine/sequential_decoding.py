@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import KVCache
 
+from mlx_server.engine.cache_entries import copy_prefix
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
@@ -94,18 +95,18 @@ class SequentialDecoder:
             return 0
         settings = job.settings
         try:
-            grammar = GrammarProcessor(self._grammar_tokenizer.get(), settings.grammar) if settings.grammar else None
+            grammar = GrammarProcessor(self._grammar_tokenizer, settings.grammar) if settings.grammar else None
         except GrammarError as error:
             sequence.fail(error)
             return 0
         lease = sequence.lease()
         cache = self._quantized(lease.cache)
         start = lease.cached_tokens
-        pause = sequence.checkpoint_at(lease)
-        if pause:
+        for pause in sequence.pause_points(lease):
             start += self._prefill(cache, job.prompt[start:pause], job.should_stop)
-            if start == pause:
-                self._prompt_cache.add_checkpoint(cache, job.prompt[:pause])
+            if start != pause:
+                break
+            sequence.keep_state(copy_prefix(cache, pause), job.prompt[:pause])
         if job.should_stop():
             sequence.finish(job.stop_reason(), cache, job.prompt[:start])
             return 0

@@ -16,10 +16,13 @@ from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_reduce
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
+from mlx_server.machine import physical_memory_bytes
 from mlx_server.model.default_model import find_default_model
 from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
+from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
 
 __all__ = ["LoadedModel", "ModelLoadError", "export_mlx_model", "load_model"]
 
@@ -106,6 +109,7 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
     except ValueError as error:
         raise ModelLoadError(f"{reference}: {error}") from error
     context_length = int(config.get("max_position_embeddings") or config.get("max_seq_len") or 4096)
+    weight_format = _runnable_on_this_device(model, reference)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -116,7 +120,26 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
         quantized="quantization" in config,
         config=config,
         identity=identity,
+        weight_format=weight_format,
     )
+
+
+def _runnable_on_this_device(model: nn.Module, reference: str) -> str:
+    """A half-precision MoE model on a CPU is cast to float32 when it fits, else refused; returns what was done."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        return "as saved"
+    experts = [module for _, module in model.named_modules() if type(module).__name__ == "SwitchLinear"]
+    half = {str(module.weight.dtype) for module in experts if module.weight.dtype in (mx.float16, mx.bfloat16)}
+    if not half:
+        return "as saved"
+    float32_bytes = 4 * int(tree_reduce(lambda total, parameter: total + parameter.size, model.parameters(), 0))
+    try:
+        chosen = moe_on_cpu(", ".join(sorted(half)).replace("mlx.core.", ""), float32_bytes, physical_memory_bytes())
+    except UnrunnableModelError as error:
+        raise ModelLoadError(f"{reference}: {error}") from error
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return chosen.reason
 
 
 def _load_hub_repo(repo_id: str) -> LoadedModel:

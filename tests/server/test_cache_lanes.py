@@ -1,0 +1,159 @@
+"""Caches that cannot step back resume from snapshots, and sessions keep their conversations (no model).
+
+The synthetic caches are an mlx-lm ``KVCache`` (reads back which tokens it
+holds) beside an ``ArraysCache`` (a recurrent state: it cannot be trimmed),
+so an entry is reusable only by a prompt that extends all of it, as with
+Qwen3.5's linear attention or a wrapped sliding window.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import ArraysCache, KVCache
+
+from mlx_server.engine.cache_entries import CONVERSATION, SNAPSHOT, CacheEntry
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, eviction_order, superseded
+from mlx_server.engine.prompt_cache import KVPromptCache
+
+ENTRY_BYTES = 256 * 2 * 4 + 4  # a 256-token KV step of one float32 key and value, and the recurrent state
+
+
+def hybrid_cache() -> list[Any]:
+    return [KVCache(), ArraysCache(1)]
+
+
+def hybrid_state(tokens: list[int]) -> list[Any]:
+    cache = hybrid_cache()
+    data = mx.array(tokens, dtype=mx.float32).reshape(1, 1, len(tokens), 1)
+    cache[0].update_and_fetch(data, data)
+    cache[1][0] = mx.array([float(len(tokens))])
+    mx.eval([layer.state for layer in cache])
+    return cache
+
+
+def held(cache: list[Any]) -> list[int]:
+    keys = cache[0].keys[..., : cache[0].offset, :]
+    return [int(value) for value in np.array(keys).reshape(-1)]
+
+
+def tokens(base: int, count: int = 20) -> list[int]:
+    return [base + index for index in range(count)]
+
+
+def hybrid_prompt_cache(max_entries: int = 16, max_bytes: int = 2**30) -> KVPromptCache:
+    return KVPromptCache(hybrid_cache, "unit-hybrid", max_entries, max_bytes)
+
+
+class TestCachesThatCannotStepBack:
+    def test_they_need_snapshots(self) -> None:
+        assert hybrid_prompt_cache().needs_snapshots
+
+    def test_a_conversation_the_next_prompt_leaves_is_not_used(self) -> None:
+        """The reply re-rendered differently: the entry holds tokens the new prompt does not have, and no trim helps."""
+        cache = hybrid_prompt_cache()
+        history, reply = tokens(100, 30), [7, 7, 7]
+        cache.release(hybrid_state(history + reply), history + reply, len(history))
+        lease = cache.acquire([*history, 8, 8, 8, 1])
+        assert lease.source == "miss" and lease.cached_tokens == 0
+        assert lease.divergence is not None and lease.divergence.at_token == len(history)
+
+    def test_the_next_turn_resumes_from_the_snapshot_of_the_history(self) -> None:
+        cache = hybrid_prompt_cache()
+        history, reply = tokens(100, 30), [7, 7, 7]
+        cache.add_snapshot(hybrid_state(history), history, "session", after_user=True)
+        cache.release(hybrid_state(history + reply), history + reply, len(history) + 1, "session")
+        lease = cache.acquire([*history, 8, 8, 8, 1], "session")
+        assert lease.source == "snapshot" and lease.cached_tokens == len(history)
+        assert held(lease.cache) == history, "a copy of the snapshot, which stays for a retry"
+        assert cache.has_snapshot(history)
+
+    def test_a_prompt_that_extends_the_whole_entry_takes_it(self) -> None:
+        cache = hybrid_prompt_cache()
+        history = tokens(100, 30)
+        cache.release(hybrid_state(history), history, len(history))
+        lease = cache.acquire([*history, 1, 2])
+        assert lease.source == "extended" and lease.cached_tokens == len(history)
+
+    def test_a_checkpoint_is_never_taken_from_a_cache_past_it(self) -> None:
+        """A copy of an untrimmable cache holds all of it: it cannot stand for a shorter prefix."""
+        cache = hybrid_prompt_cache()
+        assert not cache.add_checkpoint(hybrid_state(tokens(100, 30)), tokens(100, 20))
+        assert cache.add_checkpoint(hybrid_state(tokens(100, 20)), tokens(100, 20))
+
+
+def entry(
+    token_list: list[int],
+    lane: str | None,
+    kind: str = CONVERSATION,
+    turn: int = 0,
+    after_user: bool = False,
+    age: float = 0.0,
+) -> CacheEntry:
+    made = CacheEntry(np.asarray(token_list), hybrid_cache(), 1000, kind, len(token_list), lane, turn, after_user)
+    made.last_used -= age
+    return made
+
+
+class TestSuperseding:
+    def test_a_sessions_newest_turn_replaces_its_older_turns(self) -> None:
+        older = entry(tokens(1, 20), "a", turn=1)
+        other_session = entry(tokens(1, 20), "b", turn=1)
+        side = entry(tokens(500, 20), "a")
+        newest = entry([*tokens(1, 20), 9, 9], "a", turn=2)
+        assert superseded(newest, [older, other_session, side]) == [older]
+
+    def test_a_reply_that_re_rendered_differently_is_still_an_older_turn(self) -> None:
+        """The old entry's prompt is a prefix of the new one, its generated tail is not."""
+        older = CacheEntry(np.asarray([*tokens(1, 20), 7, 7]), hybrid_cache(), 1000, CONVERSATION, 20, "a", 1)
+        newest = entry([*tokens(1, 20), 8, 8, 5], "a", turn=2)
+        assert superseded(newest, [older]) == [older]
+
+    def test_the_snapshot_after_the_users_message_stays_until_a_newer_one(self) -> None:
+        at_query = entry(tokens(1, 20), "a", SNAPSHOT, after_user=True)
+        after_tool = entry(tokens(1, 30), "a", SNAPSHOT)
+        assert superseded(after_tool, [at_query]) == []
+        later_tool = entry(tokens(1, 40), "a", SNAPSHOT)
+        assert superseded(later_tool, [at_query, after_tool]) == [after_tool]
+        next_query = entry(tokens(1, 50), "a", SNAPSHOT, after_user=True)
+        assert set(map(id, superseded(next_query, [at_query, later_tool]))) == {id(at_query), id(later_tool)}
+
+
+class TestEviction:
+    def order(self, entries: list[CacheEntry], active: dict[str, float], max_bytes: int = 10**9) -> list[CacheEntry]:
+        return eviction_order(entries, active, time.monotonic(), max_bytes)
+
+    def test_side_requests_go_before_the_sessions_conversation(self) -> None:
+        """A title or summary request in the same session is evicted first, even when it is the newest."""
+        main = entry(tokens(1, 2000), "a", turn=3, age=30)
+        title = entry(tokens(9000, 50), "a")
+        assert self.order([main, title], {"a": time.monotonic()}) == [title, main]
+
+    def test_idle_sessions_and_anonymous_requests_go_before_active_sessions(self) -> None:
+        now = time.monotonic()
+        active = entry(tokens(1, 100), "active", turn=2, age=100)
+        idle = entry(tokens(2000, 100), "idle", turn=5)
+        anonymous = entry(tokens(4000, 100), None)
+        lanes = {"active": now, "idle": now - LANE_IDLE_SECONDS - 1}
+        assert self.order([active, idle, anonymous], lanes) == [idle, anonymous, active]
+
+    def test_a_session_over_its_fair_share_goes_first(self) -> None:
+        now = time.monotonic()
+        greedy = [entry(tokens(index * 1000, 10), "greedy", SNAPSHOT, age=index) for index in range(3)]
+        modest = entry(tokens(9000, 10), "modest", turn=1, age=999)
+        order = self.order([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=4000)
+        assert order[-1] is modest
+
+    def test_under_pressure_the_cache_keeps_the_main_conversation(self) -> None:
+        """Through the cache itself: one session's side requests fill it; its conversation stays."""
+        cache = hybrid_prompt_cache(max_entries=3)
+        conversation = tokens(1, 40)
+        cache.release(hybrid_state(conversation), conversation, 40, "a", turn=2)
+        for base in (1000, 2000, 3000, 4000):
+            cache.release(hybrid_state(tokens(base)), tokens(base), 20, "a")
+        assert cache.acquire([*conversation, 1], "a").cached_tokens == 40
+        decisions = cache.describe_lanes()["recent_decisions"]
+        assert any(decision["decision"] == "evicted: a side request of its session" for decision in decisions)
