@@ -11,7 +11,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,15 @@ bench-cache: install
 
 bench-constrained: install
 	$(BIN)/python bench/bench_constrained.py
+
+bench-families: install model-tokenizers
+	$(BIN)/python bench/bench_families.py
+
+bench-sessions: install
+	$(BIN)/python bench/bench_sessions.py
+
+bench-speculative: install
+	$(BIN)/python bench/bench_speculative.py
 
 bench-claude-code: install
 	$(BIN)/python bench/bench_claude_code.py

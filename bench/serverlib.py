@@ -95,10 +95,10 @@ def stream_chat(client: httpx.Client, body: dict[str, Any]) -> StreamedReply:
     return reply
 
 
-def stream_messages(client: httpx.Client, body: dict[str, Any]) -> StreamedReply:
+def stream_messages(client: httpx.Client, body: dict[str, Any], headers: dict[str, str] | None = None) -> StreamedReply:
     """POST a streaming Anthropic messages request and time its events (usage from message_delta)."""
     reply = StreamedReply(started=time.perf_counter())
-    with client.stream("POST", "/v1/messages", json={**body, "stream": True}) as response:
+    with client.stream("POST", "/v1/messages", json={**body, "stream": True}, headers=headers) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):

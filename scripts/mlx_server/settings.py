@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_server.vocabulary import SPECULATIVE_MODES
+
 __all__ = ["ENV_PREFIX", "ApiKeys", "Option", "Settings", "build_parser", "parse_settings", "settings_table"]
 
 ENV_PREFIX = "MLX_SERVER_"
@@ -116,6 +118,12 @@ def _kv_bits(text: str) -> int:
     if value not in (4, 8):
         raise argparse.ArgumentTypeError(f"must be 4 or 8, got {value}")
     return value
+
+
+def _speculative(text: str) -> str:
+    if text not in SPECULATIVE_MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SPECULATIVE_MODES)}, got {text!r}")
+    return text
 
 
 # -- the declaration ---------------------------------------------------------------------------------
@@ -258,6 +266,15 @@ class Settings:
         parse=_kv_bits,
         metavar="{4,8}",
         default_text="off",
+    )
+    speculative: str = option(
+        "prompt-lookup",
+        "speculative decoding: prompt-lookup drafts the next tokens from the request's own context (code an agent "
+        "copies) and checks them in one pass; the output is unchanged. Used while one sequence decodes alone, on "
+        "caches that can step back",
+        group="batching and KV memory",
+        parse=_speculative,
+        metavar="{off,prompt-lookup}",
     )
     max_queue: int = option(
         64,

@@ -74,7 +74,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
         max_bytes=min(settings.prompt_cache_bytes or budget, budget),
         directory=settings.prompt_cache_dir,
     )
-    options = EngineOptions(settings.max_batch, settings.prefill_batch, budget, settings.kv_bits)
+    options = EngineOptions(settings.max_batch, settings.prefill_batch, budget, settings.kv_bits, settings.speculative)
     engine = GenerationEngine(loaded, prompt_cache, options)
     logger.info(
         "Batching: up to %d sequences, %d prompts prefilled together; KV budget %.1f GiB (%d bytes per token%s, "

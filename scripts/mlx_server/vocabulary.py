@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, Union
 __all__ = [
     "CUSTOM_TOOL",
     "FUNCTION_TOOL",
+    "SPECULATIVE_MODES",
     "CacheLookup",
     "ContextOverflowError",
     "Divergence",
@@ -51,6 +52,9 @@ __all__ = [
     "ToolGrammar",
     "UnsupportedOptionError",
 ]
+
+#: How the engine may speculate: off, or drafting from the request's own context (engine/speculation.py).
+SPECULATIVE_MODES = ("off", "prompt-lookup")
 
 Role = Literal["system", "user", "assistant", "tool"]
 FUNCTION_TOOL = "function"

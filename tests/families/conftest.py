@@ -44,7 +44,7 @@ def eager(request: pytest.FixtureRequest, model_directories: dict[str, Path]) ->
     loaded = load_model(str(model_directories[family]))
     biased_toward(loaded.model, loaded.tokenizer.convert_tokens_to_ids(CALL_OPENERS[family]))
     engine, client = serve(loaded, 32)
-    yield Served(family, loaded, engine, client, client)
+    yield Served(family, loaded, engine, client, client, client)
     engine.shutdown()
 
 
@@ -54,9 +54,10 @@ def served(request: pytest.FixtureRequest, model_directories: dict[str, Path]) -
     loaded = load_model(str(model_directories[family]))
     engine, client = serve(loaded, 32)
     uncached_engine, uncached = serve(loaded, 0)
-    yield Served(family, loaded, engine, client, uncached)
-    engine.shutdown()
-    uncached_engine.shutdown()
+    plain_engine, plain = serve(loaded, 32, speculative="off")
+    yield Served(family, loaded, engine, client, uncached, plain)
+    for running in (engine, uncached_engine, plain_engine):
+        running.shutdown()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

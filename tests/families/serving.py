@@ -32,13 +32,17 @@ class Served:
     loaded: LoadedModel
     engine: GenerationEngine
     client: TestClient
-    uncached: TestClient
+    uncached: TestClient  # no prompt cache
+    plain: TestClient  # no speculative decoding
 
 
-def serve(loaded: LoadedModel, prompt_cache_size: int) -> tuple[GenerationEngine, TestClient]:
+def serve(
+    loaded: LoadedModel, prompt_cache_size: int, speculative: str = "prompt-lookup"
+) -> tuple[GenerationEngine, TestClient]:
     """The application over ``loaded``, greedy by default; ``prompt_cache_size`` 0 turns the prompt cache off."""
     settings = Settings(default_temperature=0.0, response_cache_size=0, prompt_cache_size=prompt_cache_size)
     cache = KVPromptCache.for_model(loaded.model, loaded.identity, prompt_cache_size, KV_BUDGET)
-    engine = GenerationEngine(loaded, cache, EngineOptions(max_batch=8, prefill_batch=8, kv_budget_bytes=KV_BUDGET))
+    options = EngineOptions(max_batch=8, prefill_batch=8, kv_budget_bytes=KV_BUDGET, speculative=speculative)
+    engine = GenerationEngine(loaded, cache, options)
     state = ServerState(settings=settings, blas=BlasInfo("test", None, optimized=False), engine=engine)
     return engine, TestClient(create_app(state))

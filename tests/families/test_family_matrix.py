@@ -90,6 +90,15 @@ class TestGrowingConversation:
             assert current["choices"][0]["message"] == uncached["choices"][0]["message"]
 
 
+def test_speculative_decoding_changes_no_token(served: Served) -> None:
+    """Greedy output with prompt lookup equals output without it (random models repeat, so drafts are kept)."""
+    for prompt in ("Repeat after me: alpha beta gamma delta alpha beta gamma delta", "Tell me a story."):
+        messages = [{"role": "user", "content": prompt}]
+        speculated = chat(served.client, messages, max_tokens=48)
+        plain = chat(served.plain, messages, max_tokens=48)
+        assert speculated["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
 def test_concurrent_requests_batch_and_each_matches_its_own_run(served: Served) -> None:
     prompts = [[{"role": "user", "content": f"Item {index}: " + "describe it. " * (3 + index)}] for index in range(4)]
     alone = [chat(served.uncached, messages, max_tokens=6) for messages in prompts]

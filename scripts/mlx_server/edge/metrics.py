@@ -117,6 +117,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.drafted_tokens = Counter(
+            "mlx_server_speculative_drafted_tokens", "Tokens drafted by prompt lookup", registry=self.registry
+        )
+        self.accepted_tokens = Counter(
+            "mlx_server_speculative_accepted_tokens", "Drafted tokens the model kept", registry=self.registry
+        )
         self.queue_wait = Histogram(
             "mlx_server_queue_wait_seconds",
             "Time waiting for the model",
@@ -131,6 +137,8 @@ class Metrics:
         self.cached_tokens.inc(stats.cached_tokens)
         self.generated_tokens.inc(stats.completion_tokens)
         self.queue_wait.observe(stats.queue_ms / 1000)
+        self.drafted_tokens.inc(stats.drafted_tokens)
+        self.accepted_tokens.inc(stats.accepted_tokens)
         if stats.completion_tokens:
             self.time_to_first_token.observe((stats.queue_ms + stats.time_to_first_token_ms) / 1000)
         if stats.completion_tokens > 1 and stats.tokens_per_second > 0:

@@ -15,6 +15,7 @@ this module adds:
   at the stable prefix (a checkpoint, as mlx-lm's server keeps) and, for a
   cache that cannot step back, at the end of the history (the snapshot the
   next turn resumes from);
+* prompt-lookup speculation for a sequence decoding alone (``speculation``);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
   deadlines checked at every step, stats and delivery (``sequence.ActiveSequence``).
@@ -27,11 +28,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
+from mlx_server.engine.speculation import SpeculativeGenerationBatch
 from mlx_server.vocabulary import GrammarError
 
 __all__ = ["BatchDecoder"]
@@ -50,6 +53,7 @@ class BatchDecoder:
         max_batch: int,
         prefill_step: int,
         prefill_batch: int,
+        speculative: str = "off",
     ) -> None:
         self._tokenizer = loaded.tokenizer
         self._prompt_cache = prompt_cache
@@ -62,6 +66,9 @@ class BatchDecoder:
             prefill_step_size=prefill_step,
             stream=mx.default_stream(mx.default_device()),
         )
+        self._speculation: SpeculativeGenerationBatch | None = None
+        if speculative == "prompt-lookup":
+            self._speculation = SpeculativeGenerationBatch.install(self._generator, loaded.model, greedy_sampler)
         self._prefill_step = prefill_step
         self._prefill_batch = min(prefill_batch, max_batch)
         self._sequences: dict[int, ActiveSequence] = {}
@@ -130,12 +137,13 @@ class BatchDecoder:
         leaving: list[tuple[int, str]] = []
         for response in generation_responses:
             sequence = self._sequences.get(response.uid)
-            if sequence is None:
+            if sequence is None or (response.uid, "stop") in leaving:  # a speculative step's tokens past a stop
                 continue
             sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
             if response.finish_reason is not None:
                 self._sequences.pop(response.uid)
                 self._pauses.pop(response.uid, None)
+                self._count_speculation(response.uid, sequence)
                 sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
             elif sequence.stop_text.matched is not None or sequence.job.end_requested.is_set():
                 leaving.append((response.uid, "stop"))
@@ -183,8 +191,13 @@ class BatchDecoder:
         for uid, reason in leaving:
             sequence = self._sequences.pop(uid)
             self._pauses.pop(uid, None)
+            self._count_speculation(uid, sequence)
             cache, tokens = caches.get(uid, (None, None))
             sequence.finish(reason, cache, list(tokens) if tokens is not None else None)
+
+    def _count_speculation(self, uid: int, sequence: ActiveSequence) -> None:
+        if self._speculation is not None:
+            sequence.stats.drafted_tokens, sequence.stats.accepted_tokens = self._speculation.take_counts(uid)
 
     def fail_all(self, error: BaseException) -> None:
         """A step failed: every sequence gets the error, and the batch starts over empty."""

@@ -71,6 +71,7 @@ class EngineOptions:
     prefill_batch: int
     kv_budget_bytes: int
     kv_bits: int | None = None  # quantize the KV cache; requests then decode one at a time
+    speculative: str = "off"  # "prompt-lookup": draft from the context, verify in one pass (engine/speculation.py)
 
 
 class Decoder(Protocol):
@@ -139,6 +140,7 @@ class GenerationEngine:
         self._in_flight: Callable[[], int] | None = None
         self._steps = 0
         self._generated = 0
+        self._drafted = self._accepted = 0  # speculative decoding, over finished requests
         self._active_bytes = 0
         self._step_observers: list[Callable[[int], None]] = []
         self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
@@ -180,6 +182,8 @@ class GenerationEngine:
                 active_kv_bytes=self._active_bytes,
                 kv_budget_bytes=self.budget.total_bytes,
                 kv_bytes_per_token=self.budget.bytes_per_token,
+                drafted_tokens=self._drafted,
+                accepted_tokens=self._accepted,
             )
 
     def count_arrivals(self, in_flight: Callable[[], int]) -> None:
@@ -266,6 +270,10 @@ class GenerationEngine:
                     timer = loop.call_later(keepalive, events.put_nowait, KEEPALIVE)
                 if isinstance(event, BaseException):
                     raise event
+                if isinstance(event, GenerationFinished) and event.stats.drafted_tokens:
+                    with self._condition:
+                        self._drafted += event.stats.drafted_tokens
+                        self._accepted += event.stats.accepted_tokens
                 yield event
                 if isinstance(event, GenerationFinished):
                     break
@@ -333,7 +341,7 @@ class GenerationEngine:
             )
         return BatchDecoder(
             self.loaded, self.prompt_cache, self.grammar_tokenizer, self.max_batch, self._prefill_step,
-            self.options.prefill_batch,
+            self.options.prefill_batch, self.options.speculative,
         )  # fmt: skip
 
     def _bytes_per_token(self) -> int:

@@ -354,6 +354,11 @@ class KVPromptCache:
                 persisted_to=str(self._files.directory) if self._files else None,
             )
 
+    def entries(self) -> list[CacheEntry]:
+        """The entries, least recently used first (their caches are the cache's own: read, never change)."""
+        with self._lock:
+            return list(self._entries.values())
+
     def describe_entries(self) -> list[dict[str, Any]]:
         """Every entry, most recently used first: its kind, session, size and use."""
         now = time.monotonic()
