@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The real agent CLIs (Claude Code, Codex) at pinned versions, for the end-to-end tests; never used by the server.
+# The real agent CLIs (Claude Code, Codex, OpenCode) at pinned versions, for the end-to-end tests; never used by
+# the server. Not `npm ci`: OpenCode's binary comes in one optional package per platform, and a lock file written
+# on one machine lists only the platform packages its registry served; `npm install --no-save` keeps every version
+# the lock pins, adds this platform's binary, and leaves the lock file as it is.
 $(AGENT_CLIS_STAMP): $(AGENT_CLIS)/package.json $(AGENT_CLIS)/package-lock.json
 	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (apt-get install nodejs npm, or brew install node)"; exit 1; }
-	npm ci --prefix $(AGENT_CLIS) --no-audit --no-fund --loglevel=error
+	npm install --prefix $(AGENT_CLIS) --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
 agent-clis: $(AGENT_CLIS_STAMP)
