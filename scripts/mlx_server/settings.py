@@ -354,7 +354,7 @@ def _default_text(field: dataclasses.Field[Any]) -> str:
         return "off" if not default else "on"
     if isinstance(default, float):
         return f"{default:g}"
-    return str(default)
+    return "none" if default is None else str(default)
 
 
 def _is_switch(field: dataclasses.Field[Any]) -> bool:

@@ -60,6 +60,7 @@ def run(settings: Settings, logger: logging.Logger) -> int:
 
     import uvicorn
 
+    from mlx_server.agent_environment import ClaudeCodeEnvironment
     from mlx_server.chat.answer_cache import AnswerCache
     from mlx_server.edge.app import ServerState, create_app
     from mlx_server.engine.generation import EngineOptions, GenerationEngine
@@ -91,6 +92,8 @@ def run(settings: Settings, logger: logging.Logger) -> int:
             else "off"
         ),
     )
+    logger.info("%s, before this model's %d-token context is full", ClaudeCodeEnvironment(
+        engine.context_length).line(), engine.context_length)  # fmt: skip
     logger.info("Warm-up generation took %.0fms", engine.warm_up())
     if settings.warm_prompt is not None:
         warm_prompt_cache(engine, settings.warm_prompt, logger)

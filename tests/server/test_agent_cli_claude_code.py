@@ -45,9 +45,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("claude-workspace")
 
 
-def claude(server: RunningServer, workspace: Path, *arguments: str) -> dict[str, Any]:
+def claude(
+    server: RunningServer, workspace: Path, *arguments: str, environment: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``claude -p ... --output-format json --bare`` and return its result object (exit 0 required)."""
-    assert CLAUDE.exists(), f"{CLAUDE} is missing: make test installs it (npm ci --prefix tools/agent-clis)"
+    assert CLAUDE.exists(), f"{CLAUDE} is missing: make test installs it (make agent-clis)"
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(workspace / "home"),
@@ -57,6 +59,7 @@ def claude(server: RunningServer, workspace: Path, *arguments: str) -> dict[str,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "DISABLE_AUTOUPDATER": "1",
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": MAX_OUTPUT_TOKENS,
+        **(environment or {}),
     }
     (workspace / "home").mkdir(exist_ok=True)
     completed = subprocess.run(
@@ -70,7 +73,7 @@ def claude(server: RunningServer, workspace: Path, *arguments: str) -> dict[str,
         check=False,
     )
     assert completed.returncode == 0, f"claude exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
-    result: dict[str, Any] = json.loads(completed.stdout)
+    result: dict[str, Any] = json.loads(completed.stdout[completed.stdout.index("{") :])
     return result
 
 
@@ -97,3 +100,38 @@ def test_a_prompt_and_its_continuation(claude_server: RunningServer, workspace: 
     assert reported == sum(prompt_tokens_logged(claude_server.log_text())[served_before:])
     assert usage["cache_read_input_tokens"] >= 0.95 * reported
     assert "POST /v1/messages?beta=true" in claude_server.log_text()
+
+
+def test_the_start_up_lines_environment_is_what_claude_code_reads(
+    claude_server: RunningServer, workspace: Path
+) -> None:
+    """The window the start-up line gives is the one Claude Code then works with."""
+    line = re.search(r"Claude Code: start it with (.+?) so that it compacts at", claude_server.log_text())
+    assert line is not None
+    environment = dict(assignment.split("=", 1) for assignment in line.group(1).split())
+    result = claude(claude_server, workspace, "-p", "Say hi", environment=environment)
+    (usage,) = result["modelUsage"].values()
+    assert usage["contextWindow"] == int(environment["CLAUDE_CODE_MAX_CONTEXT_TOKENS"])
+
+
+def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(
+    claude_server: RunningServer, tmp_path: Path
+) -> None:
+    """With the start-up line's environment, Claude Code summarizes the conversation before the 8k window is full.
+
+    Each turn adds ~1k tokens; by the seventh the conversation would be past the default model's context.
+    """
+    line = re.search(r"Claude Code: start it with (.+?) so that it compacts at (\d+)", claude_server.log_text())
+    assert line is not None
+    environment = dict(assignment.split("=", 1) for assignment in line.group(1).split())
+    notes = " ".join(f"item{index} is a note about the design of the cache." for index in range(60))
+    log_before = len(claude_server.log_text())
+    for turn in range(7):
+        arguments = ["-p", f"Turn {turn}. Remember these notes: {notes}. Reply with OK."]
+        result = claude(claude_server, tmp_path, *arguments, *(["--continue"] if turn else []), environment=environment)
+        assert result["is_error"] is False, result
+    log = claude_server.log_text()[log_before:]
+    prompts = prompt_tokens_logged(log)
+    assert max(prompts) > int(line.group(2))  # it grew past the compaction point ...
+    assert any(later < earlier // 2 for earlier, later in zip(prompts, prompts[1:]))  # ... and was summarized
+    assert 'HTTP/1.1" 400' not in log  # never refused as too long

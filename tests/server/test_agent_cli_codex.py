@@ -52,7 +52,7 @@ def codex_home(tmp_path_factory: pytest.TempPathFactory, codex_server: RunningSe
 
 def codex(home: Path, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     """Run ``codex exec --json``; returns its events (exit 0 required)."""
-    assert CODEX.exists(), f"{CODEX} is missing: make test installs it (npm ci --prefix tools/agent-clis)"
+    assert CODEX.exists(), f"{CODEX} is missing: make test installs it (make agent-clis)"
     options = [*SHRINK, "-c", f"model_instructions_file={home / 'instructions.md'}"]
     completed = subprocess.run(
         [str(CODEX), "exec", "--json", "--skip-git-repo-check", *options, *arguments],

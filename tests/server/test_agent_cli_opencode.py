@@ -47,7 +47,7 @@ def opencode_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
 
 def opencode(server: RunningServer, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     """Run ``opencode run --format json``; returns its events (exit 0 required)."""
-    assert OPENCODE.exists(), f"{OPENCODE} is missing: make test installs it (npm ci --prefix tools/agent-clis)"
+    assert OPENCODE.exists(), f"{OPENCODE} is missing: make test installs it (make agent-clis)"
     config = {
         "provider": {
             "local": {

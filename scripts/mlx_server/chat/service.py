@@ -515,5 +515,10 @@ def _log_completion(stats: GenerationStats, finish_reason: str, streamed: bool, 
         stats.time_to_first_token_ms,
         stats.tokens_per_second,
         (f", {tool_calls} tool call{'s' if tool_calls != 1 else ''}" if tool_calls else "")
+        + (
+            f", speculative: {stats.accepted_tokens} of {stats.drafted_tokens} drafted tokens kept"
+            if stats.drafted_tokens
+            else ""
+        )
         + (", streamed" if streamed else ""),
     )
