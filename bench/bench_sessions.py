@@ -7,7 +7,8 @@ Workload, shaped like a Claude Code session on /v1/messages: a main
 conversation of 10 turns on a ~3k-token system prompt; between its turns,
 3 subagent conversations (their own ~1.5k-token prompts, 2 turns each) and 5
 side requests (a title, summaries: one-off, ~600 tokens).  The prompt cache
-is bounded to about three conversations' KV bytes, so something must go.
+is bounded to about three conversations' KV bytes (``--conversations``), so
+something must go.
 
 Run twice on the default model, one server each: with the session headers
 Claude Code sends (``X-Claude-Code-Session-Id``, and ``X-Claude-Code-Agent-Id``
@@ -25,9 +26,10 @@ is missed.
 from __future__ import annotations
 
 import argparse
+import json
+import socket
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,34 +111,35 @@ def session(client: httpx.Client, with_headers: bool) -> tuple[Conversation, lis
     return main, subagents
 
 
+def send_and_leave(url: str, body: dict[str, Any], after_seconds: float) -> None:
+    """POST a streaming request on a raw connection and close it after ``after_seconds``: a client giving up."""
+    address = httpx.URL(url)
+    payload = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST /v1/messages HTTP/1.1\r\nHost: {address.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((address.host, address.port or 80)) as connection:
+        connection.sendall(head + payload)
+        time.sleep(after_seconds)
+
+
 def cancelled_prefill(client: httpx.Client) -> tuple[float, float]:
-    """(cold TTFT, resend TTFT) in ms for a ~6k-token prompt, the first send cut at half its prefill."""
+    """(cold TTFT, resend TTFT) in ms for a ~6k-token prompt whose first send is cut at half its prefill."""
     cold = stream_messages(client, {"model": "local", "max_tokens": 4, "temperature": 0.0,
                                     "messages": [{"role": "user", "content": words("cold", 6000)}]})  # fmt: skip
     body = {"model": "local", "max_tokens": 4, "temperature": 0.0,
             "messages": [{"role": "user", "content": words("cancelled", 6000)}]}  # fmt: skip
-
-    def send_and_leave() -> None:
-        try:
-            with client.stream("POST", "/v1/messages", json={**body, "stream": True}) as response:
-                for _ in response.iter_lines():
-                    return  # the first event (message_start) comes after the prefill; we leave before
-        except httpx.HTTPError:
-            pass
-
-    leaving = threading.Thread(target=send_and_leave, daemon=True)
-    leaving.start()
-    leaving.join(timeout=cold.time_to_first_token_ms / 1000 / 2)
-    client.close()  # the disconnect the server sees
+    send_and_leave(str(client.base_url), body, cold.time_to_first_token_ms / 1000 / 2)
     time.sleep(1.0)
-    with httpx.Client(base_url=str(client.base_url), timeout=600) as again:
-        resend = stream_messages(again, body)
+    resend = stream_messages(client, body)
     return cold.time_to_first_token_ms, resend.time_to_first_token_ms
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
-    budget = CACHE_CONVERSATIONS * 4000 * BYTES_PER_TOKEN
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--conversations", type=float, default=CACHE_CONVERSATIONS,
+                        help="the prompt cache bound in conversations of 4,000 tokens (targets are for 3)")  # fmt: skip
+    conversations = parser.parse_args().conversations
+    budget = int(conversations * 4000 * BYTES_PER_TOKEN)
     arguments = ["--prompt-cache-bytes", str(budget), "--response-cache-size", "0"]
     results: dict[str, tuple[Conversation, list[Conversation]]] = {}
     resend: tuple[float, float] | None = None
@@ -144,8 +147,8 @@ def main() -> int:
         with our_server(ROOT, arguments) as url, httpx.Client(base_url=url, timeout=600) as client:
             results[label] = session(client, with_headers)
             if with_headers:
-                resend = cancelled_prefill(httpx.Client(base_url=url, timeout=600))
-    print(f"prompt cache bound: {budget / 2**20:.0f} MiB (about {CACHE_CONVERSATIONS} conversations)\n")
+                resend = cancelled_prefill(client)
+    print(f"prompt cache bound: {budget / 2**20:.0f} MiB (about {conversations:g} conversations)\n")
     print(f"{'':<26} {'main turns 2-10 cached share':<52} {'min':>5}  subagents' 2nd turns")
     for label, (main_conversation, subagents) in results.items():
         shares = " ".join(f"{share:.2f}" for share in main_conversation.shares[1:])

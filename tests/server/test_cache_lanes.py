@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-from mlx_server.engine.cache_entries import CONVERSATION, SNAPSHOT, CacheEntry
-from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, eviction_order, superseded
+from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, fair_share, superseded
 from mlx_server.engine.prompt_cache import KVPromptCache
 
 ENTRY_BYTES = 256 * 2 * 4 + 4  # a 256-token KV step of one float32 key and value, and the recurrent state
@@ -123,8 +123,10 @@ class TestSuperseding:
 
 
 class TestEviction:
-    def order(self, entries: list[CacheEntry], active: dict[str, float], max_bytes: int = 10**9) -> list[CacheEntry]:
-        return eviction_order(entries, active, time.monotonic(), max_bytes)
+    def order(
+        self, entries: list[CacheEntry], active: dict[str, float], max_bytes: int = 10**9, trimmable: bool = True
+    ) -> list[CacheEntry]:
+        return EvictionPolicy(entries, active, time.monotonic(), max_bytes, trimmable).order()
 
     def test_side_requests_go_before_the_sessions_conversation(self) -> None:
         """A title or summary request in the same session is evicted first, even when it is the newest."""
@@ -144,8 +146,46 @@ class TestEviction:
         now = time.monotonic()
         greedy = [entry(tokens(index * 1000, 10), "greedy", SNAPSHOT, age=index) for index in range(3)]
         modest = entry(tokens(9000, 10), "modest", turn=1, age=999)
-        order = self.order([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=4000)
+        order = self.order([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=3000)
         assert order[-1] is modest
+
+    def test_a_large_session_is_not_over_its_share_while_every_session_fits(self) -> None:
+        """A long main conversation beside small subagents keeps its place: least recently used goes first."""
+        now = time.monotonic()
+        main = entry(tokens(1, 10), "main", turn=5, age=999)
+        main.nbytes = 4000
+        subagents = [entry(tokens(1000 * index, 10), f"agent {index}", turn=1) for index in range(1, 4)]
+        order = self.order([main, *subagents], {lane: now for lane in ("main", "agent 1", "agent 2", "agent 3")},
+                           max_bytes=8000)  # fmt: skip
+        assert order[0] is main
+
+    def test_a_checkpoint_a_longer_entry_holds_goes_first(self) -> None:
+        """Any prefix of a trimmable conversation can be copied, so its system prompt's checkpoint adds nothing."""
+        now = time.monotonic()
+        checkpoint = entry(tokens(1, 20), None, CHECKPOINT)
+        checkpoint.hits = 3
+        conversation = entry(tokens(1, 40), "a", turn=2, age=999)
+        anonymous = entry(tokens(500, 20), None, age=999)
+        assert self.order([conversation, anonymous, checkpoint], {"a": now})[0] is checkpoint
+        untrimmable = self.order([conversation, anonymous, checkpoint], {"a": now}, trimmable=False)
+        assert untrimmable[-1] is checkpoint, "a cache that cannot step back needs the checkpoint itself"
+
+    def test_a_checkpoint_no_second_request_used_goes_with_anonymous_entries(self) -> None:
+        now = time.monotonic()
+        shared = entry(tokens(1, 20), None, CHECKPOINT, age=999)
+        shared.hits = 2
+        one_off = entry(tokens(500, 20), None, CHECKPOINT)
+        conversation = entry(tokens(900, 40), "a", turn=2, age=999)
+        assert self.order([shared, conversation, one_off], {"a": now}) == [one_off, shared, conversation]
+
+
+class TestFairShare:
+    def test_everything_fits(self) -> None:
+        assert fair_share([100, 200, 300], 600) == float("inf")
+
+    def test_what_small_sessions_leave_goes_to_the_large_ones(self) -> None:
+        assert fair_share([100, 1000, 1000], 1000) == 450
+        assert fair_share([], 1000) == float("inf")
 
     def test_under_pressure_the_cache_keeps_the_main_conversation(self) -> None:
         """Through the cache itself: one session's side requests fill it; its conversation stays."""
@@ -157,3 +197,44 @@ class TestEviction:
         assert cache.acquire([*conversation, 1], "a").cached_tokens == 40
         decisions = cache.describe_lanes()["recent_decisions"]
         assert any(decision["decision"] == "evicted: a side request of its session" for decision in decisions)
+
+
+def dense_state(token_list: list[int]) -> list[Any]:
+    """One full-attention layer (trimmable): 2 KiB up to 256 tokens, 4 KiB up to 512."""
+    cache = [KVCache()]
+    data = mx.array(token_list, dtype=mx.float32).reshape(1, 1, len(token_list), 1)
+    cache[0].update_and_fetch(data, data)
+    mx.eval(cache[0].state)
+    return cache
+
+
+class TestAnAgentSession:
+    def test_a_long_main_conversation_and_its_subagents_all_stay_when_they_fit(self) -> None:
+        """The session of bench-sessions in small: each request's system prompt became a checkpoint too.
+
+        Main (4 KiB) and three subagents (2 KiB each) fit the 10.5 KiB bound, but not
+        with the checkpoints of their system prompts (320 bytes each): those go, since
+        each conversation holds its own, and every conversation stays.
+        """
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 10752)
+        conversations = {"main": tokens(1, 300)}
+        conversations.update({f"agent {index}": tokens(1000 * index, 200) for index in range(1, 4)})
+        for lane, conversation in conversations.items():
+            cache.add_checkpoint(dense_state(conversation[:40]), conversation[:40])
+            turn = 5 if lane == "main" else 1
+            cache.release(dense_state(conversation), conversation, len(conversation), lane, turn)
+        for lane, conversation in conversations.items():
+            lease = cache.acquire([*conversation, 7], lane)
+            assert (lease.source, lease.cached_tokens) == ("extended", len(conversation)), lane
+        decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
+        assert decisions.count("evicted: a checkpoint that a longer entry holds") == 3
+
+    def test_a_side_request_stored_into_a_full_cache_goes_itself(self) -> None:
+        """Not the session's conversation, even though the conversation is the least recently used."""
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 5 * 1024)
+        main, side = tokens(1, 300), tokens(5000, 200)
+        cache.release(dense_state(main), main, len(main), "session", turn=3)
+        cache.release(dense_state(side), side, len(side), "session")
+        assert cache.acquire([*main, 7], "session").source == "extended"
+        decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
+        assert decisions[-1] == "evicted: a side request of its session"

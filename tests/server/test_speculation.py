@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,14 @@ from mlx_server.chat.grammars import OutputConstraint, build_grammar
 from mlx_server.chat.tool_parsing import parse_tool_calls
 from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.prompt_cache import KVPromptCache
-from mlx_server.vocabulary import GenerationRequest, GenerationStats, SamplingSettings, Tool
+from mlx_server.vocabulary import (
+    GeneratedText,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStats,
+    SamplingSettings,
+    Tool,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -125,12 +133,19 @@ def test_a_forced_edit_call_copies_old_string_under_its_grammar(engines: Engines
     assert stats.drafted_tokens > 0
 
 
-def test_rejected_drafts_leave_no_trace_in_the_prompt_cache(engines: Engines) -> None:
-    """The conversation stored back holds exactly its tokens: the KV of every rejected draft was trimmed."""
-    prompt = engines.prompt(f"Repeat this file exactly:\n{CODE}", CODE[:40])
-    _, stats = engines.run(engines.on, prompt)
-    assert stats.drafted_tokens > stats.accepted_tokens  # some drafts were rejected
-    (entry,) = [entry for entry in engines.on.prompt_cache.entries() if entry.kind == "conversation"][-1:]
+def stored_conversation(engines: Engines, prompt: list[int]) -> Any:
+    """The speculating engine's stored conversation that began with ``prompt`` (waits for the worker to store it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for entry in engines.on.prompt_cache.entries():
+            if entry.kind == "conversation" and [int(token) for token in entry.tokens[: len(prompt)]] == prompt:
+                return entry
+        time.sleep(0.05)
+    raise AssertionError("no conversation was stored for the prompt")
+
+
+def largest_key_difference(engines: Engines, entry: Any) -> float:
+    """How far an entry's keys are from a fresh prefill of its tokens (rounding: < 1e-3; a stale draft's: far more)."""
     tokens = [int(token) for token in entry.tokens]
 
     def compare() -> float:
@@ -142,5 +157,37 @@ def test_rejected_drafts_leave_no_trace_in_the_prompt_cache(engines: Engines) ->
             for kept, new in zip(entry.cache, fresh)
         )
 
-    # Decode-time and prefill-time keys differ only by rounding; a stale draft's key would differ by far more.
-    assert engines.on._on_worker(compare) < 1e-3
+    result: float = engines.on._on_worker(compare)
+    return result
+
+
+def test_rejected_drafts_leave_no_trace_in_the_prompt_cache(engines: Engines) -> None:
+    """The conversation stored back holds exactly its tokens: the KV of every rejected draft was trimmed."""
+    prompt = engines.prompt(f"Repeat this file exactly:\n{CODE}", CODE[:40])
+    _, stats = engines.run(engines.on, prompt)
+    assert stats.drafted_tokens > stats.accepted_tokens  # some drafts were rejected
+    assert largest_key_difference(engines, stored_conversation(engines, prompt)) < 1e-3
+
+
+def test_a_request_cancelled_mid_draft_leaves_the_cache_exact(engines: Engines) -> None:
+    """A client that leaves while drafts are kept: what is stored holds its tokens, and the next run is unchanged."""
+    prompt = engines.prompt(f"Copy this file, then stop:\n{CODE}", CODE[:40])
+    plain, _ = engines.run(engines.off, prompt)
+
+    async def leave_after_a_few_pieces() -> int:
+        request = GenerationRequest(prompt, SamplingSettings(max_tokens=160, temperature=0.0))
+        stream = engines.on.stream(request)
+        pieces = 0
+        async for event in stream:
+            pieces += isinstance(event, GeneratedText)
+            if pieces == 6 or isinstance(event, GenerationFinished):
+                break
+        await stream.aclose()
+        return pieces
+
+    assert asyncio.run(leave_after_a_few_pieces()) == 6
+    entry = stored_conversation(engines, prompt)
+    assert len(entry.tokens) < len(prompt) + 160, "it left before the end"
+    assert largest_key_difference(engines, entry) < 1e-3
+    again, stats = engines.run(engines.on, prompt)
+    assert again == plain and stats.cached_tokens >= len(prompt) - 1

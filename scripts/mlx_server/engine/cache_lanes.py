@@ -6,29 +6,42 @@ one global LRU (``superseded``), and under memory pressure entries go in
 this order (``eviction_order``), least recently used first within a class:
 
 0. entries of idle sessions (no request for ``LANE_IDLE_SECONDS``);
-1. a session's side entries: one-off conversations beside its main one
+1. checkpoints another entry holds: a stable prefix that a conversation
+   which starts with it can give a copy of (trimmable caches only);
+2. a session's side entries: one-off conversations beside its main one
    (a title or summary request, a probe), so they never push it out;
-2. entries of requests that named no session;
-3. entries of a session holding more than its fair share of the bytes (the
-   bound divided among the active sessions);
-4. everything else: active sessions' conversations and snapshots, and
-   checkpoints (the shared system prompts).
+3. entries of requests that named no session, and checkpoints no second
+   request has used (a one-off request's system prompt);
+4. entries of a session holding more than its fair share: the max-min fair
+   level of the bound among the active sessions, so a session may use what
+   smaller ones leave, and none is pushed out while all of them fit;
+5. everything else: active sessions' conversations and snapshots, and
+   checkpoints shared by several requests.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
 
-__all__ = ["LANE_IDLE_SECONDS", "eviction_order", "eviction_reason", "main_conversations", "superseded"]
+__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "superseded"]
 
 LANE_IDLE_SECONDS = 600.0
-IDLE, SIDE, NO_LANE, OVER_SHARE, KEPT = range(5)
+IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, OVER_SHARE, KEPT = range(6)
+REASONS = {
+    IDLE: "its session has been idle",
+    HELD_ELSEWHERE: "a checkpoint that a longer entry holds",
+    SIDE: "a side request of its session",
+    UNCLAIMED: "no session and no second request claimed it, least recently used",
+    OVER_SHARE: "its session holds more than its fair share",
+    KEPT: "least recently used of what every session keeps",
+}
 
 
 def _starts_with(longer: np.ndarray, prefix: np.ndarray) -> bool:
@@ -70,44 +83,69 @@ def main_conversations(entries: Iterable[CacheEntry]) -> dict[str | None, CacheE
     return mains
 
 
-def eviction_order(
-    entries: list[CacheEntry], lane_activity: Mapping[str, float], now: float, max_bytes: int
-) -> list[CacheEntry]:
-    """Entries in the order they should go (see the module's docstring)."""
-    active = {lane for lane, seen in lane_activity.items() if now - seen < LANE_IDLE_SECONDS}
-    share = max_bytes / max(1, len(active))
-    lane_bytes: dict[str | None, int] = defaultdict(int)
-    for entry in entries:
-        lane_bytes[entry.lane] += entry.nbytes
-    mains = main_conversations(entries)
-
-    def rank(entry: CacheEntry) -> tuple[int, float]:
-        if entry.kind == CHECKPOINT:
-            return KEPT, entry.last_used
-        if entry.lane is None:
-            return NO_LANE, entry.last_used
-        if entry.lane not in active:
-            return IDLE, entry.last_used
-        if entry.kind == CONVERSATION and mains.get(entry.lane) is not entry:
-            return SIDE, entry.last_used
-        if lane_bytes[entry.lane] > share:
-            return OVER_SHARE, entry.last_used
-        return KEPT, entry.last_used
-
-    return sorted(entries, key=rank)
+def fair_share(lane_bytes: Iterable[int], max_bytes: int) -> float:
+    """The max-min fair level: lanes under it keep all they hold, the others are cut to it (inf: all fit)."""
+    sizes = sorted(lane_bytes)
+    remaining = float(max_bytes)
+    for index, size in enumerate(sizes):
+        level = remaining / (len(sizes) - index)
+        if size > level:
+            return level
+        remaining -= size
+    return math.inf
 
 
-def eviction_reason(
-    entry: CacheEntry, lane_activity: Mapping[str, float], now: float, entries: list[CacheEntry]
-) -> str:
-    """Why ``entry`` was evicted, in words for /v1/cache and the debug line."""
-    if entry.kind == CHECKPOINT:
-        return "a checkpoint, least recently used"
-    if entry.lane is None:
-        return "a request that named no session, least recently used"
-    seen: Any = lane_activity.get(entry.lane)
-    if seen is None or now - seen >= LANE_IDLE_SECONDS:
-        return "its session has been idle"
-    if entry.kind == CONVERSATION and main_conversations(entries).get(entry.lane) is not entry:
-        return "a side request of its session"
-    return "its session's least recently used entry"
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """The classes of the module's docstring for one moment's entries: their order, and why each goes.
+
+    ``trimmable``: whether a cache can give a copy of any prefix of what it
+    holds (full attention), which is what makes a checkpoint redundant.
+    """
+
+    entries: list[CacheEntry]
+    lane_activity: Mapping[str, float]
+    now: float
+    max_bytes: int
+    trimmable: bool = True
+
+    def order(self) -> list[CacheEntry]:
+        """The entries in the order they should go."""
+        classes = self._classes()
+        return sorted(self.entries, key=lambda entry: (classes[id(entry)], entry.last_used))
+
+    def reason(self, entry: CacheEntry) -> str:
+        """Why ``entry`` goes, in words for /v1/cache and the debug line."""
+        return REASONS[self._classes()[id(entry)]]
+
+    def _classes(self) -> dict[int, int]:
+        active = {lane for lane, seen in self.lane_activity.items() if self.now - seen < LANE_IDLE_SECONDS}
+        lane_bytes: dict[str | None, int] = defaultdict(int)
+        for entry in self.entries:
+            lane_bytes[entry.lane] += entry.nbytes
+        share = fair_share((size for lane, size in lane_bytes.items() if lane in active), self.max_bytes)
+        mains = main_conversations(self.entries)
+
+        def rank(entry: CacheEntry) -> int:
+            if entry.kind == CHECKPOINT:
+                if self.trimmable and self._held_elsewhere(entry):
+                    return HELD_ELSEWHERE
+                return KEPT if entry.hits else UNCLAIMED
+            if entry.lane is None:
+                return UNCLAIMED
+            if entry.lane not in active:
+                return IDLE
+            if entry.kind == CONVERSATION and mains.get(entry.lane) is not entry:
+                return SIDE
+            if lane_bytes[entry.lane] > share:
+                return OVER_SHARE
+            return KEPT
+
+        return {id(entry): rank(entry) for entry in self.entries}
+
+    def _held_elsewhere(self, checkpoint: CacheEntry) -> bool:
+        return any(
+            other is not checkpoint and len(other.tokens) > len(checkpoint.tokens)
+            and _starts_with(other.tokens, checkpoint.tokens)
+            for other in self.entries
+        )  # fmt: skip

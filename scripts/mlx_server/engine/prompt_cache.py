@@ -53,7 +53,7 @@ from mlx_server.engine.cache_entries import (
     kv_bytes,
     token_digest,
 )
-from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, eviction_order, eviction_reason, superseded
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, superseded
 from mlx_server.engine.prompt_cache_files import CheckpointFiles
 from mlx_server.vocabulary import CacheLookup, Divergence
 from utils_logging import debug
@@ -284,7 +284,10 @@ class KVPromptCache:
                 self._lanes[entry.lane] = entry.last_used
             if entry.kind != CHECKPOINT:
                 self._decide(entry, "stored" + (f", replacing {len(replaced)} older" if replaced else ""))
-            self._evict(lambda: len(self._entries) > self.max_entries or self._bytes > self.max_bytes, keep=entry)
+            # A new checkpoint stays: requests wait for it.  Any other new entry is only the newest of its
+            # class: a side request stored now still goes before a session's conversation.
+            keep = entry if entry.kind == CHECKPOINT else None
+            self._evict(lambda: len(self._entries) > self.max_entries or self._bytes > self.max_bytes, keep)
 
     def _remove(self, entry: CacheEntry) -> None:
         """Take ``entry`` out (caller holds the lock)."""
@@ -292,16 +295,15 @@ class KVPromptCache:
         self._bytes -= entry.nbytes
 
     def _evict(self, over: Callable[[], bool], keep: CacheEntry | None = None) -> None:
-        """Evict in the policy's order while ``over()`` (caller holds the lock); ``keep`` goes last."""
+        """Evict in the policy's order, ``keep`` aside, while ``over()`` (caller holds the lock)."""
         if not over():
             return
         now = time.monotonic()
-        entries = list(self._entries.values())
-        victims = [entry for entry in eviction_order(entries, self._lanes, now, self.max_bytes) if entry is not keep]
-        for victim in victims:
+        policy = EvictionPolicy(list(self._entries.values()), self._lanes, now, self.max_bytes, self.trimmable)
+        for victim in [entry for entry in policy.order() if entry is not keep]:
             if not over():
                 break
-            self._decide(victim, "evicted: " + eviction_reason(victim, self._lanes, now, entries))
+            self._decide(victim, "evicted: " + policy.reason(victim))
             self._remove(victim)
             self.evictions += 1
         self._lanes = {lane: seen for lane, seen in self._lanes.items() if now - seen < LANE_IDLE_SECONDS}
