@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from serverlib import report_targets
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
@@ -126,10 +128,7 @@ def main() -> int:
                     missed.append(f"{name} ({history}): {TURNS - run.identical} repl(ies) differ from the uncached "
                                   "server's")  # fmt: skip
     print()
-    for line in missed:
-        print(f"MISSED {line}")
-    print("all targets met" if not missed else f"{len(missed)} target(s) missed")
-    return 1 if missed else 0
+    return report_targets(missed)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from serverlib import our_server, stream_messages
+from serverlib import our_server, report_targets, stream_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 BYTES_PER_TOKEN = 46080  # the default model's KV bytes per token (the start-up line says so)
@@ -170,10 +170,7 @@ def main() -> int:
         results["global LRU (no headers)"][0].shares[1:]
     )
     print(f"median main-turn share, lanes minus global LRU: {median_gain:+.2f}")
-    for line in missed:
-        print(f"MISSED {line}")
-    print("all targets met" if not missed else f"{len(missed)} target(s) missed")
-    return 1 if missed else 0
+    return report_targets(missed)
 
 
 if __name__ == "__main__":

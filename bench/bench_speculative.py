@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serverlib import report_targets
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -143,10 +145,7 @@ async def measure(loaded: Any, runs: int) -> int:
            accepted / drafted if drafted else 0.0, outputs["off"] == outputs["prompt-lookup"], missed)  # fmt: skip
     for engine_ in engines.values():
         engine_.shutdown()
-    for line in missed:
-        print(f"MISSED {line}")
-    print("all targets met" if not missed else f"{len(missed)} target(s) missed")
-    return 1 if missed else 0
+    return report_targets(missed)
 
 
 def report(

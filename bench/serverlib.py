@@ -151,3 +151,11 @@ def our_server(root: Path, extra: list[str] | None = None) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=120)
+
+
+def report_targets(missed: list[str]) -> int:
+    """Print each missed target and the verdict; the exit status (1 if any was missed)."""
+    for line in missed:
+        print(f"MISSED {line}")
+    print("all targets met" if not missed else f"{len(missed)} target(s) missed")
+    return 1 if missed else 0

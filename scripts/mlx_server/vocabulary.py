@@ -319,20 +319,20 @@ class Engine(Protocol):
 
 
 class ServerError(Exception):
-    """A failure a client should hear about; each dialect renders it in its own error shape."""
+    """A failure a client should hear about; each dialect renders it in its own error shape.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidRequestError(ServerError):
-    """The request cannot be answered as sent; ``param`` names the field, ``code`` is a stable identifier."""
+    ``param`` names the request field at fault, ``code`` is a stable identifier (either may be None).
+    """
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.param = param
         self.code = code
+
+
+class InvalidRequestError(ServerError):
+    """The request cannot be answered as sent."""
 
 
 class UnsupportedOptionError(InvalidRequestError):
@@ -353,11 +353,10 @@ class ContextOverflowError(ServerError):
     """The prompt (plus the requested completion, when ``completion_tokens`` is set) does not fit the context."""
 
     def __init__(self, context_length: int, prompt_tokens: int, completion_tokens: int | None, param: str) -> None:
-        super().__init__(f"{prompt_tokens} prompt tokens do not fit the {context_length}-token context")
+        super().__init__(f"{prompt_tokens} prompt tokens do not fit the {context_length}-token context", param)
         self.context_length = context_length
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
-        self.param = param
 
 
 class KVBudgetError(ServerError):
@@ -384,11 +383,6 @@ class RequestTimeoutError(ServerError):
 
 class NotFoundError(ServerError):
     """Something the request names does not exist (a stored response, say)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 class InternalError(ServerError):

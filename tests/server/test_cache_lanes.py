@@ -238,3 +238,48 @@ class TestAnAgentSession:
         assert cache.acquire([*main, 7], "session").source == "extended"
         decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
         assert decisions[-1] == "evicted: a side request of its session"
+
+    def test_subagents_go_before_their_sessions_main_conversation(self) -> None:
+        """The session's share counts its subagents with it; a finished subagent goes, the main conversation stays."""
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 9 * 1024)
+        main = tokens(1, 300)
+        cache.release(dense_state(main), main, len(main), "claude-code:s", turn=3)
+        for agent in range(1, 4):
+            conversation = tokens(1000 * agent, 200)
+            cache.release(dense_state(conversation), conversation, 200, f"claude-code:s/a{agent}", turn=1)
+        assert cache.acquire([*main, 7], "claude-code:s").source == "extended"
+        evicted = [d for d in cache.describe_lanes()["recent_decisions"] if d["decision"].startswith("evicted")]
+        assert [d["lane"] for d in evicted] == ["claude-code:s/a1"]  # the least recently used subagent, only
+
+    def test_a_request_that_named_no_session_keeps_what_it_computed_for_its_retry(self) -> None:
+        """The newest entry stays while older ones make room (a cancelled prefill resent finds it)."""
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 5 * 1024)
+        main, cancelled = tokens(1, 300), tokens(5000, 200)
+        cache.release(dense_state(main), main, len(main), "session", turn=3)
+        cache.release(dense_state(cancelled), cancelled, len(cancelled))
+        lease = cache.acquire([*cancelled, 7])
+        assert (lease.source, lease.cached_tokens) == ("extended", len(cancelled))
+
+
+class TestSubagentLanes:
+    def test_a_subagents_entries_go_before_any_sessions_main_conversation(self) -> None:
+        now = time.monotonic()
+        main = entry(tokens(1, 20), "claude-code:s", turn=4, age=999)
+        other_session = entry(tokens(100, 20), "claude-code:t", turn=2, age=500)
+        subagent = entry(tokens(500, 20), "claude-code:s/a1", turn=1)
+        lanes = {lane: now for lane in ("claude-code:s", "claude-code:t", "claude-code:s/a1")}
+        assert order_of([main, other_session, subagent], lanes)[0] is subagent
+
+    def test_a_session_and_its_subagents_share_one_fair_share(self) -> None:
+        """Two sessions: the one whose subagents together pass the fair level goes first, subagents before it."""
+        now = time.monotonic()
+        busy = [entry(tokens(1000 * n, 20), f"claude-code:busy/a{n}", turn=1, age=n) for n in range(1, 4)]
+        busy_main = entry(tokens(1, 20), "claude-code:busy", turn=3, age=999)
+        quiet = entry(tokens(9000, 20), "claude-code:quiet", turn=3, age=999)
+        lanes = {e.lane: now for e in [*busy, busy_main, quiet] if e.lane}
+        order = order_of([quiet, busy_main, *busy], lanes, max_bytes=3000)
+        assert order[-1] is quiet and order[-2] is busy_main
+
+
+def order_of(entries: list[CacheEntry], lanes: dict[str, float], max_bytes: int = 10**9) -> list[CacheEntry]:
+    return EvictionPolicy(entries, lanes, time.monotonic(), max_bytes).order()

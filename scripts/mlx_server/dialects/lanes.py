@@ -18,18 +18,24 @@ __all__ = ["body_lane", "lane_key", "lane_of_headers"]
 MAX_IDENTIFIER_CHARS = 512
 
 
-def lane_key(kind: str, *identifiers: str) -> str:
-    """``kind:`` and a 12-digit digest of the identifiers (bounded, stable, not reversible)."""
-    joined = "\x00".join(identifier[:MAX_IDENTIFIER_CHARS] for identifier in identifiers)
-    return f"{kind}:{hashlib.sha256(joined.encode('utf-8', 'replace')).hexdigest()[:12]}"
+def _digest(identifier: str) -> str:
+    return hashlib.sha256(identifier[:MAX_IDENTIFIER_CHARS].encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def lane_key(kind: str, session: str, agent: str | None = None) -> str:
+    """``kind:`` and a 12-digit digest of the session (bounded, stable, not reversible).
+
+    A subagent's lane is its session's followed by ``/`` and the agent's
+    digest, so the prompt cache can tell a session's subagents from it.
+    """
+    return f"{kind}:{_digest(session)}" + (f"/{_digest(agent)}" if agent else "")
 
 
 def lane_of_headers(headers: Mapping[str, str]) -> str | None:
     """The session an agent's headers name: Claude Code's (per subagent) or Codex's thread; None if neither."""
     session = headers.get("x-claude-code-session-id")
     if session:
-        agent = headers.get("x-claude-code-agent-id")
-        return lane_key("claude-code", session, agent) if agent else lane_key("claude-code", session)
+        return lane_key("claude-code", session, headers.get("x-claude-code-agent-id"))
     thread = headers.get("thread-id") or headers.get("session-id")
     if thread:
         return lane_key("codex", thread)

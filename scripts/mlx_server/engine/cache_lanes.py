@@ -1,9 +1,10 @@
 """Which entries a session keeps and which go first under pressure: the prompt cache's policy (pure functions).
 
-Agents say which session a request belongs to (``vocabulary.GenerationRequest.lane``).
-A session's newest turn replaces its own older turns instead of adding to
-one global LRU (``superseded``), and under memory pressure entries go in
-this order (``eviction_order``), least recently used first within a class:
+Agents say which session a request belongs to (``vocabulary.GenerationRequest.lane``;
+a subagent's lane is its session's followed by ``/`` and the agent).  A
+session's newest turn replaces its own older turns instead of adding to one
+global LRU (``superseded``), and under memory pressure entries go in this
+order (``EvictionPolicy``), least recently used first within a class:
 
 0. entries of idle sessions (no request for ``LANE_IDLE_SECONDS``);
 1. checkpoints another entry holds: a stable prefix that a conversation
@@ -12,11 +13,17 @@ this order (``eviction_order``), least recently used first within a class:
    (a title or summary request, a probe), so they never push it out;
 3. entries of requests that named no session, and checkpoints no second
    request has used (a one-off request's system prompt);
-4. entries of a session holding more than its fair share: the max-min fair
-   level of the bound among the active sessions, so a session may use what
-   smaller ones leave, and none is pushed out while all of them fit;
-5. everything else: active sessions' conversations and snapshots, and
+4. entries of a session (with its subagents) holding more than its fair
+   share: the max-min fair level of the bound among the active sessions,
+   so a session may use what smaller ones leave, and none is pushed out
+   while all of them fit (its subagents' entries go before its own);
+5. subagents' conversations: a subagent's task ends, its session goes on;
+6. everything else: sessions' main conversations and snapshots, and
    checkpoints shared by several requests.
+
+A newly stored entry is exempt while room is made for it (a retry finds
+what its request computed), unless it is a side request
+(``may_displace``): those never push out their session's conversation.
 """
 
 from __future__ import annotations
@@ -25,21 +32,23 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
 
-__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "superseded"]
+__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "session_of", "superseded"]
 
 LANE_IDLE_SECONDS = 600.0
-IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, OVER_SHARE, KEPT = range(6)
+IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, OVER_SHARE, SUBAGENT, KEPT = range(7)
 REASONS = {
     IDLE: "its session has been idle",
     HELD_ELSEWHERE: "a checkpoint that a longer entry holds",
     SIDE: "a side request of its session",
     UNCLAIMED: "no session and no second request claimed it, least recently used",
     OVER_SHARE: "its session holds more than its fair share",
+    SUBAGENT: "a subagent's conversation, least recently used",
     KEPT: "least recently used of what every session keeps",
 }
 
@@ -83,6 +92,15 @@ def main_conversations(entries: Iterable[CacheEntry]) -> dict[str | None, CacheE
     return mains
 
 
+def session_of(lane: str) -> str:
+    """The session a lane belongs to: a subagent's lane without its ``/agent`` part."""
+    return lane.partition("/")[0]
+
+
+def _of_subagent(entry: CacheEntry) -> bool:
+    return entry.lane is not None and entry.lane != session_of(entry.lane)
+
+
 def fair_share(lane_bytes: Iterable[int], max_bytes: int) -> float:
     """The max-min fair level: lanes under it keep all they hold, the others are cut to it (inf: all fit)."""
     sizes = sorted(lane_bytes)
@@ -110,20 +128,26 @@ class EvictionPolicy:
     trimmable: bool = True
 
     def order(self) -> list[CacheEntry]:
-        """The entries in the order they should go."""
-        classes = self._classes()
-        return sorted(self.entries, key=lambda entry: (classes[id(entry)], entry.last_used))
+        """The entries in the order they should go (within a class, a session's subagents before its own)."""
+        return sorted(self.entries, key=lambda entry: (self._classes[id(entry)], not _of_subagent(entry),
+                                                       entry.last_used))  # fmt: skip
 
     def reason(self, entry: CacheEntry) -> str:
         """Why ``entry`` goes, in words for /v1/cache and the debug line."""
-        return REASONS[self._classes()[id(entry)]]
+        return REASONS[self._classes[id(entry)]]
 
-    def _classes(self) -> dict[int, int]:
+    def may_displace(self, entry: CacheEntry) -> bool:
+        """Whether a newly stored ``entry`` may stay while older ones make room for it (all but side requests)."""
+        return self._classes[id(entry)] != SIDE
+
+    @cached_property
+    def _classes(self) -> dict[int, int]:  # worked out once: reason() is asked for every victim
         active = {lane for lane, seen in self.lane_activity.items() if self.now - seen < LANE_IDLE_SECONDS}
-        lane_bytes: dict[str | None, int] = defaultdict(int)
+        session_bytes: dict[str, int] = defaultdict(int)
         for entry in self.entries:
-            lane_bytes[entry.lane] += entry.nbytes
-        share = fair_share((size for lane, size in lane_bytes.items() if lane in active), self.max_bytes)
+            if entry.lane in active:
+                session_bytes[session_of(entry.lane)] += entry.nbytes
+        share = fair_share(session_bytes.values(), self.max_bytes)
         mains = main_conversations(self.entries)
 
         def rank(entry: CacheEntry) -> int:
@@ -137,8 +161,10 @@ class EvictionPolicy:
                 return IDLE
             if entry.kind == CONVERSATION and mains.get(entry.lane) is not entry:
                 return SIDE
-            if lane_bytes[entry.lane] > share:
+            if session_bytes[session_of(entry.lane)] > share:
                 return OVER_SHARE
+            if _of_subagent(entry):
+                return SUBAGENT
             return KEPT
 
         return {id(entry): rank(entry) for entry in self.entries}

@@ -284,23 +284,23 @@ class KVPromptCache:
                 self._lanes[entry.lane] = entry.last_used
             if entry.kind != CHECKPOINT:
                 self._decide(entry, "stored" + (f", replacing {len(replaced)} older" if replaced else ""))
-            # A new checkpoint stays: requests wait for it.  Any other new entry is only the newest of its
-            # class: a side request stored now still goes before a session's conversation.
-            keep = entry if entry.kind == CHECKPOINT else None
-            self._evict(lambda: len(self._entries) > self.max_entries or self._bytes > self.max_bytes, keep)
+            self._evict(lambda: len(self._entries) > self.max_entries or self._bytes > self.max_bytes, entry)
 
     def _remove(self, entry: CacheEntry) -> None:
         """Take ``entry`` out (caller holds the lock)."""
         del self._entries[entry.key]
         self._bytes -= entry.nbytes
 
-    def _evict(self, over: Callable[[], bool], keep: CacheEntry | None = None) -> None:
-        """Evict in the policy's order, ``keep`` aside, while ``over()`` (caller holds the lock)."""
+    def _evict(self, over: Callable[[], bool], new: CacheEntry | None = None) -> None:
+        """Evict in the policy's order while ``over()`` (caller holds the lock); ``new`` goes last if it may."""
         if not over():
             return
         now = time.monotonic()
         policy = EvictionPolicy(list(self._entries.values()), self._lanes, now, self.max_bytes, self.trimmable)
-        for victim in [entry for entry in policy.order() if entry is not keep]:
+        victims = policy.order()
+        if new is not None and policy.may_displace(new):
+            victims = [*(entry for entry in victims if entry is not new), new]
+        for victim in victims:
             if not over():
                 break
             self._decide(victim, "evicted: " + policy.reason(victim))
