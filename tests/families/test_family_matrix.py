@@ -36,6 +36,19 @@ FORECAST = {
 SCHEMA = FORECAST["function"]["parameters"]  # type: ignore[index]
 
 
+def forced_anthropic(client: Any, seed: int) -> dict[str, Any]:
+    """A /v1/messages call forced with ``tool_choice: any``: the one tool_use block's name and input."""
+    response = client.post("/v1/messages", json={
+        "model": "tiny", "max_tokens": 100, "temperature": 1.0, "seed": seed,
+        "messages": [{"role": "user", "content": "Forecast for Oslo?"}],
+        "tools": [{"name": "get_forecast", "input_schema": SCHEMA}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+    })  # fmt: skip
+    assert response.status_code == 200, response.text
+    (call,) = [block for block in response.json()["content"] if block["type"] == "tool_use"]
+    return {"name": call["name"], "input": call["input"]}
+
+
 def chat(client: Any, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10, **fields})
     assert response.status_code == 200, response.text
@@ -130,15 +143,7 @@ class TestToolCalls:
         assert body["choices"][0]["finish_reason"] == "tool_calls"
 
     def test_anthropic_any_validates(self, served: Served) -> None:
-        response = served.client.post("/v1/messages", json={
-            "model": "m", "max_tokens": 100, "temperature": 1.0, "seed": 2,
-            "messages": [{"role": "user", "content": "Forecast for Oslo?"}],
-            "tools": [{"name": "get_forecast", "input_schema": SCHEMA}],
-            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
-        })  # fmt: skip
-        assert response.status_code == 200, response.text
-        (call,) = [block for block in response.json()["content"] if block["type"] == "tool_use"]
-        jsonschema.validate(call["input"], SCHEMA)
+        jsonschema.validate(forced_anthropic(served.client, seed=2)["input"], SCHEMA)
 
     def test_a_call_the_model_opens_on_its_own_validates(self, eager: Served) -> None:
         """Under tool_choice auto, a model that opens a call (here one biased to) is held to the schema."""

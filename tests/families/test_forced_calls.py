@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from mlx_server.model.loading import load_model
 
 from .serving import serve
-from .test_family_matrix import FORECAST, SCHEMA
+from .test_family_matrix import FORECAST, SCHEMA, forced_anthropic
 
 WRITE_FILE: dict[str, Any] = {
     "type": "function",
@@ -48,18 +48,6 @@ def forced_openai(client: TestClient, seed: int, tool_choice: Any) -> dict[str, 
     assert response.status_code == 200, response.text
     (call,) = response.json()["choices"][0]["message"]["tool_calls"]
     return {"name": call["function"]["name"], "input": json.loads(call["function"]["arguments"])}
-
-
-def forced_anthropic(client: TestClient, seed: int) -> dict[str, Any]:
-    response = client.post("/v1/messages", json={
-        "model": "tiny", "max_tokens": 100, "temperature": 1.0, "seed": seed,
-        "messages": [{"role": "user", "content": "Forecast for Oslo?"}],
-        "tools": [{"name": "get_forecast", "input_schema": SCHEMA}],
-        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
-    })  # fmt: skip
-    assert response.status_code == 200, response.text
-    (call,) = [block for block in response.json()["content"] if block["type"] == "tool_use"]
-    return {"name": call["name"], "input": call["input"]}
 
 
 @pytest.mark.parametrize("seed", range(20))

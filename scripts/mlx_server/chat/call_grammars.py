@@ -257,17 +257,29 @@ def mistral_header(writer: GrammarWriter, index: int, tool: Tool, opened: bool) 
     return [f"call_{index}: {start} {body}"]
 
 
-def qwen3_coder(writer: GrammarWriter, index: int, tool: Tool, opened: bool) -> list[str]:
-    """``<tool_call>\\n<function=name>\\n<parameter=key>\\nvalue\\n</parameter>\\n…</function>\\n</tool_call>``."""
-    rules: list[str] = []
+def _parameters(
+    writer: GrammarWriter, tool: Tool, terminator: str, pair: Callable[[str, str], str], rules: list[str]
+) -> list[str]:
+    """One ``pair(key, value)`` per argument of a format that writes values raw up to ``terminator``.
+
+    Optional arguments may be left out; the value rules go into ``rules``.
+    """
     schema = arguments_schema(tool)
     properties: dict[str, Any] = schema.get("properties") or {}
     required = set(schema.get("required") or [])
     parameters = []
     for key, subschema in properties.items():
-        value = writer.raw_value(subschema if isinstance(subschema, dict) else {}, "\n</parameter>", rules)
-        block = f'"<parameter={key}>\\n" {value} "\\n</parameter>\\n"'
-        parameters.append(block if key in required else f"({block})?")
+        value = writer.raw_value(subschema if isinstance(subschema, dict) else {}, terminator, rules)
+        parameters.append(pair(key, value) if key in required else f"({pair(key, value)})?")
+    return parameters
+
+
+def qwen3_coder(writer: GrammarWriter, index: int, tool: Tool, opened: bool) -> list[str]:
+    """``<tool_call>\\n<function=name>\\n<parameter=key>\\nvalue\\n</parameter>\\n…</function>\\n</tool_call>``."""
+    rules: list[str] = []
+    parameters = _parameters(
+        writer, tool, "\n</parameter>", lambda key, value: f'"<parameter={key}>\\n" {value} "\\n</parameter>\\n"', rules
+    )
     opening = f'{"" if opened else writer.mark("<tool_call>")} "\\n<function={tool.name}>\\n"'
     closing = f'"</function>\\n" {writer.mark("</tool_call>")}'
     rules.append(f"call_{index}: {opening} {' '.join(parameters)} {closing}")
@@ -277,15 +289,12 @@ def qwen3_coder(writer: GrammarWriter, index: int, tool: Tool, opened: bool) -> 
 def glm(writer: GrammarWriter, index: int, tool: Tool, opened: bool) -> list[str]:
     """``<tool_call>name\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n…</tool_call>``: GLM 4.5-4.7."""
     rules: list[str] = []
-    schema = arguments_schema(tool)
-    properties: dict[str, Any] = schema.get("properties") or {}
-    required = set(schema.get("required") or [])
-    arguments = []
-    for key, subschema in properties.items():
-        value = writer.raw_value(subschema if isinstance(subschema, dict) else {}, "</arg_value>", rules)
-        pair = f'{writer.mark("<arg_key>")} {json.dumps(key)} {writer.mark("</arg_key>")} "\\n" '
-        pair += f'{writer.mark("<arg_value>")} {value} {writer.mark("</arg_value>")} "\\n"'
-        arguments.append(pair if key in required else f"({pair})?")
+
+    def pair(key: str, value: str) -> str:
+        return (f'{writer.mark("<arg_key>")} {json.dumps(key)} {writer.mark("</arg_key>")} "\\n" '
+                f'{writer.mark("<arg_value>")} {value} {writer.mark("</arg_value>")} "\\n"')  # fmt: skip
+
+    arguments = _parameters(writer, tool, "</arg_value>", pair, rules)
     opening = "" if opened else writer.mark("<tool_call>")
     rules.append(
         f'call_{index}: {opening} {json.dumps(tool.name)} "\\n" {" ".join(arguments)} {writer.mark("</tool_call>")}'
