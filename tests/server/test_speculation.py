@@ -169,14 +169,12 @@ def test_rejected_drafts_leave_no_trace_in_the_prompt_cache(engines: Engines) ->
     assert largest_key_difference(engines, stored_conversation(engines, prompt)) < 1e-3
 
 
-def test_a_request_cancelled_mid_draft_leaves_the_cache_exact(engines: Engines) -> None:
-    """A client that leaves while drafts are kept: what is stored holds its tokens, and the next run is unchanged."""
-    prompt = engines.prompt(f"Copy this file, then stop:\n{CODE}", CODE[:40])
-    plain, _ = engines.run(engines.off, prompt)
+def leave_after_a_few_pieces(engine: GenerationEngine, prompt: list[int]) -> int:
+    """Stream ``prompt`` and close the stream after six pieces of text, as a client that disconnects."""
 
-    async def leave_after_a_few_pieces() -> int:
+    async def leave() -> int:
         request = GenerationRequest(prompt, SamplingSettings(max_tokens=160, temperature=0.0))
-        stream = engines.on.stream(request)
+        stream = engine.stream(request)
         pieces = 0
         async for event in stream:
             pieces += isinstance(event, GeneratedText)
@@ -185,9 +183,27 @@ def test_a_request_cancelled_mid_draft_leaves_the_cache_exact(engines: Engines) 
         await stream.aclose()
         return pieces
 
-    assert asyncio.run(leave_after_a_few_pieces()) == 6
+    return asyncio.run(leave())
+
+
+def test_a_request_cancelled_mid_draft_leaves_the_cache_exact(engines: Engines) -> None:
+    """A client that leaves while drafts are kept: what is stored holds its tokens, and the next run is unchanged."""
+    prompt = engines.prompt(f"Copy this file, then stop:\n{CODE}", CODE[:40])
+    plain, _ = engines.run(engines.off, prompt)
+    assert leave_after_a_few_pieces(engines.on, prompt) == 6
     entry = stored_conversation(engines, prompt)
     assert len(entry.tokens) < len(prompt) + 160, "it left before the end"
     assert largest_key_difference(engines, entry) < 1e-3
     again, stats = engines.run(engines.on, prompt)
     assert again == plain and stats.cached_tokens >= len(prompt) - 1
+
+
+def test_the_drafts_of_a_client_that_left_count_in_the_engine_totals(engines: Engines) -> None:
+    """/health's acceptance rate counts every sequence that drafted, not only those whose client read to the end."""
+    before = engines.on.stats()
+    assert leave_after_a_few_pieces(engines.on, engines.prompt(f"Repeat this file exactly:\n{CODE}", CODE[:40])) == 6
+    deadline = time.monotonic() + 60
+    while engines.on.stats().drafted_tokens == before.drafted_tokens and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = engines.on.stats()
+    assert after.drafted_tokens > before.drafted_tokens and after.accepted_tokens > before.accepted_tokens

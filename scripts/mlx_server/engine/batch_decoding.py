@@ -67,6 +67,7 @@ class BatchDecoder:
             stream=mx.default_stream(mx.default_device()),
         )
         self._speculation: SpeculativeGenerationBatch | None = None
+        self._drafted = self._accepted = 0
         if speculative == "prompt-lookup":
             self._speculation = SpeculativeGenerationBatch.install(self._generator, loaded.model, greedy_sampler)
         self._prefill_step = prefill_step
@@ -198,6 +199,12 @@ class BatchDecoder:
     def _count_speculation(self, uid: int, sequence: ActiveSequence) -> None:
         if self._speculation is not None:
             sequence.stats.drafted_tokens, sequence.stats.accepted_tokens = self._speculation.take_counts(uid)
+            self._drafted += sequence.stats.drafted_tokens
+            self._accepted += sequence.stats.accepted_tokens
+
+    def speculation_totals(self) -> tuple[int, int]:
+        """Drafted and accepted tokens over every sequence that has left, its client connected or not."""
+        return self._drafted, self._accepted
 
     def fail_all(self, error: BaseException) -> None:
         """A step failed: every sequence gets the error, and the batch starts over empty."""

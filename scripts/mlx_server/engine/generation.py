@@ -80,6 +80,7 @@ class Decoder(Protocol):
     def pending_prefixes(self) -> set[str]: ...
     def final_lengths(self) -> list[int]: ...
     def kv_bytes(self) -> int: ...
+    def speculation_totals(self) -> tuple[int, int]: ...
     def admit(self, job: Job) -> None: ...
     def step(self) -> int: ...
     def fail_all(self, error: BaseException) -> None: ...
@@ -270,10 +271,6 @@ class GenerationEngine:
                     timer = loop.call_later(keepalive, events.put_nowait, KEEPALIVE)
                 if isinstance(event, BaseException):
                     raise event
-                if isinstance(event, GenerationFinished) and event.stats.drafted_tokens:
-                    with self._condition:
-                        self._drafted += event.stats.drafted_tokens
-                        self._accepted += event.stats.accepted_tokens
                 yield event
                 if isinstance(event, GenerationFinished):
                     break
@@ -459,6 +456,7 @@ class GenerationEngine:
             self._generated += generated
             self._running = decoder.active
             self._active_bytes = decoder.kv_bytes()
+            self._drafted, self._accepted = decoder.speculation_totals()
         for observer in self._step_observers:
             observer(batch)
 

@@ -60,6 +60,9 @@ class SequentialDecoder:
     def kv_bytes(self) -> int:
         return 0
 
+    def speculation_totals(self) -> tuple[int, int]:
+        return 0, 0  # a quantized KV cache decodes without speculation
+
     def pending_prefixes(self) -> set[str]:
         return set()
 

@@ -28,7 +28,7 @@ stops drafting after a few misses and tries again less and less often.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -98,11 +98,6 @@ class Acceptance:
     def no_draft_found(self) -> None:
         """The context had nothing to copy: wait a little before looking again (costs a search per step)."""
         self.wait = min(self.backoff, 4)
-
-
-@dataclass
-class _Counts:
-    acceptance: Acceptance = field(default_factory=Acceptance)
 
 
 class SpeculativeGenerationBatch(GenerationBatch):
