@@ -52,6 +52,31 @@ class RunningServer:
         raise AssertionError("the server did not become idle")
 
 
+def run_agent_cli(
+    executable: Path, arguments: list[str], workspace: Path, home: Path, environment: dict[str, str], timeout: float
+) -> str:
+    """Run an agent CLI from tools/agent-clis in ``workspace``; its stdout (it must exit 0).
+
+    It sees only PATH, ``HOME`` (created here) and ``environment``, and no stdin: nothing of this machine's
+    own configuration or keys.
+    """
+    assert executable.exists(), f"{executable} is missing: make test installs it (make agent-clis)"
+    home.mkdir(exist_ok=True)
+    completed = subprocess.run(
+        [str(executable), *arguments],
+        cwd=workspace,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **environment},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    name = executable.name
+    assert completed.returncode == 0, f"{name} exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
+    return completed.stdout
+
+
 def run_python(code: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter with scripts/ importable (MLX state starts clean there)."""
     return subprocess.run(

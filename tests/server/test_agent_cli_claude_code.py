@@ -13,16 +13,14 @@ dozen tokens, and ``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` bounds a runaway answer.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import ROOT, RunningServer, start_server, stop_server
+from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -49,10 +47,7 @@ def claude(
     server: RunningServer, workspace: Path, *arguments: str, environment: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run ``claude -p ... --output-format json --bare`` and return its result object (exit 0 required)."""
-    assert CLAUDE.exists(), f"{CLAUDE} is missing: make test installs it (make agent-clis)"
     environment = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(workspace / "home"),
         "ANTHROPIC_BASE_URL": server.base_url,
         "ANTHROPIC_API_KEY": "sk-local-test",
         "DISABLE_TELEMETRY": "1",
@@ -61,25 +56,22 @@ def claude(
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": MAX_OUTPUT_TOKENS,
         **(environment or {}),
     }
-    (workspace / "home").mkdir(exist_ok=True)
-    completed = subprocess.run(
-        [str(CLAUDE), *arguments, "--output-format", "json", "--bare", "--model", "local-model"],
-        cwd=workspace,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert completed.returncode == 0, f"claude exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
-    result: dict[str, Any] = json.loads(completed.stdout[completed.stdout.index("{") :])
+    command = [*arguments, "--output-format", "json", "--bare", "--model", "local-model"]
+    stdout = run_agent_cli(CLAUDE, command, workspace, workspace / "home", environment, CLI_TIMEOUT_SECONDS)
+    result: dict[str, Any] = json.loads(stdout[stdout.index("{") :])
     return result
 
 
 def prompt_tokens_logged(log: str) -> list[int]:
     """The prompt tokens of each request the server completed, from its log lines."""
     return [int(count) for count in re.findall(r"completed successfully: (\d+) prompt tokens", log)]
+
+
+def startup_environment(server: RunningServer) -> tuple[dict[str, str], int]:
+    """The variables the server's start-up line tells Claude Code to start with, and where it then compacts."""
+    line = re.search(r"Claude Code: start it with (.+?) so that it compacts at (\d+)", server.log_text())
+    assert line is not None, "the start-up line with Claude Code's environment is missing"
+    return dict(assignment.split("=", 1) for assignment in line.group(1).split()), int(line.group(2))
 
 
 def test_a_prompt_and_its_continuation(claude_server: RunningServer, workspace: Path) -> None:
@@ -106,9 +98,7 @@ def test_the_start_up_lines_environment_is_what_claude_code_reads(
     claude_server: RunningServer, workspace: Path
 ) -> None:
     """The window the start-up line gives is the one Claude Code then works with."""
-    line = re.search(r"Claude Code: start it with (.+?) so that it compacts at", claude_server.log_text())
-    assert line is not None
-    environment = dict(assignment.split("=", 1) for assignment in line.group(1).split())
+    environment, _ = startup_environment(claude_server)
     result = claude(claude_server, workspace, "-p", "Say hi", environment=environment)
     (usage,) = result["modelUsage"].values()
     assert usage["contextWindow"] == int(environment["CLAUDE_CODE_MAX_CONTEXT_TOKENS"])
@@ -121,9 +111,7 @@ def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(
 
     Each turn adds ~1k tokens; by the seventh the conversation would be past the default model's context.
     """
-    line = re.search(r"Claude Code: start it with (.+?) so that it compacts at (\d+)", claude_server.log_text())
-    assert line is not None
-    environment = dict(assignment.split("=", 1) for assignment in line.group(1).split())
+    environment, compacts_at = startup_environment(claude_server)
     notes = " ".join(f"item{index} is a note about the design of the cache." for index in range(60))
     log_before = len(claude_server.log_text())
     for turn in range(7):
@@ -132,6 +120,6 @@ def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(
         assert result["is_error"] is False, result
     log = claude_server.log_text()[log_before:]
     prompts = prompt_tokens_logged(log)
-    assert max(prompts) > int(line.group(2))  # it grew past the compaction point ...
+    assert max(prompts) > compacts_at  # it grew past the compaction point ...
     assert any(later < earlier // 2 for earlier, later in zip(prompts, prompts[1:]))  # ... and was summarized
     assert 'HTTP/1.1" 400' not in log  # never refused as too long

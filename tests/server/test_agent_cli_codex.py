@@ -12,15 +12,13 @@ a repetition penalty here, so the 135M model's answers stay short.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import ROOT, RunningServer, start_server, stop_server
+from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -52,25 +50,11 @@ def codex_home(tmp_path_factory: pytest.TempPathFactory, codex_server: RunningSe
 
 def codex(home: Path, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     """Run ``codex exec --json``; returns its events (exit 0 required)."""
-    assert CODEX.exists(), f"{CODEX} is missing: make test installs it (make agent-clis)"
     options = [*SHRINK, "-c", f"model_instructions_file={home / 'instructions.md'}"]
-    completed = subprocess.run(
-        [str(CODEX), "exec", "--json", "--skip-git-repo-check", *options, *arguments],
-        cwd=workspace,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home),
-            "CODEX_HOME": str(home),
-            "OPENAI_API_KEY": "sk-local-test",
-        },
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert completed.returncode == 0, f"codex exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    command = ["exec", "--json", "--skip-git-repo-check", *options, *arguments]
+    environment = {"CODEX_HOME": str(home), "OPENAI_API_KEY": "sk-local-test"}
+    stdout = run_agent_cli(CODEX, command, workspace, home, environment, CLI_TIMEOUT_SECONDS)
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def answer(events: list[dict[str, Any]]) -> str:

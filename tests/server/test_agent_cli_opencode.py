@@ -13,15 +13,13 @@ request that names the session.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import ROOT, RunningServer, start_server, stop_server
+from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +45,6 @@ def opencode_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
 
 def opencode(server: RunningServer, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     """Run ``opencode run --format json``; returns its events (exit 0 required)."""
-    assert OPENCODE.exists(), f"{OPENCODE} is missing: make test installs it (make agent-clis)"
     config = {
         "provider": {
             "local": {
@@ -61,24 +58,10 @@ def opencode(server: RunningServer, workspace: Path, *arguments: str) -> list[di
         "autoupdate": False,
         "share": "disabled",
     }
-    (workspace / "home").mkdir(exist_ok=True)
-    completed = subprocess.run(
-        [str(OPENCODE), "run", "--format", "json", "--title", "e2e", *arguments],
-        cwd=workspace,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(workspace / "home"),
-            "OPENCODE_CONFIG_CONTENT": json.dumps(config),
-            **OFFLINE,
-        },
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert completed.returncode == 0, f"opencode exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    environment = {"OPENCODE_CONFIG_CONTENT": json.dumps(config), **OFFLINE}
+    command = ["run", "--format", "json", "--title", "e2e", *arguments]
+    stdout = run_agent_cli(OPENCODE, command, workspace, workspace / "home", environment, CLI_TIMEOUT_SECONDS)
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def test_run_answers_with_its_default_output_limit(opencode_server: RunningServer, tmp_path: Path) -> None:

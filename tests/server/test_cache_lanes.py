@@ -98,6 +98,13 @@ def entry(
     return made
 
 
+def order_of(
+    entries: list[CacheEntry], lanes: dict[str, float], max_bytes: int = 10**9, trimmable: bool = True
+) -> list[CacheEntry]:
+    """The eviction order of ``entries`` now, ``lanes`` being each session's last request."""
+    return EvictionPolicy(entries, lanes, time.monotonic(), max_bytes, trimmable).order()
+
+
 class TestSuperseding:
     def test_a_sessions_newest_turn_replaces_its_older_turns(self) -> None:
         older = entry(tokens(1, 20), "a", turn=1)
@@ -123,16 +130,11 @@ class TestSuperseding:
 
 
 class TestEviction:
-    def order(
-        self, entries: list[CacheEntry], active: dict[str, float], max_bytes: int = 10**9, trimmable: bool = True
-    ) -> list[CacheEntry]:
-        return EvictionPolicy(entries, active, time.monotonic(), max_bytes, trimmable).order()
-
     def test_side_requests_go_before_the_sessions_conversation(self) -> None:
         """A title or summary request in the same session is evicted first, even when it is the newest."""
         main = entry(tokens(1, 2000), "a", turn=3, age=30)
         title = entry(tokens(9000, 50), "a")
-        assert self.order([main, title], {"a": time.monotonic()}) == [title, main]
+        assert order_of([main, title], {"a": time.monotonic()}) == [title, main]
 
     def test_idle_sessions_and_anonymous_requests_go_before_active_sessions(self) -> None:
         now = time.monotonic()
@@ -140,13 +142,13 @@ class TestEviction:
         idle = entry(tokens(2000, 100), "idle", turn=5)
         anonymous = entry(tokens(4000, 100), None)
         lanes = {"active": now, "idle": now - LANE_IDLE_SECONDS - 1}
-        assert self.order([active, idle, anonymous], lanes) == [idle, anonymous, active]
+        assert order_of([active, idle, anonymous], lanes) == [idle, anonymous, active]
 
     def test_a_session_over_its_fair_share_goes_first(self) -> None:
         now = time.monotonic()
         greedy = [entry(tokens(index * 1000, 10), "greedy", SNAPSHOT, age=index) for index in range(3)]
         modest = entry(tokens(9000, 10), "modest", turn=1, age=999)
-        order = self.order([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=3000)
+        order = order_of([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=3000)
         assert order[-1] is modest
 
     def test_a_large_session_is_not_over_its_share_while_every_session_fits(self) -> None:
@@ -155,8 +157,8 @@ class TestEviction:
         main = entry(tokens(1, 10), "main", turn=5, age=999)
         main.nbytes = 4000
         subagents = [entry(tokens(1000 * index, 10), f"agent {index}", turn=1) for index in range(1, 4)]
-        order = self.order([main, *subagents], {lane: now for lane in ("main", "agent 1", "agent 2", "agent 3")},
-                           max_bytes=8000)  # fmt: skip
+        lanes = {lane: now for lane in ("main", "agent 1", "agent 2", "agent 3")}
+        order = order_of([main, *subagents], lanes, max_bytes=8000)
         assert order[0] is main
 
     def test_a_checkpoint_a_longer_entry_holds_goes_first(self) -> None:
@@ -166,8 +168,8 @@ class TestEviction:
         checkpoint.hits = 3
         conversation = entry(tokens(1, 40), "a", turn=2, age=999)
         anonymous = entry(tokens(500, 20), None, age=999)
-        assert self.order([conversation, anonymous, checkpoint], {"a": now})[0] is checkpoint
-        untrimmable = self.order([conversation, anonymous, checkpoint], {"a": now}, trimmable=False)
+        assert order_of([conversation, anonymous, checkpoint], {"a": now})[0] is checkpoint
+        untrimmable = order_of([conversation, anonymous, checkpoint], {"a": now}, trimmable=False)
         assert untrimmable[-1] is checkpoint, "a cache that cannot step back needs the checkpoint itself"
 
     def test_a_checkpoint_no_second_request_used_goes_with_anonymous_entries(self) -> None:
@@ -176,16 +178,7 @@ class TestEviction:
         shared.hits = 2
         one_off = entry(tokens(500, 20), None, CHECKPOINT)
         conversation = entry(tokens(900, 40), "a", turn=2, age=999)
-        assert self.order([shared, conversation, one_off], {"a": now}) == [one_off, shared, conversation]
-
-
-class TestFairShare:
-    def test_everything_fits(self) -> None:
-        assert fair_share([100, 200, 300], 600) == float("inf")
-
-    def test_what_small_sessions_leave_goes_to_the_large_ones(self) -> None:
-        assert fair_share([100, 1000, 1000], 1000) == 450
-        assert fair_share([], 1000) == float("inf")
+        assert order_of([shared, conversation, one_off], {"a": now}) == [one_off, shared, conversation]
 
     def test_under_pressure_the_cache_keeps_the_main_conversation(self) -> None:
         """Through the cache itself: one session's side requests fill it; its conversation stays."""
@@ -197,6 +190,15 @@ class TestFairShare:
         assert cache.acquire([*conversation, 1], "a").cached_tokens == 40
         decisions = cache.describe_lanes()["recent_decisions"]
         assert any(decision["decision"] == "evicted: a side request of its session" for decision in decisions)
+
+
+class TestFairShare:
+    def test_everything_fits(self) -> None:
+        assert fair_share([100, 200, 300], 600) == float("inf")
+
+    def test_what_small_sessions_leave_goes_to_the_large_ones(self) -> None:
+        assert fair_share([100, 1000, 1000], 1000) == 450
+        assert fair_share([], 1000) == float("inf")
 
 
 def dense_state(token_list: list[int]) -> list[Any]:
@@ -279,7 +281,3 @@ class TestSubagentLanes:
         lanes = {e.lane: now for e in [*busy, busy_main, quiet] if e.lane}
         order = order_of([quiet, busy_main, *busy], lanes, max_bytes=3000)
         assert order[-1] is quiet and order[-2] is busy_main
-
-
-def order_of(entries: list[CacheEntry], lanes: dict[str, float], max_bytes: int = 10**9) -> list[CacheEntry]:
-    return EvictionPolicy(entries, lanes, time.monotonic(), max_bytes).order()
