@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from mlx_server.blas import preload_optimized_blas  # noqa: E402 - before MLX is imported
 
@@ -30,11 +30,12 @@ BLAS = preload_optimized_blas()
 
 from mlx_server.chat.call_formats import grammar_writer  # noqa: E402
 from mlx_server.chat.grammars import OutputConstraint, build_grammar  # noqa: E402
-from mlx_server.chat.prompts import render_prompt  # noqa: E402
+from mlx_server.chat.prompts import ChatTemplate  # noqa: E402
 from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
 from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
 from mlx_server.model.loading import load_model  # noqa: E402
-from mlx_server.vocabulary import GenerationRequest, GenerationStats, Message, SamplingSettings, Tool  # noqa: E402
+from mlx_server.vocabulary import GenerationStats, Message, Tool  # noqa: E402
+from testbed.requests import ask  # noqa: E402
 
 TARGET = 0.8
 MAX_TOKENS = 96
@@ -58,9 +59,8 @@ TOOLS = [
 
 
 def _decode_speed(engine: GenerationEngine, prompt: list[int], grammar: str | None, seed: int) -> GenerationStats:
-    settings = SamplingSettings(max_tokens=MAX_TOKENS, temperature=0.7, seed=seed, grammar=grammar)
-
-    return asyncio.run(engine.complete(GenerationRequest(prompt, settings, use_cache=False)))[1]
+    request = ask(MAX_TOKENS, grammar, temperature=0.7, seed=seed).request(prompt, use_cache=False)
+    return asyncio.run(engine.complete(request))[1]
 
 
 def main() -> None:
@@ -77,15 +77,16 @@ def main() -> None:
     )
     engine.warm_up()
     writer = grammar_writer(loaded.tokenizer)
-    ask = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]
+    template = ChatTemplate(loaded.tokenizer)
+    story = [Message("user", "Write a long story about a lighthouse keeper, as JSON.")]
     act = [Message("user", "Save a long README for my project in README.md.")]
     cases = {
         "JSON schema (long string)": (
-            render_prompt(loaded.tokenizer, ask),
+            template.tokens(story),
             build_grammar(OutputConstraint(json_schema=STORY_SCHEMA), writer),
         ),
         "forced tool call (4 tools)": (
-            render_prompt(loaded.tokenizer, act, TOOLS),
+            template.tokens(act, TOOLS),
             build_grammar(OutputConstraint(tools=TOOLS, tool_mode="required", parallel_calls=False), writer),
         ),
     }

@@ -41,8 +41,8 @@ from mlx_server.blas import preload_optimized_blas  # noqa: E402
 preload_optimized_blas()  # before MLX is imported, as the server does
 
 from mlx_server.model.loading import load_model  # noqa: E402
-from tests.families.serving import serve  # noqa: E402
-from tests.families.tiny_models import FAMILIES, Family, build  # noqa: E402
+from testbed.serving import serve  # noqa: E402
+from testbed.tiny_models import FAMILIES, Family, build  # noqa: E402
 
 TURNS = 8
 REPLY_TOKENS = 24

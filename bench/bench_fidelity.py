@@ -24,17 +24,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from mlx_server.blas import preload_optimized_blas
+from mlx_server.blas import preload_optimized_blas  # noqa: E402
 
 preload_optimized_blas(None)
 
-from mlx_server.chat.prompts import render_prompt  # noqa: E402
+from mlx_server.chat.prompts import ChatTemplate  # noqa: E402
 from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
 from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
 from mlx_server.model.loading import LoadedModel, load_model  # noqa: E402
-from mlx_server.vocabulary import GenerationRequest, Message, SamplingSettings  # noqa: E402
+from mlx_server.vocabulary import Message  # noqa: E402
+from testbed.requests import Ask, ask  # noqa: E402
 
 TOPICS = [
     "the capital of France",
@@ -65,8 +67,8 @@ def questions(count: int) -> list[str]:
     return [styles[index // len(TOPICS) % len(styles)].format(TOPICS[index % len(TOPICS)]) for index in range(count)]
 
 
-async def generate(engine: GenerationEngine, prompt: list[int], settings: SamplingSettings) -> Reply:
-    text, stats = await engine.complete(GenerationRequest(prompt, settings, use_cache=False))
+async def generate(engine: GenerationEngine, prompt: list[int], settings: Ask) -> Reply:
+    text, stats = await engine.complete(settings.request(prompt, use_cache=False))
     tokens = list(engine.tokenizer.encode(text, add_special_tokens=False))
     return Reply(tokens, stats.completion_tokens, stats.tokens_per_second, stats.time_to_first_token_ms)
 
@@ -87,8 +89,9 @@ def make_engine(loaded: LoadedModel, max_batch: int = 16, kv_bits: int | None = 
 
 def batch_invariance(loaded: LoadedModel, count: int, tokens: int) -> None:
     engine = make_engine(loaded, max_batch=8)
-    settings = SamplingSettings(temperature=0.0, max_tokens=tokens)
-    prompts = [render_prompt(engine.tokenizer, [Message("user", question)]) for question in questions(count)]
+    settings = ask(tokens, temperature=0.0)
+    template = ChatTemplate(engine.tokenizer)
+    prompts = [template.tokens([Message("user", question)]) for question in questions(count)]
     alone = [asyncio.run(generate(engine, prompt, settings)) for prompt in prompts]
 
     async def together(group: list[list[int]]) -> list[Reply]:
@@ -109,11 +112,11 @@ def batch_invariance(loaded: LoadedModel, count: int, tokens: int) -> None:
 def kv_quantization(loaded: LoadedModel, tokens: int, trials: int) -> None:
     filler = " ".join(f"Line {index}: the service restarted and wrote its status to the log." for index in range(90))
     messages = [Message("user", f"{filler}\nSummarize the log above in one paragraph.")]
-    settings = SamplingSettings(temperature=0.0, max_tokens=tokens)
+    settings = ask(tokens, temperature=0.0)
     rows: list[tuple[str, int, float, float, list[int]]] = []
     for label, bits in (("float32 (batched engine)", None), ("--kv-bits 8", 8), ("--kv-bits 4", 4)):
         engine = make_engine(loaded, kv_bits=bits)
-        prompt = render_prompt(engine.tokenizer, messages)
+        prompt = ChatTemplate(engine.tokenizer).tokens(messages)
         replies = [asyncio.run(generate(engine, prompt, settings)) for _ in range(trials)]
         speed = statistics.median(reply.tokens_per_second for reply in replies)
         ttft = statistics.median(reply.ttft_ms for reply in replies)

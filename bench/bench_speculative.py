@@ -31,7 +31,7 @@ from typing import Any
 from serverlib import report_targets
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from mlx_server.blas import preload_optimized_blas  # noqa: E402
 
@@ -42,7 +42,8 @@ from mlx_server.chat.grammars import OutputConstraint, build_grammar  # noqa: E4
 from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
 from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
 from mlx_server.model.loading import load_model  # noqa: E402
-from mlx_server.vocabulary import GenerationRequest, GenerationStats, SamplingSettings, Tool  # noqa: E402
+from mlx_server.vocabulary import GenerationStats, SpeculativeMode, Tool  # noqa: E402
+from testbed.requests import Ask, ask  # noqa: E402
 
 FILE = "\n".join(
     f"def handler_{i}(request):\n    value = request.args.get('item_{i}', {i})\n    return respond(value * {i + 1})"
@@ -67,7 +68,7 @@ def chat(tokenizer: Any, user: str, reply_start: str = "") -> list[int]:
     return tokens
 
 
-def workloads(loaded: Any) -> dict[str, list[tuple[list[int], SamplingSettings]]]:
+def workloads(loaded: Any) -> dict[str, list[tuple[list[int], Ask]]]:
     tokenizer = loaded.tokenizer
     grammar = build_grammar(
         OutputConstraint(tools=[EDIT], tool_mode="required", parallel_calls=False, call_format=HERMES,
@@ -78,35 +79,35 @@ def workloads(loaded: Any) -> dict[str, list[tuple[list[int], SamplingSettings]]
     edit_ask = (f"Read handlers.py:\n{read_result}\nReplace this block:\n{BLOCK}\nCall edit_file with old_string "
                 "set to exactly that block.")  # fmt: skip
     edit = chat(tokenizer, edit_ask)
-    ask = f"Here is a file:\n{FILE}\nWrite it out again with item_7's default changed to 70."
-    repeat = chat(tokenizer, ask)
+    rewrite = f"Here is a file:\n{FILE}\nWrite it out again with item_7's default changed to 70."
+    repeat = chat(tokenizer, rewrite)
     # The 135M model does not copy on its own (its old_string is "old_string"): the "started" variants begin
     # its reply as a model that copies would, and measure decoding the rest.
     first_lines = "\n".join(BLOCK.splitlines()[:2])
     call_start = '<tool_call>\n{"name": "edit_file", "arguments": {"path": "handlers.py", "old_string": "'
     edit_started = chat(tokenizer, edit_ask, call_start + first_lines.replace("\n", "\\n"))
-    repeat_started = chat(tokenizer, ask, "\n".join(CHANGED.splitlines()[:3]))
+    repeat_started = chat(tokenizer, rewrite, "\n".join(CHANGED.splitlines()[:3]))
     prose = chat(tokenizer, "Write a long, varied story about a lighthouse keeper, the sea and a storm.")
     return {
         "copying": [
-            (edit, SamplingSettings(max_tokens=400, temperature=0.0, grammar=grammar)),
-            (repeat, SamplingSettings(max_tokens=400, temperature=0.0)),
+            (edit, ask(400, grammar, temperature=0.0)),
+            (repeat, ask(400, temperature=0.0)),
         ],
         "copying, started": [
-            (edit_started, SamplingSettings(max_tokens=400, temperature=0.0)),
-            (repeat_started, SamplingSettings(max_tokens=400, temperature=0.0)),
+            (edit_started, ask(400, temperature=0.0)),
+            (repeat_started, ask(400, temperature=0.0)),
         ],
-        "prose": [(prose, SamplingSettings(max_tokens=300, temperature=0.0))],
+        "prose": [(prose, ask(300, temperature=0.0))],
     }
 
 
-def engine(loaded: Any, mode: str) -> GenerationEngine:
+def engine(loaded: Any, mode: SpeculativeMode) -> GenerationEngine:
     cache = KVPromptCache.for_model(loaded.model, loaded.identity, 0, 2**30)  # no prompt cache: cold every time
     return GenerationEngine(loaded, cache, EngineOptions(8, 8, 2**31, None, mode))
 
 
-async def one(engine_: GenerationEngine, prompt: list[int], settings: SamplingSettings) -> tuple[str, GenerationStats]:
-    return await engine_.complete(GenerationRequest(prompt, settings))
+async def one(engine_: GenerationEngine, prompt: list[int], settings: Ask) -> tuple[str, GenerationStats]:
+    return await engine_.complete(settings.request(prompt))
 
 
 async def measure(loaded: Any, runs: int) -> int:

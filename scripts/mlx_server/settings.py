@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_server.vocabulary import SPECULATIVE_MODES
+from mlx_server.vocabulary import SPECULATIVE_MODES, SpeculativeMode
 
 __all__ = ["ENV_PREFIX", "ApiKeys", "Option", "Settings", "build_parser", "parse_settings", "settings_table"]
 
@@ -120,10 +120,11 @@ def _kv_bits(text: str) -> int:
     return value
 
 
-def _speculative(text: str) -> str:
-    if text not in SPECULATIVE_MODES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SPECULATIVE_MODES)}, got {text!r}")
-    return text
+def _speculative(text: str) -> SpeculativeMode:
+    for mode in SPECULATIVE_MODES:
+        if text == mode:
+            return mode
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(SPECULATIVE_MODES)}, got {text!r}")
 
 
 # -- the declaration ---------------------------------------------------------------------------------
@@ -175,17 +176,19 @@ class Settings:
         default_text="quantized on a GPU; float32 on a CPU when that fits a quarter of memory",
     )
     default_max_tokens: int = option(1024, "completion length when a request sets none", parse=_positive_int)
-    default_temperature: float = option(
-        1.0,
-        "sampling temperature for requests that set none, as Claude Code's never do (0 is greedy)",
+    default_temperature: float | None = option(
+        None,
+        "sampling temperature for requests that set none, as Claude Code's never do (0 is greedy); it wins over "
+        "the model's own recommendation",
         parse=_temperature,
+        default_text="the model's (generation_config.json), else 1",
     )
     default_repetition_penalty: float | None = option(
         None,
         "repetition penalty (mlx-lm's, over the last 20 tokens) for requests that set none, as Anthropic's API "
         "has no such field; 1.1-1.3 keeps small models out of loops",
         parse=_repetition_penalty,
-        default_text="none",
+        default_text="the model's (generation_config.json), else none",
     )
     strict_max_tokens: bool = option(
         False,
@@ -267,7 +270,7 @@ class Settings:
         metavar="{4,8}",
         default_text="off",
     )
-    speculative: str = option(
+    speculative: SpeculativeMode = option(
         "prompt-lookup",
         "speculative decoding: prompt-lookup drafts the next tokens from the request's own context (code an agent "
         "copies) and checks them in one pass; the output is unchanged. Used while one sequence decodes alone, on "

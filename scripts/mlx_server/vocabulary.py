@@ -15,19 +15,22 @@ scripted engine can stand in for the real one in tests.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Union
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, Protocol, TypeVar, Union, get_args
 
 __all__ = [
     "CUSTOM_TOOL",
     "FUNCTION_TOOL",
+    "PLAIN_SAMPLING",
     "SPECULATIVE_MODES",
     "CacheLookup",
+    "CacheSource",
     "ContextOverflowError",
     "Divergence",
     "Engine",
     "EngineEvent",
     "EngineStats",
+    "FinishReason",
     "GeneratedText",
     "GenerationFinished",
     "GenerationRequest",
@@ -37,28 +40,39 @@ __all__ = [
     "InvalidRequestError",
     "KVBudgetError",
     "KeepAlive",
+    "Lane",
     "Message",
     "ModelLoadingError",
     "NotFoundError",
     "PromptAdmitted",
+    "PromptCacheStats",
+    "RecommendedSampling",
     "RequestTimeoutError",
     "Role",
     "Sampling",
-    "SamplingSettings",
     "ServerError",
+    "SpeculativeMode",
     "Tool",
     "ToolCall",
     "ToolChoice",
     "ToolGrammar",
+    "ToolMode",
     "UnsupportedOptionError",
 ]
-
-#: How the engine may speculate: off, or drafting from the request's own context (engine/speculation.py).
-SPECULATIVE_MODES = ("off", "prompt-lookup")
 
 Role = Literal["system", "user", "assistant", "tool"]
 FUNCTION_TOOL = "function"
 CUSTOM_TOOL = "custom"
+ToolMode = Literal["none", "auto", "required"]
+#: How the engine may speculate: off, or drafting from the request's own context (engine/speculation.py).
+SpeculativeMode = Literal["off", "prompt-lookup"]
+SPECULATIVE_MODES: tuple[SpeculativeMode, ...] = get_args(SpeculativeMode)
+CacheSource = Literal["miss", "extended", "copied-prefix", "checkpoint", "snapshot", "off", "response"]
+"""What the prompt cache gave a request: nothing (``miss``), its session's conversation continued
+(``extended``), a copy of another entry's prefix, a checkpoint or a snapshot; ``off`` when the cache is off,
+``response`` when an exact answer was replayed."""
+FinishReason = Literal["stop", "length", "tool_calls", "timeout", "cancelled"]
+"""Why a completion ended; ``timeout`` and ``cancelled`` never reach a client as a completion."""
 
 
 # -- a conversation ------------------------------------------------------------------
@@ -118,48 +132,104 @@ class Tool:
 class ToolChoice:
     """``none``, ``auto`` or ``required``; ``name`` forces one tool (and implies ``required``)."""
 
-    mode: Literal["none", "auto", "required"] = "auto"
+    mode: ToolMode = "auto"
     name: str | None = None
+
+
+Value = TypeVar("Value")
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a request asks to sample; ``None`` penalties are off, a ``None`` temperature is the server's default."""
+    """How to sample; ``None`` is "not said here", so that layers of defaults can fill it in.
+
+    A request's sampling is laid over the server's ``--default-*`` options,
+    then the model's own ``generation_config.json``, then ``PLAIN_SAMPLING``
+    (``over``, in ``chat.profile``): a field is declared once, here, and every
+    layer resolves it the same way.  Penalties left ``None`` at the end are off.
+    """
 
     temperature: float | None = None
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def over(self, fallback: Sampling) -> Sampling:
+        """These values where they are given, ``fallback``'s elsewhere (stop sequences are the request's own)."""
+        filled = {
+            item.name: getattr(fallback, item.name)
+            for item in fields(self)
+            if getattr(self, item.name) is None and item.name != "stop"
+        }
+        return replace(self, **filled) if filled else self
+
+    def given(self) -> dict[str, Any]:
+        """The values that are set, by name (for the start-up line and debug output)."""
+        return {name: value for name, value in asdict(self).items() if value not in (None, ())}
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy, or seeded: the same prompt always gives the same output."""
+        return self.temperature == 0 or self.seed is not None
+
+    @staticmethod
+    def require(value: Value | None) -> Value:
+        """A value of resolved sampling (laid over ``PLAIN_SAMPLING``, so never None)."""
+        if value is None:
+            raise ValueError("sampling must be resolved over PLAIN_SAMPLING before the engine reads it")
+        return value
+
+
+#: What sampling means when nothing says otherwise: the model's full distribution, no filters, no penalties.
+PLAIN_SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+
+
+@dataclass(frozen=True)
+class RecommendedSampling:
+    """The sampling a model's authors recommend (``generation_config.json``, a model card), and where it was read."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    source: str = "none"
+
+
+@dataclass(frozen=True)
+class Lane:
+    """The agent session a request belongs to, for the prompt cache: whose entries churn cannot evict.
+
+    ``kind`` says who named it (``claude-code``, ``codex``, ``key``, ``user``);
+    ``session`` and ``agent`` are short digests of the identifiers, never the
+    identifiers themselves (they are credentials of a kind).  A subagent's
+    lane has its ``agent``; ``session_lane`` is the session it belongs to.
+    """
+
+    kind: str
+    session: str
+    agent: str | None = None
+
+    @property
+    def session_lane(self) -> Lane:
+        return self if self.agent is None else Lane(self.kind, self.session)
+
+    @property
+    def is_subagent(self) -> bool:
+        return self.agent is not None
+
+    def __str__(self) -> str:
+        """``kind:session`` or ``kind:session/agent``: how headers, logs and /v1/cache show it."""
+        return f"{self.kind}:{self.session}" + (f"/{self.agent}" if self.agent else "")
 
 
 # -- what the engine is asked, and what it answers -------------------------------------------
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample one completion, validated and with every default filled in."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    grammar: str | None = None  # an llguidance grammar the output must follow (None: free)
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
-    """One completion for the engine to generate.
+    """One completion for the engine to generate: at most ``max_tokens``, sampled as ``sampling`` says.
 
     ``stable_prefix`` is where the system prompt and tools end (a checkpoint
     worth keeping, 0: none).  ``turn_start`` is where the conversation's
@@ -176,11 +246,13 @@ class GenerationRequest:
     """
 
     prompt: list[int]
-    settings: SamplingSettings
+    max_tokens: int
+    sampling: Sampling = PLAIN_SAMPLING  # resolved: laid over PLAIN_SAMPLING
+    grammar: str | None = None  # an llguidance grammar the output must follow (None: free)
     stable_prefix: int = 0
     turn_start: int = 0
     after_user: bool = False
-    lane: str | None = None
+    lane: Lane | None = None
     use_cache: bool = True
     timeout: float | None = None
     keepalive: float = 0.0
@@ -197,20 +269,17 @@ class Divergence:
 
 @dataclass(frozen=True)
 class CacheLookup:
-    """What the prompt cache gave a request, decided before its prefill starts.
+    """What the prompt cache gave a request, decided before its prefill starts (``source``: see ``CacheSource``).
 
-    ``source`` is ``miss``, ``extended`` (the request continues a cached
-    conversation), ``copied-prefix``, ``checkpoint``, ``snapshot``, ``off``
-    (the cache is off) or ``response`` (an exact answer was replayed).
     ``divergence`` says where the prompt left the nearest entry on a miss or
     partial hit (None when nothing cached shares a prefix with it, or when it
     was a plain extension).
     """
 
     cached_tokens: int
-    source: str
+    source: CacheSource
     divergence: Divergence | None = None
-    lane: str | None = None
+    lane: Lane | None = None
 
 
 @dataclass
@@ -220,8 +289,8 @@ class GenerationStats:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0
-    cache_source: str = "miss"
-    finish_reason: str = "stop"
+    cache_source: CacheSource = "miss"
+    finish_reason: FinishReason = "stop"
     stop_sequence: str | None = None  # the stop sequence that ended the completion, if one did
     queue_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
@@ -293,8 +362,34 @@ class EngineStats:
     accepted_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class PromptCacheStats:
+    """What /health, /v1/cache and /metrics show of the prompt cache."""
+
+    enabled: bool
+    entries: int
+    checkpoints: int
+    snapshots: int
+    lanes: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+    hits: int
+    misses: int
+    tokens_saved: int
+    evictions: int
+    persisted_to: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Engine(Protocol):
     """The engine as the chat core sees it: a tokenizer, a context length, a stream of events, statistics."""
+
+    def prefill_checkpoint(self, tokens: list[int]) -> bool:
+        """Compute the KV state of ``tokens`` and keep it as a checkpoint (warming the cache); False if kept already."""
+        ...
 
     @property
     def tokenizer(self) -> Any: ...

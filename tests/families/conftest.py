@@ -11,9 +11,8 @@ import mlx.nn as nn
 import pytest
 
 from mlx_server.model.loading import load_model
-
-from .serving import Served, serve
-from .tiny_models import FAMILIES, build
+from testbed.serving import Served, serve
+from testbed.tiny_models import FAMILIES, build
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import jsonschema
 import mlx.core as mx
 import pytest
 
-from .serving import Served
+from testbed.serving import Served
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 12
 FORECAST = {

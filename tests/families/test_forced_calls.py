@@ -16,8 +16,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from mlx_server.model.loading import load_model
+from testbed.serving import serve
 
-from .serving import serve
 from .test_family_matrix import FORECAST, SCHEMA, forced_anthropic
 
 WRITE_FILE: dict[str, Any] = {

@@ -12,36 +12,43 @@ it in milliseconds; the real model proves the rest (tests marked ``e2e``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import socket
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import uvicorn
 from starlette.testclient import TestClient
 
 from mlx_server.blas import BlasInfo
 from mlx_server.chat.answer_cache import AnswerCache
-from mlx_server.edge.app import ServerState, create_app
-from mlx_server.engine.prompt_cache import PromptCacheStats
-from mlx_server.engine.sequence import StopText
+from mlx_server.chat.profile import ModelProfile
+from mlx_server.chat.service import ChatService
+from mlx_server.edge.app import ServerState, create_app, service_options
 from mlx_server.settings import Settings
+from mlx_server.stop_text import StopText
 from mlx_server.vocabulary import (
     CacheLookup,
     EngineEvent,
     EngineStats,
+    FinishReason,
     GeneratedText,
     GenerationFinished,
     GenerationRequest,
     GenerationStats,
     KeepAlive,
     PromptAdmitted,
+    PromptCacheStats,
+    RecommendedSampling,
     ServerError,
 )
-
-from .model_tokenizers import load_tokenizer
+from testbed.tokenizers import load_tokenizer
 
 DEFAULT_TEXT = "Hello from the scripted engine."
 
@@ -55,7 +62,7 @@ class Reply:
     """
 
     pieces: list[str] = field(default_factory=lambda: [DEFAULT_TEXT])
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = "stop"
     lookup: CacheLookup | None = None
     error: ServerError | None = None
     keepalives: int = 0
@@ -73,7 +80,9 @@ class ScriptedEngine:
         self.requests: list[GenerationRequest] = []
         self.cancelled: list[GenerationRequest] = []
         self.ended_early: list[GenerationRequest] = []
+        self.checkpoints: list[list[int]] = []
         self._replies: deque[Reply] = deque()
+        self._responder: Callable[[GenerationRequest, str], Reply | str | None] | None = None
         self._lock = threading.Lock()
 
     def reply(self, *replies: Reply | str) -> None:
@@ -81,13 +90,21 @@ class ScriptedEngine:
         with self._lock:
             self._replies.extend(Reply([reply]) if isinstance(reply, str) else reply for reply in replies)
 
-    def _next_reply(self) -> Reply:
+    def respond_with(self, responder: Callable[[GenerationRequest, str], Reply | str | None]) -> None:
+        """Decide each reply from the request and its prompt as text (None: the queued replies, then the default)."""
+        self._responder = responder
+
+    def _next_reply(self, request: GenerationRequest) -> Reply:
+        if self._responder is not None:
+            chosen = self._responder(request, str(self.tokenizer.decode(request.prompt)))
+            if chosen is not None:
+                return Reply([chosen]) if isinstance(chosen, str) else chosen
         with self._lock:
             return self._replies.popleft() if self._replies else Reply()
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         self.requests.append(request)
-        reply = self._next_reply()
+        reply = self._next_reply(request)
         finished = False
         ended: list[bool] = []
         try:
@@ -98,11 +115,11 @@ class ScriptedEngine:
             lookup = reply.lookup or CacheLookup(0, "miss" if request.use_cache else "off")
             yield PromptAdmitted(lookup, lambda: ended.append(True))
             stats = GenerationStats(len(request.prompt), cached_tokens=lookup.cached_tokens, cache_source=lookup.source)
-            stops = StopText(request.settings.stop)
+            stops = StopText(request.sampling.stop)
             tokens = self._tokens(reply.pieces)
-            stats.finish_reason = reply.finish_reason if len(tokens) <= request.settings.max_tokens else "length"
+            stats.finish_reason = reply.finish_reason if len(tokens) <= request.max_tokens else "length"
             detokenizer = self.tokenizer.detokenizer
-            for index, token in enumerate(tokens[: request.settings.max_tokens]):
+            for index, token in enumerate(tokens[: request.max_tokens]):
                 await asyncio.sleep(reply.seconds_per_token)
                 stats.completion_tokens += 1
                 detokenizer.add_token(token)
@@ -127,6 +144,10 @@ class ScriptedEngine:
         finally:
             if not finished:
                 self.cancelled.append(request)
+
+    def prefill_checkpoint(self, tokens: list[int]) -> bool:
+        self.checkpoints.append(tokens)
+        return True
 
     def _tokens(self, pieces: list[str]) -> list[int]:
         return [int(token) for piece in pieces for token in self.tokenizer.encode(piece, add_special_tokens=False)]
@@ -179,6 +200,7 @@ class ScriptedServer:
     engine: ScriptedEngine
     client: TestClient
     settings: Settings
+    service: ChatService
 
     @functools.cached_property
     def fast(self) -> InProcessClient:
@@ -186,14 +208,46 @@ class ScriptedServer:
 
 
 def scripted_server(
-    settings: Settings | None = None, template: str | None = None, context_length: int = 8192
+    settings: Settings | None = None,
+    template: str | None = None,
+    context_length: int = 8192,
+    recommended: RecommendedSampling | None = None,
 ) -> ScriptedServer:
     """The real application (middleware, dialects, chat core) over a scripted engine.
 
-    The tokenizer is Qwen3's; ``template`` replaces its chat template.
+    The tokenizer is Qwen3's; ``template`` replaces its chat template; ``recommended`` is the model's own
+    sampling (its generation_config.json).
     """
     settings = settings or Settings(default_temperature=0.0, response_cache_size=0)
     engine = ScriptedEngine(load_tokenizer("qwen3", template), context_length)
     answers = AnswerCache("scripted", settings.response_cache_size)
     state = ServerState(settings=settings, blas=BlasInfo("test", None, optimized=False), engine=engine, answers=answers)
-    return ScriptedServer(engine, TestClient(create_app(state), raise_server_exceptions=False), settings)
+    profile = ModelProfile(engine.tokenizer, context_length, recommended)
+    service = ChatService(engine, service_options(settings), answers, profile=profile)
+    state.attach(service)
+    return ScriptedServer(engine, TestClient(create_app(state), raise_server_exceptions=False), settings, service)
+
+
+@contextlib.contextmanager
+def served_over_http(server: ScriptedServer) -> Iterator[str]:
+    """The scripted application on a real port of 127.0.0.1 (uvicorn, in a thread); yields its base URL.
+
+    For clients that must talk real HTTP (the agent CLIs); stopped, and its thread joined, on exit.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    http = uvicorn.Server(uvicorn.Config(server.client.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, name="scripted-http", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not http.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the scripted server did not start")
+        time.sleep(0.02)
+    try:
+        yield base_url
+    finally:
+        http.should_exit = True
+        thread.join(timeout=30)

@@ -319,7 +319,7 @@ class TestCompletionLimits:
         response = server.client.post(CHAT, json=chat_body(max_tokens=100_000))
         assert response.status_code == 200, response.text
         prompt_tokens = response.json()["usage"]["prompt_tokens"]
-        assert server.engine.requests[-1].settings.max_tokens == 8192 - prompt_tokens
+        assert server.engine.requests[-1].max_tokens == 8192 - prompt_tokens
 
     def test_strict_max_tokens_keeps_openais_400(self) -> None:
         """--strict-max-tokens answers the same request with OpenAI's overflow error and wording."""

@@ -19,19 +19,18 @@ import pytest
 
 from mlx_server.chat.call_formats import HERMES, grammar_writer
 from mlx_server.chat.grammars import OutputConstraint, build_grammar
-from mlx_server.chat.prompts import render_prompt, render_prompt_with_prefix
+from mlx_server.chat.prompts import ChatTemplate
 from mlx_server.chat.tool_parsing import parse_tool_calls
 from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.vocabulary import (
     GeneratedText,
     GenerationFinished,
-    GenerationRequest,
     GenerationStats,
     Message,
-    SamplingSettings,
     Tool,
 )
+from testbed.requests import Ask, ask
 
 from .conftest import RunningServer, start_server, stop_server
 from .helpers import CHAT, LONG_ANSWER, WEATHER_PARAMETERS, chat_body
@@ -64,19 +63,19 @@ def engine(loaded_model: Any) -> Iterator[GenerationEngine]:
 
 
 def prompt_for(engine: GenerationEngine, question: str) -> list[int]:
-    return render_prompt(engine.tokenizer, [Message("user", question)])
+    return ChatTemplate(engine.tokenizer).tokens([Message("user", question)])
 
 
 async def generate(
     engine: GenerationEngine,
     prompt: list[int],
-    settings: SamplingSettings,
+    settings: Ask,
     stable_prefix: int = 0,
     cancel_after: int | None = None,
 ) -> Outcome:
     parts: list[str] = []
     stats: GenerationStats | None = None
-    events = engine.stream(GenerationRequest(prompt, settings, stable_prefix))
+    events = engine.stream(settings.request(prompt, stable_prefix))
     async for event in events:
         if isinstance(event, GeneratedText):
             parts.append(event.text)
@@ -90,11 +89,11 @@ async def generate(
     return Outcome("".join(parts), stats)
 
 
-def alone(engine: GenerationEngine, prompt: list[int], settings: SamplingSettings) -> Outcome:
+def alone(engine: GenerationEngine, prompt: list[int], settings: Ask) -> Outcome:
     return asyncio.run(generate(engine, prompt, settings))
 
 
-def together(engine: GenerationEngine, *requests: tuple[list[int], SamplingSettings]) -> list[Outcome]:
+def together(engine: GenerationEngine, *requests: tuple[list[int], Ask]) -> list[Outcome]:
     async def run() -> list[Outcome]:
         return list(await asyncio.gather(*(generate(engine, prompt, settings) for prompt, settings in requests)))
 
@@ -108,7 +107,7 @@ class TestPerRequestSettings:
     def test_greedy_outputs_equal_their_solo_outputs(self, engine: GenerationEngine) -> None:
         """At temperature 0, six different prompts with different lengths give, together, what each gives alone."""
         requests = [
-            (prompt_for(engine, question), SamplingSettings(max_tokens=12 + 4 * index, temperature=0.0))
+            (prompt_for(engine, question), ask(12 + 4 * index, temperature=0.0))
             for index, question in enumerate(QUESTIONS)
         ]
         solo = [alone(engine, *request) for request in requests]
@@ -122,15 +121,15 @@ class TestPerRequestSettings:
         """A stop sequence, a length limit, a forced tool call and a sampled request finish correctly side by side."""
         constraint = OutputConstraint(tools=[WEATHER], tool_mode="required", forced_function="get_weather")
         grammar = build_grammar(constraint, grammar_writer(engine.tokenizer))
-        weather_prompt = render_prompt(engine.tokenizer, [Message("user", "Weather in Paris?")], [WEATHER])
+        weather_prompt = ChatTemplate(engine.tokenizer).tokens([Message("user", "Weather in Paris?")], [WEATHER])
         question = prompt_for(engine, QUESTIONS[0])
-        free = alone(engine, question, SamplingSettings(max_tokens=40, temperature=0.0)).text
+        free = alone(engine, question, ask(40, temperature=0.0)).text
         stop = free.split()[2]  # a word the greedy answer writes: the stop sequence ends the text before it
         requests = [
-            (question, SamplingSettings(max_tokens=40, temperature=0.0, stop=(stop,))),
-            (prompt_for(engine, LONG_ANSWER), SamplingSettings(max_tokens=7, temperature=0.0)),
-            (weather_prompt, SamplingSettings(max_tokens=60, temperature=0.0, grammar=grammar)),
-            (prompt_for(engine, QUESTIONS[2]), SamplingSettings(max_tokens=16, temperature=0.9, top_p=0.9, top_k=40)),
+            (question, ask(40, temperature=0.0, stop=(stop,))),
+            (prompt_for(engine, LONG_ANSWER), ask(7, temperature=0.0)),
+            (weather_prompt, ask(60, grammar, temperature=0.0)),
+            (prompt_for(engine, QUESTIONS[2]), ask(16, temperature=0.9, top_p=0.9, top_k=40)),
         ]
         stopped, limited, called, sampled = together(engine, *requests)
         assert stopped.stats.finish_reason == "stop" and stopped.stats.stop_sequence == stop
@@ -144,11 +143,8 @@ class TestPerRequestSettings:
 
     def test_a_seeded_request_is_reproducible_in_a_batch(self, engine: GenerationEngine) -> None:
         """Its own random key: the same seed gives the same text alone and among other sampled requests."""
-        seeded = (prompt_for(engine, QUESTIONS[5]), SamplingSettings(max_tokens=24, temperature=1.0, seed=1234))
-        others = [
-            (prompt_for(engine, question), SamplingSettings(max_tokens=24, temperature=1.0))
-            for question in QUESTIONS[:3]
-        ]
+        seeded = (prompt_for(engine, QUESTIONS[5]), ask(24, temperature=1.0, seed=1234))
+        others = [(prompt_for(engine, question), ask(24, temperature=1.0)) for question in QUESTIONS[:3]]
         solo = alone(engine, *seeded).text
         batched = together(engine, *others, seeded)[-1].text
         assert batched == solo
@@ -160,13 +156,11 @@ class TestLifecycle:
 
         async def run() -> list[Outcome]:
             long = prompt_for(engine, LONG_ANSWER)
-            settings = SamplingSettings(max_tokens=30, temperature=0.0)
+            settings = ask(30, temperature=0.0)
             return list(
                 await asyncio.gather(
                     generate(engine, long, settings, cancel_after=3),
-                    generate(
-                        engine, prompt_for(engine, QUESTIONS[1]), SamplingSettings(max_tokens=20, temperature=0.0)
-                    ),
+                    generate(engine, prompt_for(engine, QUESTIONS[1]), ask(20, temperature=0.0)),
                     generate(engine, long, settings),
                 )
             )
@@ -180,10 +174,11 @@ class TestLifecycle:
         """Two conversations with one system prompt, together: the second turns start from their first turns."""
         system = "You are a careful assistant who answers in one short sentence. " * 8
         conversations = [[Message("system", system), Message("user", question)] for question in QUESTIONS[:2]]
-        settings = SamplingSettings(max_tokens=8, temperature=0.0)
+        settings = ask(8, temperature=0.0)
 
-        def requests() -> list[tuple[list[int], SamplingSettings, int]]:
-            rendered = [render_prompt_with_prefix(engine.tokenizer, messages) for messages in conversations]
+        def requests() -> list[tuple[list[int], Ask, int]]:
+            template = ChatTemplate(engine.tokenizer)
+            rendered = [template.tokens_with_prefix(messages) for messages in conversations]
             return [(prompt, settings, prefix) for prompt, prefix in rendered]
 
         async def turn() -> list[Outcome]:

@@ -15,9 +15,24 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
+from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry, EntryKind
 from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, fair_share, superseded
 from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.vocabulary import Lane
+
+A, B, SESSION, MAIN = Lane("test", "a"), Lane("test", "b"), Lane("test", "session"), Lane("test", "main")
+ACTIVE, IDLE, GREEDY, MODEST = (
+    Lane("test", "active"),
+    Lane("test", "idle"),
+    Lane("test", "greedy"),
+    Lane("test", "modest"),
+)
+
+
+def subagent_lane(number: int) -> Lane:
+    """A lane of its own per agent (these tests' "agents" are sessions with one conversation each)."""
+    return Lane("test", f"agent {number}")
+
 
 ENTRY_BYTES = 256 * 2 * 4 + 4  # a 256-token KV step of one float32 key and value, and the recurrent state
 
@@ -64,9 +79,9 @@ class TestCachesThatCannotStepBack:
     def test_the_next_turn_resumes_from_the_snapshot_of_the_history(self) -> None:
         cache = hybrid_prompt_cache()
         history, reply = tokens(100, 30), [7, 7, 7]
-        cache.add_snapshot(hybrid_state(history), history, "session", after_user=True)
-        cache.release(hybrid_state(history + reply), history + reply, len(history) + 1, "session")
-        lease = cache.acquire([*history, 8, 8, 8, 1], "session")
+        cache.add_snapshot(hybrid_state(history), history, SESSION, after_user=True)
+        cache.release(hybrid_state(history + reply), history + reply, len(history) + 1, SESSION)
+        lease = cache.acquire([*history, 8, 8, 8, 1], SESSION)
         assert lease.source == "snapshot" and lease.cached_tokens == len(history)
         assert held(lease.cache) == history, "a copy of the snapshot, which stays for a retry"
         assert cache.has_snapshot(history)
@@ -87,8 +102,8 @@ class TestCachesThatCannotStepBack:
 
 def entry(
     token_list: list[int],
-    lane: str | None,
-    kind: str = CONVERSATION,
+    lane: Lane | None,
+    kind: EntryKind = CONVERSATION,
     turn: int = 0,
     after_user: bool = False,
     age: float = 0.0,
@@ -99,7 +114,7 @@ def entry(
 
 
 def order_of(
-    entries: list[CacheEntry], lanes: dict[str, float], max_bytes: int = 10**9, trimmable: bool = True
+    entries: list[CacheEntry], lanes: dict[Lane, float], max_bytes: int = 10**9, trimmable: bool = True
 ) -> list[CacheEntry]:
     """The eviction order of ``entries`` now, ``lanes`` being each session's last request."""
     return EvictionPolicy(entries, lanes, time.monotonic(), max_bytes, trimmable).order()
@@ -107,57 +122,57 @@ def order_of(
 
 class TestSuperseding:
     def test_a_sessions_newest_turn_replaces_its_older_turns(self) -> None:
-        older = entry(tokens(1, 20), "a", turn=1)
-        other_session = entry(tokens(1, 20), "b", turn=1)
-        side = entry(tokens(500, 20), "a")
-        newest = entry([*tokens(1, 20), 9, 9], "a", turn=2)
+        older = entry(tokens(1, 20), A, turn=1)
+        other_session = entry(tokens(1, 20), B, turn=1)
+        side = entry(tokens(500, 20), A)
+        newest = entry([*tokens(1, 20), 9, 9], A, turn=2)
         assert superseded(newest, [older, other_session, side]) == [older]
 
     def test_a_reply_that_re_rendered_differently_is_still_an_older_turn(self) -> None:
         """The old entry's prompt is a prefix of the new one, its generated tail is not."""
-        older = CacheEntry(np.asarray([*tokens(1, 20), 7, 7]), hybrid_cache(), 1000, CONVERSATION, 20, "a", 1)
-        newest = entry([*tokens(1, 20), 8, 8, 5], "a", turn=2)
+        older = CacheEntry(np.asarray([*tokens(1, 20), 7, 7]), hybrid_cache(), 1000, CONVERSATION, 20, A, 1)
+        newest = entry([*tokens(1, 20), 8, 8, 5], A, turn=2)
         assert superseded(newest, [older]) == [older]
 
     def test_the_snapshot_after_the_users_message_stays_until_a_newer_one(self) -> None:
-        at_query = entry(tokens(1, 20), "a", SNAPSHOT, after_user=True)
-        after_tool = entry(tokens(1, 30), "a", SNAPSHOT)
+        at_query = entry(tokens(1, 20), A, SNAPSHOT, after_user=True)
+        after_tool = entry(tokens(1, 30), A, SNAPSHOT)
         assert superseded(after_tool, [at_query]) == []
-        later_tool = entry(tokens(1, 40), "a", SNAPSHOT)
+        later_tool = entry(tokens(1, 40), A, SNAPSHOT)
         assert superseded(later_tool, [at_query, after_tool]) == [after_tool]
-        next_query = entry(tokens(1, 50), "a", SNAPSHOT, after_user=True)
+        next_query = entry(tokens(1, 50), A, SNAPSHOT, after_user=True)
         assert set(map(id, superseded(next_query, [at_query, later_tool]))) == {id(at_query), id(later_tool)}
 
 
 class TestEviction:
     def test_side_requests_go_before_the_sessions_conversation(self) -> None:
         """A title or summary request in the same session is evicted first, even when it is the newest."""
-        main = entry(tokens(1, 2000), "a", turn=3, age=30)
-        title = entry(tokens(9000, 50), "a")
-        assert order_of([main, title], {"a": time.monotonic()}) == [title, main]
+        main = entry(tokens(1, 2000), A, turn=3, age=30)
+        title = entry(tokens(9000, 50), A)
+        assert order_of([main, title], {A: time.monotonic()}) == [title, main]
 
     def test_idle_sessions_and_anonymous_requests_go_before_active_sessions(self) -> None:
         now = time.monotonic()
-        active = entry(tokens(1, 100), "active", turn=2, age=100)
-        idle = entry(tokens(2000, 100), "idle", turn=5)
+        active = entry(tokens(1, 100), ACTIVE, turn=2, age=100)
+        idle = entry(tokens(2000, 100), IDLE, turn=5)
         anonymous = entry(tokens(4000, 100), None)
-        lanes = {"active": now, "idle": now - LANE_IDLE_SECONDS - 1}
+        lanes = {ACTIVE: now, IDLE: now - LANE_IDLE_SECONDS - 1}
         assert order_of([active, idle, anonymous], lanes) == [idle, anonymous, active]
 
     def test_a_session_over_its_fair_share_goes_first(self) -> None:
         now = time.monotonic()
-        greedy = [entry(tokens(index * 1000, 10), "greedy", SNAPSHOT, age=index) for index in range(3)]
-        modest = entry(tokens(9000, 10), "modest", turn=1, age=999)
-        order = order_of([modest, *greedy], {"greedy": now, "modest": now}, max_bytes=3000)
+        greedy = [entry(tokens(index * 1000, 10), GREEDY, SNAPSHOT, age=index) for index in range(3)]
+        modest = entry(tokens(9000, 10), MODEST, turn=1, age=999)
+        order = order_of([modest, *greedy], {GREEDY: now, MODEST: now}, max_bytes=3000)
         assert order[-1] is modest
 
     def test_a_large_session_is_not_over_its_share_while_every_session_fits(self) -> None:
         """A long main conversation beside small subagents keeps its place: least recently used goes first."""
         now = time.monotonic()
-        main = entry(tokens(1, 10), "main", turn=5, age=999)
+        main = entry(tokens(1, 10), MAIN, turn=5, age=999)
         main.nbytes = 4000
-        subagents = [entry(tokens(1000 * index, 10), f"agent {index}", turn=1) for index in range(1, 4)]
-        lanes = {lane: now for lane in ("main", "agent 1", "agent 2", "agent 3")}
+        subagents = [entry(tokens(1000 * index, 10), subagent_lane(index), turn=1) for index in range(1, 4)]
+        lanes = {lane: now for lane in (MAIN, subagent_lane(1), subagent_lane(2), subagent_lane(3))}
         order = order_of([main, *subagents], lanes, max_bytes=8000)
         assert order[0] is main
 
@@ -166,10 +181,10 @@ class TestEviction:
         now = time.monotonic()
         checkpoint = entry(tokens(1, 20), None, CHECKPOINT)
         checkpoint.hits = 3
-        conversation = entry(tokens(1, 40), "a", turn=2, age=999)
+        conversation = entry(tokens(1, 40), A, turn=2, age=999)
         anonymous = entry(tokens(500, 20), None, age=999)
-        assert order_of([conversation, anonymous, checkpoint], {"a": now})[0] is checkpoint
-        untrimmable = order_of([conversation, anonymous, checkpoint], {"a": now}, trimmable=False)
+        assert order_of([conversation, anonymous, checkpoint], {A: now})[0] is checkpoint
+        untrimmable = order_of([conversation, anonymous, checkpoint], {A: now}, trimmable=False)
         assert untrimmable[-1] is checkpoint, "a cache that cannot step back needs the checkpoint itself"
 
     def test_a_checkpoint_no_second_request_used_goes_with_anonymous_entries(self) -> None:
@@ -177,17 +192,17 @@ class TestEviction:
         shared = entry(tokens(1, 20), None, CHECKPOINT, age=999)
         shared.hits = 2
         one_off = entry(tokens(500, 20), None, CHECKPOINT)
-        conversation = entry(tokens(900, 40), "a", turn=2, age=999)
-        assert order_of([shared, conversation, one_off], {"a": now}) == [one_off, shared, conversation]
+        conversation = entry(tokens(900, 40), A, turn=2, age=999)
+        assert order_of([shared, conversation, one_off], {A: now}) == [one_off, shared, conversation]
 
     def test_under_pressure_the_cache_keeps_the_main_conversation(self) -> None:
         """Through the cache itself: one session's side requests fill it; its conversation stays."""
         cache = hybrid_prompt_cache(max_entries=3)
         conversation = tokens(1, 40)
-        cache.release(hybrid_state(conversation), conversation, 40, "a", turn=2)
+        cache.release(hybrid_state(conversation), conversation, 40, A, turn=2)
         for base in (1000, 2000, 3000, 4000):
-            cache.release(hybrid_state(tokens(base)), tokens(base), 20, "a")
-        assert cache.acquire([*conversation, 1], "a").cached_tokens == 40
+            cache.release(hybrid_state(tokens(base)), tokens(base), 20, A)
+        assert cache.acquire([*conversation, 1], A).cached_tokens == 40
         decisions = cache.describe_lanes()["recent_decisions"]
         assert any(decision["decision"] == "evicted: a side request of its session" for decision in decisions)
 
@@ -219,11 +234,11 @@ class TestAnAgentSession:
         each conversation holds its own, and every conversation stays.
         """
         cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 10752)
-        conversations = {"main": tokens(1, 300)}
-        conversations.update({f"agent {index}": tokens(1000 * index, 200) for index in range(1, 4)})
+        conversations = {MAIN: tokens(1, 300)}
+        conversations.update({subagent_lane(index): tokens(1000 * index, 200) for index in range(1, 4)})
         for lane, conversation in conversations.items():
             cache.add_checkpoint(dense_state(conversation[:40]), conversation[:40])
-            turn = 5 if lane == "main" else 1
+            turn = 5 if lane == MAIN else 1
             cache.release(dense_state(conversation), conversation, len(conversation), lane, turn)
         for lane, conversation in conversations.items():
             lease = cache.acquire([*conversation, 7], lane)
@@ -235,9 +250,9 @@ class TestAnAgentSession:
         """Not the session's conversation, even though the conversation is the least recently used."""
         cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 5 * 1024)
         main, side = tokens(1, 300), tokens(5000, 200)
-        cache.release(dense_state(main), main, len(main), "session", turn=3)
-        cache.release(dense_state(side), side, len(side), "session")
-        assert cache.acquire([*main, 7], "session").source == "extended"
+        cache.release(dense_state(main), main, len(main), SESSION, turn=3)
+        cache.release(dense_state(side), side, len(side), SESSION)
+        assert cache.acquire([*main, 7], SESSION).source == "extended"
         decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
         assert decisions[-1] == "evicted: a side request of its session"
 
@@ -245,11 +260,11 @@ class TestAnAgentSession:
         """The session's share counts its subagents with it; a finished subagent goes, the main conversation stays."""
         cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 9 * 1024)
         main = tokens(1, 300)
-        cache.release(dense_state(main), main, len(main), "claude-code:s", turn=3)
+        cache.release(dense_state(main), main, len(main), Lane("claude-code", "s"), turn=3)
         for agent in range(1, 4):
             conversation = tokens(1000 * agent, 200)
-            cache.release(dense_state(conversation), conversation, 200, f"claude-code:s/a{agent}", turn=1)
-        assert cache.acquire([*main, 7], "claude-code:s").source == "extended"
+            cache.release(dense_state(conversation), conversation, 200, Lane("claude-code", "s", f"a{agent}"), turn=1)
+        assert cache.acquire([*main, 7], Lane("claude-code", "s")).source == "extended"
         evicted = [d for d in cache.describe_lanes()["recent_decisions"] if d["decision"].startswith("evicted")]
         assert [d["lane"] for d in evicted] == ["claude-code:s/a1"]  # the least recently used subagent, only
 
@@ -257,7 +272,7 @@ class TestAnAgentSession:
         """The newest entry stays while older ones make room (a cancelled prefill resent finds it)."""
         cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 5 * 1024)
         main, cancelled = tokens(1, 300), tokens(5000, 200)
-        cache.release(dense_state(main), main, len(main), "session", turn=3)
+        cache.release(dense_state(main), main, len(main), SESSION, turn=3)
         cache.release(dense_state(cancelled), cancelled, len(cancelled))
         lease = cache.acquire([*cancelled, 7])
         assert (lease.source, lease.cached_tokens) == ("extended", len(cancelled))
@@ -266,18 +281,20 @@ class TestAnAgentSession:
 class TestSubagentLanes:
     def test_a_subagents_entries_go_before_any_sessions_main_conversation(self) -> None:
         now = time.monotonic()
-        main = entry(tokens(1, 20), "claude-code:s", turn=4, age=999)
-        other_session = entry(tokens(100, 20), "claude-code:t", turn=2, age=500)
-        subagent = entry(tokens(500, 20), "claude-code:s/a1", turn=1)
-        lanes = {lane: now for lane in ("claude-code:s", "claude-code:t", "claude-code:s/a1")}
+        main = entry(tokens(1, 20), Lane("claude-code", "s"), turn=4, age=999)
+        other_session = entry(tokens(100, 20), Lane("claude-code", "t"), turn=2, age=500)
+        subagent = entry(tokens(500, 20), Lane("claude-code", "s", "a1"), turn=1)
+        lanes = {
+            lane: now for lane in (Lane("claude-code", "s"), Lane("claude-code", "t"), Lane("claude-code", "s", "a1"))
+        }
         assert order_of([main, other_session, subagent], lanes)[0] is subagent
 
     def test_a_session_and_its_subagents_share_one_fair_share(self) -> None:
         """Two sessions: the one whose subagents together pass the fair level goes first, subagents before it."""
         now = time.monotonic()
-        busy = [entry(tokens(1000 * n, 20), f"claude-code:busy/a{n}", turn=1, age=n) for n in range(1, 4)]
-        busy_main = entry(tokens(1, 20), "claude-code:busy", turn=3, age=999)
-        quiet = entry(tokens(9000, 20), "claude-code:quiet", turn=3, age=999)
+        busy = [entry(tokens(1000 * n, 20), Lane("claude-code", "busy", f"a{n}"), turn=1, age=n) for n in range(1, 4)]
+        busy_main = entry(tokens(1, 20), Lane("claude-code", "busy"), turn=3, age=999)
+        quiet = entry(tokens(9000, 20), Lane("claude-code", "quiet"), turn=3, age=999)
         lanes = {e.lane: now for e in [*busy, busy_main, quiet] if e.lane}
         order = order_of([quiet, busy_main, *busy], lanes, max_bytes=3000)
         assert order[-1] is quiet and order[-2] is busy_main

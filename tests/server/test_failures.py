@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 import utils_logging
 from mlx_server.blas import BlasInfo
-from mlx_server.chat import service as service_module
+from mlx_server.chat.prompts import ChatTemplate
 from mlx_server.edge.app import ServerState, create_app
 from mlx_server.settings import Settings
 
@@ -36,7 +36,7 @@ class TestUnexpectedErrors:
     ) -> None:
         """The client gets a 500 with no traceback; the debug file holds the redacted request."""
         monkeypatch.setenv("ANYCLAUDE_DEBUG_DIR", str(tmp_path))
-        monkeypatch.setattr(service_module, "render_chat_prompt", _explode)
+        monkeypatch.setattr(ChatTemplate, "render", _explode)
         utils_logging.set_debug_level(1)
         try:
             response = client.post("/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {SECRET}"})
@@ -56,7 +56,7 @@ class TestUnexpectedErrors:
 
     def test_no_file_path_when_not_debugging(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
         """With debugging off the 500 names no file."""
-        monkeypatch.setattr(service_module, "render_chat_prompt", _explode)
+        monkeypatch.setattr(ChatTemplate, "render", _explode)
         response = client.post("/v1/chat/completions", json=BODY)
         assert response.status_code == 500
         assert "debug_file" not in response.json()["error"]
@@ -64,7 +64,7 @@ class TestUnexpectedErrors:
     def test_server_keeps_serving(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
         """After a failure the next request is answered normally."""
         with monkeypatch.context() as patch:
-            patch.setattr(service_module, "render_chat_prompt", _explode)
+            patch.setattr(ChatTemplate, "render", _explode)
             assert client.post("/v1/chat/completions", json=BODY).status_code == 500
         response = client.post("/v1/chat/completions", json=BODY)
         assert response.status_code == 200

@@ -29,8 +29,7 @@ from mlx_server.chat.tool_parsing import ContentPiece, ToolCalling, parse_tool_c
 from mlx_server.chat.tool_prompts import template_tool
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.vocabulary import GrammarError, Tool, ToolGrammar
-
-from .model_tokenizers import load_tokenizer
+from testbed.tokenizers import load_tokenizer
 
 WEATHER = Tool(
     "get_weather",

@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_server.chat.prompts import normalize_billing_header, render_prompt, stable_prefix_length
+from mlx_server.chat.prompts import ChatTemplate, normalize_billing_header
 from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.prompt_cache import KVPromptCache
-from mlx_server.vocabulary import GenerationRequest, GenerationStats, Message, SamplingSettings
+from mlx_server.vocabulary import GenerationStats, Message
+from testbed.requests import ask
 
 from .conftest import RunningServer, start_server, stop_server
 from .helpers import cached_tokens, chat_result, collect
@@ -230,10 +231,9 @@ def _generate(
     cancel_after: int | None = None,
 ) -> tuple[str, GenerationStats]:
     tokenizer = engine.loaded.tokenizer
-    prompt = render_prompt(tokenizer, messages)
-    prefix = stable_prefix_length(tokenizer, messages, prompt)
+    prompt, prefix = ChatTemplate(tokenizer).tokens_with_prefix(messages)
 
-    request = GenerationRequest(prompt, SamplingSettings(max_tokens=max_tokens, temperature=0.0), prefix)
+    request = ask(max_tokens, temperature=0.0).request(prompt, prefix)
     text, stats = asyncio.run(collect(engine, request, end_after=cancel_after))
     assert stats is not None
     return text, stats
@@ -256,7 +256,7 @@ class TestCorrectness:
                 without_cache, _ = _generate(uncached, messages)
                 assert with_cache == without_cache, (topic, turn)
                 if turn > 0:
-                    assert stats.cached_tokens > len(render_prompt(cached.loaded.tokenizer, messages[:2]))
+                    assert stats.cached_tokens > len(ChatTemplate(cached.loaded.tokenizer).tokens(messages[:2]))
                 messages += [
                     Message("assistant", with_cache),
                     Message("tool", f"result {turn} for {topic}", tool_call_id=f"call_{turn}"),

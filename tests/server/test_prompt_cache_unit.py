@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, MIN_REUSED_TOKENS, CacheEntry, best_reuse
+from mlx_server.engine.cache_entries import (
+    CHECKPOINT,
+    CONVERSATION,
+    MIN_REUSED_TOKENS,
+    CacheEntry,
+    EntryKind,
+    best_reuse,
+)
 from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.vocabulary import Lane
 
 LAYERS = 2
 BYTES_PER_TOKEN = LAYERS * 2 * 4  # keys and values, one float32 each per layer
@@ -50,7 +58,7 @@ def tokens(base: int, count: int = 20) -> list[int]:
     return [base + index for index in range(count)]
 
 
-def entry(token_list: list[int], kind: str = CONVERSATION, lane: str | None = None) -> CacheEntry:
+def entry(token_list: list[int], kind: EntryKind = CONVERSATION, lane: Lane | None = None) -> CacheEntry:
     return CacheEntry(np.asarray(token_list, dtype=np.int64), empty_cache(), 0, kind, len(token_list), lane)
 
 
@@ -66,8 +74,11 @@ class TestLookup:
         assert best_reuse([recent, older], request, None).entry is recent
         checkpoint, conversation = entry(tokens(1, 20), CHECKPOINT), entry([*tokens(1, 20), 5])
         assert best_reuse([checkpoint, conversation], request, None).entry is conversation
-        other, own = entry(tokens(1, 20), lane="other"), entry([*tokens(1, 20), 6], lane="own")
-        assert best_reuse([other, own], request, "own").entry is own
+        other, own = (
+            entry(tokens(1, 20), lane=Lane("test", "other")),
+            entry([*tokens(1, 20), 6], lane=Lane("test", "own")),
+        )
+        assert best_reuse([other, own], request, Lane("test", "own")).entry is own
 
     def test_nothing_shared(self) -> None:
         reuse = best_reuse([entry([5, 6])], np.array([1, 2]), None)

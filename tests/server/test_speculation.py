@@ -26,11 +26,11 @@ from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.vocabulary import (
     GeneratedText,
     GenerationFinished,
-    GenerationRequest,
     GenerationStats,
-    SamplingSettings,
+    SpeculativeMode,
     Tool,
 )
+from testbed.requests import ask
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ class Engines:
         self.on = self._engine(loaded, "prompt-lookup")
 
     @staticmethod
-    def _engine(loaded: Any, mode: str) -> GenerationEngine:
+    def _engine(loaded: Any, mode: SpeculativeMode) -> GenerationEngine:
         cache = KVPromptCache.for_model(loaded.model, loaded.identity, 8, 2**30)
         return GenerationEngine(loaded, cache, EngineOptions(8, 8, 2**31, None, mode))
 
@@ -64,8 +64,15 @@ class Engines:
         tokens: list[int] = self.tokenizer.encode(text)
         return tokens
 
-    def run(self, engine: GenerationEngine, prompt: list[int], **settings: Any) -> tuple[str, GenerationStats]:
-        request = GenerationRequest(prompt, SamplingSettings(**{"max_tokens": 160, "temperature": 0.0, **settings}))
+    def run(
+        self,
+        engine: GenerationEngine,
+        prompt: list[int],
+        max_tokens: int = 160,
+        grammar: str | None = None,
+        **sampling: Any,
+    ) -> tuple[str, GenerationStats]:
+        request = ask(max_tokens, grammar, **{"temperature": 0.0, **sampling}).request(prompt)
         return asyncio.run(engine.complete(request))
 
     def both(self, prompt: list[int], **settings: Any) -> tuple[str, str, GenerationStats]:
@@ -173,8 +180,7 @@ def leave_after_a_few_pieces(engine: GenerationEngine, prompt: list[int]) -> int
     """Stream ``prompt`` and close the stream after six pieces of text, as a client that disconnects."""
 
     async def leave() -> int:
-        request = GenerationRequest(prompt, SamplingSettings(max_tokens=160, temperature=0.0))
-        stream = engine.stream(request)
+        stream = engine.stream(ask(160, temperature=0.0).request(prompt))
         pieces = 0
         async for event in stream:
             pieces += isinstance(event, GeneratedText)

@@ -6,11 +6,10 @@ from typing import Any
 
 import pytest
 
-from mlx_server.chat.prompts import FALLBACK_CHAT_TEMPLATE, render_prompt, stable_prefix_length
+from mlx_server.chat.prompts import FALLBACK_CHAT_TEMPLATE, ChatTemplate
 from mlx_server.chat.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
 from mlx_server.vocabulary import Message, Tool, ToolCall
-
-from .model_tokenizers import load_tokenizer
+from testbed.tokenizers import load_tokenizer
 
 TOOLS = (Tool("read_file", "Read a file", {"type": "object", "properties": {"path": {"type": "string"}}}),)
 LOOP = [
@@ -28,7 +27,7 @@ def chatml() -> Any:
 
 
 def rendered(tokenizer: Any, messages: list[Message], tools: tuple[Tool, ...] = TOOLS) -> str:
-    return str(tokenizer.decode(render_prompt(tokenizer, messages, tools)))
+    return str(tokenizer.decode(ChatTemplate(tokenizer).tokens(messages, tools)))
 
 
 def test_a_plain_chatml_template_renders_neither_tools_nor_calls(chatml: Any) -> None:
@@ -43,7 +42,7 @@ def test_tools_are_injected_into_the_system_prompt(chatml: Any) -> None:
 
 
 def test_tools_get_their_own_system_message_when_there_is_none(chatml: Any) -> None:
-    conversation, template_tools = template_conversation(chatml, LOOP[1:2], TOOLS)
+    conversation, template_tools = template_conversation(template_tool_support(chatml), LOOP[1:2], TOOLS)
     assert template_tools is None
     assert [message["role"] for message in conversation] == ["system", "user"]
     assert "read_file" in conversation[0]["content"]
@@ -63,8 +62,9 @@ def test_history_keeps_calls_and_tool_results_in_their_roles(chatml: Any) -> Non
 def test_stable_prefix_covers_system_prompt_and_tools(chatml: Any) -> None:
     """The prompt cache's checkpoint includes the tool block, so every turn of a tool loop reuses it."""
     tokenizer = chatml
-    prompt = render_prompt(tokenizer, LOOP, TOOLS)
-    prefix = stable_prefix_length(tokenizer, LOOP, prompt, TOOLS)
+    template = ChatTemplate(tokenizer)
+    prompt = template.tokens(LOOP, TOOLS)
+    prefix = template.stable_prefix_length(LOOP, prompt, TOOLS)
     assert prefix > 0
     assert "read_file" in tokenizer.decode(prompt[:prefix])
     assert "Show me" not in tokenizer.decode(prompt[:prefix])
@@ -89,7 +89,7 @@ def test_a_template_with_tool_support_renders_them_itself() -> None:
     """Tools go to the template as ``tools=``; past calls carry their arguments as an object, not a string."""
     tokenizer = load_tokenizer("qwen3", QWEN_STYLE_TEMPLATE)
     assert template_tool_support(tokenizer) == TemplateToolSupport(tools=True, tool_calls=True)
-    text = tokenizer.decode(render_prompt(tokenizer, LOOP, TOOLS))
+    text = tokenizer.decode(ChatTemplate(tokenizer).tokens(LOOP, TOOLS))
     assert "You may call one or more functions" not in text, "nothing injected"
     assert '<tools>{"type": "function", "function": {"name": "read_file"' in text
     assert '"arguments": {"path": "setup.cfg"}}' in text

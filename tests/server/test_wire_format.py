@@ -73,7 +73,8 @@ class TestServerSentEvents:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 class TestGuideCurl:
     def test_guide_command(self, server: RunningServer) -> None:
-        """The integration guide's exact curl command gets a chat.completion."""
+        """The integration guide's exact curl command gets a short chat.completion: the model's own sampling
+        defaults (its card's temperature and top_p, a repetition penalty) end its answer, not the length limit."""
         port = server.base_url.rsplit(":", 1)[1]
         command = (
             f"curl http://localhost:{port}/v1/chat/completions "
@@ -85,6 +86,7 @@ class TestGuideCurl:
         assert response["object"] == "chat.completion"
         assert response["model"] == "current-model"
         assert response["choices"][0]["message"]["content"]
+        assert response["choices"][0]["finish_reason"] == "stop"
 
 
 class TestOneAtATime:

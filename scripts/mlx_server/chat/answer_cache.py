@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlx_server.vocabulary import FinishReason
 from utils_logging import log_cache_hit, log_cache_miss
 
 __all__ = ["AnswerCache", "AnswerCacheStats", "CachedAnswer"]
@@ -26,7 +27,7 @@ __all__ = ["AnswerCache", "AnswerCacheStats", "CachedAnswer"]
 @dataclass(frozen=True)
 class CachedAnswer:
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     stop_sequence: str | None = None

@@ -24,10 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_lm import tokenizer_utils
-
 from mlx_server.chat import call_grammars
 from mlx_server.chat.call_grammars import CallGrammar, GrammarWriter
+from mlx_server.mlx_lm_compat import hf_tokenizer, infer_tool_parser
 
 __all__ = [
     "HARMONY",
@@ -249,19 +248,19 @@ def format_named(name: str) -> ToolCallFormat:
 
 def special_tokens(tokenizer: Any) -> dict[str, int]:
     """The tokenizer's added tokens (text -> id): markers a model writes as one token."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    inner = hf_tokenizer(tokenizer)
     added = inner.get_added_vocab() if hasattr(inner, "get_added_vocab") else {}
     return {str(text): int(token) for text, token in added.items()}
 
 
-@functools.lru_cache(maxsize=8)
 def detect_tool_call_format(tokenizer: Any) -> ToolCallFormat:
-    """The format this model's chat template teaches it; Hermes when it names none.
+    """The format this model's chat template teaches it; Hermes when it names none (worked out once per model).
 
     gpt-oss is recognized by its harmony tokens, Llama 3.1 by ``<|python_tag|>``
-    in its template, Mistral's newer form by ``[ARGS]``; the rest is mlx-lm's
-    own inference (``tokenizer_utils._infer_tool_parser``, private, so called
-    defensively).
+    in its template, Mistral's newer form by ``[ARGS]``; the rest is the parser
+    mlx-lm chose when it loaded the tokenizer (``tool_parser_type`` in its
+    config, or inferred from the template), or mlx-lm's inference for a
+    tokenizer it did not load (a GGUF file's).
     """
     vocabulary = special_tokens(tokenizer)
     if {"<|channel|>", "<|message|>", "<|constrain|>"} <= set(vocabulary):
@@ -269,13 +268,9 @@ def detect_tool_call_format(tokenizer: Any) -> ToolCallFormat:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and "<|python_tag|>" in template:
         return LLAMA3_JSON
-    infer: Callable[[Any], str | None] | None = getattr(tokenizer_utils, "_infer_tool_parser", None)
-    name = None
-    if infer is not None:
-        try:
-            name = infer(getattr(tokenizer, "_tokenizer", tokenizer))
-        except Exception:  # noqa: BLE001 - a private helper of mlx-lm; Hermes is the safe default
-            name = None
+    chosen = getattr(tokenizer, "tool_parser", None)
+    module = getattr(chosen, "__module__", "") or ""
+    name = module.rpartition(".")[2] if module.startswith("mlx_lm.tool_parsers.") else infer_tool_parser(tokenizer)
     if name == "mistral" and isinstance(template, str) and "[ARGS]" in template:
         name = "mistral_args"
     try:
@@ -285,4 +280,5 @@ def detect_tool_call_format(tokenizer: Any) -> ToolCallFormat:
 
 
 def grammar_writer(tokenizer: Any) -> GrammarWriter:
+    """A grammar writer in this tokenizer's vocabulary (reads its added tokens: a model's profile keeps them)."""
     return GrammarWriter(special_tokens(tokenizer))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_server.chat.prompts import message_at_token
+from mlx_server.chat.prompts import ChatTemplate
 from mlx_server.vocabulary import CacheLookup, Message, Tool
 from utils_logging import is_debug_enabled, log_cache_hit, log_cache_miss, redact
 
@@ -58,8 +58,8 @@ class MissExplanation:
 class CacheDiagnostics:
     """Explains prompt-cache lookups; keeps the last few misses for ``/v1/cache`` (one lock, held briefly)."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, template: ChatTemplate) -> None:
+        self._template = template
         self._recent: deque[tuple[str, dict[str, Any], Callable[[], MissExplanation]]] = deque(maxlen=RECENT_MISSES)
         self._lock = threading.Lock()
 
@@ -74,12 +74,13 @@ class CacheDiagnostics:
             if lookup.source != "miss":
                 return None
             return lambda: MissExplanation("nothing cached shares a prefix with this prompt")
-        tokenizer = self._tokenizer
+        template = self._template
+        tokenizer = template.tokenizer
 
         @functools.cache
         def explain() -> MissExplanation:
             at = divergence.at_token
-            where = message_at_token(tokenizer, messages, tools, at) if messages else None
+            where = template.message_at_token(messages, tools, at) if messages else None
             if where is not None and where[1] == "system":
                 reason = f"the system prompt changed: it differs from the cached one at token {at}"
             elif where is not None:
@@ -104,7 +105,7 @@ class CacheDiagnostics:
             "new_tokens": len(prompt) - lookup.cached_tokens,
         }
         if lookup.lane is not None:
-            counts["lane"] = lookup.lane
+            counts["lane"] = str(lookup.lane)
         if explain is not None:
             with self._lock:
                 self._recent.append((time.strftime("%Y-%m-%dT%H:%M:%S"), counts, explain))

@@ -40,11 +40,12 @@ from mlx_server.chat.call_grammars import (
     styled_schema,
     text_without,
 )
-from mlx_server.vocabulary import CUSTOM_TOOL, GrammarError, Tool
+from mlx_server.vocabulary import CUSTOM_TOOL, GrammarError, Tool, ToolMode
 
-__all__ = ["OutputConstraint", "ReasoningMarkers", "build_grammar", "check_schema", "check_tool"]
+__all__ = ["GrammarVerdicts", "OutputConstraint", "ReasoningMarkers", "build_grammar", "check_schema", "check_tool"]
 
-_CHECKED_ENTRIES = 512
+#: Schemas and grammars whose verdict a model's chat service remembers.
+VERDICTS_REMEMBERED = 512
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class OutputConstraint:
     """
 
     tools: Sequence[Tool] = ()
-    tool_mode: str = "none"
+    tool_mode: ToolMode = "none"
     forced_function: str | None = None
     parallel_calls: bool = True
     json_schema: dict[str, Any] | None = None
@@ -81,45 +82,55 @@ class OutputConstraint:
         return calls or self.json_schema is not None or bool(self.forbidden_markers)
 
 
-_checked: OrderedDict[str, str] = OrderedDict()
-_checked_lock = threading.Lock()
+class GrammarVerdicts:
+    """llguidance's verdicts on the schemas and grammars clients send, by their text (empty: valid).
+
+    An agent sends the same tools every turn; checking them once saves
+    compiling each schema on every request.  One per chat service, so
+    nothing is shared between models by accident (one lock, held briefly).
+    """
+
+    def __init__(self, remembered: int = VERDICTS_REMEMBERED) -> None:
+        self._verdicts: OrderedDict[str, str] = OrderedDict()
+        self._remembered = remembered
+        self._lock = threading.Lock()
+
+    def verdict(self, kind: str, definition: str, compile_grammar: Any) -> str:
+        key = hashlib.sha256(f"{kind}\0{definition}".encode()).hexdigest()
+        with self._lock:
+            verdict = self._verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = llguidance.LLMatcher.validate_grammar(compile_grammar())
+            except (ValueError, TypeError) as problem:
+                verdict = str(problem)
+            with self._lock:
+                self._verdicts[key] = verdict
+                while len(self._verdicts) > self._remembered:
+                    self._verdicts.popitem(last=False)
+        return verdict
 
 
-def _check(kind: str, definition: str, compile_grammar: Any) -> str:
-    """llguidance's verdict on a grammar (empty: valid), memoized by its text."""
-    key = hashlib.sha256(f"{kind}\0{definition}".encode()).hexdigest()
-    with _checked_lock:
-        verdict = _checked.get(key)
-    if verdict is None:
-        try:
-            verdict = llguidance.LLMatcher.validate_grammar(compile_grammar())
-        except (ValueError, TypeError) as problem:
-            verdict = str(problem)
-        with _checked_lock:
-            _checked[key] = verdict
-            while len(_checked) > _CHECKED_ENTRIES:
-                _checked.popitem(last=False)
-    return verdict
-
-
-def check_schema(schema: dict[str, Any], param: str) -> None:
+def check_schema(schema: dict[str, Any], param: str, verdicts: GrammarVerdicts | None = None) -> None:
     """GrammarError naming ``param`` when llguidance cannot compile ``schema``."""
     styled = styled_schema(schema)
     text = json.dumps(schema, sort_keys=True, default=str)
-    error = _check("schema", text, lambda: llguidance.LLMatcher.grammar_from_json_schema(styled))
+    error = (verdicts or GrammarVerdicts(0)).verdict(
+        "schema", text, lambda: llguidance.LLMatcher.grammar_from_json_schema(styled)
+    )
     if error:
         raise GrammarError(param, f"invalid JSON schema in {param}: {error}")
 
 
-def check_tool(tool: Tool, param: str) -> None:
+def check_tool(tool: Tool, param: str, verdicts: GrammarVerdicts | None = None) -> None:
     """GrammarError naming ``param`` when a tool's schema or grammar cannot be compiled."""
     if tool.kind != CUSTOM_TOOL:
-        check_schema(tool.parameters_schema(), param)
+        check_schema(tool.parameters_schema(), param, verdicts)
         return
     if tool.grammar is None:
         return
     lark = "start: input_0\n" + "\n".join(custom_input_rules(0, tool))
-    error = _check("lark", lark, lambda: llguidance.LLMatcher.grammar_from_lark(lark))
+    error = (verdicts or GrammarVerdicts(0)).verdict("lark", lark, lambda: llguidance.LLMatcher.grammar_from_lark(lark))
     if error:
         raise GrammarError(param, f"invalid {tool.grammar.syntax} grammar in {param}: {error}")
 
@@ -129,15 +140,18 @@ def build_grammar(
     writer: GrammarWriter,
     tool_params: Sequence[str] = (),
     schema_param: str = "response_format.json_schema.schema",
+    verdicts: GrammarVerdicts | None = None,
 ) -> str | None:
     """The llguidance grammar for ``constraint`` (None when generation stays free); GrammarError when invalid.
 
-    ``tool_params`` name each tool's field in the request, for error messages.
+    ``tool_params`` name each tool's field in the request, for error messages;
+    ``verdicts`` remembers which tools and schemas were already found valid.
     """
     for index, tool in enumerate(constraint.tools):
-        check_tool(tool, tool_params[index] if index < len(tool_params) else f"tools[{index}].function.parameters")
+        param = tool_params[index] if index < len(tool_params) else f"tools[{index}].function.parameters"
+        check_tool(tool, param, verdicts)
     if constraint.json_schema is not None:
-        check_schema(constraint.json_schema, schema_param)
+        check_schema(constraint.json_schema, schema_param, verdicts)
     if not constraint.constrained:
         return None
     builder = _GrammarBuilder(constraint, writer)

@@ -18,7 +18,6 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.chat.call_formats import HARMONY, detect_tool_call_format
 from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
 
 __all__ = ["HARMONY_REASONING", "OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
@@ -58,13 +57,14 @@ HARMONY_REASONING = ReasoningSyntax(
 )
 
 
-def reasoning_syntax(tokenizer: Any, prompt: Sequence[int]) -> ReasoningSyntax | None:
+def reasoning_syntax(tokenizer: Any, prompt: Sequence[int], harmony: bool = False) -> ReasoningSyntax | None:
     """The thinking markers mlx-lm found for this tokenizer, or harmony's channels (None: not a reasoning model).
 
+    ``harmony``: the model writes in gpt-oss's channels (its profile knows).
     The output starts inside a thinking block when the prompt's last start
     marker comes after its last end marker (Qwen3-style generation prompts).
     """
-    if detect_tool_call_format(tokenizer) is HARMONY:
+    if harmony:
         return HARMONY_REASONING
     if not getattr(tokenizer, "has_thinking", False):
         return None

@@ -1,4 +1,4 @@
-"""Chat messages -> prompt token ids, through the model's own chat template.
+"""Chat messages -> prompt token ids, through the model's own chat template (``ChatTemplate``, one per model).
 
 Two things here exist for the prompt cache: the volatile billing-header line
 that Claude Code puts at the start of its system prompt is removed before
@@ -10,7 +10,6 @@ cache can keep a checkpoint there.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import re
@@ -23,20 +22,20 @@ from typing import Any
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_server.chat.tool_prompts import template_conversation
+from mlx_server.chat.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
 from mlx_server.vocabulary import InvalidRequestError, Message, Tool, UnsupportedOptionError
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "FIM_MARKERS",
+    "ChatTemplate",
     "RenderedPrompt",
     "fill_in_the_middle",
-    "message_at_token",
     "normalize_billing_header",
-    "render_chat_prompt",
-    "render_prompt",
-    "render_prompt_with_prefix",
-    "stable_prefix_length",
 ]
+
+#: Stable prefixes (system prompt and tools) a template remembers having rendered.
+PREFIXES_REMEMBERED = 64
 
 # ``x-anthropic-billing-header: ...cch=<changes every request>`` as a whole line.
 _BILLING_HEADER_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.IGNORECASE | re.MULTILINE)
@@ -81,13 +80,6 @@ def _render(
 Conversation = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]
 
 
-def _render_conversation(tokenizer: TokenizerWrapper, conversation: Conversation) -> list[int]:
-    try:
-        return _render(tokenizer, conversation[0], True, conversation[1])
-    except (TemplateError, ValueError) as error:
-        raise InvalidRequestError(f"the model's chat template rejected the messages: {error}", "messages") from error
-
-
 @dataclass(frozen=True)
 class RenderedPrompt:
     """A prompt's tokens and the messages and tools it was rendered from, with what the prompt cache needs.
@@ -104,121 +96,128 @@ class RenderedPrompt:
     tools: tuple[Tool, ...] = ()
 
 
-def render_chat_prompt(
-    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()
-) -> RenderedPrompt:
-    """The prompt for a conversation, with what the prompt cache needs to know about it."""
-    tokens, stable_prefix = render_prompt_with_prefix(tokenizer, messages, tools)
-    opening = generation_prompt(tokenizer)
-    turn_start = 0
-    if tokens[len(tokens) - len(opening) :] == list(opening):
-        turn_start = len(tokens) - max(1, len(opening))
-    after_user = bool(messages) and messages[-1].role == "user"
-    return RenderedPrompt(tokens, stable_prefix, turn_start, after_user, tuple(messages), tuple(tools))
+class ChatTemplate:
+    """One model's chat template, with what is found about it once: tool support and the generation prompt.
 
-
-@functools.lru_cache(maxsize=8)
-def generation_prompt(tokenizer: Any) -> tuple[int, ...]:
-    """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``), found once.
-
-    Empty when the template opens the turn whether asked or not (the history then ends with the opening).
+    It also remembers the last few stable prefixes it rendered (system
+    prompt and tools, by content), since every turn of a conversation sends
+    the same ones; the memo belongs to this model alone (one lock, held briefly).
     """
-    probe = [{"role": "user", "content": "probe"}]
-    try:
-        closed, opened = _render(tokenizer, probe, False), _render(tokenizer, probe, True)
-    except (TemplateError, ValueError):
-        return ()
-    return tuple(opened[len(closed) :]) if opened[: len(closed)] == closed else ()
 
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
+        self.tokenizer = tokenizer
+        self.support: TemplateToolSupport = template_tool_support(tokenizer)
+        self.generation_prompt = self._find_generation_prompt()
+        self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
 
-def render_prompt(tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
-    """Token ids for ``messages`` (and ``tools``) plus the assistant turn's opening (InvalidRequestError if refused)."""
-    return _render_conversation(tokenizer, template_conversation(tokenizer, messages, tools))
+    def render(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> RenderedPrompt:
+        """The prompt for a conversation, with what the prompt cache needs to know about it."""
+        tokens, stable_prefix = self.tokens_with_prefix(messages, tools)
+        opening = self.generation_prompt
+        turn_start = 0
+        if tokens[len(tokens) - len(opening) :] == list(opening):
+            turn_start = len(tokens) - max(1, len(opening))
+        after_user = bool(messages) and messages[-1].role == "user"
+        return RenderedPrompt(tokens, stable_prefix, turn_start, after_user, tuple(messages), tuple(tools))
 
+    def tokens(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+        """Token ids for ``messages`` and ``tools``, then the assistant's opening (InvalidRequestError if refused)."""
+        return self._render_conversation(self._conversation(messages, tools))
 
-def render_prompt_with_prefix(
-    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool] = ()
-) -> tuple[list[int], int]:
-    """``render_prompt`` and ``stable_prefix_length`` together, preparing the template's input once."""
-    conversation = template_conversation(tokenizer, messages, tools)
-    prompt = _render_conversation(tokenizer, conversation)
-    return prompt, _stable_prefix(tokenizer, conversation, prompt)
+    def tokens_with_prefix(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> tuple[list[int], int]:
+        """``tokens`` and ``stable_prefix_length`` together, preparing the template's input once."""
+        conversation = self._conversation(messages, tools)
+        prompt = self._render_conversation(conversation)
+        return prompt, self._stable_prefix(conversation, prompt)
 
+    def stable_prefix_length(self, messages: Sequence[Message], prompt: list[int], tools: Sequence[Tool] = ()) -> int:
+        """How many leading prompt tokens are the system messages and tools alone (0 if the template mixes them).
 
-def message_at_token(
-    tokenizer: TokenizerWrapper, messages: Sequence[Message], tools: Sequence[Tool], offset: int
-) -> tuple[int, str] | None:
-    """Which message (index and role) the prompt's token ``offset`` falls in; None if the template cannot say.
+        The leading system/developer messages are rendered on their own, with the
+        tools; if the prompt starts with exactly those tokens, that is where a
+        conversation's stable part ends, whatever its last message is (user, tool
+        or assistant).
+        """
+        return self._stable_prefix(self._conversation(messages, tools), prompt)
 
-    Renders growing prefixes of the conversation (a binary search, so about
-    log2(len(messages)) renders); used to explain a prompt-cache miss.
-    """
-    conversation, template_tools = template_conversation(tokenizer, messages, tools)
-    shift = len(conversation) - len(messages)  # 1 when a system message was added for the tool block
-    low, high = 0, len(conversation) - 1
-    try:
-        while low < high:
-            middle = (low + high) // 2
-            if len(_render(tokenizer, conversation[: middle + 1], False, template_tools)) > offset:
-                high = middle
-            else:
-                low = middle + 1
-    except (TemplateError, ValueError):
-        return None
-    if not conversation:
-        return None
-    return max(0, low - shift), str(conversation[low]["role"])
+    def message_at_token(
+        self, messages: Sequence[Message], tools: Sequence[Tool], offset: int
+    ) -> tuple[int, str] | None:
+        """Which message (index and role) the prompt's token ``offset`` falls in; None if the template cannot say.
 
-
-_prefix_memo: OrderedDict[str, list[int]] = OrderedDict()
-_prefix_memo_lock = threading.Lock()
-_PREFIX_MEMO_ENTRIES = 64
-
-
-def stable_prefix_length(
-    tokenizer: TokenizerWrapper,
-    messages: Sequence[Message],
-    prompt: list[int],
-    tools: Sequence[Tool] = (),
-) -> int:
-    """How many leading prompt tokens are the system messages and tools alone (0 if the template mixes them).
-
-    The leading system/developer messages are rendered on their own, with the
-    tools; if the prompt starts with exactly those tokens, that is where a
-    conversation's stable part ends, whatever its last message is (user, tool
-    or assistant).
-    """
-    return _stable_prefix(tokenizer, template_conversation(tokenizer, messages, tools), prompt)
-
-
-def _stable_prefix(tokenizer: TokenizerWrapper, conversation: Conversation, prompt: list[int]) -> int:
-    messages, template_tools = conversation
-    leading = []
-    for message in messages:
-        if message["role"] != "system":
-            break
-        leading.append(message)
-    if not leading:
-        return 0
-    key = hashlib.sha256(json.dumps([leading, template_tools], sort_keys=True).encode()).hexdigest()
-    with _prefix_memo_lock:
-        prefix = _prefix_memo.get(key)
-    if prefix is None:
+        Renders growing prefixes of the conversation (a binary search, so about
+        log2(len(messages)) renders); used to explain a prompt-cache miss.
+        """
+        conversation, template_tools = self._conversation(messages, tools)
+        shift = len(conversation) - len(messages)  # 1 when a system message was added for the tool block
+        low, high = 0, len(conversation) - 1
         try:
-            prefix = _render(tokenizer, leading, False, template_tools)
-        except TemplateError:
-            prefix = []
-        with _prefix_memo_lock:
-            _prefix_memo[key] = prefix
-            while len(_prefix_memo) > _PREFIX_MEMO_ENTRIES:
-                _prefix_memo.popitem(last=False)
-    if prefix and len(prefix) < len(prompt) and prompt[: len(prefix)] == prefix:
-        return len(prefix)
-    return 0
+            while low < high:
+                middle = (low + high) // 2
+                if len(_render(self.tokenizer, conversation[: middle + 1], False, template_tools)) > offset:
+                    high = middle
+                else:
+                    low = middle + 1
+        except (TemplateError, ValueError):
+            return None
+        if not conversation:
+            return None
+        return max(0, low - shift), str(conversation[low]["role"])
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _conversation(self, messages: Sequence[Message], tools: Sequence[Tool]) -> Conversation:
+        return template_conversation(self.support, messages, tools)
+
+    def _render_conversation(self, conversation: Conversation) -> list[int]:
+        try:
+            return _render(self.tokenizer, conversation[0], True, conversation[1])
+        except (TemplateError, ValueError) as error:
+            raise InvalidRequestError(
+                f"the model's chat template rejected the messages: {error}", "messages"
+            ) from error
+
+    def _find_generation_prompt(self) -> tuple[int, ...]:
+        """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``).
+
+        Empty when the template opens the turn whether asked or not (the history then ends with the opening).
+        """
+        probe = [{"role": "user", "content": "probe"}]
+        try:
+            closed, opened = _render(self.tokenizer, probe, False), _render(self.tokenizer, probe, True)
+        except (TemplateError, ValueError):
+            return ()
+        return tuple(opened[len(closed) :]) if opened[: len(closed)] == closed else ()
+
+    def _stable_prefix(self, conversation: Conversation, prompt: list[int]) -> int:
+        messages, template_tools = conversation
+        leading = []
+        for message in messages:
+            if message["role"] != "system":
+                break
+            leading.append(message)
+        if not leading:
+            return 0
+        key = hashlib.sha256(json.dumps([leading, template_tools], sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            prefix = self._prefixes.get(key)
+        if prefix is None:
+            try:
+                prefix = _render(self.tokenizer, leading, False, template_tools)
+            except TemplateError:
+                prefix = []
+            with self._lock:
+                self._prefixes[key] = prefix
+                while len(self._prefixes) > PREFIXES_REMEMBERED:
+                    self._prefixes.popitem(last=False)
+        if prefix and len(prefix) < len(prompt) and prompt[: len(prefix)] == prefix:
+            return len(prefix)
+        return 0
 
 
-# (prefix, suffix, middle) marker tokens of the fill-in-the-middle conventions models are trained on.
-_FIM_MARKERS = (
+#: (prefix, suffix, middle) marker tokens of the fill-in-the-middle conventions models are trained on.
+FIM_MARKERS = (
     ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen 2.5 Coder
     ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek Coder
@@ -226,15 +225,14 @@ _FIM_MARKERS = (
 )
 
 
-def fill_in_the_middle(tokenizer: TokenizerWrapper, prefix: str, suffix: str) -> str:
-    """The prompt for completing between ``prefix`` and ``suffix``, in the model's own FIM markers.
+def fill_in_the_middle(markers: tuple[str, str, str] | None, prefix: str, suffix: str) -> str:
+    """The prompt for completing between ``prefix`` and ``suffix``, in the model's own FIM ``markers``.
 
-    UnsupportedOptionError when the vocabulary has none of the known marker sets (the model was not trained for it).
+    UnsupportedOptionError when the model has none of the known marker sets (it was not trained for it).
     """
-    vocabulary = tokenizer.get_vocab()
-    for begin, hole, end in _FIM_MARKERS:
-        if begin in vocabulary and hole in vocabulary and end in vocabulary:
-            return f"{begin}{prefix}{hole}{suffix}{end}"
+    if markers is not None:
+        begin, hole, end = markers
+        return f"{begin}{prefix}{hole}{suffix}{end}"
     raise UnsupportedOptionError(
         "suffix", "suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; this one has none"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mlx_server.vocabulary import Message, Sampling, Tool, ToolChoice
+from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolChoice, ToolMode
 
 __all__ = ["ChatRequest", "LengthPolicy"]
 
@@ -45,10 +45,10 @@ class ChatRequest:
     suffix: str | None = None
     tool_params: tuple[str, ...] = ()  # where each tool's schema sits in the request, for error messages
     schema_param: str = "response_format.json_schema.schema"
-    lane: str | None = None
+    lane: Lane | None = None
 
     @property
-    def tool_mode(self) -> str:
+    def tool_mode(self) -> ToolMode:
         """``none`` when no tools are offered; otherwise the choice's mode (a named tool is required)."""
         if not self.tools or self.tool_choice.mode == "none":
             return "none"

@@ -12,14 +12,13 @@ integration guide shows.  Dialects only translate a ``ChatRequest`` in and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlx_server.chat.answer_cache import AnswerCache, CachedAnswer
-from mlx_server.chat.call_formats import HERMES, ToolCallFormat, detect_tool_call_format, grammar_writer
+from mlx_server.chat.call_formats import HERMES, ToolCallFormat
 from mlx_server.chat.diagnostics import CacheDiagnostics, MissExplanation
 from mlx_server.chat.events import (
     ChatEvent,
@@ -36,11 +35,13 @@ from mlx_server.chat.events import (
 from mlx_server.chat.failures import report_failure
 from mlx_server.chat.grammars import OutputConstraint, ReasoningMarkers, build_grammar
 from mlx_server.chat.output import HARMONY_REASONING, OutputParser, ReasoningPiece, ReasoningSyntax, reasoning_syntax
-from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header, render_chat_prompt
+from mlx_server.chat.profile import ModelProfile
+from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header
 from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.tool_parsing import CallPiece, ToolCalling
-from mlx_server.chat.tool_prompts import template_tool, template_tool_support
+from mlx_server.chat.tool_prompts import template_tool
 from mlx_server.vocabulary import (
+    PLAIN_SAMPLING,
     CacheLookup,
     ContextOverflowError,
     Engine,
@@ -52,9 +53,10 @@ from mlx_server.vocabulary import (
     InternalError,
     InvalidRequestError,
     KeepAlive,
+    Message,
     PromptAdmitted,
     RequestTimeoutError,
-    SamplingSettings,
+    Sampling,
     ServerError,
 )
 from utils_logging import PerformanceTimer, debug
@@ -68,11 +70,14 @@ logger = logging.getLogger("mlx")
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """The server settings the core reads (their defaults live in ``settings``)."""
+    """The server settings the core reads (their defaults live in ``settings``).
+
+    ``default_sampling`` is the server's ``--default-*`` options: it fills
+    what a request leaves unset, before the model's own recommendation.
+    """
 
     default_max_tokens: int
-    default_temperature: float  # for requests that set none
-    default_repetition_penalty: float | None  # for requests that set none
+    default_sampling: Sampling
     keep_billing_header: bool
     request_timeout: float  # 0: none
     keepalive_interval: float  # 0: none
@@ -80,20 +85,27 @@ class ServiceOptions:
 
 
 class ChatService:
-    """Answers ``ChatRequest`` values with the engine; shared by every dialect."""
+    """Answers ``ChatRequest`` values with one model's engine; shared by every dialect.
+
+    ``profile`` is the model's facts, worked out once (from the engine's
+    tokenizer and context when not given); ``observers`` see each finished
+    completion's stats (the metrics).
+    """
 
     def __init__(
         self,
         engine: Engine,
         options: ServiceOptions,
         answers: AnswerCache | None = None,
-        observe: Callable[[GenerationStats], None] = lambda _stats: None,
+        observe: Callable[[GenerationStats], None] | None = None,
+        profile: ModelProfile | None = None,
     ) -> None:
         self.engine = engine
         self.options = options
         self.answers = answers
-        self.observe = observe
-        self.diagnostics = CacheDiagnostics(engine.tokenizer)
+        self.observers: list[Callable[[GenerationStats], None]] = [observe] if observe is not None else []
+        self.profile = profile or ModelProfile(engine.tokenizer, engine.context_length)
+        self.diagnostics = CacheDiagnostics(self.profile.template)
 
     @property
     def tokenizer(self) -> Any:
@@ -103,6 +115,32 @@ class ChatService:
     def context_length(self) -> int:
         """The longest a prompt and its completion may be: the model's context, or less under the KV budget."""
         return self.engine.context_length
+
+    @property
+    def default_sampling(self) -> Sampling:
+        """What a request that sets nothing samples with: the server's options, then the model's, then plain."""
+        return self.options.default_sampling.over(self.profile.recommended.sampling).over(PLAIN_SAMPLING)
+
+    def sampling_line(self) -> str:
+        """The sampling defaults in force and where each came from, for the start-up line."""
+        server, model = self.options.default_sampling.given(), self.profile.recommended.sampling.given()
+        parts = []
+        for name, value in self.default_sampling.given().items():
+            source = "--default-*" if name in server else self.profile.recommended.source if name in model else "plain"
+            parts.append(f"{name} {value:g} ({source})" if isinstance(value, float) else f"{name} {value} ({source})")
+        return "Sampling defaults for requests that set none: " + ", ".join(parts)
+
+    def warm(self, system_prompt: str) -> int:
+        """Prefill ``system_prompt`` (rendered as a conversation's system message) and keep it as a checkpoint.
+
+        Returns the checkpoint's length in tokens; 0 when the template does not
+        render the system prompt apart from the rest.
+        """
+        messages = [Message("system", system_prompt), Message("user", "")]
+        prompt, prefix = self.profile.template.tokens_with_prefix(messages)
+        if prefix:
+            self.engine.prefill_checkpoint(prompt[:prefix])
+        return prefix
 
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Exactly the prompt tokens ``start`` would use for the same request."""
@@ -120,11 +158,11 @@ class ChatService:
                 debug(3, "Chat request", trace)
             timer.checkpoint("request_parsed")
             prompt = self._render(request)
-            reasoning = reasoning_syntax(self.tokenizer, prompt.tokens)
-            settings = self._sampling_settings(request, len(prompt.tokens))
-            grammar, tool_calling = self._output_rules(request, reasoning, settings.max_tokens)
-            settings = dataclasses.replace(settings, grammar=grammar)
-            answer_key, cached = self._look_up_answer(prompt.tokens, settings)
+            reasoning = reasoning_syntax(self.tokenizer, prompt.tokens, self.profile.harmony)
+            max_tokens = self._max_tokens(request, len(prompt.tokens))
+            sampling = request.sampling.over(self.default_sampling)
+            grammar, tool_calling = self._output_rules(request, reasoning, max_tokens)
+            answer_key, cached = self._look_up_answer(prompt.tokens, max_tokens, sampling, grammar)
             timer.checkpoint("cache_check")
             debug(
                 2,
@@ -133,7 +171,8 @@ class ChatService:
                     "prompt_tokens": len(prompt.tokens),
                     "stable_prefix": prompt.stable_prefix,
                     "tool_calls": "off" if tool_calling is None else tool_calling.call_format.name,
-                    **settings.__dict__,
+                    "max_tokens": max_tokens,
+                    **sampling.given(),
                     "grammar": "none" if grammar is None else f"{len(grammar)} characters",
                 },
             )
@@ -143,7 +182,9 @@ class ChatService:
         parser = OutputParser(reasoning, tool_calling)
         generation = GenerationRequest(
             prompt.tokens,
-            settings,
+            max_tokens,
+            sampling,
+            grammar,
             stable_prefix=prompt.stable_prefix,
             turn_start=prompt.turn_start,
             after_user=prompt.after_user,
@@ -170,18 +211,18 @@ class ChatService:
             messages, removed = normalize_billing_header(messages)
             if removed:
                 debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
-        return render_chat_prompt(self.tokenizer, messages, request.tools)
+        return self.profile.template.render(messages, request.tools)
 
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
         if isinstance(request.prompt, tuple):
-            vocabulary = len(self.tokenizer.get_vocab())
+            vocabulary = self.profile.vocabulary_size
             if any(token >= vocabulary for token in request.prompt):
                 raise InvalidRequestError(f"token ids must be below the vocabulary size ({vocabulary})", "prompt")
             return list(request.prompt)
         text = request.prompt or ""
         if request.suffix is not None:
-            text = fill_in_the_middle(self.tokenizer, text, request.suffix)
+            text = fill_in_the_middle(self.profile.fim_markers, text, request.suffix)
         return [int(token) for token in self.tokenizer.encode(text)]
 
     def _output_rules(
@@ -196,9 +237,7 @@ class ChatService:
         always has room.
         """
         mode = request.tool_mode
-        call_format = HERMES
-        if request.tools and template_tool_support(self.tokenizer).tools:
-            call_format = detect_tool_call_format(self.tokenizer)
+        call_format = self.profile.call_format if request.tools else HERMES
         markers = _call_marker_stems(call_format) if request.tools and mode == "none" else ()
         thinking = None
         if reasoning is not None and reasoning is not HARMONY_REASONING:
@@ -212,18 +251,24 @@ class ChatService:
             call_format=call_format,
             reasoning=thinking,
             forbidden_markers=tuple(marker for marker in markers if marker),
-            eos=tuple(sorted(self.tokenizer.eos_token_ids)),
+            eos=self.profile.eos_token_ids,
             reasoning_budget=int(max_tokens * THINKING_SHARE_BEFORE_A_FORCED_ANSWER),
         )
-        grammar = build_grammar(constraint, grammar_writer(self.tokenizer), request.tool_params, request.schema_param)
+        grammar = build_grammar(
+            constraint,
+            self.profile.grammar_writer(),
+            request.tool_params,
+            request.schema_param,
+            self.profile.grammar_verdicts,
+        )
         if not request.tools:
             return grammar, None
         tools = tuple((tool.name, tool.kind) for tool in request.tools)
         schemas = tuple(template_tool(tool) for tool in request.tools)
         return grammar, ToolCalling(call_format, tools, request.parallel_tool_calls, mode != "none", schemas)
 
-    def _sampling_settings(self, request: ChatRequest, prompt_length: int) -> SamplingSettings:
-        """Lengths checked against the context, defaults filled in.
+    def _max_tokens(self, request: ChatRequest, prompt_length: int) -> int:
+        """The completion's length limit, checked against the context.
 
         A completion limit is a ceiling: generation stops where the context
         ends (finish_reason ``length``).  Under ``--strict-max-tokens`` a
@@ -236,37 +281,23 @@ class ChatService:
         requested = request.max_tokens
         if room < 1:
             raise ContextOverflowError(context, prompt_length, None, "messages")
-        if requested is not None and requested > room:
-            if request.length_policy == "reject" and self.options.strict_max_tokens:
-                raise ContextOverflowError(context, prompt_length, requested, request.length_param)
-            requested = room
-        sampling = request.sampling
-        return SamplingSettings(
-            max_tokens=requested if requested is not None else min(self.options.default_max_tokens, room),
-            temperature=self.options.default_temperature if sampling.temperature is None else sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            repetition_penalty=(
-                self.options.default_repetition_penalty
-                if sampling.repetition_penalty is None
-                else sampling.repetition_penalty
-            ),
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            seed=sampling.seed,
-            stop=sampling.stop,
-        )
+        if requested is None:
+            return min(self.options.default_max_tokens, room)
+        if requested > room and request.length_policy == "reject" and self.options.strict_max_tokens:
+            raise ContextOverflowError(context, prompt_length, requested, request.length_param)
+        return min(requested, room)
 
-    def _look_up_answer(self, prompt: list[int], settings: SamplingSettings) -> tuple[str | None, CachedAnswer | None]:
+    def _look_up_answer(
+        self, prompt: list[int], max_tokens: int, sampling: Sampling, grammar: str | None
+    ) -> tuple[str | None, CachedAnswer | None]:
         """Deterministic requests (greedy, or seeded) may be answered from the answer cache.
 
-        The key is the rendered prompt (messages, tools and template together) and every sampling setting.
+        The key is the rendered prompt (messages, tools and template together) and everything that shapes the output.
         """
         cache = self.answers
-        if cache is None or not cache.max_entries or (settings.temperature > 0 and settings.seed is None):
+        if cache is None or not cache.max_entries or not sampling.deterministic:
             return None, None
-        key = cache.key_for({"prompt": prompt, **settings.__dict__})
+        key = cache.key_for({"prompt": prompt, "max_tokens": max_tokens, "grammar": grammar, **asdict(sampling)})
         return key, cache.get(key)
 
 
@@ -427,7 +458,8 @@ class ChatRun:
                     yield delta
                 if self._parser.repeated_a_call:
                     self._end_early()  # a forced call started over: the reply is complete
-        self._service.observe(stats)
+        for observe in self._service.observers:
+            observe(stats)
         if stats.finish_reason == "timeout":
             error = RequestTimeoutError(stats.completion_tokens)
             logger.warning("Chat request stopped: %s", error.message)

@@ -10,13 +10,13 @@ keep the ``tool`` role either way; they are never folded into user text.  (They
 are not wrapped in Hermes's ``<tool_response>`` tags: measured with SmolLM2, the
 model then parrots the tags back instead of answering.)
 
-Which of the two applies is found once per tokenizer by rendering a probe
-conversation with and without the feature and comparing.
+Which of the two applies is found by rendering a probe conversation with
+and without the feature and comparing: once per model, in its profile
+(``chat.profile``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +74,8 @@ def _renders(tokenizer: Any, conversation: list[dict[str, Any]], **extra: Any) -
     return rendered if isinstance(rendered, str) else ""
 
 
-def _detect(tokenizer: Any) -> TemplateToolSupport:
+def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
+    """Whether the template renders tools and calls itself (a few renders of a tiny conversation)."""
     if not getattr(tokenizer, "has_chat_template", False):
         return TemplateToolSupport(tools=False, tool_calls=False)
     user = [{"role": "user", "content": "hi"}]
@@ -88,12 +89,6 @@ def _detect(tokenizer: Any) -> TemplateToolSupport:
     except (TemplateError, TypeError, ValueError):
         tool_calls = False
     return TemplateToolSupport(tools=tools, tool_calls=tool_calls)
-
-
-@functools.lru_cache(maxsize=8)
-def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
-    """Found once per tokenizer (a few renders of a tiny conversation)."""
-    return _detect(tokenizer)
 
 
 def template_tool(tool: Tool) -> dict[str, Any]:
@@ -160,10 +155,10 @@ def _template_message(message: Message, support: TemplateToolSupport) -> dict[st
 
 
 def template_conversation(
-    tokenizer: Any, messages: Sequence[Message], tools: Sequence[Tool] = ()
+    support: TemplateToolSupport, messages: Sequence[Message], tools: Sequence[Tool] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """(messages, tools) as this template should see them; tools are None when they went into the system prompt."""
-    support = template_tool_support(tokenizer)
+    """(messages, tools) as a template with this support should see them; tools are None when they went into
+    the system prompt."""
     conversation = [_template_message(message, support) for message in messages]
     if not tools:
         return conversation, None

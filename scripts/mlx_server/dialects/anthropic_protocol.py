@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from mlx_server.chat.request import ChatRequest
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.validation import Finite, unique_tool_names
-from mlx_server.vocabulary import Message, Sampling, Tool, ToolCall, ToolChoice, UnsupportedOptionError
+from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolCall, ToolChoice, UnsupportedOptionError
 from utils_logging import debug
 
 __all__ = ["CountTokensRequest", "MessagesRequest", "anthropic_tool_id"]
@@ -197,7 +197,7 @@ class _MessagesBody(RequestBody):
             return ToolChoice("auto"), parallel
         return ToolChoice("required", choice.name if choice.type == "tool" else None), parallel
 
-    def chat_request(self, max_tokens: int | None, sampling: Sampling, lane: str | None = None) -> ChatRequest:
+    def chat_request(self, max_tokens: int | None, sampling: Sampling, lane: Lane | None = None) -> ChatRequest:
         unique_tool_names(tool.name for tool in self.tools or ())
         tools = self._tools()
         choice, parallel = self._tool_choice(tools)
@@ -223,10 +223,10 @@ class MessagesRequest(_MessagesBody):
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
     temperature: Annotated[Finite, Field(ge=0.0, le=1.0)] | None = None
-    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
 
-    def to_chat_request(self, lane: str | None = None) -> ChatRequest:
+    def to_chat_request(self, lane: Lane | None = None) -> ChatRequest:
         sampling = Sampling(
             temperature=self.temperature,
             top_p=self.top_p,

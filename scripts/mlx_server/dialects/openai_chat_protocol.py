@@ -18,7 +18,7 @@ from mlx_server.chat.request import ChatRequest
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
 from mlx_server.dialects.validation import Finite, unique_tool_names
-from mlx_server.vocabulary import Message, Sampling, Tool, ToolCall, UnsupportedOptionError
+from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolCall, UnsupportedOptionError
 from mlx_server.vocabulary import ToolChoice as CoreToolChoice
 
 __all__ = [
@@ -174,9 +174,9 @@ class ChatCompletionRequest(RequestBody):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
-    min_p: Probability = 0.0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Probability | None = None
     repetition_penalty: Annotated[Finite, Field(gt=0.0, le=10.0)] | None = None
     presence_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
@@ -238,7 +238,7 @@ class ChatCompletionRequest(RequestBody):
                 f"which is not among the tools: {', '.join(names)}",
             )
 
-    def to_chat_request(self, header_lane: str | None = None) -> ChatRequest:
+    def to_chat_request(self, header_lane: Lane | None = None) -> ChatRequest:
         """The core's view of this request (call ``check_supported`` first); its lane from the body or headers."""
         if isinstance(self.tool_choice, NamedToolChoice):
             choice = CoreToolChoice("required", self.tool_choice.function.name)

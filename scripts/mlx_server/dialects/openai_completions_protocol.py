@@ -29,7 +29,7 @@ class CompletionRequest(RequestBody):
     model: str = "default"
     max_tokens: Annotated[int, Field(ge=1)] = DEFAULT_MAX_TOKENS
     temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None

@@ -24,6 +24,7 @@ from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
 from mlx_server.dialects.validation import Finite, unique_tool_names
 from mlx_server.vocabulary import (
     CUSTOM_TOOL,
+    Lane,
     Message,
     Sampling,
     Tool,
@@ -232,7 +233,7 @@ class ResponsesRequest(RequestBody):
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
     tools: list[Annotated[FunctionTool | CustomTool | NamespaceTool, Field(discriminator="type")] | HostedTool] = Field(
         default_factory=list
     )
@@ -313,7 +314,7 @@ class ResponsesRequest(RequestBody):
         """This request's input as messages (without the instructions, which are never carried over)."""
         return input_messages(self.input_items(), self.tool_names())
 
-    def to_chat_request(self, conversation: tuple[Message, ...], header_lane: str | None = None) -> ChatRequest:
+    def to_chat_request(self, conversation: tuple[Message, ...], header_lane: Lane | None = None) -> ChatRequest:
         """``conversation``: the stored one ``previous_response_id`` names, then this request's input."""
         tools = self.core_tools()
         choice, tools = self.core_tool_choice(tools)

@@ -104,7 +104,7 @@ async def cache_headers(run: ChatRun) -> dict[str, str]:
     lookup = started.lookup
     headers = {"x-prompt-cache-read-tokens": str(lookup.cached_tokens), "x-prompt-cache-source": lookup.source}
     if lookup.lane is not None:
-        headers["x-prompt-cache-lane"] = lookup.lane.encode("ascii", "replace").decode()[:64]
+        headers["x-prompt-cache-lane"] = str(lookup.lane)[:64]
     explanation = await asyncio.to_thread(run.explain_miss)
     if explanation is not None and explanation.diverged_at_token is not None:
         headers["x-prompt-cache-diverged-at-token"] = str(explanation.diverged_at_token)

@@ -29,7 +29,7 @@ from mlx_server.edge.errors import ErrorShapes, install_error_handlers, report_u
 from mlx_server.edge.guards import AUTHENTICATED, ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
 from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.settings import Settings
-from mlx_server.vocabulary import Engine, EngineStats, ModelLoadingError
+from mlx_server.vocabulary import Engine, EngineStats, GenerationStats, ModelLoadingError, Sampling
 from utils_logging import request_context
 
 __all__ = ["GENERATION_PATHS", "ServedEngine", "ServerState", "create_app", "service_options"]
@@ -75,8 +75,9 @@ class ServedEngine(Engine, Protocol):
 def service_options(settings: Settings) -> ServiceOptions:
     return ServiceOptions(
         default_max_tokens=settings.default_max_tokens,
-        default_temperature=settings.default_temperature,
-        default_repetition_penalty=settings.default_repetition_penalty,
+        default_sampling=Sampling(
+            temperature=settings.default_temperature, repetition_penalty=settings.default_repetition_penalty
+        ),
         keep_billing_header=settings.keep_billing_header,
         request_timeout=settings.request_timeout,
         keepalive_interval=settings.keepalive_interval,
@@ -86,7 +87,11 @@ def service_options(settings: Settings) -> ServiceOptions:
 
 @dataclass
 class ServerState:
-    """What the routes share: settings, the BLAS in use, and the engine (None while loading)."""
+    """What the routes share: settings, the BLAS in use, the engine (None while loading) and its chat service.
+
+    The start-up attaches the service it built (with the model's profile);
+    without one, the first request builds it from the engine.
+    """
 
     settings: Settings
     blas: BlasInfo
@@ -94,13 +99,25 @@ class ServerState:
     answers: AnswerCache | None = None
     started_at: float = field(default_factory=time.monotonic)
     _service: ChatService | None = None
+    _observers: list[Callable[[GenerationStats], None]] = field(default_factory=list)
 
-    def service(self, metrics: Metrics) -> ChatService:
+    def attach(self, service: ChatService) -> None:
+        self._service = service
+        service.observers.extend(self._observers)
+
+    def observe(self, observer: Callable[[GenerationStats], None]) -> None:
+        """Have ``observer`` see every finished completion's stats (the metrics)."""
+        self._observers.append(observer)
+        if self._service is not None:
+            self._service.observers.append(observer)
+
+    def service(self) -> ChatService:
         """The chat core; ModelLoadingError while the model is still loading."""
         if self.engine is None:
             raise ModelLoadingError()
         if self._service is None:
-            self._service = ChatService(self.engine, service_options(self.settings), self.answers, metrics.observe)
+            self.attach(ChatService(self.engine, service_options(self.settings), self.answers))
+        assert self._service is not None
         return self._service
 
     def live_stats(self) -> LiveStats | None:
@@ -198,7 +215,7 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
 
     @router.get("/v1/cache")
     async def cache_report() -> dict[str, Any]:
-        service = state.service(metrics)
+        service = state.service()
         engine = state.engine
         assert engine is not None  # service() raises while loading
         prompt_cache = {
@@ -241,11 +258,10 @@ def create_app(state: ServerState) -> FastAPI:
     shapes = ErrorShapes({anthropic_messages.ERROR_PATH_PREFIX: anthropic_messages.anthropic_error})
     install_error_handlers(app, shapes)
     metrics = Metrics(ROUTES, state.live_stats)
+    state.observe(metrics.observe)
     if state.engine is not None:
         state.engine.observe_steps(metrics.batch_size.observe)
-
-    def service() -> ChatService:
-        return state.service(metrics)
+    service = state.service
 
     def model_name() -> str:
         if state.engine is None:

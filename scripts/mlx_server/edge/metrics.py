@@ -19,8 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.chat.answer_cache import AnswerCacheStats
-from mlx_server.engine.prompt_cache import PromptCacheStats
-from mlx_server.vocabulary import EngineStats, GenerationStats
+from mlx_server.vocabulary import EngineStats, GenerationStats, PromptCacheStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "LiveStats", "Metrics", "MetricsMiddleware"]
 

@@ -35,7 +35,8 @@ from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
 from mlx_server.engine.speculation import SpeculativeGenerationBatch
-from mlx_server.vocabulary import GrammarError
+from mlx_server.mlx_lm_compat import prompt_queue_lengths
+from mlx_server.vocabulary import FinishReason, GrammarError, SpeculativeMode
 
 __all__ = ["BatchDecoder"]
 
@@ -53,7 +54,7 @@ class BatchDecoder:
         max_batch: int,
         prefill_step: int,
         prefill_batch: int,
-        speculative: str = "off",
+        speculative: SpeculativeMode = "off",
     ) -> None:
         self._tokenizer = loaded.tokenizer
         self._prompt_cache = prompt_cache
@@ -96,9 +97,9 @@ class BatchDecoder:
         if job.should_stop():
             sequence.finish(job.stop_reason(), None, None)
             return
-        settings = job.settings
+        request = job.request
         try:
-            grammar = GrammarProcessor(self._grammar_tokenizer, settings.grammar) if settings.grammar else None
+            grammar = GrammarProcessor(self._grammar_tokenizer, request.grammar) if request.grammar else None
         except GrammarError as error:
             sequence.fail(error)
             return
@@ -107,16 +108,13 @@ class BatchDecoder:
         start, prompt = lease.cached_tokens, job.prompt
         bounds = [start, *pauses, len(prompt)]
         segments = [prompt[begin:end] for begin, end in zip(bounds, bounds[1:])]
-        processors = logits_processors(
-            settings.repetition_penalty, settings.presence_penalty, settings.frequency_penalty, grammar
-        )
         (uid,) = self._generator.insert_segments(
             [segments],
-            max_tokens=[settings.max_tokens],
+            max_tokens=[request.max_tokens],
             caches=[lease.cache],
             all_tokens=[prompt[:start]],
-            samplers=[sampler(settings.temperature, settings.top_p, settings.min_p, settings.top_k, settings.seed)],
-            logits_processors=[processors],
+            samplers=[sampler(request.sampling)],
+            logits_processors=[logits_processors(request.sampling, grammar)],
             stop_sequences=[self._stops],
         )
         self._sequences[uid] = sequence
@@ -135,7 +133,7 @@ class BatchDecoder:
                     del self._pauses[response.uid]
                 for cache, tokens in self._generator.extract_cache([response.uid]).values():
                     self._sequences[response.uid].keep_state(cache, list(tokens))
-        leaving: list[tuple[int, str]] = []
+        leaving: list[tuple[int, FinishReason]] = []
         for response in generation_responses:
             sequence = self._sequences.get(response.uid)
             if sequence is None or (response.uid, "stop") in leaving:  # a speculative step's tokens past a stop
@@ -168,14 +166,8 @@ class BatchDecoder:
         still go in groups of up to ``prefill_batch``.  (Reads the generator's
         queue of prompts; mlx-lm exposes no other way to see it.)
         """
-        generator = self._generator
         budget = self._prefill_step
-        processing = getattr(generator, "_currently_processing", None)
-        unprocessed = getattr(generator, "_unprocessed_sequences", None)
-        if processing is None or unprocessed is None:  # another mlx-lm: count prompts, as it does
-            return self._prefill_batch
-        started = [sum(len(segment) for segment in entry[0]) for entry in processing]
-        waiting = [sum(len(segment) for segment in entry[1]) for entry in unprocessed]
+        started, waiting = prompt_queue_lengths(self._generator)
         used = sum(min(length, self._prefill_step) for length in started)
         allowed = len(started)
         for length in waiting:
@@ -186,7 +178,7 @@ class BatchDecoder:
             allowed += 1
         return max(1, allowed)
 
-    def _remove(self, leaving: list[tuple[int, str]]) -> None:
+    def _remove(self, leaving: list[tuple[int, FinishReason]]) -> None:
         """Take sequences out of the batch mid-way; their KV state so far goes back to the prompt cache."""
         caches = self._generator.remove([uid for uid, _ in leaving], return_prompt_caches=True)
         for uid, reason in leaving:

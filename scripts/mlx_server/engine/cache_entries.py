@@ -24,11 +24,13 @@ import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
+
+from mlx_server.vocabulary import Lane
 
 __all__ = [
     "CHECKPOINT",
@@ -36,6 +38,7 @@ __all__ = [
     "MIN_REUSED_TOKENS",
     "SNAPSHOT",
     "CacheEntry",
+    "EntryKind",
     "Reuse",
     "best_reuse",
     "can_step_back",
@@ -47,9 +50,10 @@ __all__ = [
     "token_digest",
 ]
 
-CHECKPOINT = "checkpoint"
-CONVERSATION = "conversation"
-SNAPSHOT = "snapshot"
+EntryKind = Literal["checkpoint", "conversation", "snapshot"]
+CHECKPOINT: EntryKind = "checkpoint"
+CONVERSATION: EntryKind = "conversation"
+SNAPSHOT: EntryKind = "snapshot"
 #: A match shorter than this is not worth a copy; the request starts cold.
 MIN_REUSED_TOKENS = 8
 
@@ -58,7 +62,7 @@ def token_digest(tokens: np.ndarray | list[int]) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
 
 
-def entry_key(kind: str, tokens: np.ndarray | list[int]) -> str:
+def entry_key(kind: EntryKind, tokens: np.ndarray | list[int]) -> str:
     """How an entry is found: its kind and the digest of its tokens."""
     return f"{kind}:{token_digest(tokens)}"
 
@@ -115,9 +119,9 @@ class CacheEntry:
     tokens: np.ndarray
     cache: list[Any]
     nbytes: int
-    kind: str
+    kind: EntryKind
     prompt_length: int  # tokens[:prompt_length] came from a prompt; the rest were generated
-    lane: str | None = None
+    lane: Lane | None = None
     turn: int = 0  # how many turns of its session's conversation came before (a one-off request has none)
     after_user: bool = False  # snapshots: taken at the end of a user's message
     created: float = field(default_factory=time.monotonic)
@@ -167,7 +171,7 @@ class Reuse:
 _PREFERENCE = {CONVERSATION: 0, SNAPSHOT: 1, CHECKPOINT: 2}
 
 
-def best_reuse(entries: Iterable[CacheEntry], request: np.ndarray, lane: str | None) -> Reuse:
+def best_reuse(entries: Iterable[CacheEntry], request: np.ndarray, lane: Lane | None) -> Reuse:
     """The entry that saves the request the most tokens (pure; ``entries`` most recent first).
 
     On a tie the request's own lane wins, then a conversation (it can be

@@ -1,7 +1,7 @@
 """Which entries a session keeps and which go first under pressure: the prompt cache's policy (pure functions).
 
 Agents say which session a request belongs to (``vocabulary.GenerationRequest.lane``;
-a subagent's lane is its session's followed by ``/`` and the agent).  A
+a subagent's lane names its session and the agent).  A
 session's newest turn replaces its own older turns instead of adding to one
 global LRU (``superseded``), and under memory pressure entries go in this
 order (``EvictionPolicy``), least recently used first within a class:
@@ -37,8 +37,9 @@ from functools import cached_property
 import numpy as np
 
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
+from mlx_server.vocabulary import Lane
 
-__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "session_of", "superseded"]
+__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "superseded"]
 
 LANE_IDLE_SECONDS = 600.0
 IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, OVER_SHARE, SUBAGENT, KEPT = range(7)
@@ -80,9 +81,9 @@ def superseded(new: CacheEntry, entries: Iterable[CacheEntry]) -> list[CacheEntr
     return replaced
 
 
-def main_conversations(entries: Iterable[CacheEntry]) -> dict[str | None, CacheEntry]:
+def main_conversations(entries: Iterable[CacheEntry]) -> dict[Lane | None, CacheEntry]:
     """Each lane's main conversation: the one continued most often, then the longest."""
-    mains: dict[str | None, CacheEntry] = {}
+    mains: dict[Lane | None, CacheEntry] = {}
     for entry in entries:
         if entry.kind != CONVERSATION or entry.lane is None:
             continue
@@ -92,13 +93,8 @@ def main_conversations(entries: Iterable[CacheEntry]) -> dict[str | None, CacheE
     return mains
 
 
-def session_of(lane: str) -> str:
-    """The session a lane belongs to: a subagent's lane without its ``/agent`` part."""
-    return lane.partition("/")[0]
-
-
 def _of_subagent(entry: CacheEntry) -> bool:
-    return entry.lane is not None and entry.lane != session_of(entry.lane)
+    return entry.lane is not None and entry.lane.is_subagent
 
 
 def fair_share(lane_bytes: Iterable[int], max_bytes: int) -> float:
@@ -122,7 +118,7 @@ class EvictionPolicy:
     """
 
     entries: list[CacheEntry]
-    lane_activity: Mapping[str, float]
+    lane_activity: Mapping[Lane, float]
     now: float
     max_bytes: int
     trimmable: bool = True
@@ -143,10 +139,10 @@ class EvictionPolicy:
     @cached_property
     def _classes(self) -> dict[int, int]:  # worked out once: reason() is asked for every victim
         active = {lane for lane, seen in self.lane_activity.items() if self.now - seen < LANE_IDLE_SECONDS}
-        session_bytes: dict[str, int] = defaultdict(int)
+        session_bytes: dict[Lane, int] = defaultdict(int)
         for entry in self.entries:
             if entry.lane in active:
-                session_bytes[session_of(entry.lane)] += entry.nbytes
+                session_bytes[entry.lane.session_lane] += entry.nbytes
         share = fair_share(session_bytes.values(), self.max_bytes)
         mains = main_conversations(self.entries)
 
@@ -161,7 +157,7 @@ class EvictionPolicy:
                 return IDLE
             if entry.kind == CONVERSATION and mains.get(entry.lane) is not entry:
                 return SIDE
-            if session_bytes[session_of(entry.lane)] > share:
+            if session_bytes[entry.lane.session_lane] > share:
                 return OVER_SHARE
             if _of_subagent(entry):
                 return SUBAGENT

@@ -20,6 +20,7 @@ import llguidance.hf
 import mlx.core as mx
 import numpy as np
 
+from mlx_server.mlx_lm_compat import hf_tokenizer
 from mlx_server.vocabulary import GrammarError
 
 __all__ = ["GrammarProcessor", "GrammarTokenizer"]
@@ -41,11 +42,11 @@ class GrammarTokenizer:
         """The llguidance tokenizer; GrammarError when this model's tokenizer cannot be used."""
         with self._lock:
             if self._built is None and self.unavailable is None:
-                hf_tokenizer = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
+                inner = hf_tokenizer(self._tokenizer)
                 try:
                     eos = sorted(self._tokenizer.eos_token_ids)
-                    self._built = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos)
-                    added = getattr(hf_tokenizer, "added_tokens_decoder", {}) or {}
+                    self._built = llguidance.hf.from_tokenizer(inner, eos_token=eos)
+                    added = getattr(inner, "added_tokens_decoder", {}) or {}
                     self.special_ids = np.array(
                         sorted(i for i in added if i < self._built.vocab_size and self._built.is_special_token(i)),
                         dtype=np.int64,

@@ -32,11 +32,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_server.engine.batch_decoding import BatchDecoder
 from mlx_server.engine.constrained import GrammarTokenizer
 from mlx_server.engine.kv_budget import KV_STEP, KVBudget
-from mlx_server.engine.prompt_cache import KVPromptCache, PromptCacheStats
+from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sequence import Delivery, Job
 from mlx_server.engine.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
 from mlx_server.model.loading import LoadedModel
 from mlx_server.vocabulary import (
+    PLAIN_SAMPLING,
     EngineEvent,
     EngineStats,
     GeneratedText,
@@ -46,7 +47,9 @@ from mlx_server.vocabulary import (
     GrammarError,
     KeepAlive,
     KVBudgetError,
-    SamplingSettings,
+    PromptCacheStats,
+    Sampling,
+    SpeculativeMode,
 )
 
 __all__ = ["EngineOptions", "GenerationEngine"]
@@ -54,6 +57,7 @@ __all__ = ["EngineOptions", "GenerationEngine"]
 logger = logging.getLogger("mlx")
 Result = TypeVar("Result")
 KEEPALIVE = KeepAlive()
+GREEDY = Sampling(temperature=0.0).over(PLAIN_SAMPLING)
 
 JOIN_INTERVAL_SECONDS = 0.5  # a running batch takes newcomers at most this often (mlx_lm.server's time budget)
 GATHER_SECONDS = 0.05  # an idle batch waits this long for requests that arrive together
@@ -71,7 +75,9 @@ class EngineOptions:
     prefill_batch: int
     kv_budget_bytes: int
     kv_bits: int | None = None  # quantize the KV cache; requests then decode one at a time
-    speculative: str = "off"  # "prompt-lookup": draft from the context, verify in one pass (engine/speculation.py)
+    speculative: SpeculativeMode = (
+        "off"  # "prompt-lookup": draft from the context, verify in one pass (engine/speculation.py)
+    )
 
 
 class Decoder(Protocol):
@@ -209,7 +215,7 @@ class GenerationEngine:
         started = time.perf_counter()
         prompt = list(self.tokenizer.encode("Hello", add_special_tokens=False)) or [0]
         finished = threading.Event()
-        request = GenerationRequest(prompt, SamplingSettings(max_tokens=2, temperature=0.0), use_cache=False)
+        request = GenerationRequest(prompt, max_tokens=2, sampling=GREEDY, use_cache=False)
 
         def deliver(event: Delivery) -> None:
             if isinstance(event, (GenerationFinished, BaseException)):

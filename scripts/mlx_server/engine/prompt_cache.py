@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,10 @@ from mlx_server.engine.cache_entries import (
 )
 from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, superseded
 from mlx_server.engine.prompt_cache_files import CheckpointFiles
-from mlx_server.vocabulary import CacheLookup, Divergence
+from mlx_server.vocabulary import CacheLookup, CacheSource, Divergence, Lane, PromptCacheStats
 from utils_logging import debug
 
-__all__ = ["MIN_REUSED_TOKENS", "CacheLease", "KVPromptCache", "PromptCacheStats"]
+__all__ = ["MIN_REUSED_TOKENS", "CacheLease", "KVPromptCache"]
 
 logger = logging.getLogger("mlx")
 
@@ -79,32 +79,12 @@ class CacheLease:
 
     cache: list[Any]
     cached_tokens: int
-    source: str  # "miss", "extended", "copied-prefix", "checkpoint", "snapshot", "off"
+    source: CacheSource
     divergence: Divergence | None = None
     turn: int = 0
 
-    def lookup(self, lane: str | None = None) -> CacheLookup:
+    def lookup(self, lane: Lane | None = None) -> CacheLookup:
         return CacheLookup(self.cached_tokens, self.source, self.divergence, lane)
-
-
-@dataclass(frozen=True)
-class PromptCacheStats:
-    enabled: bool
-    entries: int
-    checkpoints: int
-    snapshots: int
-    lanes: int
-    bytes: int
-    max_entries: int
-    max_bytes: int
-    hits: int
-    misses: int
-    tokens_saved: int
-    evictions: int
-    persisted_to: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _divergence(nearest: np.ndarray, request: np.ndarray, at: int) -> Divergence:
@@ -131,7 +111,7 @@ class KVPromptCache:
         self.max_bytes = max_bytes
         self.trimmable = can_step_back(make_cache())
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
-        self._lanes: dict[str, float] = {}  # lane -> when it last made a request
+        self._lanes: dict[Lane, float] = {}  # lane -> when it last made a request
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self._lock = threading.Lock()
         self._bytes = 0
@@ -167,7 +147,7 @@ class KVPromptCache:
 
     # -- lookup ---------------------------------------------------------------
 
-    def acquire(self, tokens: list[int], lane: str | None = None) -> CacheLease:
+    def acquire(self, tokens: list[int], lane: Lane | None = None) -> CacheLease:
         """KV state for as much of ``tokens`` as the cache holds; at least one token is left to compute."""
         if not self.enabled:
             return CacheLease(self.new_cache(), 0, "off")
@@ -198,14 +178,16 @@ class KVPromptCache:
                     trim_prompt_cache(best.cache, len(best.tokens) - usable)  # an unused generated tail
                 return CacheLease(best.cache, usable, "extended", None if whole else divergence, turn)
             self._entries.move_to_end(best.key)
-            source = {CHECKPOINT: "checkpoint", SNAPSHOT: "snapshot"}.get(best.kind, "copied-prefix")
+            source: CacheSource = (
+                "checkpoint" if best.kind == CHECKPOINT else "snapshot" if best.kind == SNAPSHOT else "copied-prefix"
+            )
             shared = best.cache
         return CacheLease(copy_prefix(shared, usable), usable, source, divergence, turn)
 
     # -- storing --------------------------------------------------------------
 
     def release(
-        self, cache: list[Any], tokens: list[int], prompt_length: int, lane: str | None = None, turn: int = 0
+        self, cache: list[Any], tokens: list[int], prompt_length: int, lane: Lane | None = None, turn: int = 0
     ) -> None:
         """Store a request's KV state back under the tokens it holds (never raises on odd state).
 
@@ -221,7 +203,7 @@ class KVPromptCache:
         self._store(entry)
 
     def add_snapshot(
-        self, cache: list[Any], tokens: list[int], lane: str | None, after_user: bool, turn: int = 0
+        self, cache: list[Any], tokens: list[int], lane: Lane | None, after_user: bool, turn: int = 0
     ) -> None:
         """Keep ``cache`` (this request's own copy, holding exactly ``tokens``) as where its next turn resumes."""
         if not self.enabled or len(tokens) < MIN_REUSED_TOKENS:
@@ -310,7 +292,8 @@ class KVPromptCache:
 
     def _decide(self, entry: CacheEntry, decision: str) -> None:
         """Record a decision for /v1/cache and the debug log (caller holds the lock)."""
-        record = {"decision": decision, "kind": entry.kind, "lane": entry.lane, "tokens": len(entry.tokens)}
+        lane = str(entry.lane) if entry.lane is not None else None
+        record = {"decision": decision, "kind": entry.kind, "lane": lane, "tokens": len(entry.tokens)}
         self._decisions.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **record})
         debug(2, "Prompt cache", record)
 
@@ -369,7 +352,7 @@ class KVPromptCache:
                 {
                     "key": entry.key.partition(":")[2][:12],
                     "kind": entry.kind,
-                    "lane": entry.lane,
+                    "lane": str(entry.lane) if entry.lane is not None else None,
                     "turn": entry.turn,
                     "tokens": len(entry.tokens),
                     "bytes": entry.nbytes,
@@ -388,9 +371,9 @@ class KVPromptCache:
             for entry in self._entries.values():
                 if entry.lane is None:
                     continue
-                lane = lanes.setdefault(entry.lane, {"entries": 0, "bytes": 0})
+                lane = lanes.setdefault(str(entry.lane), {"entries": 0, "bytes": 0})
                 lane["entries"] += 1
                 lane["bytes"] += entry.nbytes
             for lane_key, seen in self._lanes.items():
-                lanes.setdefault(lane_key, {"entries": 0, "bytes": 0})["idle_seconds"] = round(now - seen, 1)
+                lanes.setdefault(str(lane_key), {"entries": 0, "bytes": 0})["idle_seconds"] = round(now - seen, 1)
             return {"lanes": lanes, "recent_decisions": list(self._decisions)}

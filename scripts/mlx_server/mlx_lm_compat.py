@@ -1,0 +1,188 @@
+"""Every use of mlx-lm's private parts, in one place, checked against the installed release at start-up.
+
+The engine needs a few things mlx-lm does not expose: the generation batch of
+a ``BatchGenerator`` (to decode a lone sequence speculatively), that batch's
+per-row state (the pending token and its log-probabilities, the count of
+generated tokens, the stop matchers, the penalties' token context), the
+generator's prompt queues (to prefill by tokens, not by prompt count), the
+Hugging Face tokenizer inside mlx-lm's ``TokenizerWrapper`` (llguidance and
+``save_pretrained`` need it), and mlx-lm's inference of a template's tool
+parser.  Nothing else in the server names a private mlx-lm attribute.
+
+``SUPPORTED_MLX_LM`` is the range ``pyproject.toml`` pins; ``check`` probes
+every attribute below on the installed release (a generator over the real
+model, an empty generation batch, the tokenizer module) and raises
+``IncompatibleMlxLmError`` with a sentence naming what is gone and which
+mlx-lm is installed, so a release that renamed one is refused at start-up
+instead of failing at the first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import tokenizer_utils
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.sample_utils import greedy_sampler
+
+__all__ = [
+    "REQUIRED_ATTRIBUTES",
+    "SUPPORTED_MLX_LM",
+    "IncompatibleMlxLmError",
+    "SpeculativeBatchBase",
+    "check",
+    "hf_tokenizer",
+    "infer_tool_parser",
+    "install_generation_batch",
+    "installed_version",
+    "missing_attributes",
+    "prompt_queue_lengths",
+]
+
+#: The mlx-lm releases this module was read against (the pin in pyproject.toml).
+SUPPORTED_MLX_LM = ">=0.32.1,<0.33"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A private attribute the server relies on: whose it is, its name, and what it is used for."""
+
+    owner: str
+    name: str
+    used_for: str
+
+
+REQUIRED_ATTRIBUTES = (
+    Attribute("BatchGenerator", "_generation_batch", "replacing the generation batch with the speculative one"),
+    Attribute("BatchGenerator", "_currently_processing", "prefilling by tokens, not by prompt count"),
+    Attribute("BatchGenerator", "_unprocessed_sequences", "prefilling by tokens, not by prompt count"),
+    Attribute("GenerationBatch", "_next_tokens", "the token a speculative step starts from"),
+    Attribute("GenerationBatch", "_next_logprobs", "the log-probabilities of that token"),
+    Attribute("GenerationBatch", "_num_tokens", "each row's length limit during speculation"),
+    Attribute("GenerationBatch", "_matchers", "each row's stop-token matcher during speculation"),
+    Attribute("GenerationBatch", "_token_context", "penalties and grammars over kept draft tokens"),
+    Attribute("TokenizerWrapper", "_tokenizer", "the Hugging Face tokenizer llguidance reads"),
+    Attribute("tokenizer_utils", "_infer_tool_parser", "the tool-call format a chat template teaches"),
+)
+
+
+class IncompatibleMlxLmError(RuntimeError):
+    """The installed mlx-lm lacks something the server relies on; the message says what and which release."""
+
+
+def installed_version() -> str:
+    try:
+        return version("mlx-lm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def missing_attributes(model: Any = None, tokenizer: Any = None) -> list[Attribute]:
+    """The required attributes the installed mlx-lm does not have (probed on real objects where given)."""
+    owners: dict[str, Any] = {"tokenizer_utils": tokenizer_utils, "GenerationBatch": _empty_generation_batch()}
+    if model is not None:
+        generator = BatchGenerator(model, completion_batch_size=1, prefill_batch_size=1)
+        owners["BatchGenerator"] = generator
+    if tokenizer is not None:
+        owners["TokenizerWrapper"] = tokenizer
+    return [
+        attribute
+        for attribute in REQUIRED_ATTRIBUTES
+        if attribute.owner in owners and not hasattr(owners[attribute.owner], attribute.name)
+    ]
+
+
+def check(model: Any = None, tokenizer: Any = None) -> None:
+    """IncompatibleMlxLmError naming every missing attribute and the installed release; nothing when all are there."""
+    missing = missing_attributes(model, tokenizer)
+    if missing:
+        names = ", ".join(f"{attribute.owner}.{attribute.name} ({attribute.used_for})" for attribute in missing)
+        raise IncompatibleMlxLmError(
+            f"mlx-lm {installed_version()} lacks {names}: this server runs on mlx-lm {SUPPORTED_MLX_LM}; "
+            f"reinstall with `pip install 'mlx-lm{SUPPORTED_MLX_LM}'` (make serve does)"
+        )
+
+
+def _empty_generation_batch() -> GenerationBatch:
+    empty: GenerationBatch = GenerationBatch.empty(None, greedy_sampler)
+    return empty
+
+
+# -- the batch generator ----------------------------------------------------------------------------------
+
+
+def install_generation_batch(generator: BatchGenerator, batch: GenerationBatch) -> None:
+    """Make ``batch`` the generator's generation batch (the one attribute it keeps it in)."""
+    generator._generation_batch = batch
+
+
+def prompt_queue_lengths(generator: BatchGenerator) -> tuple[list[int], list[int]]:
+    """Tokens still to prefill: of each prompt being prefilled now, and of each prompt waiting to start."""
+    started = [sum(len(segment) for segment in entry[0]) for entry in generator._currently_processing]
+    waiting = [sum(len(segment) for segment in entry[1]) for entry in generator._unprocessed_sequences]
+    return started, waiting
+
+
+class SpeculativeBatchBase(GenerationBatch):
+    """mlx-lm's generation batch with a hook for a step that is not plain decoding, and the row state it needs.
+
+    ``speculate`` returns the step's responses, or None for a plain step.
+    The methods below are the only way a subclass reaches the batch's private state.
+    """
+
+    def next(self) -> list[GenerationBatch.Response]:
+        responses = self.speculate()
+        return super().next() if responses is None else responses
+
+    def speculate(self) -> list[GenerationBatch.Response] | None:
+        return None
+
+    def pending_token(self) -> mx.array | None:
+        """The sampled token every row feeds next (None: nothing pending)."""
+        pending: mx.array | None = self._next_tokens
+        return pending
+
+    def pending_logprobs(self, row: int) -> mx.array:
+        logprobs: mx.array = self._next_logprobs[row]
+        return logprobs
+
+    def set_pending(self, token: mx.array, logprobs: mx.array) -> None:
+        """For a lone row: the token it feeds next, and its log-probabilities."""
+        self._next_tokens, self._next_logprobs = token.reshape(1), [logprobs]
+
+    def generated_tokens(self, row: int) -> int:
+        count: int = self._num_tokens[row]
+        return count
+
+    def processing_context(self, row: int, token: int) -> mx.array:
+        """The row's tokens so far with ``token`` appended, as its logits processors read them."""
+        context: mx.array = self._token_context[row].update_and_fetch(mx.array([token]))
+        return context
+
+    def keep_token(self, row: int, token: int) -> bool:
+        """Record ``token`` as generated by ``row``; True when it completes one of the row's stop sequences."""
+        self.tokens[row].append(token)
+        self._num_tokens[row] += 1
+        matched: bool = self._matchers[row].advance(token)
+        return matched
+
+
+# -- the tokenizer ---------------------------------------------------------------------------------------
+
+
+def hf_tokenizer(tokenizer: Any) -> Any:
+    """The Hugging Face tokenizer inside mlx-lm's ``TokenizerWrapper`` (itself when it is not wrapped)."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def infer_tool_parser(tokenizer: Any) -> str | None:
+    """The name of the mlx-lm tool parser the tokenizer's chat template teaches (None: it names none)."""
+    infer: Callable[[Any], str | None] = tokenizer_utils._infer_tool_parser
+    try:
+        return infer(hf_tokenizer(tokenizer))
+    except (AttributeError, KeyError, TypeError, ValueError):  # an odd template: Hermes is the safe default
+        return None
