@@ -5,11 +5,13 @@
 
 Throughput: at 1, 2, 4, 8 and 16 concurrent clients, each client streams
 ``--requests`` chat completions one after another (a prompt of its own, 48
-tokens at temperature 0.7); aggregate tokens/s is every completion token over
-the wall time of the level, and the median time to first token is over all of
-its requests.  Both servers run at once and levels alternate between them, so
-machine noise hits both alike; this server runs with its caches off (the
-prompts never repeat, and mlx_lm.server's cache cannot be turned off).
+tokens at temperature 0.7, both servers sampling plainly: no model defaults,
+no penalty); aggregate tokens/s is every completion token over the wall time
+of the level, and the median time to first token is over all of its requests.
+Both servers run at once and levels alternate between them, so machine noise
+hits both alike.  Both keep their prompt caches (mlx_lm.server's cannot be
+turned off): the prompts differ, but every one begins with the chat template's
+default system prompt, which both reuse; this server's answer cache is off.
 
 Agent fan-out: 4 conversations at once that share a 2,000-token system prompt
 with tools (Claude Code's subagents), 4 turns each ending in a tool result,
@@ -42,6 +44,8 @@ from serverlib import StreamedReply, mlx_lm_server, our_server, stream_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL_STEP = "256"  # this server's step on CPU; mlx_lm.server is given the same
+# mlx_lm.server samples plainly (no model defaults, no penalty): this server is asked to do the same work.
+SAME_SAMPLING = ["--generation-config", "none"]
 LEVELS = (1, 2, 4, 8, 16)
 TOPICS = ["a lighthouse", "a dragon", "the sea", "a robot", "a garden", "winter", "a city", "a violin",
           "a desert", "a train", "the moon", "a forest", "a bakery", "a storm", "a library", "a river"]  # fmt: skip
@@ -103,7 +107,7 @@ def throughput(name: str, url: str, clients: int, requests: int, max_tokens: int
                 topic = TOPICS[index % len(TOPICS)]
                 content = f"Write a short story about {topic} (story {round_}.{index}.{number})."
                 body = {"model": "default_model", "messages": [{"role": "user", "content": content}],
-                        "max_tokens": max_tokens, "temperature": 0.7}  # fmt: skip
+                        "max_tokens": max_tokens, "temperature": 0.7, "top_p": 1.0}  # fmt: skip
                 replies.append(stream_chat(http, body))
         return replies
 
@@ -209,7 +213,7 @@ def main() -> None:
         if levels:
             print("Starting both servers (mlx_lm.server on the exported default weights)...", flush=True)
             cold = servers.enter_context(
-                our_server(ROOT, ["--prompt-cache-size", "0", "--response-cache-size", "0", *extra])
+                our_server(ROOT, ["--response-cache-size", "0", *SAME_SAMPLING, *extra])
             )
             reference = servers.enter_context(mlx_lm_server(ROOT, ["--prefill-step-size", PREFILL_STEP]))
         for round_, clients in enumerate(levels):
@@ -218,7 +222,7 @@ def main() -> None:
                 throughput("mlx_lm.server", reference, clients, arguments.requests, arguments.max_tokens, round_)
             )
     if not arguments.skip_fanout:
-        with our_server(ROOT, ["--response-cache-size", "0", *extra]) as warm:
+        with our_server(ROOT, ["--response-cache-size", "0", *SAME_SAMPLING, *extra]) as warm:
             mine_fan = fanout("this server", warm, 4, 16)
         with mlx_lm_server(ROOT, ["--prefill-step-size", PREFILL_STEP]) as reference:
             other_fan = fanout("mlx_lm.server", reference, 4, 16)

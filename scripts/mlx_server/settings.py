@@ -106,6 +106,12 @@ def _repetition_penalty(text: str) -> float:
     return value
 
 
+def _generation_config(text: str) -> str:
+    if text not in ("auto", "none"):
+        raise argparse.ArgumentTypeError(f"must be auto or none, got {text!r}")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65_535:
@@ -189,6 +195,14 @@ class Settings:
         "has no such field; 1.1-1.3 keeps small models out of loops",
         parse=_repetition_penalty,
         default_text="the model's (generation_config.json), else none",
+    )
+    generation_config: str = option(
+        "auto",
+        "sampling for requests that set none: auto takes the model's own recommendation (its "
+        "generation_config.json; the default model's card), as vLLM does; none samples plainly (temperature 1, no "
+        "filters or penalties) unless --default-* options say otherwise",
+        parse=_generation_config,
+        metavar="{auto,none}",
     )
     strict_max_tokens: bool = option(
         False,

@@ -133,7 +133,8 @@ def build(settings: Settings, loaded: LoadedModel, logger: logging.Logger) -> Bu
         ),
     )
     answers = AnswerCache(loaded.identity, settings.response_cache_size)
-    profile = ModelProfile(loaded.tokenizer, engine.context_length, loaded.recommended_sampling)
+    recommended = loaded.recommended_sampling if settings.generation_config == "auto" else None
+    profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended)
     service = ChatService(engine, service_options(settings), answers, profile=profile)
     logger.info("%s", service.sampling_line())
     logger.info("%s, before this model's %d-token context is full", ClaudeCodeEnvironment(

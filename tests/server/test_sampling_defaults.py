@@ -84,5 +84,5 @@ def test_the_start_up_line_says_which_defaults_are_in_force_and_where_from() -> 
     server.client.post(CHAT, json=chat_body())
     line = server.service.sampling_line()
     assert "temperature 0.6 (generation_config.json)" in line
-    assert "repetition_penalty 1.3 (--default-*)" in line
-    assert "min_p 0 (plain)" in line
+    assert "repetition_penalty 1.3 (--default-repetition-penalty)" in line
+    assert "otherwise plain" in line

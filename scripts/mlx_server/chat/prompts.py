@@ -178,6 +178,25 @@ class ChatTemplate:
                 f"the model's chat template rejected the messages: {error}", "messages"
             ) from error
 
+    def _preamble(self, template_tools: list[dict[str, Any]] | None) -> list[int]:
+        """What the template writes before the first message of a conversation without a system message.
+
+        Templates that add a default system prompt (SmolLM2's "You are a
+        helpful AI assistant...") or render the tools in a system block of
+        their own start every such conversation with the same tokens: the
+        common prefix of a conversation that opens with a user message and
+        one that opens with an assistant message.
+        """
+        try:
+            user = _render(self.tokenizer, [{"role": "user", "content": "probe"}], False, template_tools)
+            assistant = _render(self.tokenizer, [{"role": "assistant", "content": "probe"}], False, template_tools)
+        except ValueError:
+            return []
+        shared = next(
+            (index for index, (a, b) in enumerate(zip(user, assistant)) if a != b), min(len(user), len(assistant))
+        )
+        return user[:shared]
+
     def _find_generation_prompt(self) -> tuple[int, ...]:
         """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``).
 
@@ -197,14 +216,16 @@ class ChatTemplate:
             if message["role"] != "system":
                 break
             leading.append(message)
-        if not leading:
-            return 0
         key = hashlib.sha256(json.dumps([leading, template_tools], sort_keys=True).encode()).hexdigest()
         with self._lock:
             prefix = self._prefixes.get(key)
         if prefix is None:
             try:
-                prefix = _render(self.tokenizer, leading, False, template_tools)
+                prefix = (
+                    _render(self.tokenizer, leading, False, template_tools)
+                    if leading
+                    else self._preamble(template_tools)
+                )
             except TemplateError:
                 prefix = []
             with self._lock:

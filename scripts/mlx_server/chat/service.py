@@ -124,11 +124,11 @@ class ChatService:
     def sampling_line(self) -> str:
         """The sampling defaults in force and where each came from, for the start-up line."""
         server, model = self.options.default_sampling.given(), self.profile.recommended.sampling.given()
-        parts = []
-        for name, value in self.default_sampling.given().items():
-            source = "--default-*" if name in server else self.profile.recommended.source if name in model else "plain"
-            parts.append(f"{name} {value:g} ({source})" if isinstance(value, float) else f"{name} {value} ({source})")
-        return "Sampling defaults for requests that set none: " + ", ".join(parts)
+        parts = [f"{name} {value:g} (--default-{name.replace('_', '-')})" for name, value in server.items()]
+        source = self.profile.recommended.source
+        parts += [f"{name} {value:g} ({source})" for name, value in model.items() if name not in server]
+        plain = "otherwise plain (temperature 1, no filters or penalties)"
+        return "Sampling for requests that set none: " + ", ".join([*parts, plain] if parts else [plain])
 
     def warm(self, system_prompt: str) -> int:
         """Prefill ``system_prompt`` (rendered as a conversation's system message) and keep it as a checkpoint.

@@ -80,6 +80,12 @@ class BatchDecoder:
     def active(self) -> int:
         return len(self._sequences)
 
+    @property
+    def decoding(self) -> int:
+        """Sequences past their prefill, whose streams a prefill would stall."""
+        started, waiting = prompt_queue_lengths(self._generator)
+        return self.active - len(started) - len(waiting)
+
     def final_lengths(self) -> list[int]:
         return [sequence.job.final_length for sequence in self._sequences.values()]
 
@@ -156,18 +162,22 @@ class BatchDecoder:
         return len(generation_responses)
 
     def _prompts_this_step(self) -> int:
-        """How many prompts mlx-lm may prefill together in the next step: as many as fit one step's token budget.
+        """How many prompts mlx-lm may prefill together in the next step.
 
-        mlx-lm counts prompts (``prefill_batch_size``), not tokens.  Prefill is
-        compute-bound where it runs on a CPU, so prefilling four long prompts
-        together only delays every one of them to the end: prompts whose next
-        chunks add up to more than one prefill step of tokens go one after
-        another instead (their first tokens arrive in turn), while short ones
-        still go in groups of up to ``prefill_batch``.  (Reads the generator's
-        queue of prompts; mlx-lm exposes no other way to see it.)
+        mlx-lm counts prompts (``prefill_batch_size``), not tokens.  While
+        streams are decoding, prompts whose next chunks add up to more than one
+        prefill step of tokens go one after another (their first tokens arrive
+        in turn), so a running stream stalls at most one chunk's prefill per
+        step; short ones still go in groups of up to ``prefill_batch``.  With
+        nothing decoding there is no stream to stall, and every waiting prompt
+        (up to ``prefill_batch``) goes in one call: measured at 8 clients, one
+        call for eight 46-token prompts gave their first tokens 0.7 s sooner
+        than two calls of 256 tokens.  (Reads the generator's queue of prompts;
+        mlx-lm exposes no other way to see it.)
         """
-        budget = self._prefill_step
         started, waiting = prompt_queue_lengths(self._generator)
+        decoding = self.active - len(started) - len(waiting)
+        budget = self._prefill_step if decoding else sum(min(length, self._prefill_step) for length in waiting)
         used = sum(min(length, self._prefill_step) for length in started)
         allowed = len(started)
         for length in waiting:

@@ -83,6 +83,8 @@ class EngineOptions:
 class Decoder(Protocol):
     @property
     def active(self) -> int: ...
+    @property
+    def decoding(self) -> int: ...
     def pending_prefixes(self) -> set[str]: ...
     def final_lengths(self) -> list[int]: ...
     def kv_bytes(self) -> int: ...
@@ -383,17 +385,21 @@ class GenerationEngine:
 
         Every join costs mlx-lm a prefill call, a forward pass for the
         newcomers alone and a copy of the whole batch's KV state, and stalls
-        the running sequences meanwhile, so joins are grouped: a running batch
-        takes newcomers at most every ``JOIN_INTERVAL_SECONDS`` (as
-        mlx_lm.server's time budget does); an idle one waits
-        ``GATHER_SECONDS`` for requests that arrive together (clients that fan
-        out), or less when a prefill batch's worth is already waiting or no
-        accepted request is still on its way (a lone request starts at once).
+        the decoding sequences meanwhile, so joins are grouped: a batch with
+        streams decoding takes newcomers at most every ``JOIN_INTERVAL_SECONDS``
+        (as mlx_lm.server's time budget does); one that is still prefilling
+        takes them at once (they join its prefill; nobody is stalled); an idle
+        one waits ``GATHER_SECONDS`` for requests that arrive together
+        (clients that fan out), or less when a prefill batch's worth is
+        already waiting or no accepted request is still on its way (a lone
+        request starts at once).
         """
         if not decoder.active:
             waited = time.perf_counter() - self._waiting[0].enqueued
             full = len(self._waiting) >= self.options.prefill_batch
             return waited >= GATHER_SECONDS or full or not self._more_coming()
+        if not decoder.decoding:
+            return True
         return time.perf_counter() - self._last_join >= JOIN_INTERVAL_SECONDS
 
     def _more_coming(self) -> bool:

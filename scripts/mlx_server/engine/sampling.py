@@ -76,9 +76,14 @@ class _SeededSampler:
 
 
 def logits_processors(sampling: Sampling, grammar: Any | None = None) -> list[LogitsProcessor]:
-    """mlx-lm's penalties, then the grammar's mask (last, so that nothing can re-allow a masked token)."""
+    """mlx-lm's penalties, then the grammar's mask (last, so that nothing can re-allow a masked token).
+
+    A repetition penalty of 1 changes nothing and is left out: a row without
+    processors costs the batch nothing per step.
+    """
+    repetition = sampling.repetition_penalty
     processors: list[LogitsProcessor] = make_logits_processors(
-        repetition_penalty=sampling.repetition_penalty,
+        repetition_penalty=None if repetition == 1.0 else repetition,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
     )

@@ -54,6 +54,10 @@ class SequentialDecoder:
     def active(self) -> int:
         return 0 if self._job is None else 1
 
+    @property
+    def decoding(self) -> int:
+        return self.active
+
     def final_lengths(self) -> list[int]:
         return [] if self._job is None else [self._job.final_length]
 
