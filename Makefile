@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VISION_STAMP := $(VENV)/.installed-vision
 HOST ?= 127.0.0.1
 PORT ?= 8081
 
@@ -11,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional vision extra (mlx-vlm, mlx-embeddings): vision models and encoder embedding models.
+$(VISION_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[server,dev,vision]'
+	touch $(VISION_STAMP)
+
+install-vision: $(VISION_STAMP)
 
 # The real agent CLIs (Claude Code, Codex, OpenCode) at pinned versions, for the end-to-end tests; never used by
 # the server. Not `npm ci`: OpenCode's binary comes in one optional package per platform, and a lock file written
@@ -57,11 +65,11 @@ lint: install
 test-python-versions:
 	bash tools/test-python-versions.sh
 
-test: lint test-python-versions agent-clis model-tokenizers
+test: lint test-python-versions agent-clis model-tokenizers $(VISION_STAMP)
 	$(BIN)/python -m pytest
 
 # Everything that needs neither the real model nor an agent CLI, against the scripted engine: under a minute.
-test-fast: install model-tokenizers
+test-fast: install model-tokenizers $(VISION_STAMP)
 	$(BIN)/python -m pytest -m "not e2e" -q
 
 bench-logging: install

@@ -212,9 +212,7 @@ def main() -> None:
     with ExitStack() as servers:
         if levels:
             print("Starting both servers (mlx_lm.server on the exported default weights)...", flush=True)
-            cold = servers.enter_context(
-                our_server(ROOT, ["--response-cache-size", "0", *SAME_SAMPLING, *extra])
-            )
+            cold = servers.enter_context(our_server(ROOT, ["--response-cache-size", "0", *SAME_SAMPLING, *extra]))
             reference = servers.enter_context(mlx_lm_server(ROOT, ["--prefill-step-size", PREFILL_STEP]))
         for round_, clients in enumerate(levels):
             ours.append(throughput("this server", cold, clients, arguments.requests, arguments.max_tokens, round_))

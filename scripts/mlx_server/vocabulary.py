@@ -27,6 +27,7 @@ __all__ = [
     "CacheSource",
     "ContextOverflowError",
     "Divergence",
+    "Embedder",
     "Engine",
     "EngineEvent",
     "EngineStats",
@@ -42,7 +43,12 @@ __all__ = [
     "KeepAlive",
     "Lane",
     "Message",
+    "ModelKind",
     "ModelLoadingError",
+    "ModelState",
+    "ModelStatus",
+    "ModelUnavailableError",
+    "ModelUnloadedError",
     "NotFoundError",
     "PromptAdmitted",
     "PromptCacheStats",
@@ -384,8 +390,45 @@ class PromptCacheStats:
         return asdict(self)
 
 
+ModelKind = Literal["chat", "embedding"]
+ModelState = Literal["unloaded", "loading", "loaded", "unloading"]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What /v1/models and the admin routes say of one served model."""
+
+    name: str
+    kind: ModelKind
+    state: ModelState
+    memory_bytes: int
+    pinned: bool
+    ttl: float
+    aliases: tuple[str, ...]
+    source: str | None
+
+
 class Engine(Protocol):
-    """The engine as the chat core sees it: a tokenizer, a context length, a stream of events, statistics."""
+    """A chat model's engine as the layers above see it: a tokenizer, a context length, a stream of events,
+    and what /health, /v1/cache and /metrics show of it."""
+
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def model_info(self) -> dict[str, Any]: ...
+
+    def cache_stats(self) -> PromptCacheStats: ...
+
+    def cache_entries(self) -> list[dict[str, Any]]: ...
+
+    def observe_steps(self, observer: Callable[[int], None]) -> None:
+        """Call ``observer(batch size)`` after every decode step (from the engine's thread)."""
+        ...
+
+    def count_arrivals(self, in_flight: Callable[[], int]) -> None:
+        """Read how many requests the server has accepted, to start a lone request at once."""
+        ...
 
     def prefill_checkpoint(self, tokens: list[int]) -> bool:
         """Compute the KV state of ``tokens`` and keep it as a checkpoint (warming the cache); False if kept already."""
@@ -408,6 +451,25 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+
+class Embedder(Protocol):
+    """An embedding model's engine as the embeddings service sees it."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def dimensions(self) -> int: ...
+
+    async def embed(self, inputs: list[list[int]]) -> Any:
+        """A float32 array, one pooled vector per input (each input non-empty and within the context)."""
+        ...
+
+    def busy(self) -> bool: ...
 
 
 # -- failures ---------------------------------------------------------------------------
@@ -463,6 +525,20 @@ class ModelLoadingError(ServerError):
 
     def __init__(self) -> None:
         super().__init__("the model is still loading; retry shortly")
+
+
+class ModelUnavailableError(ServerError):
+    """A served model that cannot be loaded now: it does not fit the memory budget, or its files cannot be read."""
+
+    def __init__(self, message: str, code: str = "model_unavailable") -> None:
+        super().__init__(message, "model", code)
+
+
+class ModelUnloadedError(ServerError):
+    """The model was unloaded (an admin's unload, or the server stopping) before the request could finish."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the model {model!r} was unloaded before this request finished; send it again", "model")
 
 
 class RequestTimeoutError(ServerError):

@@ -18,6 +18,9 @@ from mlx_server.vocabulary import (
 
 from .conftest import RunningServer
 
+#: The default model's name, its file's stem: what a reply's ``model`` field says when no other model is named.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
 RESPONSES = "/v1/responses"

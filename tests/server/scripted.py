@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
 import uvicorn
 from starlette.testclient import TestClient
 
@@ -31,6 +32,9 @@ from mlx_server.chat.answer_cache import AnswerCache
 from mlx_server.chat.profile import ModelProfile
 from mlx_server.chat.service import ChatService
 from mlx_server.edge.app import ServerState, create_app, service_options
+from mlx_server.embeddings.service import EmbeddingService
+from mlx_server.pool.pool import ModelPool, pool_of
+from mlx_server.pool.registry import ModelSpec, Registry
 from mlx_server.settings import Settings
 from mlx_server.stop_text import StopText
 from mlx_server.vocabulary import (
@@ -221,11 +225,121 @@ def scripted_server(
     settings = settings or Settings(default_temperature=0.0, response_cache_size=0)
     engine = ScriptedEngine(load_tokenizer("qwen3", template), context_length)
     answers = AnswerCache("scripted", settings.response_cache_size)
-    state = ServerState(settings=settings, blas=BlasInfo("test", None, optimized=False), engine=engine, answers=answers)
     profile = ModelProfile(engine.tokenizer, context_length, recommended)
-    service = ChatService(engine, service_options(settings), answers, profile=profile)
-    state.attach(service)
+    service = ChatService(engine, service_options(settings), answers, profile=profile, name="scripted")
+    state = ServerState(
+        settings, BlasInfo("test", None, optimized=False), pool_of({"scripted": ScriptedModel(service)})
+    )
     return ScriptedServer(engine, TestClient(create_app(state), raise_server_exceptions=False), settings, service)
+
+
+@dataclass
+class ScriptedModel:
+    """A scripted service as a served model of the pool (``pool.Served``); records how it was closed."""
+
+    service: ChatService | EmbeddingService
+    memory_bytes: int = 0
+    closed_with: list[float] = field(default_factory=list)  # the drain each close was given
+
+    def busy(self) -> bool:
+        return self.service.busy() if isinstance(self.service, EmbeddingService) else self.service.in_flight > 0
+
+    def close(self, drain_seconds: float) -> None:
+        self.closed_with.append(drain_seconds)
+
+
+class ScriptedEmbedder:
+    """An embedding engine's surface (``vocabulary.Embedder``): each input's vector is a fixed function of its
+    tokens (a deterministic pseudo-random direction, normalized), with Qwen3's tokenizer."""
+
+    dimensions = 16
+    context_length = 64
+
+    def __init__(self) -> None:
+        self.tokenizer = load_tokenizer("qwen3")
+        self.calls: list[list[list[int]]] = []
+
+    async def embed(self, inputs: list[list[int]]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        self.calls.append(inputs)
+        return np.stack([self.vector(row) for row in inputs])
+
+    @classmethod
+    def vector(cls, tokens: list[int]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        values = np.random.default_rng(sum((index + 1) * token for index, token in enumerate(tokens))).normal(
+            size=cls.dimensions
+        )
+        normalized: np.ndarray[Any, np.dtype[np.float32]] = (values / np.linalg.norm(values)).astype(np.float32)
+        return normalized
+
+    def busy(self) -> bool:
+        return False
+
+
+class ScriptedLoader:
+    """Loads every model of a registry as a scripted one (a pool's ``Loader``); records loads, in order.
+
+    Chat models get a ScriptedEngine each (Qwen3's tokenizer), embedding models a ScriptedEmbedder;
+    ``sizes`` says each model's memory, ``delay`` how long a load takes.
+    """
+
+    def __init__(self, settings: Settings, sizes: dict[str, int] | None = None, delay: float = 0.0) -> None:
+        self.settings = settings
+        self.sizes = sizes or {}
+        self.delay = delay
+        self.loads: list[str] = []
+        self.models: dict[str, ScriptedModel] = {}
+
+    def estimate(self, spec: ModelSpec) -> int:
+        return self.sizes.get(spec.name, 0)
+
+    def load(self, spec: ModelSpec) -> ScriptedModel:
+        time.sleep(self.delay)
+        self.loads.append(spec.name)
+        if spec.kind == "embedding":
+            service: ChatService | EmbeddingService = EmbeddingService(spec.name, ScriptedEmbedder())
+        else:
+            engine = ScriptedEngine(load_tokenizer("qwen3"))
+            profile = ModelProfile(engine.tokenizer, engine.context_length, configured=spec.sampling)
+            service = ChatService(engine, service_options(self.settings), profile=profile, name=spec.name)
+        self.models[spec.name] = ScriptedModel(service, self.sizes.get(spec.name, 0))
+        return self.models[spec.name]
+
+
+@dataclass
+class ScriptedModels:
+    """The application over a pool of scripted models."""
+
+    pool: ModelPool
+    loader: ScriptedLoader
+    client: TestClient
+
+    def engine(self, name: str) -> ScriptedEngine:
+        service = self.loader.models[name].service
+        assert isinstance(service, ChatService) and isinstance(service.engine, ScriptedEngine)
+        return service.engine
+
+    def embedder(self, name: str) -> ScriptedEmbedder:
+        service = self.loader.models[name].service
+        assert isinstance(service, EmbeddingService) and isinstance(service.engine, ScriptedEmbedder)
+        return service.engine
+
+
+def scripted_models(
+    registry: Registry,
+    settings: Settings | None = None,
+    sizes: dict[str, int] | None = None,
+    budget: int = 2**40,
+    delay: float = 0.0,
+) -> ScriptedModels:
+    """The real application over a real model pool of scripted models; the default chat model is loaded."""
+    settings = settings or Settings(default_temperature=0.0, response_cache_size=0)
+    loader = ScriptedLoader(settings, sizes, delay)
+    pool = ModelPool(registry, loader, budget)
+    default = registry.default("chat")
+    assert default is not None
+    pool.preload([default.name])
+    state = ServerState(settings, BlasInfo("test", None, optimized=False), pool)
+    return ScriptedModels(pool, loader, TestClient(create_app(state), raise_server_exceptions=False))
 
 
 @contextlib.contextmanager

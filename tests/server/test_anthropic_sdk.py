@@ -22,6 +22,7 @@ from anthropic.types import MessageParam, ToolUseBlock
 
 from .conftest import RunningServer, start_server, stop_server
 from .helpers import (
+    DEFAULT_MODEL,
     FRANCE,
     LONG_ANSWER,
     MESSAGES,
@@ -56,12 +57,12 @@ def input_total(usage: Any) -> int:
 
 class TestMessages:
     def test_message_object(self, client: Anthropic) -> None:
-        """A message with a msg_ id, the model name echoed, a text block, a stop reason and usage."""
+        """A message with a msg_ id, the name of the model that served it, a text block, a stop reason and usage."""
         message = client.messages.create(
             model="claude-opus-4-8", max_tokens=16, messages=user(FRANCE), extra_body=GREEDY
         )
         assert message.id.startswith("msg_") and message.type == "message" and message.role == "assistant"
-        assert message.model == "claude-opus-4-8"
+        assert message.model == DEFAULT_MODEL
         assert message.content[0].type == "text" and message.content[0].text
         assert message.stop_reason in ("end_turn", "max_tokens")
         assert message.usage.output_tokens >= 1 and input_total(message.usage) > 10

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry, EntryKind
-from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, fair_share, superseded
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, LaneActivity, fair_share, superseded
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.vocabulary import Lane
 
@@ -114,10 +114,15 @@ def entry(
 
 
 def order_of(
-    entries: list[CacheEntry], lanes: dict[Lane, float], max_bytes: int = 10**9, trimmable: bool = True
+    entries: list[CacheEntry],
+    lanes: dict[Lane, float],
+    max_bytes: int = 10**9,
+    trimmable: bool = True,
+    requests: int = 2,
 ) -> list[CacheEntry]:
-    """The eviction order of ``entries`` now, ``lanes`` being each session's last request."""
-    return EvictionPolicy(entries, lanes, time.monotonic(), max_bytes, trimmable).order()
+    """The eviction order of ``entries`` now, ``lanes`` being each lane's last request (``requests`` made each)."""
+    activity = {lane: LaneActivity(seen, requests) for lane, seen in lanes.items()}
+    return EvictionPolicy(entries, activity, time.monotonic(), max_bytes, trimmable).order()
 
 
 class TestSuperseding:
@@ -260,6 +265,8 @@ class TestAnAgentSession:
         """The session's share counts its subagents with it; a finished subagent goes, the main conversation stays."""
         cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 9 * 1024)
         main = tokens(1, 300)
+        for _ in range(3):  # the session's earlier turns: it has come back
+            cache.acquire([0, 1], Lane("claude-code", "s"))
         cache.release(dense_state(main), main, len(main), Lane("claude-code", "s"), turn=3)
         for agent in range(1, 4):
             conversation = tokens(1000 * agent, 200)
@@ -276,6 +283,47 @@ class TestAnAgentSession:
         cache.release(dense_state(cancelled), cancelled, len(cancelled))
         lease = cache.acquire([*cancelled, 7])
         assert (lease.source, lease.cached_tokens) == ("extended", len(cancelled))
+
+
+class TestReturningSessions:
+    def test_a_session_seen_once_goes_before_one_that_came_back(self) -> None:
+        """The one-off session is the most recent, yet the returning session's conversation stays."""
+        now = time.monotonic()
+        returning = entry(tokens(1, 20), A, turn=3, age=500)
+        one_off = entry(tokens(100, 20), B)
+        activity = {A: LaneActivity(now, requests=4), B: LaneActivity(now, requests=1)}
+        assert EvictionPolicy([returning, one_off], activity, now, 10**9).order() == [one_off, returning]
+
+    def test_among_sessions_seen_once_the_newest_goes_first(self) -> None:
+        """First come, first served: a stream of one-off sessions cannot push out an earlier session's first turn."""
+        now = time.monotonic()
+        first, second, third = (entry(tokens(100 * n, 20), Lane("test", f"s{n}"), age=10 - n) for n in (1, 2, 3))
+        activity = {entry_.lane: LaneActivity(now, 1) for entry_ in (first, second, third) if entry_.lane}
+        assert EvictionPolicy([first, second, third], activity, now, 10**9).order() == [third, second, first]
+
+    def test_a_conversations_first_turn_survives_one_off_sessions_until_it_returns(self) -> None:
+        """bench-sessions' returning case in small: one-off sessions between two turns of a conversation."""
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 10 * 1024)  # two 300-token entries and a bit
+        main = tokens(1, 300)
+        cache.acquire([*main, 1], MAIN)
+        cache.release(dense_state(main), main, len(main), MAIN)
+        for number in range(3):
+            one_off, lane = tokens(1000 * (number + 1), 300), Lane("test", f"one-off {number}")
+            cache.acquire([*one_off, 1], lane)
+            cache.release(dense_state(one_off), one_off, len(one_off), lane)
+        lease = cache.acquire([*main, 7], MAIN)
+        assert (lease.source, lease.cached_tokens) == ("extended", len(main))
+        evicted = [d for d in cache.describe_lanes()["recent_decisions"] if d["decision"].startswith("evicted")]
+        assert evicted and all(d["decision"] == "evicted: its session has not come back, newest first" for d in evicted)
+
+    def test_the_cache_report_says_how_often_each_session_came_back(self) -> None:
+        cache = KVPromptCache(lambda: [KVCache()], "unit-dense", 32, 10 * 1024)
+        for _ in range(3):
+            cache.acquire([0, 1], MAIN)
+        cache.acquire([0, 1], Lane("test", "main", "agent"))
+        lanes = cache.describe_lanes()["lanes"]
+        assert lanes["test:main"]["requests"] == 3 and lanes["test:main"]["session_returns"] == 3
+        assert lanes["test:main/agent"]["requests"] == 1
 
 
 class TestSubagentLanes:

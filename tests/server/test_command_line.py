@@ -65,7 +65,7 @@ class TestSettings:
         }
         settings = parse_settings([], environment=environment)
         assert settings.port == 9001 and settings.host == "0.0.0.0" and settings.dequantize is False
-        assert settings.default_max_tokens == 77 and settings.model == "/models/x.gguf"
+        assert settings.default_max_tokens == 77 and settings.models == ("/models/x.gguf",)
         assert settings.export_mlx == Path("/tmp/out") and settings.log_file == Path("/tmp/server.log")
         assert settings.blas == "/usr/lib/libblas.so"
         assert parse_settings(["--port", "9002"], environment=environment).port == 9002

@@ -1,4 +1,7 @@
-"""Dependencies run one way: edge -> dialects -> chat core -> engine -> vocabulary, and each layer keeps to its own.
+"""Dependencies run one way: edge -> dialects -> chat core (and embeddings) -> engine -> vocabulary.
+
+The model pool, assembled at start-up, builds each model's engine and service and is handed to the edge as
+the dialects' ``ModelDirectory``: nothing below it imports it.
 
 Read from the source's import statements, so a module that reaches back into
 its caller fails here before it confuses a reader.  Beside the layers sit
@@ -22,9 +25,12 @@ LAYERS = {
     "model": {"vocabulary", "machine", "mlx_lm_compat"},
     "engine": {"vocabulary", "model", "machine", "mlx_lm_compat", "stop_text"},
     "chat": {"vocabulary", "mlx_lm_compat"},
-    "dialects": {"vocabulary", "chat"},
-    "edge": {"vocabulary", "chat", "dialects", "settings", "blas"},
-}
+    "embeddings": {"vocabulary"},
+    "dialects": {"vocabulary", "chat", "embeddings"},
+    "edge": {"vocabulary", "chat", "embeddings", "dialects", "settings", "blas"},
+    "pool": {"vocabulary", "chat", "embeddings", "engine", "model", "machine", "mlx_lm_compat", "settings",
+             "agent_environment"},
+}  # fmt: skip
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn"}
 
 
@@ -57,7 +63,7 @@ def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
         assert our_layers(path) <= LAYERS[layer], f"{path.relative_to(PACKAGE)} imports {our_layers(path)}"
 
 
-@pytest.mark.parametrize("layer", ["vocabulary", "engine", "chat"])
+@pytest.mark.parametrize("layer", ["vocabulary", "engine", "chat", "embeddings", "pool"])
 def test_below_the_dialects_nothing_knows_http(layer: str) -> None:
     for path in layer_modules(layer):
         frameworks = {name.split(".")[0] for name in imports(path)} & WEB_FRAMEWORKS

@@ -19,7 +19,15 @@ from openai import OpenAI
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage
 
 from .conftest import RunningServer
-from .helpers import FRANCE, LONG_ANSWER, WEATHER_PARAMETERS, WEATHER_QUESTION, WEATHER_RESULT, responses_weather_tool
+from .helpers import (
+    DEFAULT_MODEL,
+    FRANCE,
+    LONG_ANSWER,
+    WEATHER_PARAMETERS,
+    WEATHER_QUESTION,
+    WEATHER_RESULT,
+    responses_weather_tool,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +56,7 @@ class TestResponses:
         """A completed response with one message, output_text and usage with cached tokens."""
         response = client.responses.create(model="gpt-5-codex", input=FRANCE, max_output_tokens=32, temperature=0)
         assert response.id.startswith("resp_") and response.object == "response"
-        assert response.model == "gpt-5-codex" and response.status == "completed"
+        assert response.model == DEFAULT_MODEL and response.status == "completed"
         assert isinstance(response.output[0], ResponseOutputMessage)
         assert response.output_text
         assert response.usage is not None and response.usage.output_tokens >= 1

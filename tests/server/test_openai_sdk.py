@@ -9,6 +9,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import RunningServer
+from .helpers import DEFAULT_MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +29,13 @@ def client(server: RunningServer) -> Iterator[OpenAI]:
 
 class TestNonStreaming:
     def test_chat_completion_object(self, client: OpenAI) -> None:
-        """A chat.completion with id, created, the requested model name, one choice and usage."""
+        """A chat.completion with id, created, the name of the model that served it, one choice and usage."""
         response = client.chat.completions.create(
             model="any-name-at-all", messages=QUESTION, max_tokens=16, temperature=0
         )
         assert response.id.startswith("chatcmpl-")
         assert response.object == "chat.completion"
-        assert response.model == "any-name-at-all"
+        assert response.model == DEFAULT_MODEL  # a name no model or alias has reaches the default model
         assert response.created > 0
         choice = response.choices[0]
         assert choice.message.role == "assistant"

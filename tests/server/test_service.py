@@ -14,7 +14,7 @@ import pytest
 from openai import APIStatusError, AsyncOpenAI, OpenAI
 
 from .conftest import RunningServer, start_server, stop_server
-from .helpers import CHAT, LONG_ANSWER, chat_body
+from .helpers import CHAT, DEFAULT_MODEL, LONG_ANSWER, chat_body
 
 pytestmark = pytest.mark.e2e
 
@@ -251,13 +251,14 @@ class TestMetrics:
             "mlx_server_generated_tokens_total",
             "mlx_server_time_to_first_token_seconds_bucket",
             "mlx_server_time_per_output_token_seconds_bucket",
-            'mlx_server_queue_requests{state="waiting"}',
-            'mlx_server_prompt_cache_lookups_total{result="hit"}',
+            f'mlx_server_queue_requests{{model="{DEFAULT_MODEL}",state="waiting"}}',
+            f'mlx_server_prompt_cache_lookups_total{{model="{DEFAULT_MODEL}",result="hit"}}',
             "mlx_server_prompt_cache_bytes",
-            'mlx_server_completions_total{finish_reason="length"}',
+            f'mlx_server_completions_total{{finish_reason="length",model="{DEFAULT_MODEL}"}}',
         ):
             assert expected in text, expected
-        generated = next(line for line in text.splitlines() if line.startswith("mlx_server_generated_tokens_total "))
+        counter = f'mlx_server_generated_tokens_total{{model="{DEFAULT_MODEL}"}} '
+        generated = next(line for line in text.splitlines() if line.startswith(counter))
         assert float(generated.split()[1]) >= 3
 
     def test_unknown_paths_do_not_grow_the_labels(self, guarded: RunningServer) -> None:

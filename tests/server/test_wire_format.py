@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from .conftest import RunningServer
+from .helpers import DEFAULT_MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +85,7 @@ class TestGuideCurl:
         result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300, check=True)
         response = json.loads(result.stdout)
         assert response["object"] == "chat.completion"
-        assert response["model"] == "current-model"
+        assert response["model"] == DEFAULT_MODEL
         assert response["choices"][0]["message"]["content"]
         assert response["choices"][0]["finish_reason"] == "stop"
 

@@ -3,8 +3,9 @@
 A model's chat template (tool support, the generation prompt), its tool-call
 format, its special tokens (the markers grammars write as single tokens), its
 end-of-sequence tokens, whether it writes gpt-oss's harmony channels, its
-context length, its fill-in-the-middle markers and the sampling its authors
-recommend.  None of these change between requests, and working them out
+context length, its fill-in-the-middle markers, and its default sampling
+(what the server's models config says for it, then what its authors
+recommend).  None of these change between requests, and working them out
 takes template renders and vocabulary scans, so each model's chat service
 holds one profile, built once; nothing is kept in module globals, and two
 models in one process share nothing by accident.
@@ -18,7 +19,7 @@ from mlx_server.chat.call_formats import HARMONY, HERMES, ToolCallFormat, detect
 from mlx_server.chat.call_grammars import GrammarWriter
 from mlx_server.chat.grammars import GrammarVerdicts
 from mlx_server.chat.prompts import FIM_MARKERS, ChatTemplate
-from mlx_server.vocabulary import RecommendedSampling
+from mlx_server.vocabulary import RecommendedSampling, Sampling
 
 __all__ = ["ModelProfile"]
 
@@ -26,7 +27,13 @@ __all__ = ["ModelProfile"]
 class ModelProfile:
     """One model's facts for the chat core (see the module's docstring); built once, read by every request."""
 
-    def __init__(self, tokenizer: Any, context_length: int, recommended: RecommendedSampling | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_length: int,
+        recommended: RecommendedSampling | None = None,
+        configured: Sampling | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.template = ChatTemplate(tokenizer)
@@ -34,10 +41,11 @@ class ModelProfile:
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(tokenizer.eos_token_ids))
         self.template_call_format = detect_tool_call_format(tokenizer)
         self.harmony = self.template_call_format is HARMONY
-        self.vocabulary_size = len(tokenizer.get_vocab())
         vocabulary = tokenizer.get_vocab()
+        self.vocabulary_size = len(vocabulary)
         self.fim_markers = next((markers for markers in FIM_MARKERS if all(m in vocabulary for m in markers)), None)
         self.recommended = recommended or RecommendedSampling()
+        self.configured = configured or Sampling()  # the server's models config for this model
         self.grammar_verdicts = GrammarVerdicts()
 
     @property

@@ -13,6 +13,7 @@ integration guide shows.  Dialects only translate a ``ChatRequest`` in and
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -99,13 +100,37 @@ class ChatService:
         answers: AnswerCache | None = None,
         observe: Callable[[GenerationStats], None] | None = None,
         profile: ModelProfile | None = None,
+        name: str = "model",
     ) -> None:
         self.engine = engine
         self.options = options
         self.answers = answers
+        self.name = name
         self.observers: list[Callable[[GenerationStats], None]] = [observe] if observe is not None else []
         self.profile = profile or ModelProfile(engine.tokenizer, engine.context_length)
         self.diagnostics = CacheDiagnostics(self.profile.template)
+        self._runs = 0  # started and not yet ended: what an unload waits for
+        self._runs_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started (``start``) whose run has not ended yet."""
+        with self._runs_lock:
+            return self._runs
+
+    def _run_started(self) -> Callable[[], None]:
+        """Count a run; returns its end, which counts only once however often it is called."""
+        with self._runs_lock:
+            self._runs += 1
+        ended = threading.Event()
+
+        def end() -> None:
+            if not ended.is_set():
+                ended.set()
+                with self._runs_lock:
+                    self._runs -= 1
+
+        return end
 
     @property
     def tokenizer(self) -> Any:
@@ -118,17 +143,31 @@ class ChatService:
 
     @property
     def default_sampling(self) -> Sampling:
-        """What a request that sets nothing samples with: the server's options, then the model's, then plain."""
-        return self.options.default_sampling.over(self.profile.recommended.sampling).over(PLAIN_SAMPLING)
+        """What a request that sets nothing samples with: the server's options, the models config's for this
+        model, the model's own recommendation, then plain sampling."""
+        profile = self.profile
+        return (
+            self.options.default_sampling.over(profile.configured)
+            .over(profile.recommended.sampling)
+            .over(PLAIN_SAMPLING)
+        )
 
     def sampling_line(self) -> str:
         """The sampling defaults in force and where each came from, for the start-up line."""
-        server, model = self.options.default_sampling.given(), self.profile.recommended.sampling.given()
-        parts = [f"{name} {value:g} (--default-{name.replace('_', '-')})" for name, value in server.items()]
-        source = self.profile.recommended.source
-        parts += [f"{name} {value:g} ({source})" for name, value in model.items() if name not in server]
+        layers = [
+            (self.options.default_sampling, "--default-{}"),
+            (self.profile.configured, "--models-config"),
+            (self.profile.recommended.sampling, self.profile.recommended.source),
+        ]
+        parts: list[str] = []
+        seen: set[str] = set()
+        for sampling, source in layers:
+            for name, value in sampling.given().items():
+                if name not in seen:
+                    seen.add(name)
+                    parts.append(f"{name} {value:g} ({source.format(name.replace('_', '-'))})")
         plain = "otherwise plain (temperature 1, no filters or penalties)"
-        return "Sampling for requests that set none: " + ", ".join([*parts, plain] if parts else [plain])
+        return f"Sampling for {self.name} when a request sets none: " + ", ".join([*parts, plain])
 
     def warm(self, system_prompt: str) -> int:
         """Prefill ``system_prompt`` (rendered as a conversation's system message) and keep it as a checkpoint.
@@ -192,7 +231,7 @@ class ChatService:
             timeout=self.options.request_timeout or None,
             keepalive=self.options.keepalive_interval,
         )
-        return ChatRun(self, prompt, generation, parser, timer, answer_key, cached)
+        return ChatRun(self, prompt, generation, parser, timer, answer_key, cached, self._run_started())
 
     def recent_misses(self) -> list[dict[str, Any]]:
         """The last cache misses explained (template renders: call it off the event loop)."""
@@ -320,8 +359,10 @@ class ChatRun:
         timer: PerformanceTimer,
         answer_key: str | None,
         cached: CachedAnswer | None,
+        end: Callable[[], None] = lambda: None,
     ) -> None:
         self._service = service
+        self._end = end
         self._prompt = prompt
         self._generation = generation
         self._parser = parser
@@ -363,6 +404,7 @@ class ChatRun:
                 self._admit(event)
         except BaseException as error:
             self._timer.stop(error)
+            self._end()
             raise
         return self._started
 
@@ -401,6 +443,7 @@ class ChatRun:
             if self._source is not None:
                 await self._source.aclose()
             self._timer.stop(failure)
+            self._end()
 
     # -- the engine's events -> chat events -------------------------------------------
 
@@ -470,7 +513,7 @@ class ChatRun:
         calls = list(self._parser.calls)
         finish_reason = "tool_calls" if calls and stats.finish_reason == "stop" else stats.finish_reason
         self._remember("".join(text_parts), stats)
-        _log_completion(stats, finish_reason, streamed, len(calls))
+        _log_completion(stats, finish_reason, streamed, len(calls), self._service.name)
         completion = Completion(
             text="".join(content_parts),
             reasoning="".join(reasoning_parts),
@@ -532,7 +575,7 @@ async def _replay(cached: CachedAnswer, prompt_tokens: int) -> AsyncGenerator[En
     yield GenerationFinished(stats)
 
 
-def _log_completion(stats: GenerationStats, finish_reason: str, streamed: bool, tool_calls: int) -> None:
+def _log_completion(stats: GenerationStats, finish_reason: str, streamed: bool, tool_calls: int, model: str) -> None:
     if stats.finish_reason == "cancelled":
         logger.info("Chat request cancelled: the client disconnected after %d tokens", stats.completion_tokens)
         return
@@ -552,5 +595,6 @@ def _log_completion(stats: GenerationStats, finish_reason: str, streamed: bool, 
             if stats.drafted_tokens
             else ""
         )
-        + (", streamed" if streamed else ""),
+        + (", streamed" if streamed else "")
+        + f", model {model}",
     )

@@ -15,20 +15,21 @@ Code merges the two).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, PromptUsage, ReasoningDelta, Started, TextDelta
-from mlx_server.chat.service import ChatService
+from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_tool_id
 from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
-from mlx_server.dialects.streaming import Delta, respond, with_cancellation
+from mlx_server.dialects.streaming import Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import ContextOverflowError, ToolCall
 
 __all__ = [
@@ -119,7 +120,10 @@ def _message(message_id: str, model: str, completion: Completion) -> dict[str, A
 
 
 class MessageStream:
-    """One reply's Anthropic events: the message's start, its blocks opened, filled and closed, its end."""
+    """One reply's Anthropic events: the message's start, its blocks opened, filled and closed, its end.
+
+    ``whole`` is the same reply as one ``message`` object.
+    """
 
     keepalive = sse_event("ping", {"type": "ping"})
 
@@ -128,6 +132,9 @@ class MessageStream:
         self.model = model
         self.index = -1
         self.open_kind: str | None = None
+
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        return _message(self.message_id, self.model, completion)
 
     def _event(self, name: str, **fields: Any) -> bytes:
         return sse_event(name, {"type": name, **fields})
@@ -201,25 +208,25 @@ class MessageStream:
         return events
 
 
-def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (ModelLoadingError, answered as 529 here, while the model loads)."""
+def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
+    """Routed by the request's model (a model that is still loading is answered as 529 here: Claude Code retries)."""
     router = APIRouter()
 
     @router.post(MESSAGES_PATH, response_model=None)
     @with_cancellation
     async def messages(body: MessagesRequest, request: Request) -> Response:
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
-        run = service().start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+
+        def start(service: ChatService, _: MessageStream) -> ChatRun:
+            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+
         message_id = new_id("msg_")
-        return await respond(
-            run,
-            body.stream,
-            lambda: MessageStream(message_id, body.model),
-            lambda completion: _message(message_id, body.model, completion),
-        )
+        reply = functools.partial(MessageStream, message_id)
+        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
 
     @router.post(COUNT_TOKENS_PATH)
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        return {"input_tokens": service().count_prompt_tokens(body.to_chat_request())}
+        service = await models.chat(models.chat_model(body.model))
+        return {"input_tokens": service.count_prompt_tokens(body.to_chat_request())}
 
     return router

@@ -16,6 +16,8 @@ from mlx_server.vocabulary import (
     InvalidRequestError,
     KVBudgetError,
     ModelLoadingError,
+    ModelUnavailableError,
+    ModelUnloadedError,
     NotFoundError,
     RequestTimeoutError,
     ServerError,
@@ -79,6 +81,9 @@ def http_error(error: ServerError) -> APIError:
         return APIError(404, error.message, param=error.param, code=error.code, cause=error)
     if isinstance(error, ModelLoadingError):
         return APIError(503, error.message, error_type="server_error", code="model_loading", cause=error)
+    if isinstance(error, (ModelUnavailableError, ModelUnloadedError)):
+        code = error.code or "model_unloaded"
+        return APIError(503, error.message, error_type="server_error", param="model", code=code, cause=error)
     if isinstance(error, RequestTimeoutError):
         return APIError(504, error.message, error_type="server_error", code="request_timeout", cause=error)
     if isinstance(error, InternalError):

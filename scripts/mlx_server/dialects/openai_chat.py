@@ -9,20 +9,21 @@ chunk, ``[DONE]``.  Failures after the headers are sent become an error event.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatService
+from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_chat_protocol import ChatCompletionRequest
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import ToolCall
 
 __all__ = ["CHAT_COMPLETIONS_PATH", "DONE", "build_router", "openai_usage"]
@@ -56,12 +57,13 @@ class ChatCompletionReply:
 
     keepalive = SSE_KEEPALIVE
 
-    def __init__(self, body: ChatCompletionRequest) -> None:
+    def __init__(self, body: ChatCompletionRequest, model: str) -> None:
         self.id = new_id("chatcmpl-")
         self.created = int(time.time())
         self.body = body
+        self.model = model
 
-    def completion(self, completion: Completion) -> dict[str, Any]:
+    def whole(self, completion: Completion) -> dict[str, Any]:
         """A ``chat.completion``; with tool calls, empty content is ``null`` as OpenAI sends it."""
         calls = completion.tool_calls
         message: dict[str, Any] = {
@@ -77,7 +79,7 @@ class ChatCompletionReply:
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.body.model,
+            "model": self.model,
             "choices": [choice],
             "usage": openai_usage(completion.usage),
         }
@@ -90,7 +92,7 @@ class ChatCompletionReply:
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.body.model,
+            "model": self.model,
         }
         if delta is None:
             body["choices"] = []
@@ -122,8 +124,8 @@ class ChatCompletionReply:
         return [sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))]
 
 
-def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
+def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
+    """Routed by the request's model."""
     router = APIRouter()
 
     @router.post(CHAT_COMPLETIONS_PATH, response_model=None)
@@ -131,8 +133,11 @@ def build_router(service: Callable[[], ChatService]) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
-        run = service().start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-        reply = ChatCompletionReply(body)
-        return await respond(run, body.stream, lambda: reply, reply.completion)
+
+        def start(service: ChatService, _: ChatCompletionReply) -> ChatRun:
+            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+
+        reply = functools.partial(ChatCompletionReply, body)
+        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
 
     return router

@@ -8,20 +8,21 @@ OpenAI's API, ``max_tokens`` defaults to 16.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatService
+from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.openai_chat import DONE, openai_usage
 from mlx_server.dialects.openai_completions_protocol import CompletionRequest
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import UnsupportedOptionError
 
 __all__ = ["COMPLETIONS_PATH", "build_router"]
@@ -34,11 +35,12 @@ class TextCompletionReply:
 
     keepalive = SSE_KEEPALIVE
 
-    def __init__(self, body: CompletionRequest, echo_text: str) -> None:
+    def __init__(self, body: CompletionRequest, model: str) -> None:
         self.id = new_id("cmpl-")
         self.created = int(time.time())
         self.body = body
-        self.echo_text = echo_text
+        self.model = model
+        self.echo_text = ""  # the prompt, when the request asks for it back (set when it starts)
 
     def object(self, text: str, finish_reason: str | None, usage: Usage | None = None) -> dict[str, Any]:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -46,7 +48,7 @@ class TextCompletionReply:
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.body.model,
+            "model": self.model,
             "choices": [choice],
         }
         if usage is not None:
@@ -73,23 +75,25 @@ class TextCompletionReply:
         return [sse_data(openai_error_body(error.message, error.error_type, error.param, error.code))]
 
 
-def build_router(service: Callable[[], ChatService]) -> APIRouter:
-    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
+def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
+    """Routed by the request's model."""
     router = APIRouter()
 
     @router.post(COMPLETIONS_PATH, response_model=None)
     @with_cancellation
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        core = service()
         if body.stream_options is not None and not body.stream:
             raise UnsupportedOptionError("stream_options", "stream_options is only allowed when stream is true")
         chat_request = body.to_chat_request()
-        run = core.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-        prompt = chat_request.prompt
-        echo_text = (
-            "" if not body.echo else prompt if isinstance(prompt, str) else core.tokenizer.decode(list(prompt or ()))
-        )
-        reply = TextCompletionReply(body, echo_text)
-        return await respond(run, body.stream, lambda: reply, reply.whole)
+
+        def start(service: ChatService, reply: TextCompletionReply) -> ChatRun:
+            run = service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+            prompt = chat_request.prompt
+            if body.echo:
+                reply.echo_text = prompt if isinstance(prompt, str) else service.tokenizer.decode(list(prompt or ()))
+            return run
+
+        reply = functools.partial(TextCompletionReply, body)
+        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
 
     return router

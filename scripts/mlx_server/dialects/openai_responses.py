@@ -11,6 +11,7 @@ continue it; an unknown id is a 404.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,13 +20,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatService
+from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_responses_protocol import ResponsesRequest, ToolNames
 from mlx_server.dialects.responses_store import ResponseStore, StoredResponse
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, respond, with_cancellation
+from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import CUSTOM_TOOL, InvalidRequestError, Message, NotFoundError, ToolCall
 
 __all__ = ["RESPONSES_PATH", "build_router"]
@@ -175,8 +177,11 @@ class ResponseObject:
 
     keepalive = SSE_KEEPALIVE
 
-    def __init__(self, body: ResponsesRequest, remember: Callable[[ResponseObject, Completion], None]) -> None:
+    def __init__(
+        self, body: ResponsesRequest, remember: Callable[[ResponseObject, Completion], None], model: str
+    ) -> None:
         self.id = new_id("resp_")
+        self.model = model
         self.created_at = int(time.time())
         self.body = body
         self.output = _Output(body.tool_names())
@@ -197,7 +202,7 @@ class ResponseObject:
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
-            "model": body.model,
+            "model": self.model,
             "output": self.output.items if completion is not None else [],
             "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id,
@@ -279,29 +284,30 @@ class ResponseObject:
         )
 
 
-def build_router(service: Callable[[], ChatService], store: ResponseStore | None = None) -> APIRouter:
-    """``service`` returns the chat core (ModelLoadingError while the model loads)."""
+def build_router(models: ModelDirectory, keepalive: float, store: ResponseStore | None = None) -> APIRouter:
+    """Routed by the request's model."""
     router = APIRouter()
     responses = store or ResponseStore()
 
     @router.post(RESPONSES_PATH, response_model=None)
     @with_cancellation
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
-        core = service()
         history = responses.get(body.previous_response_id).conversation if body.previous_response_id else ()
         conversation = history + body.input_conversation()
         if not conversation:
             raise InvalidRequestError("input is empty: send a string or at least one input item", "input")
         chat_request = body.to_chat_request(conversation, lane_of_headers(request.headers))
-        run = core.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
+
+        def start(service: ChatService, _: ResponseObject) -> ChatRun:
+            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
 
         def remember(reply: ResponseObject, completion: Completion) -> None:
             if body.store:
                 turn = (*conversation, reply.conversation_turn(completion))
                 responses.put(reply.id, StoredResponse(reply.snapshot("completed", completion), turn))
 
-        reply = ResponseObject(body, remember)
-        return await respond(run, body.stream, lambda: reply, reply.whole)
+        reply = functools.partial(ResponseObject, body, remember)
+        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
 
     @router.get(RESPONSES_PATH + "/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:

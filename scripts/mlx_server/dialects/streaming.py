@@ -30,17 +30,20 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, Started, TextDelta, ToolCallDelta
-from mlx_server.chat.service import ChatRun
+from mlx_server.chat.service import ChatRun, ChatService
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, http_error
 from mlx_server.vocabulary import ServerError
 
 __all__ = [
     "SSE_KEEPALIVE",
+    "ChatReply",
     "StreamEncoder",
     "cache_headers",
     "encode_stream",
     "event_stream",
     "respond",
+    "serve_chat",
     "with_cancellation",
 ]
 
@@ -60,6 +63,59 @@ class StreamEncoder(Protocol):
     def delta(self, delta: Delta) -> Iterable[bytes]: ...
     def finish(self, completion: Completion) -> Iterable[bytes]: ...
     def error(self, error: APIError) -> Iterable[bytes]: ...
+
+
+class ChatReply(StreamEncoder, Protocol):
+    """A dialect's reply to one request: its stream events, or the whole reply at once."""
+
+    def whole(self, completion: Completion) -> dict[str, Any]: ...
+
+
+async def serve_chat(
+    models: ModelDirectory,
+    requested: str,
+    start: Callable[[ChatService, Any], ChatRun],
+    stream: bool,
+    reply: Callable[[str], ChatReply],
+    keepalive: float,
+) -> Response:
+    """Route a chat request to its model, start it, and answer (``respond``).
+
+    ``reply`` makes the dialect's reply for the served model's name (what its
+    ``model`` field says); ``start`` gets the service and that reply.  A
+    streamed request to a model that is not loaded gets its response at once
+    and keep-alives while the model loads, so the client neither times out
+    nor is lost; a failure from there on is the dialect's in-stream error.
+    """
+    name = models.chat_model(requested)
+    answer = reply(name)
+    ready = models.ready(name)
+    if ready is None and stream:
+        return event_stream(_after_loading(models.chat(name), start, answer, keepalive))
+    service = ready if isinstance(ready, ChatService) else await models.chat(name)
+    return await respond(start(service, answer), stream, lambda: answer, answer.whole)
+
+
+async def _after_loading(
+    loading: Awaitable[ChatService], start: Callable[[ChatService, Any], ChatRun], answer: ChatReply, keepalive: float
+) -> AsyncIterator[bytes]:
+    """SSE keep-alives until the model is loaded, then the reply's stream (or its error event)."""
+    task = asyncio.ensure_future(loading)
+    try:
+        while not task.done():
+            await asyncio.wait((task,), timeout=keepalive or None)
+            if not task.done():
+                yield SSE_KEEPALIVE
+        run = start(task.result(), answer)
+    except ServerError as error:
+        for chunk in answer.error(http_error(error)):
+            yield chunk
+        return
+    finally:
+        if not task.done():
+            task.cancel()
+    async for chunk in encode_stream(run, answer):
+        yield chunk
 
 
 async def encode_stream(run: ChatRun, encoder: StreamEncoder) -> AsyncIterator[bytes]:

@@ -1,17 +1,19 @@
-"""The HTTP application: the middleware stack, the dialect routers over one chat core, and the server's own routes.
+"""The HTTP application: the middleware stack, the dialect routers over the served models, and the server's own routes.
 
 Each API dialect is one module under ``dialects`` with a router that only
-translates (OpenAI chat completions, responses and legacy completions;
-Anthropic messages).  They share one ``ChatService``, which owns every request
-from messages to events.  Errors answer in the dialect of the path they came in on.
+translates (OpenAI chat completions, responses, legacy completions and
+embeddings; Anthropic messages) and routes by the request's model through
+the server's model directory (``ServedModels``, a ``pool.ModelPool``
+assembled at start-up).  Errors answer in the dialect of the path they came in on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,17 +24,25 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.blas import BlasInfo
-from mlx_server.chat.answer_cache import AnswerCache
 from mlx_server.chat.service import ChatService, ServiceOptions
-from mlx_server.dialects import anthropic_messages, models, openai_chat, openai_completions, openai_responses
+from mlx_server.dialects import (
+    anthropic_messages,
+    models,
+    openai_chat,
+    openai_completions,
+    openai_embeddings,
+    openai_responses,
+)
+from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.edge.errors import ErrorShapes, install_error_handlers, report_unexpected_error
 from mlx_server.edge.guards import AUTHENTICATED, ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
 from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
+from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.settings import Settings
-from mlx_server.vocabulary import Engine, EngineStats, GenerationStats, ModelLoadingError, Sampling
+from mlx_server.vocabulary import EngineStats, ModelLoadingError, Sampling
 from utils_logging import request_context
 
-__all__ = ["GENERATION_PATHS", "ServedEngine", "ServerState", "create_app", "service_options"]
+__all__ = ["GENERATION_PATHS", "ServedModels", "ServerState", "create_app", "service_options"]
 
 MAX_CAPTURED_BODY_BYTES = 256 * 1024
 GENERATION_PATHS = frozenset(
@@ -41,6 +51,7 @@ GENERATION_PATHS = frozenset(
         anthropic_messages.MESSAGES_PATH,
         openai_responses.RESPONSES_PATH,
         openai_completions.COMPLETIONS_PATH,
+        openai_embeddings.EMBEDDINGS_PATH,
     }
 )
 ROUTES = {
@@ -49,27 +60,27 @@ ROUTES = {
     "/metrics",
     "/v1/cache",
     "/v1/models",
+    models.LOAD_PATH,
+    models.UNLOAD_PATH,
     anthropic_messages.COUNT_TOKENS_PATH,
     *GENERATION_PATHS,
 }
 
 
-class ServedEngine(Engine, Protocol):
-    """What the edge reads of the engine beyond the chat core's needs: /health, /v1/cache and /metrics."""
+class ServedModels(ModelDirectory, Protocol):
+    """The model directory, and what the edge reads of it beyond the dialects' needs."""
 
-    @property
-    def max_batch(self) -> int: ...
+    def loaded(self) -> dict[str, ChatService | EmbeddingService]:
+        """The loaded models' services, by name."""
+        ...
 
-    @property
-    def model_info(self) -> dict[str, Any]: ...
+    def on_load(self, callback: Callable[[str, ChatService | EmbeddingService], None]) -> None:
+        """Call ``callback(name, service)`` for every model loaded now and from now on."""
+        ...
 
-    def cache_stats(self) -> Any: ...
-
-    def cache_entries(self) -> list[dict[str, Any]]: ...
-
-    def observe_steps(self, observer: Callable[[int], None]) -> None: ...
-
-    def count_arrivals(self, in_flight: Callable[[], int]) -> None: ...
+    def start_watching(self) -> None:
+        """Begin unloading idle models (on the serving event loop)."""
+        ...
 
 
 def service_options(settings: Settings) -> ServiceOptions:
@@ -87,45 +98,35 @@ def service_options(settings: Settings) -> ServiceOptions:
 
 @dataclass
 class ServerState:
-    """What the routes share: settings, the BLAS in use, the engine (None while loading) and its chat service.
-
-    The start-up attaches the service it built (with the model's profile);
-    without one, the first request builds it from the engine.
-    """
+    """What the routes share: settings, the BLAS in use, and the served models (None while loading)."""
 
     settings: Settings
     blas: BlasInfo
-    engine: ServedEngine | None = None
-    answers: AnswerCache | None = None
+    models: ServedModels | None = None
     started_at: float = field(default_factory=time.monotonic)
-    _service: ChatService | None = None
-    _observers: list[Callable[[GenerationStats], None]] = field(default_factory=list)
 
-    def attach(self, service: ChatService) -> None:
-        self._service = service
-        service.observers.extend(self._observers)
-
-    def observe(self, observer: Callable[[GenerationStats], None]) -> None:
-        """Have ``observer`` see every finished completion's stats (the metrics)."""
-        self._observers.append(observer)
-        if self._service is not None:
-            self._service.observers.append(observer)
-
-    def service(self) -> ChatService:
-        """The chat core; ModelLoadingError while the model is still loading."""
-        if self.engine is None:
+    def directory(self) -> ServedModels:
+        """The served models; ModelLoadingError while the server is still starting."""
+        if self.models is None:
             raise ModelLoadingError()
-        if self._service is None:
-            self.attach(ChatService(self.engine, service_options(self.settings), self.answers))
-        assert self._service is not None
-        return self._service
+        return self.models
 
-    def live_stats(self) -> LiveStats | None:
-        """Batch and cache figures for /metrics (None while loading)."""
-        if self.engine is None:
-            return None
-        answers = self.answers.stats() if self.answers else None
-        return LiveStats(self.engine.stats(), self.engine.cache_stats(), answers)
+    def chat_services(self) -> dict[str, ChatService]:
+        """The loaded chat models' services, by name, the default first."""
+        if self.models is None:
+            return {}
+        return {name: service for name, service in self.models.loaded().items() if isinstance(service, ChatService)}
+
+    def live_stats(self) -> list[tuple[str, LiveStats]]:
+        """Each loaded chat model's batch and cache figures, for /metrics."""
+        return [
+            (name, LiveStats(service.engine.stats(), service.engine.cache_stats(), _answers(service)))
+            for name, service in self.chat_services().items()
+        ]
+
+
+def _answers(service: ChatService) -> Any:
+    return service.answers.stats() if service.answers else None
 
 
 class RequestContextMiddleware:
@@ -181,7 +182,7 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
     @router.api_route("/", methods=["GET", "HEAD"])
     async def root() -> dict[str, Any]:
         """Claude Code probes ``HEAD /`` before its first request; it needs no key."""
-        return {"status": "ok" if state.engine is not None else "loading", "service": "mlx-server"}
+        return {"status": "ok" if state.models is not None else "loading", "service": "mlx-server"}
 
     @router.get("/metrics")
     async def metrics_report() -> Response:
@@ -189,44 +190,60 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
 
     @router.get("/health")
     async def health(request: Request) -> Response:
-        """Readiness for anyone (a load balancer); the details (model, paths, BLAS, figures) with the key."""
-        engine = state.engine
-        status_code = 200 if engine is not None else 503
-        ready = {"status": "ok" if engine is not None else "loading"}
+        """Readiness for anyone (a load balancer); the details (models, paths, BLAS, figures) with the key.
+
+        The top-level figures are the default chat model's; ``models`` lists every served model.
+        """
+        served = state.models
+        status_code = 200 if served is not None else 503
+        ready = {"status": "ok" if served is not None else "loading"}
         if not request.scope.get("state", {}).get(AUTHENTICATED, False):
             return JSONResponse(ready, status_code=status_code)
         uptime = round(time.monotonic() - state.started_at, 1)
         blas = {"name": state.blas.name, "path": state.blas.path, "optimized": state.blas.optimized}
-        if engine is None:
+        if served is None:
             return JSONResponse({**ready, "blas": blas, "uptime_seconds": uptime}, status_code=status_code)
-        stats = engine.stats()
-        return JSONResponse(
-            {
-                **ready,
-                **engine.model_info,
-                "blas": blas,
-                "uptime_seconds": uptime,
-                "queue": {"waiting": stats.waiting, "running": stats.running},
-                "batch": _batch_report(stats),
-                "prompt_cache": engine.cache_stats().as_dict(),
-                "response_cache": state.answers.stats().as_dict() if state.answers else None,
-            }
-        )
+        chat = state.chat_services()
+        report: dict[str, Any] = {**ready, "blas": blas, "uptime_seconds": uptime}
+        default = chat.get(served.chat_model(""))
+        if default is not None:
+            report |= _model_report(default)
+        report["models"] = [
+            {"name": status.name, "kind": status.kind, "state": status.state, "memory_bytes": status.memory_bytes}
+            | (_model_report(chat[status.name]) if status.name in chat else {})
+            for status in served.describe()
+        ]
+        return JSONResponse(report)
 
     @router.get("/v1/cache")
-    async def cache_report() -> dict[str, Any]:
-        service = state.service()
-        engine = state.engine
-        assert engine is not None  # service() raises while loading
+    async def cache_report(model: str | None = None) -> dict[str, Any]:
+        """One chat model's prompt and answer caches (the default model unless ``?model=NAME``)."""
+        directory = state.directory()
+        service = await directory.chat(directory.chat_model(model or ""))
+        engine = service.engine
         prompt_cache = {
             **engine.cache_stats().as_dict(),
             "entries_detail": engine.cache_entries(),
             "recent_misses": await asyncio.to_thread(service.recent_misses),  # template renders: off the loop
         }
-        response_cache = state.answers.stats().as_dict() if state.answers else None
-        return {"prompt_cache": prompt_cache, "response_cache": response_cache}
+        return {"model": service.name, "prompt_cache": prompt_cache, "response_cache": _response_cache(service)}
 
     return router
+
+
+def _response_cache(service: ChatService) -> dict[str, Any] | None:
+    return service.answers.stats().as_dict() if service.answers else None
+
+
+def _model_report(service: ChatService) -> dict[str, Any]:
+    stats = service.engine.stats()
+    return {
+        **service.engine.model_info,
+        "queue": {"waiting": stats.waiting, "running": stats.running},
+        "batch": _batch_report(stats),
+        "prompt_cache": service.engine.cache_stats().as_dict(),
+        "response_cache": _response_cache(service),
+    }
 
 
 def _batch_report(stats: EngineStats) -> dict[str, Any]:
@@ -251,33 +268,39 @@ def _batch_report(stats: EngineStats) -> dict[str, Any]:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    """The FastAPI application; the engine may be attached later (health answers 503 until then)."""
-    app = FastAPI(title="mlx-server", summary="OpenAI- and Anthropic-compatible MLX inference", docs_url=None)
+    """The FastAPI application; the models may be attached later (health answers 503 until then)."""
+    metrics = Metrics(ROUTES, state.live_stats)
+    in_flight = InFlight()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if state.models is not None:
+            state.models.start_watching()
+        yield
+
+    app = FastAPI(
+        title="mlx-server", summary="OpenAI- and Anthropic-compatible MLX inference", docs_url=None, lifespan=lifespan
+    )
     app.state.server = state
-    app.state.model_name = "loading"
     shapes = ErrorShapes({anthropic_messages.ERROR_PATH_PREFIX: anthropic_messages.anthropic_error})
     install_error_handlers(app, shapes)
-    metrics = Metrics(ROUTES, state.live_stats)
-    state.observe(metrics.observe)
-    if state.engine is not None:
-        state.engine.observe_steps(metrics.batch_size.observe)
-    service = state.service
+    if state.models is not None:
 
-    def model_name() -> str:
-        if state.engine is None:
-            raise ModelLoadingError()
-        return str(state.engine.model_info["model"])
+        def connect(name: str, service: ChatService | EmbeddingService) -> None:
+            """A model that loads reports its completions and batch sizes, and reads the in-flight count."""
+            if isinstance(service, ChatService):
+                service.observers.append(lambda stats: metrics.observe(name, stats))
+                service.engine.observe_steps(metrics.batch_observer(name))
+                service.engine.count_arrivals(in_flight)
+
+        state.models.on_load(connect)
 
     # Added innermost first: metrics see every response, the request id covers the guards' answers,
     # CORS headers reach 401s, and unauthenticated requests never take a queue slot.
-    max_batch = state.engine.max_batch if state.engine is not None else state.settings.max_batch
-    in_flight = InFlight()
-    if state.engine is not None:
-        state.engine.count_arrivals(in_flight)
     app.add_middleware(
         QueueLimit,
         max_waiting=state.settings.max_queue,
-        max_batch=max_batch,
+        max_batch=state.settings.max_batch,
         paths=GENERATION_PATHS,
         shapes=shapes,
         counter=in_flight,
@@ -296,9 +319,43 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     app.include_router(_server_routes(state, metrics))
-    app.include_router(models.build_router(model_name, state.started_at))
-    app.include_router(openai_chat.build_router(service))
-    app.include_router(anthropic_messages.build_router(service))
-    app.include_router(openai_responses.build_router(service))
-    app.include_router(openai_completions.build_router(service))
+    directory = _Deferred(state)
+    keepalive = state.settings.keepalive_interval
+    app.include_router(models.build_router(directory, state.started_at))
+    app.include_router(openai_chat.build_router(directory, keepalive))
+    app.include_router(anthropic_messages.build_router(directory, keepalive))
+    app.include_router(openai_responses.build_router(directory, keepalive))
+    app.include_router(openai_completions.build_router(directory, keepalive))
+    app.include_router(openai_embeddings.build_router(directory))
     return app
+
+
+class _Deferred:
+    """The directory as the routers see it: the state's, once attached (ModelLoadingError before)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+
+    def chat_model(self, requested: str) -> str:
+        return self._state.directory().chat_model(requested)
+
+    def embedding_model(self, requested: str) -> str:
+        return self._state.directory().embedding_model(requested)
+
+    def ready(self, name: str) -> ChatService | EmbeddingService | None:
+        return self._state.directory().ready(name)
+
+    async def chat(self, name: str) -> ChatService:
+        return await self._state.directory().chat(name)
+
+    async def embeddings(self, name: str) -> EmbeddingService:
+        return await self._state.directory().embeddings(name)
+
+    def describe(self) -> list[Any]:
+        return self._state.directory().describe()
+
+    async def load(self, name: str) -> Any:
+        return await self._state.directory().load(name)
+
+    async def unload(self, name: str) -> Any:
+        return await self._state.directory().unload(name)

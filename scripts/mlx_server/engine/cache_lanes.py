@@ -13,17 +13,23 @@ order (``EvictionPolicy``), least recently used first within a class:
    (a title or summary request, a probe), so they never push it out;
 3. entries of requests that named no session, and checkpoints no second
    request has used (a one-off request's system prompt);
-4. entries of a session (with its subagents) holding more than its fair
+4. entries of sessions seen once: a session that has come back (with its
+   subagents, a second request) is worth more than one that has not, as
+   ARC and 2Q keep a second list for what returns.  Among these the newest
+   goes first: sessions on probation hold what they got first-come
+   first-served, so a stream of one-off sessions cannot push out the
+   first turn of a conversation before it has had the chance to return;
+5. entries of a session (with its subagents) holding more than its fair
    share: the max-min fair level of the bound among the active sessions,
    so a session may use what smaller ones leave, and none is pushed out
    while all of them fit (its subagents' entries go before its own);
-5. subagents' conversations: a subagent's task ends, its session goes on;
-6. everything else: sessions' main conversations and snapshots, and
+6. subagents' conversations: a subagent's task ends, its session goes on;
+7. everything else: sessions' main conversations and snapshots, and
    checkpoints shared by several requests.
 
 A newly stored entry is exempt while room is made for it (a retry finds
-what its request computed), unless it is a side request
-(``may_displace``): those never push out their session's conversation.
+what its request computed), unless it is a side request or its session has
+not come back yet (``may_displace``).
 """
 
 from __future__ import annotations
@@ -39,19 +45,44 @@ import numpy as np
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry
 from mlx_server.vocabulary import Lane
 
-__all__ = ["LANE_IDLE_SECONDS", "EvictionPolicy", "fair_share", "main_conversations", "superseded"]
+__all__ = [
+    "LANE_IDLE_SECONDS",
+    "EvictionPolicy",
+    "LaneActivity",
+    "fair_share",
+    "main_conversations",
+    "session_requests",
+    "superseded",
+]
 
 LANE_IDLE_SECONDS = 600.0
-IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, OVER_SHARE, SUBAGENT, KEPT = range(7)
+IDLE, HELD_ELSEWHERE, SIDE, UNCLAIMED, ONE_OFF, OVER_SHARE, SUBAGENT, KEPT = range(8)
 REASONS = {
     IDLE: "its session has been idle",
     HELD_ELSEWHERE: "a checkpoint that a longer entry holds",
     SIDE: "a side request of its session",
     UNCLAIMED: "no session and no second request claimed it, least recently used",
+    ONE_OFF: "its session has not come back, newest first",
     OVER_SHARE: "its session holds more than its fair share",
     SUBAGENT: "a subagent's conversation, least recently used",
     KEPT: "least recently used of what every session keeps",
 }
+
+
+@dataclass
+class LaneActivity:
+    """A lane's requests: when it last made one, and how many it has made."""
+
+    seen: float
+    requests: int = 0
+
+
+def session_requests(activity: Mapping[Lane, LaneActivity]) -> dict[Lane, int]:
+    """Each session's requests, its subagents' included (a session returns with its second request)."""
+    counts: dict[Lane, int] = defaultdict(int)
+    for lane, seen in activity.items():
+        counts[lane.session_lane] += seen.requests
+    return counts
 
 
 def _starts_with(longer: np.ndarray, prefix: np.ndarray) -> bool:
@@ -118,27 +149,36 @@ class EvictionPolicy:
     """
 
     entries: list[CacheEntry]
-    lane_activity: Mapping[Lane, float]
+    lane_activity: Mapping[Lane, LaneActivity]
     now: float
     max_bytes: int
     trimmable: bool = True
 
     def order(self) -> list[CacheEntry]:
-        """The entries in the order they should go (within a class, a session's subagents before its own)."""
-        return sorted(self.entries, key=lambda entry: (self._classes[id(entry)], not _of_subagent(entry),
-                                                       entry.last_used))  # fmt: skip
+        """The entries in the order they should go (within a class, a session's subagents before its own, then
+        the least recently used; sessions seen once, the newest)."""
+
+        def key(entry: CacheEntry) -> tuple[int, bool, float]:
+            rank = self._classes[id(entry)]
+            return rank, not _of_subagent(entry), -entry.last_used if rank == ONE_OFF else entry.last_used
+
+        return sorted(self.entries, key=key)
 
     def reason(self, entry: CacheEntry) -> str:
         """Why ``entry`` goes, in words for /v1/cache and the debug line."""
         return REASONS[self._classes[id(entry)]]
 
     def may_displace(self, entry: CacheEntry) -> bool:
-        """Whether a newly stored ``entry`` may stay while older ones make room for it (all but side requests)."""
-        return self._classes[id(entry)] != SIDE
+        """Whether a newly stored ``entry`` may stay while older ones make room for it.
+
+        All may but a side request, and an entry of a session that has not come back.
+        """
+        return self._classes[id(entry)] not in (SIDE, ONE_OFF)
 
     @cached_property
     def _classes(self) -> dict[int, int]:  # worked out once: reason() is asked for every victim
-        active = {lane for lane, seen in self.lane_activity.items() if self.now - seen < LANE_IDLE_SECONDS}
+        active = {lane for lane, seen in self.lane_activity.items() if self.now - seen.seen < LANE_IDLE_SECONDS}
+        requests = session_requests(self.lane_activity)
         session_bytes: dict[Lane, int] = defaultdict(int)
         for entry in self.entries:
             if entry.lane in active:
@@ -157,6 +197,8 @@ class EvictionPolicy:
                 return IDLE
             if entry.kind == CONVERSATION and mains.get(entry.lane) is not entry:
                 return SIDE
+            if requests[entry.lane.session_lane] < 2:
+                return ONE_OFF
             if session_bytes[entry.lane.session_lane] > share:
                 return OVER_SHARE
             if _of_subagent(entry):

@@ -47,6 +47,7 @@ from mlx_server.vocabulary import (
     GrammarError,
     KeepAlive,
     KVBudgetError,
+    ModelUnloadedError,
     PromptCacheStats,
     Sampling,
     SpeculativeMode,
@@ -62,6 +63,7 @@ GREEDY = Sampling(temperature=0.0).over(PLAIN_SAMPLING)
 JOIN_INTERVAL_SECONDS = 0.5  # a running batch takes newcomers at most this often (mlx_lm.server's time budget)
 GATHER_SECONDS = 0.05  # an idle batch waits this long for requests that arrive together
 GATHER_POLL_SECONDS = 0.005
+DRAIN_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -243,9 +245,17 @@ class GenerationEngine:
 
         return self._on_worker(run)
 
-    def shutdown(self) -> None:
-        """Finish the running sequences' current step, cancel what waits, stop the worker."""
+    def shutdown(self, drain_seconds: float = 0.0) -> None:
+        """Stop the worker, after at most ``drain_seconds`` for what runs and waits to finish.
+
+        Whatever is still running or waiting then ends with ModelUnloadedError
+        (its client gets an error response or an in-stream error event), and so
+        does any request that arrives later.
+        """
+        deadline = time.monotonic() + drain_seconds
         with self._condition:
+            while (self._waiting or self._running) and time.monotonic() < deadline:
+                self._condition.wait(DRAIN_POLL_SECONDS)
             self._stopping = True
             self._condition.notify_all()
         self._thread.join(timeout=60)
@@ -308,8 +318,13 @@ class GenerationEngine:
 
     def _enqueue(self, job: Job) -> None:
         with self._condition:
-            self._waiting.append(job)
-            self._condition.notify_all()
+            stopping = self._stopping
+            if not stopping:
+                self._waiting.append(job)
+                self._condition.notify_all()
+        if stopping:  # the worker no longer flushes: hand the refusal over at once
+            job.deliver(ModelUnloadedError(self.loaded.name))
+            self._flush()
 
     def _on_worker(self, task: Callable[[], Result]) -> Result:
         future: Future[Result] = Future()
@@ -331,12 +346,16 @@ class GenerationEngine:
         try:
             while self._wait_for_work(decoder):
                 self._run_tasks()
+                if self._stopping:
+                    decoder.fail_all(ModelUnloadedError(self.loaded.name))
+                    self._flush()
+                    continue
                 self._admit(decoder)
                 if decoder.active:
                     self._step(decoder)
                 self._flush()
         finally:
-            self._cancel_waiting()
+            self._end_waiting()
             decoder.close()
 
     def _decoder(self) -> Decoder:
@@ -478,11 +497,14 @@ class GenerationEngine:
         for outbox in outboxes:
             outbox.flush()
 
-    def _cancel_waiting(self) -> None:
+    def _end_waiting(self) -> None:
+        """The engine stops: what still waits ends with ModelUnloadedError (a cancelled one just ends)."""
         with self._condition:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting:
-            stats = GenerationStats(prompt_tokens=len(job.prompt), finish_reason="cancelled")
-            job.deliver(GenerationFinished(stats))
+            if job.cancelled.is_set():
+                job.deliver(GenerationFinished(GenerationStats(len(job.prompt), finish_reason="cancelled")))
+            else:
+                job.deliver(ModelUnloadedError(self.loaded.name))
         self._flush()

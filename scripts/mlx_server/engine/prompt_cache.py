@@ -53,7 +53,7 @@ from mlx_server.engine.cache_entries import (
     kv_bytes,
     token_digest,
 )
-from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, superseded
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, LaneActivity, session_requests, superseded
 from mlx_server.engine.prompt_cache_files import CheckpointFiles
 from mlx_server.vocabulary import CacheLookup, CacheSource, Divergence, Lane, PromptCacheStats
 from utils_logging import debug
@@ -111,7 +111,7 @@ class KVPromptCache:
         self.max_bytes = max_bytes
         self.trimmable = can_step_back(make_cache())
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
-        self._lanes: dict[Lane, float] = {}  # lane -> when it last made a request
+        self._lanes: dict[Lane, LaneActivity] = {}  # lane -> when it last made a request, and how many
         self._decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self._lock = threading.Lock()
         self._bytes = 0
@@ -155,7 +155,9 @@ class KVPromptCache:
         now = time.monotonic()
         with self._lock:
             if lane is not None:
-                self._lanes[lane] = now
+                activity = self._lanes.setdefault(lane, LaneActivity(now))
+                activity.seen = now
+                activity.requests += 1
             reuse = best_reuse(reversed(self._entries.values()), request, lane)
             nearest = reuse.nearest
             divergence = None
@@ -263,7 +265,7 @@ class KVPromptCache:
             self._entries[entry.key] = entry
             self._bytes += entry.nbytes
             if entry.lane is not None:
-                self._lanes[entry.lane] = entry.last_used
+                self._lanes.setdefault(entry.lane, LaneActivity(entry.last_used)).seen = entry.last_used
             if entry.kind != CHECKPOINT:
                 self._decide(entry, "stored" + (f", replacing {len(replaced)} older" if replaced else ""))
             self._evict(lambda: len(self._entries) > self.max_entries or self._bytes > self.max_bytes, entry)
@@ -288,7 +290,7 @@ class KVPromptCache:
             self._decide(victim, "evicted: " + policy.reason(victim))
             self._remove(victim)
             self.evictions += 1
-        self._lanes = {lane: seen for lane, seen in self._lanes.items() if now - seen < LANE_IDLE_SECONDS}
+        self._lanes = {lane: seen for lane, seen in self._lanes.items() if now - seen.seen < LANE_IDLE_SECONDS}
 
     def _decide(self, entry: CacheEntry, decision: str) -> None:
         """Record a decision for /v1/cache and the debug log (caller holds the lock)."""
@@ -374,6 +376,10 @@ class KVPromptCache:
                 lane = lanes.setdefault(str(entry.lane), {"entries": 0, "bytes": 0})
                 lane["entries"] += 1
                 lane["bytes"] += entry.nbytes
+            sessions = session_requests(self._lanes)
             for lane_key, seen in self._lanes.items():
-                lanes.setdefault(str(lane_key), {"entries": 0, "bytes": 0})["idle_seconds"] = round(now - seen, 1)
+                lane = lanes.setdefault(str(lane_key), {"entries": 0, "bytes": 0})
+                lane["idle_seconds"] = round(now - seen.seen, 1)
+                lane["requests"] = seen.requests
+                lane["session_returns"] = max(0, sessions[lane_key.session_lane] - 1)
             return {"lanes": lanes, "recent_decisions": list(self._decisions)}

@@ -27,7 +27,16 @@ from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
 from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
 from mlx_server.vocabulary import RecommendedSampling
 
-__all__ = ["LoadedModel", "ModelLoadError", "export_mlx_model", "load_model"]
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "cached_repo",
+    "export_mlx_model",
+    "file_identity",
+    "load_model",
+    "model_directory",
+    "model_identity",
+]
 
 
 class ModelLoadError(RuntimeError):
@@ -56,6 +65,11 @@ class LoadedModel:
         device = mx.default_device()
         return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
 
+    @property
+    def weights_bytes(self) -> int:
+        """The memory its weights take, as loaded."""
+        return int(tree_reduce(lambda total, parameter: total + parameter.nbytes, self.model.parameters(), 0))
+
     def describe(self) -> dict[str, Any]:
         """What /health says of the model."""
         return {
@@ -68,12 +82,12 @@ class LoadedModel:
         }
 
 
-def _identity(*parts: object) -> str:
+def model_identity(*parts: object) -> str:
     """A stable id of the model's weights and settings, for cache keys."""
     return hashlib.sha256(json.dumps([str(part) for part in parts]).encode()).hexdigest()[:16]
 
 
-def _file_identity(path: Path) -> str:
+def file_identity(path: Path) -> str:
     stat = path.stat()
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -95,7 +109,7 @@ def _load_gguf_file(path: Path, dequantize: bool | None) -> LoadedModel:
         context_length=loaded.context_length,
         quantized=loaded.quantized,
         config=loaded.config,
-        identity=_identity(_file_identity(path), loaded.quantized),
+        identity=model_identity(file_identity(path), loaded.quantized),
         weight_format=loaded.weight_format,
         warnings=loaded.warnings,
     )
@@ -147,13 +161,13 @@ def _runnable_on_this_device(model: nn.Module, reference: str) -> str:
     return chosen.reason
 
 
-def _load_hub_repo(repo_id: str) -> LoadedModel:
-    """A Hugging Face repo id, from the local cache only: no test or default may need the network."""
+def cached_repo(repo_id: str) -> Path:
+    """A Hugging Face repo id's directory in the local cache: no test or default may need the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo_id, local_files_only=True)
+        return Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError as error:
         raise ModelLoadError(
             f"model {repo_id!r} is not in the Hugging Face cache and this server does not download: "
@@ -161,7 +175,20 @@ def _load_hub_repo(repo_id: str) -> LoadedModel:
         ) from error
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{repo_id!r} is neither a file, a directory, nor a valid repo id ({error})") from error
-    return _load_with_mlx_lm(local, repo_id, "huggingface", _identity(repo_id, Path(local).name))
+
+
+def model_directory(reference: str) -> tuple[Path, str]:
+    """An MLX model directory or a cached repo id: its directory, and its kind (``mlx`` or ``huggingface``)."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but not an MLX model (no config.json)")
+        return path, "mlx"
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor an MLX model directory")
+    if os.sep in reference.strip("/").replace("/", "", 1) or reference.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not found: {reference}")
+    return cached_repo(reference), "huggingface"
 
 
 def load_model(reference: str | None, dequantize: bool | None = None) -> LoadedModel:
@@ -182,15 +209,12 @@ def load_model(reference: str | None, dequantize: bool | None = None) -> LoadedM
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
         return _load_gguf_file(path, dequantize)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a directory but not an MLX model (no config.json)")
-        return _load_with_mlx_lm(str(path), path.name, "mlx", _identity(_file_identity(path / "config.json")))
-    if path.exists():
-        raise ModelLoadError(f"{path} is neither a .gguf file nor an MLX model directory")
-    if os.sep in reference.strip("/").replace("/", "", 1) or reference.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model path not found: {reference}")
-    return _load_hub_repo(reference)
+    directory, kind = model_directory(reference)
+    if kind == "mlx":
+        return _load_with_mlx_lm(
+            str(directory), directory.name, kind, model_identity(file_identity(directory / "config.json"))
+        )
+    return _load_with_mlx_lm(str(directory), reference, kind, model_identity(reference, directory.name))
 
 
 def export_mlx_model(loaded: LoadedModel, destination: Path) -> Path:

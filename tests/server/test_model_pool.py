@@ -1,0 +1,143 @@
+"""The model pool: load on first use, unload when idle or asked, pinning, and one memory budget.
+
+Scripted models stand in for real ones (their loads are recorded, their sizes
+chosen), so what is loaded when is specified exactly; the real loader is
+exercised by the family tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from mlx_server.pool import pool as pool_module
+from mlx_server.pool.pool import ModelPool
+from mlx_server.pool.registry import ModelSpec, Registry
+from mlx_server.settings import Settings
+from mlx_server.vocabulary import ModelUnavailableError
+
+from .scripted import ScriptedLoader
+
+Result = TypeVar("Result")
+GIB = 2**30
+
+
+def run(coroutine: Coroutine[Any, Any, Result]) -> Result:
+    return asyncio.run(coroutine)
+
+
+def pool_of_sizes(*specs: ModelSpec, sizes: dict[str, int], budget: int, delay: float = 0.0) -> ModelPool:
+    loader = ScriptedLoader(Settings(default_temperature=0.0), sizes, delay)
+    pool = ModelPool(Registry(specs), loader, budget)
+    pool.preload([specs[0].name])
+    return pool
+
+
+def loader_of(pool: ModelPool) -> ScriptedLoader:
+    loader = pool._loader
+    assert isinstance(loader, ScriptedLoader)
+    return loader
+
+
+def states(pool: ModelPool) -> dict[str, str]:
+    return {status.name: status.state for status in pool.describe()}
+
+
+class TestLoading:
+    def test_a_model_loads_on_first_use(self) -> None:
+        pool = pool_of_sizes(ModelSpec("main", None), ModelSpec("small", None), sizes={}, budget=10 * GIB)
+        assert states(pool) == {"main": "loaded", "small": "unloaded"}
+        service = run(pool.chat("small"))
+        assert service.name == "small" and states(pool) == {"main": "loaded", "small": "loaded"}
+
+    def test_requests_for_a_loading_model_share_one_load(self) -> None:
+        pool = pool_of_sizes(ModelSpec("main", None), ModelSpec("small", None), sizes={}, budget=10 * GIB, delay=0.2)
+
+        async def together() -> list[Any]:
+            return list(await asyncio.gather(*(pool.chat("small") for _ in range(3))))
+
+        services = run(together())
+        assert len({id(service) for service in services}) == 1
+        assert loader_of(pool).loads == ["main", "small"]
+
+    def test_a_model_that_cannot_load_is_a_clear_error(self) -> None:
+        class Broken(ScriptedLoader):
+            def load(self, spec: ModelSpec) -> Any:
+                raise ModelUnavailableError(f"model {spec.name!r} cannot be loaded: no such file")
+
+        pool = ModelPool(Registry((ModelSpec("main", None), ModelSpec("gone", None))), Broken(Settings()), GIB)
+        with pytest.raises(ModelUnavailableError, match="cannot be loaded: no such file"):
+            run(pool.chat("gone"))
+        assert states(pool)["gone"] == "unloaded"
+
+
+class TestTheMemoryBudget:
+    def test_loading_a_model_that_does_not_fit_unloads_the_least_recently_used_idle_one(self) -> None:
+        specs = (ModelSpec("a", None), ModelSpec("b", None), ModelSpec("c", None))
+        pool = pool_of_sizes(*specs, sizes={"a": 4 * GIB, "b": 4 * GIB, "c": 4 * GIB}, budget=9 * GIB)
+        run(pool.chat("b"))
+        run(pool.chat("a"))  # a is now the most recently used
+        run(pool.chat("c"))
+        assert states(pool) == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+        assert loader_of(pool).models["b"].closed_with == [pool_module.DRAIN_SECONDS]
+
+    def test_a_model_that_came_back_stays_before_one_used_once(self) -> None:
+        specs = (ModelSpec("a", None), ModelSpec("b", None), ModelSpec("c", None))
+        pool = pool_of_sizes(*specs, sizes={"a": 4 * GIB, "b": 4 * GIB, "c": 4 * GIB}, budget=9 * GIB)
+        for _ in range(3):
+            pool.ready("a")  # a keeps being asked for
+        run(pool.chat("b"))  # b is the most recent, but it has been asked for once
+        run(pool.chat("c"))
+        assert states(pool) == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+
+    def test_pinned_and_busy_models_stay_and_the_error_says_what_is_loaded(self) -> None:
+        specs = (ModelSpec("a", None, pinned=True), ModelSpec("b", None), ModelSpec("c", None))
+        pool = pool_of_sizes(*specs, sizes={"a": 4 * GIB, "b": 4 * GIB, "c": 4 * GIB}, budget=9 * GIB)
+        run(pool.chat("b"))
+        busy = run(pool.chat("b"))
+        busy._runs = 1  # a request is running on b
+        with pytest.raises(ModelUnavailableError) as refused:
+            run(pool.chat("c"))
+        message = refused.value.message
+        assert "'c' needs about 4.0 GiB" in message and "9.0 GiB memory budget" in message
+        assert "a (4.0 GiB, pinned)" in message and "b (4.0 GiB, in use)" in message
+        assert refused.value.code == "model_does_not_fit"
+        assert states(pool) == {"a": "loaded", "b": "loaded", "c": "unloaded"}
+
+    def test_a_model_larger_than_the_whole_budget_is_refused_without_unloading_anything(self) -> None:
+        pool = pool_of_sizes(ModelSpec("a", None), ModelSpec("huge", None), sizes={"a": GIB, "huge": 8 * GIB},
+                             budget=4 * GIB)  # fmt: skip
+        with pytest.raises(ModelUnavailableError, match="does not fit"):
+            run(pool.chat("huge"))
+        assert states(pool)["a"] == "loaded"
+
+
+class TestUnloading:
+    def test_asked_to_unload_and_loaded_again_on_the_next_request(self) -> None:
+        pool = pool_of_sizes(ModelSpec("main", None), sizes={}, budget=GIB)
+        assert run(pool.unload("main")).state == "unloaded"
+        assert run(pool.load("main")).state == "loaded"
+        assert loader_of(pool).loads == ["main", "main"]
+
+    def test_an_idle_model_unloads_after_its_time_to_live_and_a_pinned_one_never(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(pool_module, "WATCH_SECONDS", 0.01)
+        now = [0.0]
+        specs = (ModelSpec("main", None, pinned=True, ttl=5), ModelSpec("small", None, ttl=5))
+        pool = ModelPool(Registry(specs), ScriptedLoader(Settings()), GIB, clock=lambda: now[0])
+        pool.preload(["main", "small"])
+
+        async def idle() -> list[dict[str, str]]:
+            pool.start_watching()
+            seen = []
+            for seconds in (4, 2):
+                now[0] += seconds
+                await asyncio.sleep(0.1)
+                seen.append(states(pool))
+            return seen
+
+        assert run(idle()) == [{"main": "loaded", "small": "loaded"}, {"main": "loaded", "small": "unloaded"}]
