@@ -12,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,9 @@ bench-families: install model-tokenizers
 
 bench-sessions: install
 	$(BIN)/python bench/bench_sessions.py
+
+bench-models: install model-tokenizers
+	$(BIN)/python bench/bench_models.py
 
 bench-speculative: install
 	$(BIN)/python bench/bench_speculative.py

@@ -129,3 +129,44 @@ def build(family: Family, directory: Path, dtype: str = "float16") -> Path:
         tokenizer_config["chat_template"] = family.template.read_text()
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return directory
+
+
+def build_decoder_embedding(directory: Path) -> Path:
+    """A tiny Qwen3-Embedding-shaped model: mlx-lm's qwen3 class with sentence-transformers pooling files.
+
+    Its pooling is declared as Qwen3-Embedding declares it: the last token's state, normalized.
+    """
+    build(FAMILIES["qwen3"], directory, dtype="float32")
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))  # fmt: skip
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": SMALL["hidden_size"], "pooling_mode_lasttoken": True})
+    )
+    return directory
+
+
+def build_encoder_embedding(directory: Path) -> Path:
+    """A tiny BERT from mlx-embeddings' own class (the vision extra), with Qwen3's real tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_embeddings.models import bert
+
+    tokenizer = tokenizer_directory("qwen3")
+    config = {
+        "model_type": "bert", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+        "intermediate_size": 128, "max_position_embeddings": 512,
+        "vocab_size": vocabulary_size(tokenizer / "tokenizer.json"),
+    }  # fmt: skip
+    mx.random.seed(0)
+    model = bert.Model(bert.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    directory.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (directory / "config.json").write_text(json.dumps(config))
+    shutil.copy(tokenizer / "tokenizer.json", directory / "tokenizer.json")
+    shutil.copy(tokenizer / "tokenizer_config.json", directory / "tokenizer_config.json")
+    return directory
