@@ -27,6 +27,7 @@ __all__ = [
     "CacheSource",
     "ContextOverflowError",
     "Divergence",
+    "DocumentPart",
     "Embedder",
     "Engine",
     "EngineEvent",
@@ -37,6 +38,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationStats",
     "GrammarError",
+    "ImagePart",
     "InternalError",
     "InvalidRequestError",
     "KVBudgetError",
@@ -50,6 +52,7 @@ __all__ = [
     "ModelUnavailableError",
     "ModelUnloadedError",
     "NotFoundError",
+    "Part",
     "PromptAdmitted",
     "PromptCacheStats",
     "RecommendedSampling",
@@ -58,6 +61,7 @@ __all__ = [
     "Sampling",
     "ServerError",
     "SpeculativeMode",
+    "TextPart",
     "Tool",
     "ToolCall",
     "ToolChoice",
@@ -95,8 +99,41 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image in a message: its file's bytes (an image file, as the client sent it), or a URL never fetched."""
+
+    data: bytes | None = field(default=None, repr=False)
+    media_type: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class DocumentPart:
+    """A document in a message: its text, or a file's bytes (a PDF), with the title the client gave it."""
+
+    text: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    media_type: str = "text/plain"
+    title: str | None = None
+    url: str | None = None
+
+
+Part = Union[TextPart, ImagePart, DocumentPart]
+"""A piece of a message's content that is more than text: what the chat core turns into the model's input."""
+
+
+@dataclass(frozen=True)
 class Message:
-    """One conversation turn; ``reasoning`` is a reasoning model's thinking, echoed back by the client."""
+    """One conversation turn; ``reasoning`` is a reasoning model's thinking, echoed back by the client.
+
+    ``parts`` holds the content in order when it has images or documents (``content`` is then empty);
+    a message of text alone has only ``content``.
+    """
 
     role: Role
     content: str = ""
@@ -104,6 +141,7 @@ class Message:
     tool_call_id: str | None = None
     name: str | None = None
     reasoning: str | None = None
+    parts: tuple[Part, ...] = ()
 
 
 @dataclass(frozen=True)

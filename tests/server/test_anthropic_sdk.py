@@ -250,8 +250,8 @@ class TestErrors:
     def sdk(self, server: RunningServer, key: str = KEY) -> Anthropic:
         return Anthropic(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
 
-    def test_400_names_an_image_block(self, limited: RunningServer) -> None:
-        image: Any = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    def test_400_names_an_image_that_is_not_base64(self, limited: RunningServer) -> None:
+        image: Any = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "not base64!"}}
         with pytest.raises(anthropic.BadRequestError) as raised:
             self.sdk(limited).messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [image]}])
         assert raised.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]

@@ -87,10 +87,32 @@ BAD_REQUESTS: list[tuple[str, str, str, bytes | dict[str, Any], int, str | None,
         None,
     ),
     (
-        "image content part",
+        "audio content part",
         "POST",
         "/v1/chat/completions",
-        chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]),
+        chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA"}}]}]),
+        400,
+        None,
+        None,
+    ),
+    (
+        "image data URL that is not base64",
+        "POST",
+        "/v1/chat/completions",
+        chat_body(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}
+            ]
+        ),
+        400,
+        None,
+        None,
+    ),
+    (
+        "file given by id",
+        "POST",
+        "/v1/chat/completions",
+        chat_body(messages=[{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]),
         400,
         None,
         None,

@@ -47,6 +47,7 @@ class ModelProfile:
         self.recommended = recommended or RecommendedSampling()
         self.configured = configured or Sampling()  # the server's models config for this model
         self.grammar_verdicts = GrammarVerdicts()
+        self.vision = False  # whether the model reads images (a vision model's profile says so)
 
     @property
     def call_format(self) -> ToolCallFormat:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlx_server.chat.answer_cache import AnswerCache, CachedAnswer
+from mlx_server.chat.attachments import NOTHING_OMITTED, Omitted, prepare
 from mlx_server.chat.call_formats import HERMES, ToolCallFormat
 from mlx_server.chat.diagnostics import CacheDiagnostics, MissExplanation
 from mlx_server.chat.events import (
@@ -183,7 +184,7 @@ class ChatService:
 
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Exactly the prompt tokens ``start`` would use for the same request."""
-        return len(self._render(request).tokens)
+        return len(self._render(request)[0].tokens)
 
     def start(self, request: ChatRequest, trace: Callable[[], Any] | None = None) -> ChatRun:
         """Validate and prepare a request (a ``ServerError`` on bad input); nothing runs until it is read.
@@ -196,7 +197,9 @@ class ChatService:
             if trace is not None:
                 debug(3, "Chat request", trace)
             timer.checkpoint("request_parsed")
-            prompt = self._render(request)
+            prompt, omitted = self._render(request)
+            if omitted:
+                debug(1, "Left out attachments this model cannot read", {"left_out": omitted.describe()})
             reasoning = reasoning_syntax(self.tokenizer, prompt.tokens, self.profile.harmony)
             max_tokens = self._max_tokens(request, len(prompt.tokens))
             sampling = request.sampling.over(self.default_sampling)
@@ -231,7 +234,7 @@ class ChatService:
             timeout=self.options.request_timeout or None,
             keepalive=self.options.keepalive_interval,
         )
-        return ChatRun(self, prompt, generation, parser, timer, answer_key, cached, self._run_started())
+        return ChatRun(self, prompt, generation, parser, timer, answer_key, cached, self._run_started(), omitted)
 
     def recent_misses(self) -> list[dict[str, Any]]:
         """The last cache misses explained (template renders: call it off the event loop)."""
@@ -239,18 +242,19 @@ class ChatService:
 
     # -- preparing ------------------------------------------------------------
 
-    def _render(self, request: ChatRequest) -> RenderedPrompt:
+    def _render(self, request: ChatRequest) -> tuple[RenderedPrompt, Omitted]:
+        """The prompt, and what it left out of the messages' attachments (images on a text model)."""
         if request.prompt is not None:
             tokens = self._raw_prompt(request)
             if not tokens:
                 raise InvalidRequestError("the prompt is empty: send at least one token of text", "prompt")
-            return RenderedPrompt(tokens)
-        messages = list(request.messages)
+            return RenderedPrompt(tokens), NOTHING_OMITTED
+        messages, omitted = prepare(request.messages, self.profile.vision)
         if not self.options.keep_billing_header:
             messages, removed = normalize_billing_header(messages)
             if removed:
                 debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
-        return self.profile.template.render(messages, request.tools)
+        return self.profile.template.render(messages, request.tools), omitted
 
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
@@ -360,9 +364,11 @@ class ChatRun:
         answer_key: str | None,
         cached: CachedAnswer | None,
         end: Callable[[], None] = lambda: None,
+        omitted: Omitted = NOTHING_OMITTED,
     ) -> None:
         self._service = service
         self._end = end
+        self.omitted = omitted  # attachments the prompt left out (images on a text model)
         self._prompt = prompt
         self._generation = generation
         self._parser = parser

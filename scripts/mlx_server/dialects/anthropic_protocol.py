@@ -8,7 +8,8 @@ messages in the middle of a conversation, ``tools`` with ``input_schema``.
 ``output_config``, ``metadata`` and other options are accepted and ignored:
 the prefix cache needs no markers, and rendering never sees them, so a marker
 that moves every turn does not change the prompt.  Image and document blocks
-are a 400 naming the block: the models served here read text.
+(base64, text, content or URL sources), in messages and in tool results,
+become the core's parts: the chat core decides what the model can read.
 """
 
 from __future__ import annotations
@@ -19,9 +20,22 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.dialects.attachments import decode_base64
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.validation import Finite, unique_tool_names
-from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolCall, ToolChoice, UnsupportedOptionError
+from mlx_server.vocabulary import (
+    DocumentPart,
+    ImagePart,
+    Lane,
+    Message,
+    Part,
+    Sampling,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    UnsupportedOptionError,
+)
 from utils_logging import debug
 
 __all__ = ["CountTokensRequest", "MessagesRequest", "anthropic_tool_id"]
@@ -45,21 +59,80 @@ class TextBlock(DialectModel):
     text: str
 
 
-class _Unreadable(DialectModel):
-    """A block this server cannot pass to a text model; refused with a message that names it."""
+class Base64Source(DialectModel):
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+    def decoded(self) -> bytes:
+        return decode_base64(self.data)
+
+
+class UrlSource(DialectModel):
+    type: Literal["url"]
+    url: str
+
+
+class TextSource(DialectModel):
+    type: Literal["text"]
+    data: str
+    media_type: str = "text/plain"
+
+
+class ImageBlock(DialectModel):
+    type: Literal["image"]
+    source: Annotated[Base64Source | UrlSource, Field(discriminator="type")]
 
     @model_validator(mode="after")
-    def _refuse(self) -> _Unreadable:
-        kind = getattr(self, "type", "this")
-        raise ValueError(f"{kind} blocks are not supported: the model served here reads text only")
+    def _decodable(self) -> ImageBlock:
+        if isinstance(self.source, Base64Source):
+            self.source.decoded()
+        return self
+
+    def part(self) -> ImagePart:
+        if isinstance(self.source, UrlSource):
+            return ImagePart(url=self.source.url)
+        return ImagePart(data=self.source.decoded(), media_type=self.source.media_type)
 
 
-class ImageBlock(_Unreadable):
-    type: Literal["image"]
+class ContentSource(DialectModel):
+    type: Literal["content"]
+    content: str | list[Annotated[TextBlock | ImageBlock, Field(discriminator="type")]]
 
 
-class DocumentBlock(_Unreadable):
+class DocumentBlock(DialectModel):
     type: Literal["document"]
+    source: Annotated[Base64Source | TextSource | ContentSource | UrlSource, Field(discriminator="type")]
+    title: str | None = None
+
+    @model_validator(mode="after")
+    def _decodable(self) -> DocumentBlock:
+        if isinstance(self.source, Base64Source):
+            self.source.decoded()
+        return self
+
+    def parts(self) -> list[Part]:
+        source = self.source
+        if isinstance(source, Base64Source):
+            return [DocumentPart(data=source.decoded(), media_type=source.media_type, title=self.title)]
+        if isinstance(source, TextSource):
+            return [DocumentPart(text=source.data, media_type=source.media_type, title=self.title)]
+        if isinstance(source, UrlSource):
+            return [DocumentPart(url=source.url, title=self.title)]
+        if isinstance(source.content, str):
+            return [DocumentPart(text=source.content, title=self.title)]
+        return [_part_of(block) for block in source.content]
+
+
+def _part_of(block: TextBlock | ImageBlock) -> Part:
+    return TextPart(block.text) if isinstance(block, TextBlock) else block.part()
+
+
+def _parts_or_text(parts: list[Part]) -> tuple[str, tuple[Part, ...]]:
+    """A message's content: its text when it is all text, else its parts in order."""
+    if all(isinstance(part, TextPart) for part in parts):
+        return join_text([part.text for part in parts if isinstance(part, TextPart)]), ()
+    return "", tuple(parts)
 
 
 class ToolUseBlock(DialectModel):
@@ -75,9 +148,18 @@ class ToolResultBlock(DialectModel):
     content: str | list[Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]] = ""
     is_error: bool = False
 
-    def text(self) -> str:
-        text = self.content if isinstance(self.content, str) else join_text([block.text for block in self.content])  # type: ignore[union-attr]
-        return f"Error: {text}" if self.is_error else text
+    def message(self) -> Message:
+        """The result as a ``tool`` message: its text, or its parts (Claude Code's Read returns images here)."""
+        blocks = [TextBlock(type="text", text=self.content)] if isinstance(self.content, str) else self.content
+        parts: list[Part] = []
+        for block in blocks:
+            parts += block.parts() if isinstance(block, DocumentBlock) else [_part_of(block)]
+        text, structured = _parts_or_text(parts)
+        if self.is_error:
+            text, structured = (
+                ("Error: " + text, structured) if not structured else ("", (TextPart("Error:"), *structured))
+            )
+        return Message("tool", text, tool_call_id=self.tool_use_id, parts=structured)
 
 
 class ThinkingBlock(DialectModel):
@@ -106,23 +188,28 @@ class AnthropicMessage(DialectModel):
         if isinstance(self.content, str):
             return [Message(self.role, self.content)]
         messages: list[Message] = []
-        texts: list[str] = []
+        parts: list[Part] = []
         calls: list[ToolCall] = []
         reasoning: list[str] = []
         for block in self.content:
-            if isinstance(block, TextBlock):
-                texts.append(block.text)
+            if isinstance(block, (TextBlock, ImageBlock)):
+                parts.append(_part_of(block))
+            elif isinstance(block, DocumentBlock):
+                parts += block.parts()
             elif isinstance(block, ToolUseBlock):
                 calls.append(ToolCall(block.id, block.name, json.dumps(block.input, ensure_ascii=False)))
             elif isinstance(block, ThinkingBlock):
                 reasoning.append(block.thinking)
             elif isinstance(block, ToolResultBlock):
-                if texts:  # text before a result stays before it
-                    messages.append(Message(self.role, join_text(texts)))
-                    texts = []
-                messages.append(Message("tool", block.text(), tool_call_id=block.tool_use_id))
-        if texts or calls or not messages:
-            messages.append(Message(self.role, join_text(texts), tuple(calls), reasoning="".join(reasoning) or None))
+                if parts:  # what came before a result stays before it
+                    text, structured = _parts_or_text(parts)
+                    messages.append(Message(self.role, text, parts=structured))
+                    parts = []
+                messages.append(block.message())
+        if parts or calls or not messages:
+            text, structured = _parts_or_text(parts)
+            messages.append(Message(self.role, text, tuple(calls), reasoning="".join(reasoning) or None,
+                                    parts=structured))  # fmt: skip
         return messages
 
 

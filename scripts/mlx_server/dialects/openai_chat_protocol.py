@@ -15,10 +15,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.dialects.attachments import document_from_data, image_from_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
 from mlx_server.dialects.validation import Finite, unique_tool_names
-from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolCall, UnsupportedOptionError
+from mlx_server.vocabulary import Lane, Message, Part, Sampling, TextPart, Tool, ToolCall, UnsupportedOptionError
 from mlx_server.vocabulary import ToolChoice as CoreToolChoice
 
 __all__ = [
@@ -37,19 +38,60 @@ MAX_STOP_SEQUENCES = 4
 _Strict = DialectModel
 
 
-class ContentPart(_Strict):
-    """One part of a message's content list; only text parts are supported."""
+class TextContent(_Strict):
+    type: Literal["text"]
+    text: str
 
-    type: str
-    text: str | None = None
+    def part(self) -> Part:
+        return TextPart(self.text)
+
+
+class ImageUrl(_Strict):
+    url: str
+    detail: str | None = None
+
+
+class ImageContent(_Strict):
+    """An image: a data URL (its bytes) or a plain URL (never fetched)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    @field_validator("image_url")
+    @classmethod
+    def _decodable(cls, value: ImageUrl) -> ImageUrl:
+        image_from_url(value.url)
+        return value
+
+    def part(self) -> Part:
+        return image_from_url(self.image_url.url)
+
+
+class FileData(_Strict):
+    file_data: str | None = None
+    filename: str | None = None
+    file_id: str | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported; send text parts")
-        if self.text is None:
-            raise ValueError("a text content part needs a 'text' string")
+    def _data_given(self) -> FileData:
+        if self.file_data is None:
+            raise ValueError("file ids are not supported here: send the file's data (file_data, a data URL)")
+        document_from_data(self.file_data, self.filename)
         return self
+
+
+class FileContent(_Strict):
+    """A file (OpenAI's ``file`` part): a PDF or a text file as a data URL; documents are text."""
+
+    type: Literal["file"]
+    file: FileData
+
+    def part(self) -> Part:
+        assert self.file.file_data is not None
+        return document_from_data(self.file.file_data, self.file.filename)
+
+
+ContentPart = Annotated[Union[TextContent, ImageContent, FileContent], Field(discriminator="type")]
 
 
 class FunctionCall(_Strict):
@@ -143,19 +185,22 @@ class ChatMessage(_Strict):
         return self
 
     def text(self) -> str:
-        """The content as one string (text parts joined)."""
+        """The content's text (text parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextContent))
 
     def to_message(self) -> Message:
-        """``developer`` (OpenAI's newer name for ``system``) is rendered as ``system``."""
+        """``developer`` (OpenAI's newer name for ``system``) is rendered as ``system``; images and files are parts."""
         calls = tuple(
             ToolCall(call.id, call.function.name, call.function.arguments_text()) for call in self.tool_calls or ()
         )
         role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, list) and any(not isinstance(part, TextContent) for part in self.content):
+            parts = tuple(part.part() for part in self.content)
+            return Message(role, "", calls, self.tool_call_id, self.name, parts=parts)
         return Message(role, self.text(), calls, self.tool_call_id, self.name)
 
 

@@ -1,8 +1,9 @@
 """OpenAI Responses API requests, validated by pydantic and translated into the core's ``ChatRequest``.
 
-``input`` is a string or a list of items (``message`` with text parts,
-``function_call``, ``function_call_output``, ``custom_tool_call`` and its
-output, ``reasoning``).  Tools the server cannot run (``web_search``,
+``input`` is a string or a list of items (``message`` with text, image and
+file parts, ``function_call``, ``function_call_output``, ``custom_tool_call``
+and its output, ``reasoning``); ``input_image`` and ``input_file`` parts
+(data URLs) become the core's image and document parts.  Tools the server cannot run (``web_search``,
 ``tool_search``, ``file_search``, MCP, computer use …) are left out of the
 prompt with a level-1 debug line, never a 400, since agents such as Codex
 send them on every request.  A ``namespace`` tool's functions are offered as
@@ -18,14 +19,18 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.dialects.attachments import document_from_data, image_from_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
 from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
 from mlx_server.dialects.validation import Finite, unique_tool_names
 from mlx_server.vocabulary import (
     CUSTOM_TOOL,
+    DocumentPart,
     Lane,
     Message,
+    Part,
+    Role,
     Sampling,
     Tool,
     ToolCall,
@@ -33,6 +38,7 @@ from mlx_server.vocabulary import (
     ToolGrammar,
     UnsupportedOptionError,
 )
+from mlx_server.vocabulary import TextPart as CoreTextPart
 from utils_logging import debug
 
 __all__ = ["NAMESPACE_SEPARATOR", "ResponsesRequest", "ToolNames"]
@@ -50,27 +56,74 @@ class RefusalPart(DialectModel):
     refusal: str
 
 
-class _UnreadablePart(DialectModel):
-    @model_validator(mode="after")
-    def _refuse(self) -> _UnreadablePart:
-        raise ValueError(f"{getattr(self, 'type', 'this')} parts are not supported: the model served here reads text")
+class ImagePart(DialectModel):
+    """``input_image``: a data URL (its bytes) or a plain URL (never fetched); file ids are refused."""
 
-
-class ImagePart(_UnreadablePart):
     type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: str | None = None
+
+    @model_validator(mode="after")
+    def _data_given(self) -> ImagePart:
+        if self.image_url is None:
+            raise ValueError("file ids are not supported here: send the image as image_url (a data URL)")
+        image_from_url(self.image_url)
+        return self
+
+    def part(self) -> Part:
+        assert self.image_url is not None
+        return image_from_url(self.image_url)
 
 
-class FilePart(_UnreadablePart):
-    type: Literal["input_file", "input_audio"]
+class FilePart(DialectModel):
+    """``input_file``: a PDF or a text file as a data URL (``file_data``); documents are read as text."""
+
+    type: Literal["input_file"]
+    file_data: str | None = None
+    file_url: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _data_given(self) -> FilePart:
+        if self.file_data is None and self.file_url is None:
+            raise ValueError("file ids are not supported here: send the file's data (file_data, a data URL)")
+        if self.file_data is not None:
+            document_from_data(self.file_data, self.filename)
+        return self
+
+    def part(self) -> Part:
+        if self.file_data is None:
+            return DocumentPart(url=self.file_url, title=self.filename)
+        return document_from_data(self.file_data, self.filename)
 
 
-ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart, FilePart], Field(discriminator="type")]
+class AudioPart(DialectModel):
+    type: Literal["input_audio"]
+
+    @model_validator(mode="after")
+    def _refuse(self) -> AudioPart:
+        raise ValueError("input_audio parts are not supported: the models served here read text and images")
+
+
+ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart, FilePart, AudioPart], Field(discriminator="type")]
 
 
 def _text(content: str | list[ContentPart]) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.text if isinstance(part, TextPart) else getattr(part, "refusal", "") for part in content)
+
+
+def _message(role: Role, content: str | list[ContentPart], **fields: Any) -> Message:
+    """A message of text, or of parts when the content has images or files."""
+    if isinstance(content, list) and any(isinstance(part, (ImagePart, FilePart)) for part in content):
+        parts = tuple(
+            part.part() if isinstance(part, (ImagePart, FilePart)) else CoreTextPart(_text([part])) for part in content
+        )
+        return Message(role, "", parts=parts, **fields)
+    return Message(role, _text(content), **fields)
 
 
 class MessageItem(DialectModel):
@@ -380,10 +433,10 @@ def input_messages(items: list[InputItem], names: ToolNames) -> tuple[Message, .
             open_assistant()["calls"].append(ToolCall(item.call_id, item.name, item.input, CUSTOM_TOOL))
         elif isinstance(item, FunctionCallOutputItem):
             flush()
-            messages.append(Message("tool", _text(item.output), tool_call_id=item.call_id))
+            messages.append(_message("tool", item.output, tool_call_id=item.call_id))
         elif isinstance(item, MessageItem):
             flush()
-            messages.append(Message("system" if item.role in ("system", "developer") else "user", _text(item.content)))
+            messages.append(_message("system" if item.role in ("system", "developer") else "user", item.content))
         else:
             debug(1, "Left out an input item this server does not use", {"type": item.type})
     flush()

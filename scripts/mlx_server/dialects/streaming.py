@@ -150,15 +150,19 @@ def event_stream(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = 
 async def cache_headers(run: ChatRun) -> dict[str, str]:
     """What the prompt cache gave this request, for the client: tokens read and, on a miss, where it diverged.
 
+    Also what the prompt left out of its attachments (``x-attachments-left-out``: images on a text model).
+
     Empty when the request is still waiting for room in the batch (its usage
     then says the same, at the end).  Working out the message takes template
     renders, so it runs off the event loop.
     """
     started = run.started
+    omitted = {"x-attachments-left-out": run.omitted.describe()} if run.omitted else {}
     if started is None:
-        return {}
+        return omitted
     lookup = started.lookup
     headers = {"x-prompt-cache-read-tokens": str(lookup.cached_tokens), "x-prompt-cache-source": lookup.source}
+    headers |= omitted
     if lookup.lane is not None:
         headers["x-prompt-cache-lane"] = str(lookup.lane)[:64]
     explanation = await asyncio.to_thread(run.explain_miss)

@@ -1,0 +1,63 @@
+"""Attachments for tests and benches: PDFs with a text layer (or none, like a scan) and small PNG screenshots.
+
+The PDF is written object by object with a correct cross-reference table,
+so pypdf reads it the way it reads a real one; each page shows its text in
+Helvetica.  The PNG comes from Pillow (mlx-vlm's own image library).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+__all__ = ["data_url", "pdf", "png"]
+
+
+def _escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def pdf(pages: list[str]) -> bytes:
+    """A PDF with one page per text; an empty string makes a page without text (what a scan reads as)."""
+    count = len(pages)
+    page_ids = [4 + 2 * index for index in range(count)]
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{' '.join(f'{i} 0 R' for i in page_ids)}] /Count {count} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    for page_id, text in zip(page_ids, pages, strict=True):
+        lines = text.splitlines()
+        shown = "".join(f"({_escaped(line)}) Tj T* " for line in lines)
+        content = f"BT /F1 12 Tf 14 TL 72 720 Td {shown}ET".encode() if lines else b""
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+            f"/Contents {page_id + 1} 0 R >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    """A small PNG of coloured noise (a stand-in for a screenshot)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
