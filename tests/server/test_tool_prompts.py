@@ -94,3 +94,27 @@ def test_a_template_with_tool_support_renders_them_itself() -> None:
     assert '<tools>{"type": "function", "function": {"name": "read_file"' in text
     assert '"arguments": {"path": "setup.cfg"}}' in text
     assert "<|im_start|>tool\n[metadata]" in text
+
+
+@pytest.fixture(scope="module")
+def gemma() -> Any:
+    return load_tokenizer("gemma3")
+
+
+class TestATemplateWithoutAToolRole:
+    """Gemma 3's template accepts only alternating user and model turns: results come as user text."""
+
+    def test_its_support_says_so(self, gemma: Any) -> None:
+        assert template_tool_support(gemma).tool_results is False
+
+    def test_an_agents_loop_renders_with_each_result_in_a_user_turn(self, gemma: Any) -> None:
+        loop = [*LOOP, Message("user", "Now explain it.")]
+        text = rendered(gemma, loop)
+        result = text.index("<tool_response>\n[metadata]\nname = demo\n</tool_response>")
+        assert text.rindex("<start_of_turn>user", 0, result) > text.index("setup.cfg")
+        assert text.index("Now explain it.") > result
+        assert text.count("<start_of_turn>user") == 2  # the result and the next message joined in one turn
+
+    def test_a_template_with_a_tool_role_keeps_it(self, chatml: Any) -> None:
+        assert template_tool_support(chatml).tool_results is True
+        assert "<tool_response>" not in rendered(chatml, LOOP)

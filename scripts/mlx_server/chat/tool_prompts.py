@@ -6,9 +6,12 @@ defines them.  A template that ignores them (the default SmolLM2's, and any
 plain ChatML one) would drop them silently, so the server writes them in the
 Hermes form instead: a tool-use block appended to the system prompt, each past
 call as ``<tool_call>{…}</tool_call>`` in its assistant message.  Tool results
-keep the ``tool`` role either way; they are never folded into user text.  (They
-are not wrapped in Hermes's ``<tool_response>`` tags: measured with SmolLM2, the
-model then parrots the tags back instead of answering.)
+keep the ``tool`` role wherever the template renders it.  (They are not wrapped
+in Hermes's ``<tool_response>`` tags: measured with SmolLM2, the model then
+parrots the tags back instead of answering.)  A template that refuses or drops
+the ``tool`` role (Gemma 3's accepts only alternating user and model turns) gets
+each result as user text in ``<tool_response>`` tags, and adjacent messages of
+one role joined, since an agent's session cannot go on without its results.
 
 Which of the two applies is found by rendering a probe conversation with
 and without the feature and comparing: once per model, in its profile
@@ -41,6 +44,7 @@ _PROBE_TOOL = {
     "type": "function",
     "function": {"name": _PROBE_NAME, "description": "probe", "parameters": {"type": "object", "properties": {}}},
 }
+_PROBE_RESULT = "probe_result_5b21"
 _PROBE_CALL = {"id": "call_probe", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {}}}
 
 TOOL_BLOCK_HEADER = (
@@ -67,6 +71,7 @@ class TemplateToolSupport:
 
     tools: bool
     tool_calls: bool
+    tool_results: bool = True  # it renders messages of the ``tool`` role
 
 
 def _renders(tokenizer: Any, conversation: list[dict[str, Any]], **extra: Any) -> str:
@@ -88,7 +93,13 @@ def template_tool_support(tokenizer: Any) -> TemplateToolSupport:
         tool_calls = _PROBE_NAME in _renders(tokenizer, history)
     except (TemplateError, TypeError, ValueError):
         tool_calls = False
-    return TemplateToolSupport(tools=tools, tool_calls=tool_calls)
+    try:
+        answered = [*user, {"role": "assistant", "content": "calling"},
+                    {"role": "tool", "content": _PROBE_RESULT, "tool_call_id": "call_probe"}]  # fmt: skip
+        tool_results = _PROBE_RESULT in _renders(tokenizer, answered)
+    except (TemplateError, TypeError, ValueError):
+        tool_results = False
+    return TemplateToolSupport(tools=tools, tool_calls=tool_calls, tool_results=tool_results)
 
 
 def template_tool(tool: Tool) -> dict[str, Any]:
@@ -154,12 +165,28 @@ def _template_message(message: Message, support: TemplateToolSupport) -> dict[st
     return rendered
 
 
+def _alternating(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool results as user text, and adjacent messages of one role joined: for templates without a tool role."""
+    joined: list[dict[str, Any]] = []
+    for message in conversation:
+        if message["role"] == "tool":
+            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+        if joined and joined[-1]["role"] == message["role"]:
+            previous = joined[-1]
+            joined[-1] = {**previous, "content": "\n\n".join(filter(None, [previous["content"], message["content"]]))}
+        else:
+            joined.append(message)
+    return joined
+
+
 def template_conversation(
     support: TemplateToolSupport, messages: Sequence[Message], tools: Sequence[Tool] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools) as a template with this support should see them; tools are None when they went into
     the system prompt."""
     conversation = [_template_message(message, support) for message in messages]
+    if not support.tool_results:
+        conversation = _alternating(conversation)
     if not tools:
         return conversation, None
     if support.tools:
