@@ -49,7 +49,7 @@ def serve(
     cache = KVPromptCache.for_model(loaded.model, loaded.identity, prompt_cache_size, KV_BUDGET)
     options = EngineOptions(max_batch=8, prefill_batch=8, kv_budget_bytes=KV_BUDGET, speculative=speculative)
     engine = GenerationEngine(loaded, cache, options)
-    profile = ModelProfile(loaded.tokenizer, engine.context_length, loaded.recommended_sampling)
+    profile = ModelProfile(loaded.tokenizer, engine.context_length, loaded.recommended_sampling, images=loaded.vision)
     service = ChatService(engine, service_options(settings), profile=profile, name=loaded.name)
     model = ChatModel(service, engine, cache, loaded, loaded.weights_bytes + KV_BUDGET, save_checkpoints=False)
     state = ServerState(settings, BlasInfo("test", None, optimized=False), pool_of({loaded.name: model}))

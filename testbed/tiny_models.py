@@ -170,3 +170,51 @@ def build_encoder_embedding(directory: Path) -> Path:
     shutil.copy(tokenizer / "tokenizer.json", directory / "tokenizer.json")
     shutil.copy(tokenizer / "tokenizer_config.json", directory / "tokenizer_config.json")
     return directory
+
+
+def build_vision(directory: Path, image_tokens: int = 16, image_size: int = 64) -> Path:
+    """A tiny Gemma 3 vision model from mlx-vlm's own classes (the vision extra), with Gemma 3's real tokenizer.
+
+    Its processor settings are written here: images resized to ``image_size``
+    pixels a side, each read as ``image_tokens`` image tokens.  The language
+    model ties its output layer to the embeddings, as Gemma 3 does, so that
+    mlx-lm and mlx-vlm load the same weights.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import gemma3
+    from mlx_vlm.utils import update_module_configs
+
+    tokenizer = tokenizer_directory("gemma3")
+    vocabulary = vocabulary_size(tokenizer / "tokenizer.json")
+    text = {**FAMILIES["gemma3_text"].config, "vocab_size": vocabulary, "mm_tokens_per_image": image_tokens,
+            "rope_global_base_freq": 1e6}  # fmt: skip
+    config = {
+        "model_type": "gemma3", "vocab_size": vocabulary, "image_token_index": 262144, "boi_token_index": 255999,
+        "eoi_token_index": 256000, "mm_tokens_per_image": image_tokens, "hidden_size": SMALL["hidden_size"],
+        "eos_token_id": [1, 106], "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
+                          "intermediate_size": 64, "num_attention_heads": 2, "patch_size": 8,
+                          "image_size": image_size},
+    }  # fmt: skip
+    mx.random.seed(0)
+    model_config = update_module_configs(gemma3.ModelConfig.from_dict(config), gemma3, config, ["text", "vision"])
+    model = gemma3.Model(model_config)
+    mx.eval(model.parameters())
+    arrays: dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    weights = {name: value for name, value in arrays.items() if "lm_head" not in name}
+    directory.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    (directory / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, directory / name)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+        "size": {"height": image_size, "width": image_size}, "do_resize": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "do_convert_rgb": True, "resample": 2, "do_pan_and_scan": False,
+    }))  # fmt: skip
+    (directory / "processor_config.json").write_text(
+        json.dumps({"image_seq_length": image_tokens, "processor_class": "Gemma3Processor"})
+    )
+    return directory

@@ -39,6 +39,7 @@ __all__ = [
     "GenerationStats",
     "GrammarError",
     "ImagePart",
+    "ImageReader",
     "InternalError",
     "InvalidRequestError",
     "KVBudgetError",
@@ -55,6 +56,8 @@ __all__ = [
     "Part",
     "PromptAdmitted",
     "PromptCacheStats",
+    "PromptImage",
+    "ReadImage",
     "RecommendedSampling",
     "RequestTimeoutError",
     "Role",
@@ -125,6 +128,47 @@ class DocumentPart:
 
 Part = Union[TextPart, ImagePart, DocumentPart]
 """A piece of a message's content that is more than text: what the chat core turns into the model's input."""
+
+
+@dataclass(frozen=True)
+class ReadImage:
+    """One image as a vision model reads it: the text that stands for it in the prompt, and its pixels.
+
+    ``tokens`` is the run of tokens the image is in the prompt (its markers
+    and image tokens, without the whitespace around them that merges with
+    neighbouring text); ``digest`` is the image file's content hash (the
+    prompt cache's key for its KV state); ``pixels`` is the model processor's
+    output (engine only).
+    """
+
+    text: str
+    tokens: tuple[int, ...]
+    digest: bytes
+    pixels: Any = field(repr=False, compare=False)
+
+
+class ImageReader(Protocol):
+    """A vision model's way in for images: ``marker`` is what its chat template gets for one image."""
+
+    @property
+    def marker(self) -> str: ...
+
+    def read(self, data: bytes) -> ReadImage:
+        """The image file's tokens and pixels (InvalidRequestError if it is not an image)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """An image in a prompt: its tokens are ``prompt[start:start + length]``."""
+
+    start: int
+    length: int
+    image: ReadImage
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 @dataclass(frozen=True)
@@ -286,7 +330,9 @@ class GenerationRequest:
     other sessions' churn cannot evict.
     ``timeout`` (seconds from now, waiting included) stops generation with
     finish_reason ``timeout``; with ``keepalive``, a ``KeepAlive`` comes
-    whenever that many seconds pass without an event.
+    whenever that many seconds pass without an event.  ``images`` (a vision
+    model's) say where each image's tokens are: the engine prefills them
+    through the vision model, and its prompt cache tells images apart by content.
     """
 
     prompt: list[int]
@@ -300,6 +346,7 @@ class GenerationRequest:
     use_cache: bool = True
     timeout: float | None = None
     keepalive: float = 0.0
+    images: tuple[PromptImage, ...] = ()  # on a vision model: the images in the prompt, in order
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,18 @@ class RunningServer:
 
 
 def run_agent_cli(
-    executable: Path, arguments: list[str], workspace: Path, home: Path, environment: dict[str, str], timeout: float
+    executable: Path,
+    arguments: list[str],
+    workspace: Path,
+    home: Path,
+    environment: dict[str, str],
+    timeout: float,
+    stdin: str | None = None,
 ) -> str:
     """Run an agent CLI from tools/agent-clis in ``workspace``; its stdout (it must exit 0).
 
-    It sees only PATH, ``HOME`` (created here) and ``environment``, and no stdin: nothing of this machine's
-    own configuration or keys.
+    It sees only PATH, ``HOME`` (created here) and ``environment``, and no stdin but ``stdin``: nothing of
+    this machine's own configuration or keys.
     """
     assert executable.exists(), f"{executable} is missing: make test installs it (make agent-clis)"
     home.mkdir(exist_ok=True)
@@ -66,7 +72,8 @@ def run_agent_cli(
         [str(executable), *arguments],
         cwd=workspace,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **environment},
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

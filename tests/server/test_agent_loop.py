@@ -12,6 +12,7 @@ and the CLI prints the scripted final answer.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any
 
 import pytest
 
+from mlx_server.chat.attachments import IMAGE_PLACEHOLDER
 from mlx_server.chat.call_formats import HERMES
 from mlx_server.chat.tool_prompts import hermes_call_text
 from mlx_server.settings import Settings
 from mlx_server.vocabulary import GenerationRequest, ToolCall
+from testbed.documents import png
 
 from .conftest import ROOT, run_agent_cli
 from .scripted import ScriptedServer, scripted_server, served_over_http
@@ -150,3 +153,30 @@ def test_opencode_reads_a_file_the_model_asked_for(scripted: tuple[ScriptedServe
     assert tool["tool"] == "read" and tool["state"]["status"] == "completed" and MARKER in tool["state"]["output"]
     assert [event["part"]["text"] for event in events if event["type"] == "text"] == [ANSWER]
     assert_the_result_was_rendered(loop, "read")
+
+
+def test_claude_codes_screenshot_leaves_a_placeholder_on_a_text_model(
+    scripted: tuple[ScriptedServer, str], workspace: Path
+) -> None:
+    """A user message with an image (stream-json input): the session answers, the image left out in its place."""
+    server, base_url = scripted
+    prompts: list[str] = []
+
+    def answer(_request: GenerationRequest, prompt: str) -> str:
+        prompts.append(prompt)
+        return ANSWER
+
+    server.engine.respond_with(answer)
+    image = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png()).decode()}
+    message = {"type": "user", "message": {"role": "user", "content": [
+        {"type": "image", "source": image}, {"type": "text", "text": "What does this screenshot show?"}]}}  # fmt: skip
+    environment = {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-local-test", "DISABLE_TELEMETRY": "1",
+                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}  # fmt: skip
+    arguments = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose", "--bare",
+                 "--tools", "Read", "--model", "local-model"]  # fmt: skip
+    stdout = run_agent_cli(CLIS / "claude", arguments, workspace, workspace / "home", environment,
+                           CLI_TIMEOUT_SECONDS, stdin=json.dumps(message) + "\n")  # fmt: skip
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["is_error"] is False and result["result"] == ANSWER
+    (asked,) = [prompt for prompt in prompts if "What does this screenshot show?" in prompt]
+    assert asked.index(IMAGE_PLACEHOLDER) < asked.index("What does this screenshot show?")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -86,3 +87,36 @@ def test_the_start_up_line_says_which_defaults_are_in_force_and_where_from() -> 
     assert "temperature 0.6 (generation_config.json)" in line
     assert "repetition_penalty 1.3 (--default-repetition-penalty)" in line
     assert "otherwise plain" in line
+
+
+class TestStructuredOutput:
+    """A default repetition penalty would break JSON (keys, quotes and braces repeat): it stays off a grammar."""
+
+    FORCED: ClassVar[dict[str, Any]] = {
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+        "tool_choice": "required",
+    }  # fmt: skip
+
+    def test_a_forced_call_samples_without_the_models_penalty(self) -> None:
+        recommended = RecommendedSampling(Sampling(temperature=0.2, repetition_penalty=1.1), "card")
+        server = scripted_server(Settings(response_cache_size=0), recommended=recommended)
+        server.engine.reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+        body = {**chat_body(max_tokens=40), **self.FORCED}
+        del body["temperature"]
+        assert server.client.post(CHAT, json=body).status_code == 200
+        sampling = served_sampling(server)
+        assert (sampling.temperature, sampling.repetition_penalty) == (0.2, PLAIN_SAMPLING.repetition_penalty)
+        assert server.engine.requests[-1].grammar is not None
+
+    def test_a_penalty_the_request_asks_for_still_applies(self) -> None:
+        server = scripted_server(Settings(response_cache_size=0))
+        server.engine.reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+        server.client.post(CHAT, json={**chat_body(max_tokens=40), **self.FORCED, "repetition_penalty": 1.2})
+        assert served_sampling(server).repetition_penalty == 1.2
+
+    def test_free_text_keeps_the_models_penalty(self) -> None:
+        recommended = RecommendedSampling(Sampling(repetition_penalty=1.1), "card")
+        server = scripted_server(Settings(response_cache_size=0), recommended=recommended)
+        server.client.post(CHAT, json=chat_body())
+        assert served_sampling(server).repetition_penalty == 1.1

@@ -57,6 +57,7 @@ class TestServerSentEvents:
             ],
             "max_tokens": 24,
             "temperature": 0,
+            "repetition_penalty": 1.0,  # plain greedy: the model card's penalty would discourage repeated emoji
             "stream": True,
         }
         with httpx.stream("POST", f"{server.api_url}/chat/completions", json=body, timeout=120) as response:

@@ -6,8 +6,9 @@ model that reads text only, an image is left out too, and a short
 placeholder in the prompt says so, so that a session that once attached a
 screenshot (Claude Code's Read tool returns images inside tool results) goes
 on answering instead of failing on every later request.  On a vision model
-images stay images, in their place; an image given by URL is refused there
-(the server never reaches the network) and left out on a text model.
+an image becomes the model's own image marker, in its place (the chat core
+then splices in its tokens); an image given by URL is refused there (the
+server never reaches the network) and left out on a text model.
 
 What was left out is counted (``Omitted``), for the response's header and a
 level-1 debug line.
@@ -105,9 +106,10 @@ def _document_text(document: DocumentPart) -> str | None:
     return f"Document: {document.title}\n{text}" if document.title else text
 
 
-def _prepared_parts(parts: Sequence[Part], vision: bool) -> tuple[list[Part], Omitted]:
+def _prepared_parts(parts: Sequence[Part], marker: str | None) -> tuple[list[Part], Omitted, list[ImagePart]]:
     kept: list[Part] = []
     omitted = Omitted()
+    images: list[ImagePart] = []
     for part in parts:
         if isinstance(part, DocumentPart):
             if part.url is not None:
@@ -124,49 +126,55 @@ def _prepared_parts(parts: Sequence[Part], vision: bool) -> tuple[list[Part], Om
             else:
                 kept.append(TextPart(text))
         elif isinstance(part, ImagePart):
-            if vision and part.url is not None:
+            if marker is None:
+                kept.append(TextPart(IMAGE_PLACEHOLDER))
+                omitted += Omitted(images=1)
+            elif part.data is None:
                 raise InvalidRequestError(
-                    f"an image is given by URL ({part.url[:80]}): the server does not fetch; send the image's data "
-                    "(base64) instead",
+                    f"an image is given by URL ({(part.url or '')[:80]}): the server does not fetch; send the "
+                    "image's data (base64) instead",
                     "messages",
                     "image_url_not_fetched",
                 )
-            if vision:
-                kept.append(part)
             else:
-                kept.append(TextPart(IMAGE_PLACEHOLDER))
-                omitted += Omitted(images=1)
+                kept.append(TextPart(marker))
+                images.append(part)
         else:
             kept.append(part)
-    return kept, omitted
+    return kept, omitted, images
 
 
-def prepare(messages: Sequence[Message], vision: bool) -> tuple[list[Message], Omitted]:
-    """The messages as this model reads them, and what was left out.
+def prepare(messages: Sequence[Message], marker: str | None) -> tuple[list[Message], Omitted, list[ImagePart]]:
+    """The messages as text the chat template renders, what was left out, and the images in order.
 
-    A message whose parts are all text now (every part on a text model)
-    becomes plain ``content``; on a vision model a message with images keeps
-    them as parts, its documents turned to text.
+    ``marker`` is a vision model's text for one image (None: the model reads
+    text only, and images become placeholders).  Every message comes out as
+    plain ``content``: an image is its marker, in its place.
     """
     prepared: list[Message] = []
     omitted = Omitted()
+    images: list[ImagePart] = []
     for message in messages:
         if not message.parts:
             prepared.append(message)
             continue
-        parts, left_out = _prepared_parts(message.parts, vision)
+        parts, left_out, found = _prepared_parts(message.parts, marker)
         omitted += left_out
-        if all(isinstance(part, TextPart) for part in parts):
-            text = _joined(part.text for part in parts if isinstance(part, TextPart))
-            prepared.append(replace(message, content=text, parts=()))
-        else:
-            prepared.append(replace(message, content="", parts=tuple(parts)))
-    return prepared, omitted
+        images += found
+        text = _joined((part.text for part in parts if isinstance(part, TextPart)), marker)
+        prepared.append(replace(message, content=text, parts=()))
+    return prepared, omitted, images
 
 
-def _joined(texts: Iterable[str]) -> str:
-    """Text pieces as one string: a newline between pieces unless one already ends in whitespace."""
+def _joined(texts: Iterable[str], marker: str | None) -> str:
+    """Text pieces as one string: a newline between pieces unless one already ends in whitespace.
+
+    An image's marker touches its neighbours, as the model's template writes an image beside text.
+    """
     joined = ""
+    previous = None
     for text in texts:
-        joined += text if not joined or joined[-1].isspace() else "\n" + text
+        glued = not joined or joined[-1].isspace() or marker in (text, previous)
+        joined += text if glued else "\n" + text
+        previous = text
     return joined

@@ -126,7 +126,16 @@ class CacheDiagnostics:
 
 
 def _excerpt(tokenizer: Any, tokens: Sequence[int]) -> str:
-    text = str(tokenizer.decode(list(tokens))) if tokens else ""
+    """The tokens as text; an image's tokens (the prompt cache keys them by negative ids) read as ``[image]``."""
+    pieces: list[str] = []
+    run: list[int] = []
+    for index, token in enumerate(tokens):
+        if token >= 0:
+            run.append(token)
+        elif index == 0 or tokens[index - 1] != token:
+            pieces += [str(tokenizer.decode(run)) if run else "", "[image]"]
+            run = []
+    text = "".join([*pieces, str(tokenizer.decode(run)) if run else ""])
     scrubbed = redact(text)
     text = scrubbed if isinstance(scrubbed, str) else text
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"

@@ -3,7 +3,8 @@
 A model's chat template (tool support, the generation prompt), its tool-call
 format, its special tokens (the markers grammars write as single tokens), its
 end-of-sequence tokens, whether it writes gpt-oss's harmony channels, its
-context length, its fill-in-the-middle markers, and its default sampling
+context length, its fill-in-the-middle markers, how it reads images (a
+vision model's image marker and processor), and its default sampling
 (what the server's models config says for it, then what its authors
 recommend).  None of these change between requests, and working them out
 takes template renders and vocabulary scans, so each model's chat service
@@ -19,7 +20,7 @@ from mlx_server.chat.call_formats import HARMONY, HERMES, ToolCallFormat, detect
 from mlx_server.chat.call_grammars import GrammarWriter
 from mlx_server.chat.grammars import GrammarVerdicts
 from mlx_server.chat.prompts import FIM_MARKERS, ChatTemplate
-from mlx_server.vocabulary import RecommendedSampling, Sampling
+from mlx_server.vocabulary import ImageReader, RecommendedSampling, Sampling
 
 __all__ = ["ModelProfile"]
 
@@ -33,6 +34,7 @@ class ModelProfile:
         context_length: int,
         recommended: RecommendedSampling | None = None,
         configured: Sampling | None = None,
+        images: ImageReader | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -47,7 +49,7 @@ class ModelProfile:
         self.recommended = recommended or RecommendedSampling()
         self.configured = configured or Sampling()  # the server's models config for this model
         self.grammar_verdicts = GrammarVerdicts()
-        self.vision = False  # whether the model reads images (a vision model's profile says so)
+        self.images = images  # a vision model's way in for images (None: the model reads text only)
 
     @property
     def call_format(self) -> ToolCallFormat:

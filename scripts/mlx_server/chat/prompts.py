@@ -15,7 +15,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_server.chat.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
-from mlx_server.vocabulary import InvalidRequestError, Message, Tool, UnsupportedOptionError
+from mlx_server.vocabulary import InvalidRequestError, Message, PromptImage, Tool, UnsupportedOptionError
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -66,9 +66,16 @@ def _render(
     conversation: list[dict[str, Any]],
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None,
+    rewrite: Callable[[str], str] | None = None,
 ) -> list[int]:
+    """The template's tokens; with ``rewrite``, its text rewritten before it is tokenized (as a processor does)."""
     template = None if tokenizer.has_chat_template else FALLBACK_CHAT_TEMPLATE
     extra: dict[str, Any] = {"tools": tools} if tools else {}
+    if rewrite is not None:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False, chat_template=template, **extra
+        )
+        return [int(token) for token in tokenizer.encode(rewrite(str(text)), add_special_tokens=False)]
     tokens = tokenizer.apply_chat_template(
         conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=template, **extra
     )
@@ -78,6 +85,7 @@ def _render(
 
 
 Conversation = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]
+Rewrite = Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ class RenderedPrompt:
     """A prompt's tokens and the messages and tools it was rendered from, with what the prompt cache needs.
 
     ``stable_prefix`` ends the system prompt and tools; ``turn_start`` ends
-    the history, before the generation prompt (see ``GenerationRequest``).
+    the history, before the generation prompt (see ``GenerationRequest``);
+    ``images`` are a vision model's images, where their tokens are.
     """
 
     tokens: list[int]
@@ -94,6 +103,7 @@ class RenderedPrompt:
     after_user: bool = False
     messages: tuple[Message, ...] = ()
     tools: tuple[Tool, ...] = ()
+    images: tuple[PromptImage, ...] = ()
 
 
 class ChatTemplate:
@@ -111,9 +121,14 @@ class ChatTemplate:
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def render(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> RenderedPrompt:
-        """The prompt for a conversation, with what the prompt cache needs to know about it."""
-        tokens, stable_prefix = self.tokens_with_prefix(messages, tools)
+    def render(
+        self, messages: Sequence[Message], tools: Sequence[Tool] = (), rewrite: Callable[[str], str] | None = None
+    ) -> RenderedPrompt:
+        """The prompt for a conversation, with what the prompt cache needs to know about it.
+
+        ``rewrite`` changes the rendered text before it is tokenized (a vision model's image markers expanded).
+        """
+        tokens, stable_prefix = self.tokens_with_prefix(messages, tools, rewrite)
         opening = self.generation_prompt
         turn_start = 0
         if tokens[len(tokens) - len(opening) :] == list(opening):
@@ -125,10 +140,12 @@ class ChatTemplate:
         """Token ids for ``messages`` and ``tools``, then the assistant's opening (InvalidRequestError if refused)."""
         return self._render_conversation(self._conversation(messages, tools))
 
-    def tokens_with_prefix(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> tuple[list[int], int]:
+    def tokens_with_prefix(
+        self, messages: Sequence[Message], tools: Sequence[Tool] = (), rewrite: Callable[[str], str] | None = None
+    ) -> tuple[list[int], int]:
         """``tokens`` and ``stable_prefix_length`` together, preparing the template's input once."""
         conversation = self._conversation(messages, tools)
-        prompt = self._render_conversation(conversation)
+        prompt = self._render_conversation(conversation, rewrite)
         return prompt, self._stable_prefix(conversation, prompt)
 
     def stable_prefix_length(self, messages: Sequence[Message], prompt: list[int], tools: Sequence[Tool] = ()) -> int:
@@ -170,9 +187,11 @@ class ChatTemplate:
     def _conversation(self, messages: Sequence[Message], tools: Sequence[Tool]) -> Conversation:
         return template_conversation(self.support, messages, tools)
 
-    def _render_conversation(self, conversation: Conversation) -> list[int]:
+    def _render_conversation(
+        self, conversation: Conversation, rewrite: Callable[[str], str] | None = None
+    ) -> list[int]:
         try:
-            return _render(self.tokenizer, conversation[0], True, conversation[1])
+            return _render(self.tokenizer, conversation[0], True, conversation[1], rewrite)
         except (TemplateError, ValueError) as error:
             raise InvalidRequestError(
                 f"the model's chat template rejected the messages: {error}", "messages"

@@ -12,6 +12,7 @@ integration guide shows.  Dialects only translate a ``ChatRequest`` in and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -36,6 +37,7 @@ from mlx_server.chat.events import (
 )
 from mlx_server.chat.failures import report_failure
 from mlx_server.chat.grammars import OutputConstraint, ReasoningMarkers, build_grammar
+from mlx_server.chat.image_prompts import expanding, locate_images
 from mlx_server.chat.output import HARMONY_REASONING, OutputParser, ReasoningPiece, ReasoningSyntax, reasoning_syntax
 from mlx_server.chat.profile import ModelProfile
 from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header
@@ -200,11 +202,14 @@ class ChatService:
             prompt, omitted = self._render(request)
             if omitted:
                 debug(1, "Left out attachments this model cannot read", {"left_out": omitted.describe()})
+            if prompt.images:
+                image_tokens = sum(image.length for image in prompt.images)
+                debug(1, "Images in the prompt", {"images": len(prompt.images), "image_tokens": image_tokens})
             reasoning = reasoning_syntax(self.tokenizer, prompt.tokens, self.profile.harmony)
             max_tokens = self._max_tokens(request, len(prompt.tokens))
-            sampling = request.sampling.over(self.default_sampling)
             grammar, tool_calling = self._output_rules(request, reasoning, max_tokens)
-            answer_key, cached = self._look_up_answer(prompt.tokens, max_tokens, sampling, grammar)
+            sampling = self._sampling(request, grammar)
+            answer_key, cached = self._look_up_answer(prompt, max_tokens, sampling, grammar)
             timer.checkpoint("cache_check")
             debug(
                 2,
@@ -233,6 +238,7 @@ class ChatService:
             lane=request.lane,
             timeout=self.options.request_timeout or None,
             keepalive=self.options.keepalive_interval,
+            images=prompt.images,
         )
         return ChatRun(self, prompt, generation, parser, timer, answer_key, cached, self._run_started(), omitted)
 
@@ -249,12 +255,30 @@ class ChatService:
             if not tokens:
                 raise InvalidRequestError("the prompt is empty: send at least one token of text", "prompt")
             return RenderedPrompt(tokens), NOTHING_OMITTED
-        messages, omitted = prepare(request.messages, self.profile.vision)
+        reader = self.profile.images
+        messages, omitted, images = prepare(request.messages, reader.marker if reader is not None else None)
         if not self.options.keep_billing_header:
             messages, removed = normalize_billing_header(messages)
             if removed:
                 debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
-        return self.profile.template.render(messages, request.tools), omitted
+        if reader is None or not images:
+            return self.profile.template.render(messages, request.tools), omitted
+        read = [reader.read(image.data) for image in images if image.data is not None]
+        rendered = self.profile.template.render(messages, request.tools, expanding(reader.marker, read))
+        return dataclasses.replace(rendered, images=locate_images(rendered.tokens, read)), omitted
+
+    def _sampling(self, request: ChatRequest, grammar: str | None) -> Sampling:
+        """The request's sampling over the defaults; a default repetition penalty stays off structured output.
+
+        JSON and code repeat tokens by design (keys, quotes, braces): measured
+        on the default model, its card's penalty of 1.1 kept forced calls from
+        closing their arguments within 200 tokens, and cut a two-city request
+        to one call.  A penalty the request asks for itself still applies.
+        """
+        sampling = request.sampling.over(self.default_sampling)
+        if grammar is not None and request.sampling.repetition_penalty is None:
+            sampling = dataclasses.replace(sampling, repetition_penalty=None).over(PLAIN_SAMPLING)
+        return sampling
 
     def _raw_prompt(self, request: ChatRequest) -> list[int]:
         """The legacy completions prompt: token ids as given, or text (with a suffix: fill-in-the-middle)."""
@@ -331,16 +355,19 @@ class ChatService:
         return min(requested, room)
 
     def _look_up_answer(
-        self, prompt: list[int], max_tokens: int, sampling: Sampling, grammar: str | None
+        self, prompt: RenderedPrompt, max_tokens: int, sampling: Sampling, grammar: str | None
     ) -> tuple[str | None, CachedAnswer | None]:
         """Deterministic requests (greedy, or seeded) may be answered from the answer cache.
 
-        The key is the rendered prompt (messages, tools and template together) and everything that shapes the output.
+        The key is the rendered prompt (messages, tools and template together; images by content) and everything
+        that shapes the output.
         """
         cache = self.answers
         if cache is None or not cache.max_entries or not sampling.deterministic:
             return None, None
-        key = cache.key_for({"prompt": prompt, "max_tokens": max_tokens, "grammar": grammar, **asdict(sampling)})
+        images = [image.image.digest.hex() for image in prompt.images]
+        key = cache.key_for({"prompt": prompt.tokens, "images": images, "max_tokens": max_tokens, "grammar": grammar,
+                             **asdict(sampling)})  # fmt: skip
         return key, cache.get(key)
 
 

@@ -15,6 +15,8 @@ this module adds:
   at the stable prefix (a checkpoint, as mlx-lm's server keeps) and, for a
   cache that cannot step back, at the end of the history (the snapshot the
   next turn resumes from);
+* a vision model's images, prefilled with the vision tower's embeddings
+  before the rest of the prompt joins (``image_prefill``);
 * prompt-lookup speculation for a sequence decoding alone (``speculation``);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
@@ -31,6 +33,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
+from mlx_server.engine.image_prefill import prefill_through_images
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
@@ -57,6 +60,8 @@ class BatchDecoder:
         speculative: SpeculativeMode = "off",
     ) -> None:
         self._tokenizer = loaded.tokenizer
+        self._model = loaded.model
+        self._vision = loaded.vision
         self._prompt_cache = prompt_cache
         self._grammar_tokenizer = grammar_tokenizer
         self._stops = StopSequences([(token,) for token in sorted(loaded.tokenizer.eos_token_ids)])
@@ -90,8 +95,13 @@ class BatchDecoder:
         return [sequence.job.final_length for sequence in self._sequences.values()]
 
     def pending_prefixes(self) -> set[str]:
-        """The stable prefixes whose checkpoints the batch is prefilling now."""
-        return {key for uid in self._pauses if (key := self._sequences[uid].job.prefix_key) is not None}
+        """The stable prefixes whose checkpoints the batch is prefilling now (a sequence past its own is not)."""
+        computing = set()
+        for uid, pauses in self._pauses.items():
+            job = self._sequences[uid].job
+            if job.prefix_key is not None and pauses[0] <= job.stable_prefix:
+                computing.add(job.prefix_key)
+        return computing
 
     def kv_bytes(self) -> int:
         """What the active sequences' batch caches hold now."""
@@ -111,13 +121,22 @@ class BatchDecoder:
             return
         lease = sequence.lease()
         pauses = sequence.pause_points(lease)
-        start, prompt = lease.cached_tokens, job.prompt
+        cache, start, prompt = lease.cache, lease.cached_tokens, job.prompt
+        if request.images:
+            cache, start = prefill_through_images(
+                self._model, self._vision, cache, request, start, pauses, self._prefill_step, sequence.keep_state,
+                job.should_stop, self._prompt_cache.new_cache,
+            )  # fmt: skip
+            if job.should_stop():
+                sequence.finish(job.stop_reason(), cache, prompt[:start])
+                return
+            pauses = [point for point in pauses if point > start]
         bounds = [start, *pauses, len(prompt)]
         segments = [prompt[begin:end] for begin, end in zip(bounds, bounds[1:])]
         (uid,) = self._generator.insert_segments(
             [segments],
             max_tokens=[request.max_tokens],
-            caches=[lease.cache],
+            caches=[cache],
             all_tokens=[prompt[:start]],
             samplers=[sampler(request.sampling)],
             logits_processors=[logits_processors(request.sampling, grammar)],

@@ -407,7 +407,9 @@ class GenerationEngine:
         the decoding sequences meanwhile, so joins are grouped: a batch with
         streams decoding takes newcomers at most every ``JOIN_INTERVAL_SECONDS``
         (as mlx_lm.server's time budget does); one that is still prefilling
-        takes them at once (they join its prefill; nobody is stalled); an idle
+        takes them at once (they join its prefill; nobody is stalled), and so
+        does one whose waiting jobs held back only for a stable prefix it has
+        now computed (they arrived with it); an idle
         one waits ``GATHER_SECONDS`` for requests that arrive together
         (clients that fan out), or less when a prefill batch's worth is
         already waiting or no accepted request is still on its way (a lone
@@ -419,6 +421,9 @@ class GenerationEngine:
             return waited >= GATHER_SECONDS or full or not self._more_coming()
         if not decoder.decoding:
             return True
+        computing = decoder.pending_prefixes()
+        if any(job.held_for_prefix and job.prefix_key not in computing for job in self._waiting):
+            return True  # they came with the sequence whose prefix they waited for: they join it now
         return time.perf_counter() - self._last_join >= JOIN_INTERVAL_SECONDS
 
     def _more_coming(self) -> bool:
@@ -465,6 +470,7 @@ class GenerationEngine:
         for index, job in enumerate(self._waiting):
             if job.prefix_key is None or job.prefix_key not in computing:
                 return index
+            job.held_for_prefix = True
         return None
 
     def _too_large(self, job: Job) -> str:

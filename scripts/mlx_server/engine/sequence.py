@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mlx_server.engine.cache_entries import MIN_REUSED_TOKENS, token_digest
+from mlx_server.engine.image_prefill import cache_prompt
 from mlx_server.engine.prompt_cache import CacheLease, KVPromptCache
 from mlx_server.stop_text import StopText
 from mlx_server.vocabulary import (
@@ -50,6 +51,7 @@ class Job:
     deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
     context: contextvars.Context | None = None  # the request's logging context (its request id)
     end_requested: threading.Event = field(default_factory=threading.Event)  # the reader has what it needs
+    held_for_prefix: bool = False  # it waited for another sequence to compute its stable prefix
 
     @property
     def prompt(self) -> list[int]:
@@ -64,9 +66,15 @@ class Job:
         return work() if self.context is None else self.context.run(work)
 
     @functools.cached_property
+    def cache_prompt(self) -> list[int]:
+        """The prompt as the prompt cache keys it (images by content; the prompt itself when it has none)."""
+        return cache_prompt(self.request)
+
+    @functools.cached_property
     def prefix_key(self) -> str | None:
         """The digest of the stable prefix (what a checkpoint would hold), or None when there is none worth one."""
-        return token_digest(self.prompt[: self.stable_prefix]) if self.stable_prefix >= MIN_REUSED_TOKENS else None
+        prefix = self.cache_prompt[: self.stable_prefix]
+        return token_digest(prefix) if self.stable_prefix >= MIN_REUSED_TOKENS else None
 
     @property
     def final_length(self) -> int:
@@ -105,7 +113,7 @@ class ActiveSequence:
         reports will say, before the first token.
         """
         request = self.job.request
-        lease = self._prompt_cache.acquire(request.prompt, request.lane) if request.use_cache else None
+        lease = self._prompt_cache.acquire(self.job.cache_prompt, request.lane) if request.use_cache else None
         if lease is None:
             lease = CacheLease(self._prompt_cache.new_cache(), 0, "off")
         self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
@@ -123,7 +131,7 @@ class ActiveSequence:
         """
         if not self.use_cache:
             return []
-        request, prompt = self.job.request, self.job.prompt
+        request, prompt = self.job.request, self.job.cache_prompt
         points = []
         prefix = request.stable_prefix
         if prefix >= MIN_REUSED_TOKENS and not self._prompt_cache.has_checkpoint(prompt[:prefix]):
@@ -141,9 +149,17 @@ class ActiveSequence:
             points.append(end)
         return sorted(set(points))
 
+    def keyed(self, tokens: list[int]) -> list[int]:
+        """Tokens of this sequence (its prompt, then what it generated) as the prompt cache keys them."""
+        key = self.job.cache_prompt
+        if key is self.job.prompt:
+            return tokens
+        return key[: len(tokens)] + tokens[len(key) :]
+
     def keep_state(self, cache: list[Any], tokens: list[int]) -> None:
         """KV state taken at a pause point (the cache is this sequence's own copy): a checkpoint or a snapshot."""
         request = self.job.request
+        tokens = self.keyed(tokens)
         if len(tokens) == request.turn_start and self._prompt_cache.needs_snapshots:
             if len(tokens) == request.stable_prefix:
                 self._prompt_cache.add_checkpoint(cache, tokens)  # a copy: the snapshot keeps this one
@@ -180,7 +196,8 @@ class ActiveSequence:
                 if held:
                     self.job.deliver(GeneratedText(held))
         if self.use_cache and cache is not None and tokens is not None:
-            self._prompt_cache.release(cache, tokens, len(self.job.prompt), self.job.request.lane, self.turn)
+            self._prompt_cache.release(cache, self.keyed(tokens), len(self.job.prompt), self.job.request.lane,
+                                       self.turn)  # fmt: skip
         self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
         self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
         self.job.deliver(GenerationFinished(self.stats))

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 
 from mlx_server.engine.cache_entries import copy_prefix
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
+from mlx_server.engine.image_prefill import prefill_through_images
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
@@ -109,7 +110,14 @@ class SequentialDecoder:
         lease = sequence.lease()
         cache = self._quantized(lease.cache)
         start = lease.cached_tokens
-        for pause in sequence.pause_points(lease):
+        pauses = sequence.pause_points(lease)
+        if request.images:
+            cache, start = prefill_through_images(
+                self._loaded.model, self._loaded.vision, cache, request, start, pauses, self._prefill_step,
+                sequence.keep_state, job.should_stop, lambda: self._quantized(self._prompt_cache.new_cache()),
+            )  # fmt: skip
+            pauses = [point for point in pauses if point > start]
+        for pause in pauses:
             start += self._prefill(cache, job.prompt[start:pause], job.should_stop)
             if start != pause:
                 break

@@ -24,6 +24,13 @@ from mlx_server.mlx_lm_compat import hf_tokenizer
 from mlx_server.model.default_model import find_default_model
 from mlx_server.model.generation_config import DEFAULT_MODEL_SAMPLING, read_generation_config
 from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
+from mlx_server.model.vision import (
+    TEXT_ONLY_VISION_FAMILIES,
+    VisionTower,
+    VisionUnavailableError,
+    load_vision,
+    vision_family,
+)
 from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
 from mlx_server.vocabulary import RecommendedSampling
 
@@ -59,6 +66,7 @@ class LoadedModel:
     weight_format: str = "as saved"  # and why, for the start-up line
     warnings: list[str] = field(default_factory=list)
     recommended_sampling: RecommendedSampling = field(default_factory=RecommendedSampling)
+    vision: VisionTower | None = None  # a vision model's image side (None: the model reads text only)
 
     @property
     def device(self) -> str:
@@ -67,8 +75,9 @@ class LoadedModel:
 
     @property
     def weights_bytes(self) -> int:
-        """The memory its weights take, as loaded."""
-        return int(tree_reduce(lambda total, parameter: total + parameter.nbytes, self.model.parameters(), 0))
+        """The memory its weights take, as loaded (a vision model's tower included)."""
+        text = int(tree_reduce(lambda total, parameter: total + parameter.nbytes, self.model.parameters(), 0))
+        return text + (self.vision.weights_bytes if self.vision is not None else 0)
 
     def describe(self) -> dict[str, Any]:
         """What /health says of the model."""
@@ -79,6 +88,7 @@ class LoadedModel:
             "quantized": self.quantized,
             "device": self.device,
             "context_length": self.context_length,
+            "reads_images": self.vision is not None,
         }
 
 
@@ -128,7 +138,18 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
         raise ModelLoadError(f"{reference}: {error}") from error
     context_length = int(config.get("max_position_embeddings") or config.get("max_seq_len") or 4096)
     weight_format = _runnable_on_this_device(model, reference)
+    try:
+        vision = load_vision(Path(reference), model, config)
+    except VisionUnavailableError as error:
+        raise ModelLoadError(str(error)) from error
+    family = vision_family(config)
+    warnings = []
+    if family in TEXT_ONLY_VISION_FAMILIES:
+        warnings.append(f"{display_name} is a vision model ({family}) served as a text model, images left out: "
+                        f"{TEXT_ONLY_VISION_FAMILIES[family]}")  # fmt: skip
     return LoadedModel(
+        vision=vision,
+        warnings=warnings,
         recommended_sampling=read_generation_config(Path(reference)),
         model=model,
         tokenizer=tokenizer,

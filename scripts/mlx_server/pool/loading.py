@@ -154,7 +154,9 @@ class ModelLoader:
             ),
         )
         recommended = loaded.recommended_sampling if settings.generation_config == "auto" else None
-        profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling)
+        profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling, loaded.vision)
+        if loaded.vision is not None:
+            logger.info("Model %s reads images (%s, through mlx-vlm)", spec.name, loaded.vision.family)
         answers = AnswerCache(loaded.identity, settings.response_cache_size)
         service = ChatService(engine, self.options, answers, profile=profile, name=spec.name)
         logger.info("%s", service.sampling_line())

@@ -1,0 +1,173 @@
+"""Vision models through mlx-vlm: its processor reads an image, its vision tower turns it into embeddings.
+
+The language model stays mlx-lm's own class (mlx-lm loads a vision model's
+checkpoint as its text model), so the continuous batch, the prompt cache and
+the grammars treat a vision model as any other; mlx-vlm's model shares those
+weights (its language model's arrays are replaced by mlx-lm's before any is
+read) and adds only its vision tower and projector.  An image's part of a
+prompt is prefilled with the embeddings mlx-vlm computes for it
+(``embeddings``), on the engine's worker thread.
+
+Families whose language model places image tokens at ordinary positions are
+read here (Gemma 3).  The Qwen-VL families place them on a 3-D grid
+(M-RoPE): their text after an image sits at positions the batch's KV cache
+does not track per sequence, so they are served as text models (images left
+out, with a placeholder) until it does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_server.vocabulary import InvalidRequestError, PromptImage, ReadImage
+
+__all__ = [
+    "IMAGE_FAMILIES",
+    "INSTALL_VISION",
+    "TEXT_ONLY_VISION_FAMILIES",
+    "VisionTower",
+    "VisionUnavailableError",
+    "load_vision",
+    "vision_family",
+]
+
+logger = logging.getLogger("mlx")
+
+#: What the chat template gets for one image, by model type (the processor expands it to the image's tokens).
+IMAGE_FAMILIES = {"gemma3": "<start_of_image>"}
+#: Vision families served as text models here, and why.
+TEXT_ONLY_VISION_FAMILIES = {
+    family: "its language model places image tokens on a 3-D position grid (M-RoPE), which the batch does not keep"
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+}
+INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
+IMAGES_REMEMBERED = 32
+
+
+class VisionUnavailableError(RuntimeError):
+    """The model reads images, and what reads them (the vision extra) is not installed."""
+
+
+def vision_family(config: dict[str, Any]) -> str | None:
+    """The model type, when the checkpoint is a vision model's (it has a vision tower's config)."""
+    model_type = str(config.get("model_type", ""))
+    if config.get("vision_config") is None or model_type not in {*IMAGE_FAMILIES, *TEXT_ONLY_VISION_FAMILIES}:
+        return None
+    return model_type
+
+
+class VisionTower:
+    """A vision model's image side: the processor (on request threads) and the tower (on the worker)."""
+
+    def __init__(self, model: nn.Module, processor: Any, family: str) -> None:
+        self._model = model
+        self._processor = processor
+        self._tokenizer = processor.tokenizer
+        self.family = family
+        self._read: OrderedDict[bytes, ReadImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def marker(self) -> str:
+        return IMAGE_FAMILIES[self.family]
+
+    @property
+    def weights_bytes(self) -> int:
+        """What the vision tower and projector add to the language model's weights."""
+        return sum(int(value.nbytes) for value in _image_side(self._model))
+
+    def read(self, data: bytes) -> ReadImage:
+        """The image's tokens and pixels, from the model's own processor; remembered by content.
+
+        An agent's session sends the same screenshot with every later turn, so it is decoded and resized once.
+        """
+        digest = hashlib.sha256(data).digest()
+        with self._lock:
+            if digest in self._read:
+                self._read.move_to_end(digest)
+                return self._read[digest]
+        read = self._process(data, digest)
+        with self._lock:
+            self._read[digest] = read
+            while len(self._read) > IMAGES_REMEMBERED:
+                self._read.popitem(last=False)
+        return read
+
+    def _process(self, data: bytes, digest: bytes) -> ReadImage:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                image = opened.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise InvalidRequestError(f"an image could not be read ({error})", "messages", "invalid_image") from error
+        inputs = self._processor(text=[self.marker], images=[image], add_special_tokens=False)
+        tokens = [int(token) for token in inputs["input_ids"].tolist()[0]]
+        text = str(self._tokenizer.decode(tokens))
+        while tokens and not str(self._tokenizer.decode(tokens[:1])).strip():
+            tokens = tokens[1:]  # whitespace merges with the text before the image
+        while tokens and not str(self._tokenizer.decode(tokens[-1:])).strip():
+            tokens = tokens[:-1]
+        return ReadImage(text, tuple(tokens), digest, inputs["pixel_values"])
+
+    def embeddings(self, tokens: Sequence[int], images: Sequence[PromptImage]) -> mx.array:
+        """Input embeddings for ``tokens`` (a slice of a prompt holding exactly ``images``), on the worker thread."""
+        ids = mx.array(list(tokens))[None]
+        pixels = mx.concatenate([image.image.pixels for image in images], axis=0) if images else None
+        features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
+        embeddings: mx.array = features.inputs_embeds
+        return embeddings
+
+
+def load_vision(directory: Path, text_model: nn.Module, config: dict[str, Any]) -> VisionTower | None:
+    """The vision side of a vision model whose images this server reads; None for a text model.
+
+    VisionUnavailableError when the model reads images and mlx-vlm is not installed.
+    """
+    family = vision_family(config)
+    if family is None or family not in IMAGE_FAMILIES:
+        return None
+    try:
+        from mlx_vlm.utils import load_image_processor, load_model, load_processor
+    except ImportError as error:
+        raise VisionUnavailableError(
+            f"{directory.name} is a vision model ({family}); reading images needs the vision extra: {INSTALL_VISION}"
+        ) from error
+    model = load_model(directory, lazy=True)
+    _share_language_model(model, text_model)
+    mx.eval(_image_side(model))
+    processor = load_processor(directory, True, eos_token_ids=config.get("eos_token_id"))
+    image_processor = load_image_processor(directory)
+    if image_processor is not None:
+        processor.image_processor = image_processor
+    return VisionTower(model, processor, family)
+
+
+def _image_side(model: nn.Module) -> list[mx.array]:
+    """The vision tower's and projector's arrays: everything but the language model."""
+    arrays: dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    return [value for name, value in arrays.items() if not name.startswith("language_model.")]
+
+
+def _share_language_model(vision_model: nn.Module, text_model: nn.Module) -> None:
+    """Point mlx-vlm's language model at mlx-lm's arrays, so the weights are in memory once.
+
+    Arrays whose names or shapes differ stay mlx-vlm's own (loaded lazily: only what the vision path reads).
+    """
+    theirs = dict(tree_flatten(vision_model.language_model.parameters()))
+    ours = dict(tree_flatten(text_model.language_model.parameters()))
+    shared = [(name, ours[name]) for name, value in theirs.items() if name in ours and ours[name].shape == value.shape]
+    vision_model.language_model.update(tree_unflatten(shared))
+    if len(shared) != len(theirs):
+        logger.debug("Vision model: %d of %d language-model arrays shared", len(shared), len(theirs))

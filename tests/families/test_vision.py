@@ -1,0 +1,225 @@
+"""A vision model reads images: a tiny Gemma 3 built from mlx-vlm's own classes, with Gemma 3's real tokenizer.
+
+Random weights write random text, so what is asserted is structure: an image
+changes the greedy output (another image changes it again), the output
+equals mlx-vlm's own generate on the same prompt and image, image requests
+batch with text requests and equal their lone runs, a second turn with the
+same screenshot reads its KV state from the prompt cache (and equals the
+uncached server), a forced call validates, and bad images are 400s.  The
+real Claude Code CLI sends a screenshot that reaches the model as an image.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from mlx_server.model.loading import ModelLoadError, load_model
+from testbed.documents import data_url, png
+from testbed.serving import Served, serve
+from testbed.tiny_models import build_vision
+from tests.server.conftest import ROOT, start_server, stop_server
+
+from .test_family_matrix import FORECAST, SCHEMA
+
+SCREENSHOT, OTHER = png(seed=1), png(seed=2)
+IMAGE_TOKENS = 16
+QUESTION = "What does this screenshot show?"
+
+
+@pytest.fixture(scope="module")
+def vision_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_vision(tmp_path_factory.mktemp("vision") / "tiny-gemma3-vision", image_tokens=IMAGE_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def served(vision_directory: Path) -> Iterator[Served]:
+    loaded = load_model(str(vision_directory))
+    assert loaded.vision is not None
+    engine, client = serve(loaded, 32)
+    uncached_engine, uncached = serve(loaded, 0)
+    yield Served("gemma3-vision", loaded, engine, client, uncached, client)
+    for running in (engine, uncached_engine):
+        running.shutdown()
+
+
+def image_part(image: bytes) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_url(image, "image/png")}}
+
+
+def chat(client: Any, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, **fields}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    reply: dict[str, Any] = response.json()
+    return reply
+
+
+def asking(image: bytes | None, question: str = QUESTION) -> list[dict[str, Any]]:
+    content: Any = [image_part(image), {"type": "text", "text": question}] if image is not None else question
+    return [{"role": "user", "content": content}]
+
+
+def text_of(reply: dict[str, Any]) -> str:
+    return str(reply["choices"][0]["message"]["content"])
+
+
+class TestImagesReachTheModel:
+    def test_an_image_changes_the_output_and_another_image_changes_it_again(self, served: Served) -> None:
+        with_image = chat(served.uncached, asking(SCREENSHOT))
+        without = chat(served.uncached, asking(None))
+        other = chat(served.uncached, asking(OTHER))
+        assert text_of(with_image) != text_of(without)
+        assert text_of(with_image) != text_of(other)
+        assert with_image["usage"]["prompt_tokens"] >= without["usage"]["prompt_tokens"] + IMAGE_TOKENS
+
+    def test_equal_to_mlx_vlms_own_generate(self, served: Served, vision_directory: Path) -> None:
+        import io
+
+        from mlx_vlm import generate, load
+        from PIL import Image
+
+        model, processor = load(str(vision_directory))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        prompt = served.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        image = Image.open(io.BytesIO(SCREENSHOT)).convert("RGB")
+        theirs = generate(model, processor, prompt.removeprefix("<bos>"), image=[image], max_tokens=8,
+                          temperature=0.0, verbose=False)  # fmt: skip
+        ours = chat(served.uncached, asking(SCREENSHOT), max_tokens=8)
+        assert text_of(ours) == theirs.text
+
+    def test_image_requests_batch_with_text_requests_and_equal_their_lone_runs(self, served: Served) -> None:
+        prompts = [asking(SCREENSHOT, "First?"), asking(None, "Second?"), asking(OTHER, "Third?"),
+                   asking(None, "Fourth? " * 6)]  # fmt: skip
+        alone = [chat(served.uncached, messages) for messages in prompts]
+        steps_before = served.engine.stats().decode_steps
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda messages: chat(served.client, messages), prompts))
+        assert [text_of(reply) for reply in together] == [text_of(reply) for reply in alone]
+        generated = sum(reply["usage"]["completion_tokens"] for reply in together)
+        assert served.engine.stats().decode_steps - steps_before < generated  # steps that decoded several at once
+
+    def test_a_forced_call_validates(self, served: Served) -> None:
+        reply = chat(served.client, asking(SCREENSHOT, "Which city is in this picture?"), tools=[FORECAST],
+                     tool_choice="required", parallel_tool_calls=False, max_tokens=100, temperature=1.0,
+                     seed=4)  # fmt: skip
+        (call,) = reply["choices"][0]["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
+
+
+class TestTheSecondTurn:
+    def test_reads_the_screenshot_from_the_cache_and_equals_the_uncached_server(self, served: Served) -> None:
+        first = asking(SCREENSHOT, "Look at this screenshot of the build.")
+        turn_one = chat(served.client, first)
+        second = [*first, {"role": "assistant", "content": text_of(turn_one)},
+                  {"role": "user", "content": "And the error in it?"}]  # fmt: skip
+        cached, uncached = chat(served.client, second), chat(served.uncached, second)
+        read = cached["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert read >= turn_one["usage"]["prompt_tokens"] - 1  # the whole first prompt, its image included
+        assert text_of(cached) == text_of(uncached)
+
+    def test_another_image_in_the_same_place_is_not_read_from_the_cache(self, served: Served) -> None:
+        fresh = png(seed=7)  # same size, so the same image tokens: only its content tells it apart
+        chat(served.client, asking(SCREENSHOT, "Compare the screenshots."))
+        other = chat(served.client, asking(fresh, "Compare the screenshots."))
+        image_start = 4  # <bos><start_of_turn>user\n\n\n, then the image's tokens
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] <= image_start
+        assert text_of(other) == text_of(chat(served.uncached, asking(fresh, "Compare the screenshots.")))
+
+    def test_claude_codes_tool_result_image_is_read(self, served: Served) -> None:
+        source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(SCREENSHOT).decode()}
+        messages = [
+            {"role": "user", "content": "Look at shot.png"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read",
+                                               "input": {"file_path": "shot.png"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "image", "source": source}]}]},
+        ]  # fmt: skip
+        body = {"model": "tiny", "max_tokens": 4, "temperature": 0, "messages": messages}
+        response = served.client.post("/v1/messages", json=body)
+        assert response.status_code == 200, response.text
+        assert "x-attachments-left-out" not in response.headers
+        counted = served.client.post("/v1/messages/count_tokens", json={"model": "tiny", "messages": messages})
+        usage = response.json()["usage"]  # Anthropic's input_tokens leaves out what was read from the cache
+        prompt_tokens = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+        assert counted.json()["input_tokens"] == prompt_tokens + usage.get("cache_creation_input_tokens", 0)
+
+
+class TestRefusals:
+    def test_an_image_by_url_is_a_400_naming_it(self, served: Served) -> None:
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}]
+        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "image_url_not_fetched"
+
+    def test_bytes_that_are_no_image_are_a_400(self, served: Served) -> None:
+        messages = asking(b"not an image at all")
+        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+        assert response.status_code == 400 and "image" in response.json()["error"]["message"]
+
+    def test_text_holding_the_image_marker_is_a_400(self, served: Served) -> None:
+        messages = asking(SCREENSHOT, "What is <start_of_image> here?")
+        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+        assert response.status_code == 400 and "image marker" in response.json()["error"]["message"]
+
+    def test_without_the_vision_extra_the_model_is_refused_with_the_install_command(
+        self, vision_directory: Path
+    ) -> None:
+        code = (
+            "import sys; sys.modules['mlx_vlm'] = None; sys.modules['mlx_vlm.utils'] = None\n"
+            "from mlx_server.model.loading import load_model, ModelLoadError\n"
+            f"try:\n    load_model({str(vision_directory)!r})\nexcept ModelLoadError as error:\n    print(error)\n"
+        )
+        environment = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
+        completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                                   check=True)  # fmt: skip
+        assert "vision model (gemma3)" in completed.stdout and "make install-vision" in completed.stdout
+        assert ModelLoadError.__name__  # the error class the server turns into its start-up sentence
+
+
+def test_claude_code_sends_a_screenshot_that_reaches_the_model_as_an_image(
+    vision_directory: Path, tmp_path: Path
+) -> None:
+    """The real CLI, a user message with an image (stream-json input), a server reading the tiny vision model.
+
+    Random weights never end a reply, so the CLI is held to a few output
+    tokens and ends with its "response exceeded" error: what is asserted is
+    the request it sent, as the server read it.
+    """
+    server = start_server(tmp_path / "server.log", {"ANYCLAUDE_DEBUG": "1"},
+                          ["--model", str(vision_directory), "--default-temperature", "0"])  # fmt: skip
+    try:
+        message = {"type": "user", "message": {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(SCREENSHOT).decode()}},
+            {"type": "text", "text": QUESTION}]}}  # fmt: skip
+        home = tmp_path / "home"
+        home.mkdir()
+        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+                       "ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "sk-local-test",
+                       "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                       "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "8"}  # fmt: skip
+        claude = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "claude"
+        completed = subprocess.run(
+            [str(claude), "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+             "--bare", "--tools", "Read", "--model", "tiny"],
+            cwd=tmp_path, env=environment, input=json.dumps(message) + "\n", capture_output=True, text=True,
+            timeout=600, check=False,
+        )  # fmt: skip
+        result = json.loads(completed.stdout.strip().splitlines()[-1])
+        assert result["type"] == "result" and result["num_turns"] >= 1, completed.stdout[-2000:]
+        log = server.log_text()
+        assert f'Images in the prompt {{"images":1,"image_tokens":{IMAGE_TOKENS + 2}}}' in log
+        assert '"POST /v1/messages?beta=true HTTP/1.1" 200' in log
+    finally:
+        stop_server(server)
