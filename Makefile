@@ -12,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ model-tokenizers: $(TOKENIZERS_STAMP)
 serve: install
 	$(BIN)/python scripts/mlx-server.py --host $(HOST) --port $(PORT)
 
+# One model over two processes on this machine (mlx.launch, ring backend on 127.0.0.1), rank 0 on $(PORT).
+# MODEL is an MLX model directory or cached repo whose class shards (see the README); without one, a tiny
+# random-weight Qwen3 (it writes random text) is built into models/ to show the ranks at work.
+RANKS ?= 2
+PARALLEL ?= tensor
+DISTRIBUTED_MODEL := models/tiny-qwen3-float32
+serve-distributed: install model-tokenizers
+	@test -n "$(MODEL)" || test -d $(DISTRIBUTED_MODEL) || $(BIN)/python -c "from pathlib import Path; \
+		from testbed.tiny_models import FAMILIES, build; build(FAMILIES['qwen3'], Path('$(DISTRIBUTED_MODEL)'), 'float32')"
+	$(BIN)/mlx.launch --hosts 127.0.0.1 -n $(RANKS) --backend ring -- $(BIN)/python scripts/mlx-server.py \
+		--model $(or $(MODEL),$(DISTRIBUTED_MODEL)) --parallel $(PARALLEL) --host $(HOST) --port $(PORT)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -92,6 +104,12 @@ bench-sessions: install
 
 bench-models: install model-tokenizers
 	$(BIN)/python bench/bench_models.py
+
+bench-vision: install-vision model-tokenizers
+	$(BIN)/python bench/bench_vision.py
+
+bench-distributed: install model-tokenizers
+	$(BIN)/python bench/bench_distributed.py
 
 bench-speculative: install
 	$(BIN)/python bench/bench_speculative.py

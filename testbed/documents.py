@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 
-__all__ = ["data_url", "pdf", "png"]
+__all__ = ["data_url", "pdf", "png", "screenshot"]
 
 
 def _escaped(text: str) -> str:
@@ -56,6 +56,23 @@ def png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def screenshot(width: int = 1280, height: int = 800, seed: int = 0) -> bytes:
+    """A PNG that compresses as a screenshot does: a light page with lines of dark "text" of random lengths."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for top in range(16, height - 16, 18):
+        left = 16 + 24 * int(rng.integers(0, 4))
+        right = min(width - 16, left + int(rng.integers(80, width - 64)))
+        draw.rectangle((left, top, right, top + 9), fill=tuple(int(value) for value in rng.integers(0, 90, 3)))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
     return out.getvalue()
 
 

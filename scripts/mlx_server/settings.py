@@ -112,6 +112,12 @@ def _generation_config(text: str) -> str:
     return text
 
 
+def _parallel(text: str) -> str:
+    if text not in ("tensor", "pipeline"):
+        raise argparse.ArgumentTypeError(f"must be tensor or pipeline, got {text!r}")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65_535:
@@ -344,6 +350,23 @@ class Settings:
         group="batching and KV memory",
         parse=_speculative,
         metavar="{off,prompt-lookup}",
+    )
+    parallel: str = option(
+        "tensor",
+        "under mlx.launch (more than one process): how the model is split over them; tensor shards every layer "
+        "(mlx-lm's model.shard), pipeline gives each rank a run of layers (model.model.pipeline; the model needs "
+        "model.safetensors.index.json). Rank 0 serves HTTP, the others follow it step by step",
+        group="several machines (mlx.launch)",
+        parse=_parallel,
+        metavar="{tensor,pipeline}",
+    )
+    distributed_timeout: float = option(
+        30.0,
+        "under mlx.launch: a rank that has not answered for this many seconds stops the service (rank 0 answers "
+        "503 and exits non-zero)",
+        group="several machines (mlx.launch)",
+        parse=_seconds,
+        metavar="SECONDS",
     )
     max_queue: int = option(
         64,

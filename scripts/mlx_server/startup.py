@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from utils_logging import setup_logger
 
 if TYPE_CHECKING:
     from mlx_server.chat.service import ChatService
+    from mlx_server.engine.lockstep import DistributedRun
     from mlx_server.pool.pool import ModelPool
     from mlx_server.pool.registry import Registry
 
@@ -43,12 +45,34 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     except RegistryError as error:
         logger.error("Cannot serve these models: %s", error)
         return EXIT_MODEL_ERROR
+    from mlx_server.distributed.group import launched_group
+
+    distributed = launched_group(settings.parallel)
+    if distributed is not None:
+        return serve_over_processes(settings, registry, blas, distributed, logger)
     if settings.export_mlx is not None:
         return export(registry, settings, settings.export_mlx, logger)
     pool = build(settings, registry, blas, logger)
     if pool is None:
         return EXIT_MODEL_ERROR
     return serve(settings, blas, pool, logger)
+
+
+def serve_over_processes(
+    settings: Settings, registry: Registry, blas: BlasInfo, run: DistributedRun, logger: logging.Logger
+) -> int:
+    """Under mlx.launch: this rank's shard; rank 0 serves HTTP, the others follow it (Ctrl-C reaches rank 0)."""
+    from mlx_server.distributed.serving import refusal, serve_distributed
+
+    refused = refusal(settings, registry)
+    if refused is not None:
+        logger.error("Cannot serve over several processes: %s", refused)
+        return EXIT_MODEL_ERROR
+    if not run.leader:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops, and tells the others
+    code = serve_distributed(settings, registry, blas, run, logger,
+                             lambda pool, failure: serve(settings, blas, pool, logger, failure))  # fmt: skip
+    return EXIT_MODEL_ERROR if code is None else code
 
 
 def export(registry: Registry, settings: Settings, destination: Path, logger: logging.Logger) -> int:
@@ -106,13 +130,25 @@ def build(settings: Settings, registry: Registry, blas: BlasInfo, logger: loggin
     return pool
 
 
-def serve(settings: Settings, blas: BlasInfo, pool: ModelPool, logger: logging.Logger) -> int:
-    """Serve HTTP until a stop signal; then unload every model (their prompt caches' checkpoints are saved)."""
+def serve(
+    settings: Settings,
+    blas: BlasInfo,
+    pool: ModelPool,
+    logger: logging.Logger,
+    failure: Callable[[], str | None] | None = None,
+) -> int:
+    """Serve HTTP until a stop signal; then unload every model (their prompt caches' checkpoints are saved).
+
+    ``failure`` says why the served model can no longer run (a distributed rank stopped): /health then answers 503.
+    """
     import uvicorn
 
     from mlx_server.edge.app import ServerState, create_app
 
-    app = create_app(ServerState(settings=settings, blas=blas, models=pool))
+    state = ServerState(settings=settings, blas=blas, models=pool)
+    if failure is not None:
+        state.failure = failure
+    app = create_app(state)
     for name in ("uvicorn", "uvicorn.access"):  # uvicorn.error propagates into uvicorn
         setup_logger(name, log_file=settings.log_file)
     logger.info(
@@ -131,6 +167,12 @@ def serve(settings: Settings, blas: BlasInfo, pool: ModelPool, logger: logging.L
         )
     finally:
         pool.close_blocking()
+    reason = failure() if failure is not None else None
+    if reason is not None:
+        from mlx_server.engine.lockstep import EXIT_DISTRIBUTED_FAILURE
+
+        logger.error("Server stopped: %s", reason)
+        return EXIT_DISTRIBUTED_FAILURE
     logger.info("Server stopped")
     return 0
 

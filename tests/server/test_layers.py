@@ -1,7 +1,8 @@
 """Dependencies run one way: edge -> dialects -> chat core (and embeddings) -> engine -> vocabulary.
 
 The model pool, assembled at start-up, builds each model's engine and service and is handed to the edge as
-the dialects' ``ModelDirectory``: nothing below it imports it.
+the dialects' ``ModelDirectory``: nothing below it imports it.  ``distributed`` assembles one model over
+several processes the same way, at start-up, beside the pool.
 
 Read from the source's import statements, so a module that reaches back into
 its caller fails here before it confuses a reader.  Beside the layers sit
@@ -30,6 +31,7 @@ LAYERS = {
     "edge": {"vocabulary", "chat", "embeddings", "dialects", "settings", "blas"},
     "pool": {"vocabulary", "chat", "embeddings", "engine", "model", "machine", "mlx_lm_compat", "settings",
              "agent_environment"},
+    "distributed": {"vocabulary", "chat", "engine", "model", "mlx_lm_compat", "pool", "settings", "blas", "edge"},
 }  # fmt: skip
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn"}
 

@@ -104,6 +104,7 @@ class ServerState:
     blas: BlasInfo
     models: ServedModels | None = None
     started_at: float = field(default_factory=time.monotonic)
+    failure: Callable[[], str | None] = lambda: None  # why the models can no longer run (a distributed rank stopped)
 
     def directory(self) -> ServedModels:
         """The served models; ModelLoadingError while the server is still starting."""
@@ -195,6 +196,9 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
         The top-level figures are the default chat model's; ``models`` lists every served model.
         """
         served = state.models
+        failure = state.failure()
+        if failure is not None:
+            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
         status_code = 200 if served is not None else 503
         ready = {"status": "ok" if served is not None else "loading"}
         if not request.scope.get("state", {}).get(AUTHENTICATED, False):

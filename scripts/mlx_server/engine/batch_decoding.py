@@ -169,7 +169,7 @@ class BatchDecoder:
                 self._pauses.pop(response.uid, None)
                 self._count_speculation(response.uid, sequence)
                 sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
-            elif sequence.stop_text.matched is not None or sequence.job.end_requested.is_set():
+            elif sequence.stop_text.matched is not None or sequence.job.end_wanted():
                 leaving.append((response.uid, "stop"))
         leaving += [
             (uid, sequence.job.stop_reason())

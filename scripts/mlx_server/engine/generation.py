@@ -32,8 +32,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_server.engine.batch_decoding import BatchDecoder
 from mlx_server.engine.constrained import GrammarTokenizer
 from mlx_server.engine.kv_budget import KV_STEP, KVBudget
+from mlx_server.engine.lockstep import HEARTBEAT_SECONDS, Lockstep, StepPlan
 from mlx_server.engine.prompt_cache import KVPromptCache
-from mlx_server.engine.sequence import Delivery, Job
+from mlx_server.engine.sequence import ActiveSequence, Delivery, Job
 from mlx_server.engine.sequential_decoding import KV_GROUP_SIZE, SequentialDecoder
 from mlx_server.model.loading import LoadedModel
 from mlx_server.vocabulary import (
@@ -47,6 +48,7 @@ from mlx_server.vocabulary import (
     GrammarError,
     KeepAlive,
     KVBudgetError,
+    ModelUnavailableError,
     ModelUnloadedError,
     PromptCacheStats,
     Sampling,
@@ -128,6 +130,10 @@ class _Outbox:
                 self._loop.call_soon_threadsafe(_put_all, pending)
 
 
+def _nowhere(_event: Delivery) -> None:
+    """Where a follower rank's events go: rank 0 answers the clients."""
+
+
 def _put_all(pending: list[tuple[asyncio.Queue[Delivery], Delivery]]) -> None:
     for queue, event in pending:
         queue.put_nowait(event)
@@ -136,16 +142,28 @@ def _put_all(pending: list[tuple[asyncio.Queue[Delivery], Delivery]]) -> None:
 class GenerationEngine:
     """Owns the model; batches generation on one worker thread (shared state under ``_condition``)."""
 
-    def __init__(self, loaded: LoadedModel, prompt_cache: KVPromptCache, options: EngineOptions) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompt_cache: KVPromptCache,
+        options: EngineOptions,
+        lockstep: Lockstep | None = None,
+    ) -> None:
         self.loaded = loaded
         self.prompt_cache = prompt_cache
         self.options = options
+        self._lockstep = lockstep  # a distributed model's: rank 0 leads every step, the other ranks follow
         self.max_batch = 1 if self.options.kv_bits else self.options.max_batch
         self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
         self._prefill_step = prefill_step()
         self._condition = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._checkpoints: deque[tuple[list[int], Future[bool]]] = deque()  # stable prefixes to prefill and pin
+        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # one process only (tests, tools)
+        self._jobs: dict[int, Job] = {}  # in lockstep: the admitted jobs, by number
+        self._numbered = 0
+        self._now = 0.0  # in lockstep: the clock of the step being run (rank 0's)
+        self._failure: str | None = None
         self._stopping = False
         self._running = 0
         self._in_flight: Callable[[], int] | None = None
@@ -233,17 +251,30 @@ class GenerationEngine:
 
     def prefill_checkpoint(self, tokens: list[int]) -> bool:
         """Compute the KV state of ``tokens`` and pin it as a checkpoint (the --warm-prompt path)."""
+        future: Future[bool] = Future()
+        with self._condition:
+            self._checkpoints.append((tokens, future))
+            self._condition.notify_all()
+        return future.result()
 
-        def run() -> bool:
-            if self.prompt_cache.has_checkpoint(tokens):
-                return False
-            cache = self.prompt_cache.new_cache()
-            for start in range(0, len(tokens), self._prefill_step):
-                self.loaded.model(mx.array(tokens[start : start + self._prefill_step])[None], cache=cache)
-                mx.eval([layer.state for layer in cache])
-            return self.prompt_cache.add_checkpoint(cache, tokens, copy=False)
+    def _prefill_checkpoint(self, tokens: list[int]) -> bool:
+        if self.prompt_cache.has_checkpoint(tokens):
+            return False
+        cache = self.prompt_cache.new_cache()
+        for start in range(0, len(tokens), self._prefill_step):
+            self.loaded.model(mx.array(tokens[start : start + self._prefill_step])[None], cache=cache)
+            mx.eval([layer.state for layer in cache])
+        return self.prompt_cache.add_checkpoint(cache, tokens, copy=False)
 
-        return self._on_worker(run)
+    @property
+    def failure(self) -> str | None:
+        """Why the model can no longer run (a distributed rank stopped), or None."""
+        with self._condition:
+            return self._failure
+
+    def wait_until_stopped(self) -> None:
+        """Block until the worker ends (a follower rank: when rank 0 stops serving)."""
+        self._thread.join()
 
     def shutdown(self, drain_seconds: float = 0.0) -> None:
         """Stop the worker, after at most ``drain_seconds`` for what runs and waits to finish.
@@ -318,45 +349,155 @@ class GenerationEngine:
 
     def _enqueue(self, job: Job) -> None:
         with self._condition:
-            stopping = self._stopping
-            if not stopping:
+            stopping, failure = self._stopping, self._failure
+            if not stopping and failure is None:
+                job.lockstep = self._lockstep is not None
                 self._waiting.append(job)
                 self._condition.notify_all()
-        if stopping:  # the worker no longer flushes: hand the refusal over at once
+        if failure is not None:
+            job.deliver(ModelUnavailableError(failure))
+            self._flush()
+        elif stopping:  # the worker no longer flushes: hand the refusal over at once
             job.deliver(ModelUnloadedError(self.loaded.name))
             self._flush()
 
     def _on_worker(self, task: Callable[[], Result]) -> Result:
+        """Run ``task`` on the worker thread between steps (one process only: the ranks could not follow it)."""
+        if self._lockstep is not None:
+            raise RuntimeError("a distributed model's ranks run only step plans")
         future: Future[Result] = Future()
         with self._condition:
             self._tasks.append((task, future))
             self._condition.notify_all()
         return future.result()
 
+    def abandon(self, reason: str) -> None:
+        """The model can no longer run (a distributed rank stopped): fail what waits and runs, and what comes.
+
+        Called from outside the worker thread, which may be stuck in a collective.
+        """
+        error = ModelUnavailableError(f"model {self.loaded.name!r} is unavailable: {reason}")
+        with self._condition:
+            self._failure = error.message
+            pending = [*self._waiting, *(job for job in self._jobs.values() if not job.done)]
+            self._waiting.clear()
+        for job in pending:
+            job.done = True
+            job.deliver(error)
+        self._flush()
+
     # -- the worker thread ---------------------------------------------------------------
 
     def _work(self) -> None:
         try:
-            budget = KVBudget(self.options.kv_budget_bytes, self._bytes_per_token())
+            budget = self._agreed_budget()
             decoder = self._decoder()
         except Exception as error:  # noqa: BLE001 - reported to the constructor, which raises it
             self._ready.set_exception(error)
             return
         self._ready.set_result(budget)
         try:
-            while self._wait_for_work(decoder):
-                self._run_tasks()
-                if self._stopping:
-                    decoder.fail_all(ModelUnloadedError(self.loaded.name))
-                    self._flush()
-                    continue
-                self._admit(decoder)
-                if decoder.active:
-                    self._step(decoder)
-                self._flush()
+            if self._lockstep is None:
+                self._serve(decoder)
+            elif self._lockstep.leader:
+                self._lead(decoder, self._lockstep)
+            else:
+                self._follow(decoder, self._lockstep)
         finally:
             self._end_waiting()
             decoder.close()
+
+    def _agreed_budget(self) -> KVBudget:
+        """The KV budget; in lockstep every rank takes rank 0's figures and random seed, and decides by tokens."""
+        bytes_per_token = self._bytes_per_token()
+        if self._lockstep is None:
+            return KVBudget(self.options.kv_budget_bytes, bytes_per_token)
+        lockstep = self._lockstep
+        bytes_per_token = lockstep.agree(bytes_per_token)
+        total = lockstep.agree(self.options.kv_budget_bytes)
+        self.prompt_cache.max_bytes = lockstep.agree(self.prompt_cache.max_bytes)
+        self.prompt_cache.in_lockstep(lambda: self._now, bytes_per_token)
+        mx.random.seed(lockstep.agree(int(time.time_ns() % 2**31)))
+        return KVBudget(total, bytes_per_token)
+
+    def _serve(self, decoder: Decoder) -> None:
+        """One process: requests join as the admission rules allow, and the batch steps."""
+        while self._wait_for_work(decoder):
+            self._run_checkpoints(self._take_checkpoints())
+            self._run_tasks()
+            if self._stopping:
+                decoder.fail_all(ModelUnloadedError(self.loaded.name))
+                self._flush()
+                continue
+            self._join(decoder, self._choose(decoder))
+            if decoder.active:
+                self._step(decoder)
+            self._flush()
+
+    def _lead(self, decoder: Decoder, lockstep: Lockstep) -> None:
+        """Rank 0: decide each step (at least every heartbeat), share the plan, and run it as every rank does."""
+        while True:
+            self._wait_for_work(decoder, HEARTBEAT_SECONDS)
+            checkpoints = self._take_checkpoints()
+            with self._condition:
+                stopping = self._stopping and not decoder.active
+            chosen = [] if stopping else self._choose(decoder)
+            stops = {number: reason for number, job in self._jobs.items()
+                     if job.decided_stop is None and (reason := job.wanted_stop()) is not None}  # fmt: skip
+            if self._stopping:
+                stops |= {number: "cancelled" for number, job in self._jobs.items() if job.decided_stop is None}
+            plan = StepPlan(time.monotonic(), [(job.number, job.request) for job in chosen], stops,
+                            [tokens for tokens, _ in checkpoints], stopping)  # fmt: skip
+            with lockstep.collective():
+                if not self._shared(lockstep, plan):
+                    return
+                self._run_plan(decoder, plan, chosen, checkpoints)
+            self._flush()
+            if stopping:
+                return
+
+    def _follow(self, decoder: Decoder, lockstep: Lockstep) -> None:
+        """Another rank: run rank 0's plans until it says serving ends (their events go nowhere)."""
+        logger.info("%s follows rank 0's steps", lockstep.run.describe())
+        while True:
+            with lockstep.collective():
+                try:
+                    plan = lockstep.share(None)
+                except RuntimeError:
+                    return  # said and handled by the lockstep: this process ends
+                jobs = [Job(request, threading.Event(), _nowhere, time.perf_counter(), number=number, lockstep=True)
+                        for number, request in plan.admitted]  # fmt: skip
+                self._run_plan(decoder, plan, jobs, [(tokens, Future()) for tokens in plan.checkpoints])
+            if plan.stopping:
+                logger.info("%s: rank 0 stopped serving", lockstep.run.describe())
+                return
+
+    @staticmethod
+    def _shared(lockstep: Lockstep, plan: StepPlan) -> bool:
+        """Share rank 0's plan; False when the ranks can no longer exchange one (the lockstep has said so)."""
+        try:
+            lockstep.share(plan)
+        except RuntimeError:
+            return False
+        return True
+
+    def _run_plan(
+        self, decoder: Decoder, plan: StepPlan, jobs: list[Job], checkpoints: list[tuple[list[int], Future[bool]]]
+    ) -> None:
+        """One step, the same on every rank: checkpoints, the jobs that join, the stops, then the batch's step."""
+        self._now = plan.now
+        self._run_checkpoints(checkpoints)
+        for job in jobs:
+            self._jobs[job.number] = job
+        self._join(decoder, jobs)
+        for number, reason in plan.stops.items():
+            if number in self._jobs:
+                self._jobs[number].decided_stop = reason
+        if decoder.active:
+            self._step(decoder)
+        self._jobs = {number: job for number, job in self._jobs.items() if not job.done}
+        if plan.stopping:
+            decoder.fail_all(ModelUnloadedError(self.loaded.name))
 
     def _decoder(self) -> Decoder:
         if self.options.kv_bits:
@@ -377,17 +518,22 @@ class GenerationEngine:
         mx.eval([layer.state for layer in cache])
         return max(1, sum(int(layer.nbytes) for layer in cache) // KV_STEP)
 
-    def _wait_for_work(self, decoder: Decoder) -> bool:
-        """Block until there is something to do; False when stopping and nothing is decoding."""
+    def _wait_for_work(self, decoder: Decoder, heartbeat: float | None = None) -> bool:
+        """Block until there is something to do (or ``heartbeat`` seconds pass); False when stopping and idle."""
+        deadline = None if heartbeat is None else time.monotonic() + heartbeat
         with self._condition:
-            while not (self._waiting or self._tasks or decoder.active or self._stopping):
-                self._condition.wait()
-            if self._waiting and not decoder.active and not self._tasks and not self._stopping and self._more_coming():
+            while not (self._waiting or self._checkpoints or self._tasks or decoder.active or self._stopping):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return True
+                self._condition.wait(left)
+            if (self._waiting and not decoder.active and not self._checkpoints and not self._stopping
+                    and self._more_coming()):  # fmt: skip
                 # An idle batch gathers a burst; it looks again every few ms, since the request that
                 # seemed on its way may be one that just finished (still sending its last bytes).
                 gathered = time.perf_counter() - self._waiting[0].enqueued
                 self._condition.wait(min(GATHER_POLL_SECONDS, max(0.0, GATHER_SECONDS - gathered)))
-            return not (self._stopping and not decoder.active and not self._tasks)
+            return not (self._stopping and not decoder.active and not self._checkpoints)
 
     def _run_tasks(self) -> None:
         with self._condition:
@@ -396,6 +542,19 @@ class GenerationEngine:
         for task, future in tasks:
             try:
                 future.set_result(task())
+            except Exception as error:  # noqa: BLE001 - handed to the caller, which raises it
+                future.set_exception(error)
+
+    def _take_checkpoints(self) -> list[tuple[list[int], Future[bool]]]:
+        with self._condition:
+            checkpoints = list(self._checkpoints)
+            self._checkpoints.clear()
+        return checkpoints
+
+    def _run_checkpoints(self, checkpoints: list[tuple[list[int], Future[bool]]]) -> None:
+        for tokens, future in checkpoints:
+            try:
+                future.set_result(self._prefill_checkpoint(tokens))
             except Exception as error:  # noqa: BLE001 - handed to the caller, which raises it
                 future.set_exception(error)
 
@@ -432,33 +591,55 @@ class GenerationEngine:
             return True
         return self._in_flight() > len(self._waiting) + self._running
 
-    def _admit(self, decoder: Decoder) -> None:
-        """Move waiting jobs into the batch, in arrival order, while there is room in the batch and the budget."""
+    def _choose(self, decoder: Decoder) -> list[Job]:
+        """The waiting jobs that join now, in arrival order, while there is room in the batch and the budget.
+
+        Decided here, run by ``_join`` (in lockstep, by every rank from the plan).
+        """
         with self._condition:
             if not self._waiting or not self._should_admit(decoder):
-                return
+                return []
+        chosen: list[Job] = []
+        lengths = decoder.final_lengths()
+        computing = decoder.pending_prefixes()
         while True:
             with self._condition:
-                if not self._waiting or self._stopping or decoder.active >= self.max_batch:
-                    return
-                index = self._next_admissible(decoder.pending_prefixes())
+                if not self._waiting or self._stopping or decoder.active + len(chosen) >= self.max_batch:
+                    break
+                index = self._next_admissible(computing)
                 if index is None:
-                    return  # everything that waits shares a prefix that is being computed
+                    break  # everything that waits shares a prefix that is being computed
                 job = self._waiting[index]
-                lengths = [*decoder.final_lengths(), job.final_length]
-                if not self.budget.fits(lengths):
-                    if decoder.active:
-                        return  # it waits until running sequences leave
+                if not self.budget.fits([*lengths, job.final_length]):
+                    if decoder.active or chosen:
+                        break  # it waits until running sequences leave
                     del self._waiting[index]
                     job.deliver(KVBudgetError(self._too_large(job)))
                     self._flush()
                     continue
                 del self._waiting[index]
-            self.prompt_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
+            if self._lockstep is not None and job.wanted_stop() in ("cancelled", "timeout"):
+                job.decided_stop = job.wanted_stop()  # it never joins: rank 0 ends it alone
+                ActiveSequence(job, self.prompt_cache, self.tokenizer).finish(job.stop_reason(), None, None)
+                continue
+            self._numbered += 1
+            job.number = self._numbered
+            lengths = [*lengths, job.final_length]
+            if job.prefix_key is not None:
+                computing = computing | {job.prefix_key}
+            chosen.append(job)
+        if chosen:
             self._last_join = time.perf_counter()
+        return chosen
+
+    def _join(self, decoder: Decoder, jobs: list[Job]) -> None:
+        """Insert the chosen jobs, each after making room in the prompt cache for the batch it joins."""
+        for job in jobs:
+            lengths = [*decoder.final_lengths(), job.final_length]
+            self.prompt_cache.trim_to(self.budget.total_bytes - self.budget.batch_bytes(lengths))
             decoder.admit(job)  # a job that was cancelled while it waited finishes here without joining
-            with self._condition:
-                self._running = decoder.active
+        with self._condition:
+            self._running = decoder.active
 
     def _next_admissible(self, computing: set[str]) -> int | None:
         """The first waiting job that does not need a stable prefix another sequence is prefilling now.

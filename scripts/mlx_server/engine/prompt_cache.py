@@ -107,6 +107,8 @@ class KVPromptCache:
         directory: Path | None = None,
     ) -> None:
         self._make_cache = make_cache
+        self._clock: Callable[[], float] = time.monotonic
+        self._measure: Callable[[list[Any]], int] = kv_bytes
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.trimmable = can_step_back(make_cache())
@@ -128,6 +130,15 @@ class KVPromptCache:
         cls, model: Any, model_identity: str, max_entries: int, max_bytes: int, directory: Path | None = None
     ) -> KVPromptCache:
         return cls(lambda: make_prompt_cache(model), model_identity, max_entries, max_bytes, directory)
+
+    def in_lockstep(self, clock: Callable[[], float], bytes_per_token: int) -> None:
+        """Decide as every rank of a distributed model does: by rank 0's clock, and by tokens rather than bytes.
+
+        A pipeline rank holds only its layers' KV state, so measured in bytes
+        the ranks would evict differently and their batches would part.
+        """
+        self._clock = clock
+        self._measure = lambda cache: (held_tokens(cache) or 0) * bytes_per_token
 
     @property
     def enabled(self) -> bool:
@@ -152,7 +163,7 @@ class KVPromptCache:
         if not self.enabled:
             return CacheLease(self.new_cache(), 0, "off")
         request = np.asarray(tokens, dtype=np.int64)
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if lane is not None:
                 activity = self._lanes.setdefault(lane, LaneActivity(now))
@@ -201,7 +212,7 @@ class KVPromptCache:
         if held is None or held == 0 or held > len(tokens):
             return
         kept = np.asarray(tokens[:held], dtype=np.int64)
-        entry = CacheEntry(kept, cache, kv_bytes(cache), CONVERSATION, min(prompt_length, held), lane, turn)
+        entry = CacheEntry(kept, cache, self._measure(cache), CONVERSATION, min(prompt_length, held), lane, turn)
         self._store(entry)
 
     def add_snapshot(
@@ -211,7 +222,7 @@ class KVPromptCache:
         if not self.enabled or len(tokens) < MIN_REUSED_TOKENS:
             return
         kept = np.asarray(tokens, dtype=np.int64)
-        entry = CacheEntry(kept, cache, kv_bytes(cache), SNAPSHOT, len(tokens), lane, turn, after_user)
+        entry = CacheEntry(kept, cache, self._measure(cache), SNAPSHOT, len(tokens), lane, turn, after_user)
         self._store(entry)
 
     def has_snapshot(self, tokens: list[int]) -> bool:
@@ -234,7 +245,7 @@ class KVPromptCache:
         kept = copy_prefix(cache, len(tokens)) if copy else cache
         if held_tokens(kept) not in (None, len(tokens)):
             return False  # a cache that cannot step back holds more than the prefix: no checkpoint from it
-        entry = CacheEntry(np.asarray(tokens, dtype=np.int64), kept, kv_bytes(kept), CHECKPOINT, len(tokens))
+        entry = CacheEntry(np.asarray(tokens, dtype=np.int64), kept, self._measure(kept), CHECKPOINT, len(tokens))
         self._store(entry)
         if self._files is not None:
             self._files.save(digest, entry.tokens, entry.cache)
@@ -262,6 +273,7 @@ class KVPromptCache:
             replaced = superseded(entry, self._entries.values())
             for older in replaced:
                 self._remove(older)
+            entry.created = entry.last_used = self._clock()
             self._entries[entry.key] = entry
             self._bytes += entry.nbytes
             if entry.lane is not None:
@@ -279,7 +291,7 @@ class KVPromptCache:
         """Evict in the policy's order while ``over()`` (caller holds the lock); ``new`` goes last if it may."""
         if not over():
             return
-        now = time.monotonic()
+        now = self._clock()
         policy = EvictionPolicy(list(self._entries.values()), self._lanes, now, self.max_bytes, self.trimmable)
         victims = policy.order()
         if new is not None and policy.may_displace(new):
@@ -315,7 +327,7 @@ class KVPromptCache:
         loaded = 0
         for tokens, cache in files.load(token_digest):
             kept = np.asarray(tokens, dtype=np.int64)
-            self._store(CacheEntry(kept, cache, kv_bytes(cache), CHECKPOINT, len(tokens)))
+            self._store(CacheEntry(kept, cache, self._measure(cache), CHECKPOINT, len(tokens)))
             loaded += 1
         if loaded:
             logger.info("Prompt cache: loaded %d saved checkpoints from %s", loaded, files.directory)
@@ -348,7 +360,7 @@ class KVPromptCache:
 
     def describe_entries(self) -> list[dict[str, Any]]:
         """Every entry, most recently used first: its kind, session, size and use."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             return [
                 {
@@ -367,7 +379,7 @@ class KVPromptCache:
 
     def describe_lanes(self) -> dict[str, Any]:
         """The sessions and the cache's recent decisions about them."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             lanes: dict[str, dict[str, Any]] = {}
             for entry in self._entries.values():

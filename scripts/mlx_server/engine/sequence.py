@@ -52,6 +52,10 @@ class Job:
     context: contextvars.Context | None = None  # the request's logging context (its request id)
     end_requested: threading.Event = field(default_factory=threading.Event)  # the reader has what it needs
     held_for_prefix: bool = False  # it waited for another sequence to compute its stable prefix
+    number: int = 0  # its number among the engine's jobs (rank 0's, in a distributed model)
+    lockstep: bool = False  # a distributed model's: it stops only when rank 0's step plan says so
+    decided_stop: FinishReason | None = None  # what the step plan said
+    done: bool = False  # its final event (or failure) was delivered
 
     @property
     def prompt(self) -> list[int]:
@@ -81,11 +85,30 @@ class Job:
         """The most tokens this request's KV state can reach: its prompt and every token it may generate."""
         return len(self.prompt) + self.request.max_tokens
 
+    def wanted_stop(self) -> FinishReason | None:
+        """Why this request should stop now, from what only this process knows (its client, its clock)."""
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return "timeout"
+        if self.end_requested.is_set():
+            return "stop"
+        return None
+
     def should_stop(self) -> bool:
+        """Cancelled or past its deadline (in lockstep: the step plan said it stops)."""
+        if self.lockstep:
+            return self.decided_stop is not None
         return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
 
     def stop_reason(self) -> FinishReason:
+        if self.lockstep:
+            return self.decided_stop or "cancelled"
         return "cancelled" if self.cancelled.is_set() else "timeout"
+
+    def end_wanted(self) -> bool:
+        """The reader has what it needs (in lockstep this arrives as a step plan's stop instead)."""
+        return not self.lockstep and self.end_requested.is_set()
 
 
 class ActiveSequence:
@@ -200,11 +223,13 @@ class ActiveSequence:
                                        self.turn)  # fmt: skip
         self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
         self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
+        self.job.done = True
         self.job.deliver(GenerationFinished(self.stats))
 
     def fail(self, error: BaseException) -> None:
         if not self.finished:
             self.finished = True
+            self.job.done = True
             self.job.deliver(error)
 
 

@@ -148,7 +148,7 @@ class SequentialDecoder:
         try:
             for response in responses:
                 sequence.token(int(response.token), end_of_sequence=response.finish_reason == "stop")
-                if sequence.stop_text.matched is not None or job.end_requested.is_set():
+                if sequence.stop_text.matched is not None or job.end_wanted():
                     break
                 if response.finish_reason is not None:
                     reason = "length" if response.finish_reason == "length" else "stop"

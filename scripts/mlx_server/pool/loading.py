@@ -23,11 +23,13 @@ from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.engine.embedding import EmbeddingEngine
 from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.kv_budget import default_budget_bytes
+from mlx_server.engine.lockstep import Lockstep
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.mlx_lm_compat import IncompatibleMlxLmError, check
 from mlx_server.model.default_model import find_default_model
 from mlx_server.model.embedding_models import load_embedding_model
 from mlx_server.model.loading import LoadedModel, ModelLoadError, load_model
+from mlx_server.model.sharded import load_shard
 from mlx_server.pool.memory import describe_bytes
 from mlx_server.pool.pool import Served
 from mlx_server.pool.registry import ModelSpec, Registry
@@ -85,9 +87,12 @@ class EmbeddingModel:
 class ModelLoader:
     """Builds what serves each model, with the server's settings (a ``pool.Loader``)."""
 
-    def __init__(self, settings: Settings, registry: Registry, options: ServiceOptions) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, options: ServiceOptions, lockstep: Lockstep | None = None
+    ) -> None:
         self.settings = settings
         self.options = options
+        self.lockstep = lockstep  # a model split over several processes: this rank's side of their steps
         self._chat_models = sum(spec.kind == "chat" for spec in registry.models)
         self._first_chat = registry.default("chat")
 
@@ -107,8 +112,29 @@ class ModelLoader:
 
     def _load_chat(self, spec: ModelSpec) -> ChatModel:
         settings = self.settings
+        engine, prompt_cache, loaded, budget = self.engine(spec)
+        recommended = loaded.recommended_sampling if settings.generation_config == "auto" else None
+        profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling, loaded.vision)
+        if loaded.vision is not None:
+            logger.info("Model %s reads images (%s, through mlx-vlm)", spec.name, loaded.vision.family)
+        answers = AnswerCache(loaded.identity, settings.response_cache_size)
+        service = ChatService(engine, self.options, answers, profile=profile, name=spec.name)
+        logger.info("%s", service.sampling_line())
+        if spec is self._first_chat:
+            logger.info("%s, before this model's %d-token context is full", ClaudeCodeEnvironment(
+                engine.context_length).line(), engine.context_length)  # fmt: skip
+        logger.info("%s: warm-up generation took %.0fms", spec.name, engine.warm_up())
+        weights = loaded.weights_bytes
+        return ChatModel(service, engine, prompt_cache, loaded, weights + budget, settings.prompt_cache_dir is not None)
+
+    def engine(self, spec: ModelSpec) -> tuple[GenerationEngine, KVPromptCache, LoadedModel, int]:
+        """The model loaded (this rank's shard, in lockstep) and its engine, prompt cache and KV budget."""
+        settings = self.settings
         started = time.perf_counter()
-        loaded = load_model(spec.source, dequantize=settings.dequantize)
+        if self.lockstep is not None:
+            loaded = load_shard(spec.source, self.lockstep.run.group, self.lockstep.run.parallel)
+        else:
+            loaded = load_model(spec.source, dequantize=settings.dequantize)
         check(loaded.model, loaded.tokenizer)
         for warning in loaded.warnings:
             logger.warning("%s", warning)
@@ -127,16 +153,19 @@ class ModelLoader:
         )
         debug(2, "Model config", loaded.config)
         budget = self.kv_budget(spec)
+        directory = settings.prompt_cache_dir
+        if directory is not None and self.lockstep is not None:
+            directory = directory / f"rank-{self.lockstep.run.rank}"  # each rank keeps its own shard's checkpoints
         prompt_cache = KVPromptCache.for_model(
             loaded.model,
             loaded.identity,
             max_entries=settings.prompt_cache_size,
             max_bytes=min(settings.prompt_cache_bytes or budget, budget),
-            directory=settings.prompt_cache_dir,
+            directory=directory,
         )
         kv_bits = spec.kv_bits or settings.kv_bits
         options = EngineOptions(settings.max_batch, settings.prefill_batch, budget, kv_bits, settings.speculative)
-        engine = GenerationEngine(loaded, prompt_cache, options)
+        engine = GenerationEngine(loaded, prompt_cache, options, self.lockstep)
         logger.info(
             "%s: batching up to %d sequences, %d prompts prefilled together; KV budget %s (%d bytes per token%s, "
             "%d tokens for one sequence); prompt cache %s",
@@ -153,19 +182,7 @@ class ModelLoader:
                 else "off"
             ),
         )
-        recommended = loaded.recommended_sampling if settings.generation_config == "auto" else None
-        profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling, loaded.vision)
-        if loaded.vision is not None:
-            logger.info("Model %s reads images (%s, through mlx-vlm)", spec.name, loaded.vision.family)
-        answers = AnswerCache(loaded.identity, settings.response_cache_size)
-        service = ChatService(engine, self.options, answers, profile=profile, name=spec.name)
-        logger.info("%s", service.sampling_line())
-        if spec is self._first_chat:
-            logger.info("%s, before this model's %d-token context is full", ClaudeCodeEnvironment(
-                engine.context_length).line(), engine.context_length)  # fmt: skip
-        logger.info("%s: warm-up generation took %.0fms", spec.name, engine.warm_up())
-        weights = loaded.weights_bytes
-        return ChatModel(service, engine, prompt_cache, loaded, weights + budget, settings.prompt_cache_dir is not None)
+        return engine, prompt_cache, loaded, budget
 
     def _load_embedding(self, spec: ModelSpec) -> EmbeddingModel:
         assert spec.source is not None, "an embedding model always names its source"

@@ -32,7 +32,7 @@ from mlx_server.chat.service import ChatService
 from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.pool.memory import describe_bytes, victims
 from mlx_server.pool.registry import ModelSpec, Registry
-from mlx_server.vocabulary import ModelState, ModelStatus, ModelUnavailableError
+from mlx_server.vocabulary import InvalidRequestError, ModelState, ModelStatus, ModelUnavailableError
 
 __all__ = ["DRAIN_SECONDS", "Loader", "ModelPool", "Served", "pool_of"]
 
@@ -85,10 +85,16 @@ class ModelPool:
     """The served models (see the module's docstring); ``budget_bytes`` bounds what is loaded at once."""
 
     def __init__(
-        self, registry: Registry, loader: Loader, budget_bytes: int, clock: Callable[[], float] = time.monotonic
+        self,
+        registry: Registry,
+        loader: Loader,
+        budget_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        fixed: str | None = None,
     ) -> None:
         self.registry = registry
         self.budget_bytes = budget_bytes
+        self._fixed = fixed  # why models may not be unloaded here (one model over several processes), or None
         self._loader = loader
         self._clock = clock
         self._entries = {spec.name: _Entry(spec) for spec in registry.models}
@@ -187,6 +193,8 @@ class ModelPool:
         return self.status(name)
 
     async def unload(self, name: str) -> ModelStatus:
+        if self._fixed is not None:
+            raise InvalidRequestError(f"model {name!r} cannot be unloaded: {self._fixed}", "model")
         entry = self._entries[name]
         if entry.loading is not None:
             await asyncio.shield(entry.loading)

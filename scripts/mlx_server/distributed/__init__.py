@@ -1,0 +1,1 @@
+"""One model over several processes (machines) with MLX's distributed backend, launched by ``mlx.launch``."""
