@@ -362,8 +362,9 @@ class Settings:
     )
     distributed_timeout: float = option(
         30.0,
-        "under mlx.launch: a rank that has not answered for this many seconds stops the service (rank 0 answers "
-        "503 and exits non-zero)",
+        "under mlx.launch: a rank that has not answered for this many seconds past the slowest step so far "
+        "(at start-up, 120 at least) stops the service (rank 0 answers 503 and exits non-zero); a rank that dies "
+        "stops it at once",
         group="several machines (mlx.launch)",
         parse=_seconds,
         metavar="SECONDS",

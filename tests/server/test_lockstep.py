@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from mlx_server.distributed.serving import refusal
-from mlx_server.engine.lockstep import StepPlan
+from mlx_server.engine.lockstep import START_UP_SECONDS, DistributedRun, Lockstep, StepPlan
 from mlx_server.engine.sequence import Job
 from mlx_server.pool.registry import build_registry
 from mlx_server.settings import Settings
@@ -30,6 +31,26 @@ class TestAStepPlan:
                                     stable_prefix=2, lane=Lane("claude-code", "5f1e"), timeout=30.0)  # fmt: skip
         plan = StepPlan(12.5, [(4, request)], {3: "cancelled"}, [[1, 2, 3]], stopping=False)
         assert pickle.loads(pickle.dumps(plan)) == plan
+
+
+class TestTheWatchdogsPatience:
+    """How long a step may last before the other ranks count as gone."""
+
+    def lockstep(self, timeout: float) -> Lockstep:
+        return Lockstep(DistributedRun(group=None, rank=1, size=2, parallel="tensor"), timeout)
+
+    def test_start_up_gets_minutes_whatever_the_timeout(self) -> None:
+        """The warm-up's first steps compile and allocate: a short timeout must not end the service at start."""
+        assert self.lockstep(4).patience == START_UP_SECONDS
+        assert self.lockstep(600).patience == 600
+
+    def test_after_the_first_request_the_timeout_counts_past_the_slowest_step(self) -> None:
+        lockstep = self.lockstep(4)
+        lockstep.started()
+        assert lockstep.patience == 4
+        with lockstep.collective():
+            time.sleep(0.2)
+        assert 4 + 2 * 0.2 <= lockstep.patience < 4 + 2 * 1.0
 
 
 class TestAJobInLockstep:

@@ -90,7 +90,7 @@ def test_the_start_up_line_says_which_defaults_are_in_force_and_where_from() -> 
 
 
 class TestStructuredOutput:
-    """A default repetition penalty would break JSON (keys, quotes and braces repeat): it stays off a grammar."""
+    """A default repetition penalty would break JSON (keys, quotes and braces repeat): it stays off forced output."""
 
     FORCED: ClassVar[dict[str, Any]] = {
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -114,6 +114,14 @@ class TestStructuredOutput:
         server.engine.reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
         server.client.post(CHAT, json={**chat_body(max_tokens=40), **self.FORCED, "repetition_penalty": 1.2})
         assert served_sampling(server).repetition_penalty == 1.2
+
+    def test_tools_offered_with_auto_keep_the_models_penalty(self) -> None:
+        """An agent's turn is prose until a call starts (a lazy grammar): the penalty still ends its prose."""
+        recommended = RecommendedSampling(Sampling(repetition_penalty=1.1), "card")
+        server = scripted_server(Settings(response_cache_size=0), recommended=recommended)
+        server.client.post(CHAT, json={**chat_body(), **self.FORCED, "tool_choice": "auto"})
+        assert served_sampling(server).repetition_penalty == 1.1
+        assert server.engine.requests[-1].grammar is not None
 
     def test_free_text_keeps_the_models_penalty(self) -> None:
         recommended = RecommendedSampling(Sampling(repetition_penalty=1.1), "card")

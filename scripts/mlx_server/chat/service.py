@@ -208,7 +208,7 @@ class ChatService:
             reasoning = reasoning_syntax(self.tokenizer, prompt.tokens, self.profile.harmony)
             max_tokens = self._max_tokens(request, len(prompt.tokens))
             grammar, tool_calling = self._output_rules(request, reasoning, max_tokens)
-            sampling = self._sampling(request, grammar)
+            sampling = self._sampling(request)
             answer_key, cached = self._look_up_answer(prompt, max_tokens, sampling, grammar)
             timer.checkpoint("cache_check")
             debug(
@@ -267,16 +267,19 @@ class ChatService:
         rendered = self.profile.template.render(messages, request.tools, expanding(reader.marker, read))
         return dataclasses.replace(rendered, images=locate_images(rendered.tokens, read)), omitted
 
-    def _sampling(self, request: ChatRequest, grammar: str | None) -> Sampling:
+    def _sampling(self, request: ChatRequest) -> Sampling:
         """The request's sampling over the defaults; a default repetition penalty stays off structured output.
 
-        JSON and code repeat tokens by design (keys, quotes, braces): measured
-        on the default model, its card's penalty of 1.1 kept forced calls from
-        closing their arguments within 200 tokens, and cut a two-city request
-        to one call.  A penalty the request asks for itself still applies.
+        JSON repeats tokens by design (keys, quotes, braces): measured on the
+        default model, its card's penalty of 1.1 kept forced calls from closing
+        their arguments within 200 tokens, and cut a two-city request to one
+        call.  Output that is free until a call starts (tools with ``auto``, an
+        agent's every turn) keeps it: without it a small model's prose runs to
+        the token limit.  A penalty the request asks for itself still applies.
         """
         sampling = request.sampling.over(self.default_sampling)
-        if grammar is not None and request.sampling.repetition_penalty is None:
+        structured = request.json_schema is not None or request.tool_mode == "required"
+        if structured and request.sampling.repetition_penalty is None:
             sampling = dataclasses.replace(sampling, repetition_penalty=None).over(PLAIN_SAMPLING)
         return sampling
 

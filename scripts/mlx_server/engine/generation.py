@@ -495,7 +495,10 @@ class GenerationEngine:
                 self._jobs[number].decided_stop = reason
         if decoder.active:
             self._step(decoder)
-        self._jobs = {number: job for number, job in self._jobs.items() if not job.done}
+        running = {number: job for number, job in self._jobs.items() if not job.done}
+        if len(running) < len(self._jobs) and self._lockstep is not None:
+            self._lockstep.started()
+        self._jobs = running
         if plan.stopping:
             decoder.fail_all(ModelUnloadedError(self.loaded.name))
 

@@ -35,13 +35,21 @@ import numpy as np
 
 from mlx_server.vocabulary import FinishReason, GenerationRequest
 
-__all__ = ["EXIT_DISTRIBUTED_FAILURE", "HEARTBEAT_SECONDS", "DistributedRun", "Lockstep", "StepPlan"]
+__all__ = [
+    "EXIT_DISTRIBUTED_FAILURE",
+    "HEARTBEAT_SECONDS",
+    "START_UP_SECONDS",
+    "DistributedRun",
+    "Lockstep",
+    "StepPlan",
+]
 
 logger = logging.getLogger("mlx")
 
 HEARTBEAT_SECONDS = 1.0
 EXIT_DISTRIBUTED_FAILURE = 3
 FAILURE_GRACE_SECONDS = 2.0  # rank 0 answers the requests it fails before it exits
+START_UP_SECONDS = 120.0  # the patience until the first request (the warm-up) has finished: first compiles, allocations
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,8 @@ class Lockstep:
         self._timeout = timeout
         self._on_failure = on_failure
         self._busy_since: float | None = None
+        self._longest = 0.0  # the slowest step so far (seconds)
+        self._started = False  # a request has finished on this rank: the start-up's one-off work is done
         self._failed = False
         self._watchdog = threading.Thread(target=self._watch, name="mlx-distributed-watchdog", daemon=True)
         self._watchdog.start()
@@ -114,11 +124,28 @@ class Lockstep:
     @contextlib.contextmanager
     def collective(self) -> Iterator[None]:
         """A stretch of work the other ranks take part in: the watchdog times it."""
-        self._busy_since = time.monotonic()
+        started = self._busy_since = time.monotonic()
         try:
             yield
         finally:
             self._busy_since = None
+            self._longest = max(self._longest, time.monotonic() - started)
+
+    def started(self) -> None:
+        """The first request finished (every rank sees it in the same step): from now on the timeout is the rule."""
+        self._started = True
+
+    @property
+    def patience(self) -> float:
+        """How long a step may take before the other ranks count as gone: the timeout past the slowest step yet.
+
+        A prefill step of a large model on a slow machine may take longer than
+        the timeout, and the first request's steps compile kernels and
+        allocate (``START_UP_SECONDS`` at least); a rank that stopped answering
+        takes far longer than either.
+        """
+        timeout = self._timeout if self._started else max(self._timeout, START_UP_SECONDS)
+        return timeout + 2 * self._longest
 
     def fail(self, reason: str) -> None:
         """The ranks can no longer run in step: say so, let rank 0 answer what it holds, and end the process."""
@@ -136,10 +163,11 @@ class Lockstep:
         while not self._failed:
             time.sleep(0.25)
             started = self._busy_since
-            if started is not None and time.monotonic() - started > self._timeout:
+            if started is not None and time.monotonic() - started > self.patience:
                 waited = time.monotonic() - started
                 others = "rank 0" if not self.run.leader else "another rank"
-                self.fail(f"no answer from {others} for {waited:.0f}s (--distributed-timeout {self._timeout:g})")
+                self.fail(f"no answer from {others} for {waited:.0f}s (--distributed-timeout {self._timeout:g}, "
+                          f"past the slowest step yet)")  # fmt: skip
 
 
 def _exit_now() -> None:
