@@ -13,7 +13,9 @@ is tied to the output layer).  Measured:
   and pipeline-parallel; also the layers' share alone;
 * decode tokens/s through the server (chat completions, greedy, distinct
   prompts, no answer cache) at 1 and 8 concurrent clients, one process against
-  two ranks tensor-parallel.
+  two ranks tensor-parallel, under mlx.launch and started with its environment
+  alone (``testbed.ranks.start_ranks_directly``): the launcher's relay loop
+  keeps a core busy, half of this machine.
 
 Read the figures as what they are: the two ranks share this machine's cores and
 memory bus, so they are no faster than one process here (every layer adds two
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,15 +46,15 @@ from pathlib import Path
 
 import httpx
 
-from serverlib import free_port, our_server, report_targets, start_and_wait
+from serverlib import free_port, our_server, report_targets, start_and_wait, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
+from testbed.ranks import launch_command, start_ranks_directly, stop_ranks  # noqa: E402
 from testbed.tiny_models import FAMILIES, Family, build  # noqa: E402
 
 MEMORY_TARGET = 0.55
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 MODEL = Family("qwen3_moe", "qwen3", {**FAMILIES["qwen3_moe"].config, "hidden_size": 1024, "num_hidden_layers": 16,
                "intermediate_size": 4096, "moe_intermediate_size": 1024, "num_experts": 4, "num_experts_per_tok": 2,
                "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64},
@@ -71,10 +74,6 @@ mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 """
 
 
-def launch_command(*arguments: str) -> list[str]:
-    return [str(LAUNCH), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--", sys.executable, *arguments]
-
-
 def weights(model: Path, scratch: Path) -> dict[str, tuple[int, int]]:
     """(whole model, layers) bytes: one process, and the largest rank of each split."""
     from mlx.utils import tree_flatten
@@ -87,6 +86,7 @@ def weights(model: Path, scratch: Path) -> dict[str, tuple[int, int]]:
     probe = scratch / "probe.py"
     probe.write_text(PROBE)
     for split in ("tensor", "pipeline"):
+        print(f"measuring the weights of each rank, {split} parallel ...", file=sys.stderr, flush=True)
         completed = subprocess.run(launch_command(str(probe), str(model), split, str(ROOT / "scripts")),
                                    capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
         output = completed.stdout
@@ -99,18 +99,30 @@ def weights(model: Path, scratch: Path) -> dict[str, tuple[int, int]]:
 
 
 @contextmanager
-def two_ranks(model: Path) -> Iterator[str]:
+def two_ranks(model: Path, launcher: bool) -> Iterator[str]:
+    """Two ranks tensor-parallel: under mlx.launch, as users run them, or started with its environment alone."""
     port = free_port()
-    command = launch_command(str(ROOT / "scripts" / "mlx-server.py"), "--model", str(model), "--port", str(port),
-                             "--response-cache-size", "0", "--default-temperature", "0")  # fmt: skip
-    process = start_and_wait(command, f"http://127.0.0.1:{port}/health", {**os.environ, "ANYCLAUDE_DEBUG": "0"})
+    arguments = [str(ROOT / "scripts" / "mlx-server.py"), "--model", str(model), "--port", str(port),
+                 "--response-cache-size", "0", "--default-temperature", "0"]  # fmt: skip
+    environment = {**os.environ, "ANYCLAUDE_DEBUG": "0"}
+    if launcher:
+        process = start_and_wait(launch_command(*arguments), f"http://127.0.0.1:{port}/health", environment)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_ranks(process, port)
+        return
+    ranks = start_ranks_directly(arguments, [free_port(), free_port()], environment)
     try:
+        wait_until_ready(f"http://127.0.0.1:{port}/health", ranks[0])
         yield f"http://127.0.0.1:{port}"
     finally:
-        for line in subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split():
-            if Path(f"/proc/{line}/environ").exists() and b"MLX_RANK=0" in Path(f"/proc/{line}/environ").read_bytes():
-                os.kill(int(line), 2)
-        process.wait(timeout=120)
+        ranks[0].send_signal(signal.SIGINT)  # rank 0 tells the other rank
+        for rank in ranks:
+            try:
+                rank.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                rank.kill()
 
 
 def decode_rate(url: str, clients: int, tokens: int, round_index: int) -> float:
@@ -124,8 +136,10 @@ def decode_rate(url: str, clients: int, tokens: int, round_index: int) -> float:
                 {"role": "user", "content": f"Round {round_index}, client {index}: list the steps of a release."}
             ],
         }
-        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=1800).json()
-        return int(reply["usage"]["completion_tokens"])
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=1800)
+        if response.status_code != 200:
+            raise SystemExit(f"{url}: {response.status_code} {response.text}")
+        return int(response.json()["usage"]["completion_tokens"])
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -142,9 +156,14 @@ def main() -> int:
         model = build(MODEL, scratch / "qwen3-moe-bench", dtype="float32")
         memory = weights(model, scratch)
         rates: dict[str, dict[int, float]] = {}
-        for label, serving in (("one process", our_server(ROOT, ["--model", str(model), "--response-cache-size", "0",
-                                                                 "--default-temperature", "0"])),
-                               ("two ranks, tensor parallel", two_ranks(model))):  # fmt: skip
+        servers = {
+            "one process": our_server(ROOT, ["--model", str(model), "--response-cache-size", "0",
+                                             "--default-temperature", "0"]),
+            "two ranks, tensor parallel, mlx.launch": two_ranks(model, launcher=True),
+            "two ranks, tensor parallel, no launcher": two_ranks(model, launcher=False),
+        }  # fmt: skip
+        for label, serving in servers.items():
+            print(f"decoding: {label} ...", file=sys.stderr, flush=True)
             with serving as url:
                 decode_rate(url, 1, 4, -1)  # warm
                 rates[label] = {clients: statistics.median(decode_rate(url, clients, arguments.tokens, index)

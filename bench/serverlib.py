@@ -25,6 +25,7 @@ __all__ = [
     "start_and_wait",
     "stream_chat",
     "stream_messages",
+    "wait_until_ready",
 ]
 
 STARTUP_TIMEOUT_SECONDS = 600
@@ -39,13 +40,19 @@ def free_port() -> int:
 def start_and_wait(command: list[str], ready_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a server process and poll ``ready_url`` until it answers 200; exits the benchmark if it never does."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_until_ready(ready_url, process)
+    return process
+
+
+def wait_until_ready(ready_url: str, process: subprocess.Popen[bytes]) -> None:
+    """Poll ``ready_url`` until it answers 200; exits the benchmark (killing ``process``) if it never does."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"{ready_url}: the server exited with {process.returncode}")
         try:
             if httpx.get(ready_url, timeout=2).status_code == 200:
-                return process
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.25)

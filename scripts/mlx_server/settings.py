@@ -362,7 +362,7 @@ class Settings:
     )
     distributed_timeout: float = option(
         30.0,
-        "under mlx.launch: a rank that has not answered for this many seconds past the slowest step so far "
+        "under mlx.launch: a rank that has not answered for this many seconds past twice the slowest step so far "
         "(at start-up, 120 at least) stops the service (rank 0 answers 503 and exits non-zero); a rank that dies "
         "stops it at once",
         group="several machines (mlx.launch)",

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +27,12 @@ import httpx
 import jsonschema
 import pytest
 
+from testbed.ranks import launch_command, rank_pids, stop_ranks
 from testbed.tiny_models import FAMILIES, build
-from tests.server.conftest import ROOT, RunningServer, free_port, start_server, stop_server
+from tests.server.conftest import ROOT, RunningServer, free_port, serving_within, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 STARTUP_SECONDS = 180
 ARGUMENTS = ["--default-temperature", "0", "--response-cache-size", "0"]
 SYSTEM = "You are a release assistant. Answer in one short sentence, and never repeat the question. " * 4
@@ -50,55 +49,24 @@ WEATHER: dict[str, Any] = {
 def launch(model: Path, parallel: str, log_path: Path, *extra: str) -> RunningServer:
     """Two ranks of scripts/mlx-server.py under mlx.launch; returns once rank 0 answers /health."""
     port = free_port()
-    command = [str(LAUNCH), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--", sys.executable,
-               str(ROOT / "scripts" / "mlx-server.py"), "--model", str(model), "--parallel", parallel,
-               "--port", str(port), *ARGUMENTS, *extra]  # fmt: skip
+    command = launch_command(str(ROOT / "scripts" / "mlx-server.py"), "--model", str(model), "--parallel", parallel,
+                             "--port", str(port), *ARGUMENTS, *extra)  # fmt: skip
     log = log_path.open("wb")
     environment = {**os.environ, "ANYCLAUDE_DEBUG": "0", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlx.launch exited with {process.returncode}:\n{server.log_text()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if serving_within(server, STARTUP_SECONDS):
+        return server
     stop_launch(server)
     raise RuntimeError(f"the ranks did not start in {STARTUP_SECONDS}s:\n{server.log_text()}")
 
 
 def stop_launch(server: RunningServer) -> None:
-    """Stop rank 0 as Ctrl-C would (it tells the other rank), then the launcher."""
-    for rank, pid in rank_pids(server).items():
-        if rank == 0:
-            os.kill(pid, signal.SIGINT)
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+    stop_ranks(server.process, port_of(server))
 
 
-def rank_pids(server: RunningServer) -> dict[int, int]:
-    """The ranks' process ids (read from their MLX_RANK), children of the launcher."""
-    found: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environment = (entry / "environ").read_bytes().split(b"\0")
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"mlx-server.py" in command and f"--port\0{server.base_url.rsplit(':', 1)[1]}".encode() in command:
-            for variable in environment:
-                if variable.startswith(b"MLX_RANK="):
-                    found[int(variable.split(b"=")[1])] = int(entry.name)
-    return found
+def port_of(server: RunningServer) -> int:
+    return int(server.base_url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +178,8 @@ def test_tensor_parallel_logits_agree_with_one_process(directories: dict[str, Pa
         "    print('max difference', mx.abs(whole(tokens) - split).max().item(), flush=True)\n"
     )
     completed = subprocess.run(
-        [str(LAUNCH), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--", sys.executable, str(probe),
-         str(directories["qwen3"])], capture_output=True, text=True, timeout=300, check=False,
+        launch_command(str(probe), str(directories["qwen3"])), capture_output=True, text=True, timeout=300,
+        check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
     difference = float(completed.stdout.split("max difference")[1].split()[0])
@@ -222,9 +190,9 @@ def test_a_model_that_cannot_be_split_so_is_refused_with_what_it_supports(
     directories: dict[str, Path], tmp_path: Path
 ) -> None:
     completed = subprocess.run(
-        [str(LAUNCH), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--", sys.executable,
-         str(ROOT / "scripts" / "mlx-server.py"), "--model", str(directories["qwen3"]), "--parallel", "pipeline",
-         "--port", str(free_port())], capture_output=True, text=True, timeout=300, check=False,
+        launch_command(str(ROOT / "scripts" / "mlx-server.py"), "--model", str(directories["qwen3"]),
+                       "--parallel", "pipeline", "--port", str(free_port())),
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     output = completed.stdout + completed.stderr
     assert "cannot be split for --parallel pipeline" in output and "supports --parallel tensor" in output
@@ -234,7 +202,7 @@ def test_a_model_that_cannot_be_split_so_is_refused_with_what_it_supports(
 def test_a_killed_follower_ends_the_service_with_a_message(directories: dict[str, Path], tmp_path: Path) -> None:
     server = launch(directories["qwen3"], "tensor", tmp_path / "ranks.log")
     try:
-        os.kill(rank_pids(server)[1], signal.SIGKILL)
+        os.kill(rank_pids(port_of(server))[1], signal.SIGKILL)
         server.process.wait(timeout=60)
     finally:
         if server.process.poll() is None:
@@ -250,7 +218,7 @@ def test_a_follower_that_stops_answering_makes_rank_0_answer_503_then_exit(
 ) -> None:
     """A hung rank (stopped, not dead): after --distributed-timeout, 503 in each dialect's shape, then exit 3."""
     server = launch(directories["qwen3"], "tensor", tmp_path / "ranks.log", "--distributed-timeout", "4")
-    follower = rank_pids(server)[1]
+    follower = rank_pids(port_of(server))[1]
     try:
         os.kill(follower, signal.SIGSTOP)
         deadline = time.monotonic() + 90  # the timeout past twice the slowest step (the warm-up's, on a slow machine)

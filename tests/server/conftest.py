@@ -115,18 +115,25 @@ def start_server(
         env=environment,
     )
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    if not serving_within(server, STARTUP_TIMEOUT_SECONDS):
+        process.kill()
+        raise RuntimeError(f"server did not start in {STARTUP_TIMEOUT_SECONDS}s:\n{server.log_text()}")
+    return server
+
+
+def serving_within(server: RunningServer, seconds: float) -> bool:
+    """Poll /health until it answers 200 (True) or ``seconds`` pass (False); the process exiting is an error."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log_text()}")
         try:
             if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"server did not start in {STARTUP_TIMEOUT_SECONDS}s:\n{server.log_text()}")
+    return False
 
 
 def stop_server(server: RunningServer) -> None:
