@@ -13,9 +13,10 @@ way on every rank.  Rank 0 sends a plan at least every ``HEARTBEAT_SECONDS``,
 an empty one when idle.
 
 A rank that dies or stops answering leaves the others inside a collective.
-The ``Watchdog`` sees a step (or, on a follower, the wait for rank 0's next
-plan) last longer than the timeout, and ends this process: rank 0 first
-says why, answers 503 and fails what is running (``on_failure``).
+The watchdog sees a step (or, on a follower, the wait for rank 0's next
+plan) outlast its patience (the timeout past twice the slowest step yet),
+and ends this process: rank 0 first says why, answers 503 and fails what is
+running (``on_failure``).
 """
 
 from __future__ import annotations
