@@ -78,7 +78,7 @@ test-python-versions:
 	bash tools/test-python-versions.sh
 
 test: lint test-python-versions agent-clis model-tokenizers $(VISION_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # Everything that needs neither the real model nor an agent CLI, against the scripted engine: under a minute.
 test-fast: install model-tokenizers $(VISION_STAMP)

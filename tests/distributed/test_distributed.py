@@ -217,7 +217,7 @@ def test_a_follower_that_stops_answering_makes_rank_0_answer_503_then_exit(
     directories: dict[str, Path], tmp_path: Path
 ) -> None:
     """A hung rank (stopped, not dead): after --distributed-timeout, 503 in each dialect's shape, then exit 3."""
-    server = launch(directories["qwen3"], "tensor", tmp_path / "ranks.log", "--distributed-timeout", "4")
+    server = launch(directories["qwen3"], "tensor", tmp_path / "ranks.log", "--distributed-timeout", "10")
     follower = rank_pids(port_of(server))[1]
     try:
         os.kill(follower, signal.SIGSTOP)

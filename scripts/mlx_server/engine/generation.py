@@ -390,6 +390,11 @@ class GenerationEngine:
 
     def _work(self) -> None:
         try:
+            if self._lockstep is not None:
+                # Before the first step on every rank: built lazily inside a step (a follower's first grammar),
+                # its seconds on a 151k-token vocabulary would leave the other ranks waiting in a collective.
+                with contextlib.suppress(GrammarError):  # logged; constrained requests then get a clear 400
+                    self.grammar_tokenizer.get()
             budget = self._agreed_budget()
             decoder = self._decoder()
         except Exception as error:  # noqa: BLE001 - reported to the constructor, which raises it
