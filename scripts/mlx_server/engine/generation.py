@@ -626,8 +626,8 @@ class GenerationEngine:
                     self._flush()
                     continue
                 del self._waiting[index]
-            if self._lockstep is not None and job.wanted_stop() in ("cancelled", "timeout"):
-                job.decided_stop = job.wanted_stop()  # it never joins: rank 0 ends it alone
+            if self._lockstep is not None and (stop := job.wanted_stop()) in ("cancelled", "timeout"):
+                job.decided_stop = stop  # it never joins: rank 0 ends it alone
                 ActiveSequence(job, self.prompt_cache, self.tokenizer).finish(job.stop_reason(), None, None)
                 continue
             self._numbered += 1

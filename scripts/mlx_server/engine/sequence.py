@@ -99,7 +99,7 @@ class Job:
         """Cancelled or past its deadline (in lockstep: the step plan said it stops)."""
         if self.lockstep:
             return self.decided_stop is not None
-        return self.cancelled.is_set() or (self.deadline is not None and time.perf_counter() > self.deadline)
+        return self.wanted_stop() in ("cancelled", "timeout")
 
     def stop_reason(self) -> FinishReason:
         if self.lockstep:
