@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hmac
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,21 +81,21 @@ def parse_bytes(text: str) -> int:
         value = float(cleaned[: len(cleaned) - len(unit)]) * _BYTE_UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or a K/M/G/T suffix)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite size, got {text!r}")
     return int(value)
 
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not value >= 0 or value == float("inf"):
+    if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
     return value
 
 
 def _temperature(text: str) -> float:
     value = float(text)
-    if not 0.0 <= value <= 2.0:
+    if not 0.0 <= value <= 2.0:  # nan fails every comparison
         raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {text!r}")
     return value
 

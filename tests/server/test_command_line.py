@@ -95,6 +95,27 @@ class TestStartupErrors:
         assert "Cannot load the model: GGUF file not found" in result.stderr
         assert "Traceback" not in result.stderr
 
+    @pytest.mark.parametrize(
+        ("config", "arguments", "said"),
+        [
+            ('ttl = "ten"', [], "ttl must be a finite number, not 'ten'"),
+            ("models = 5", [], "models must be a table"),
+            ('[models.m]\nsource = "x"\nkv_budget = "inf"', [], "kv_budget: must be a positive, finite size"),
+            (None, ["--memory-budget", "inf"], "must be a positive, finite size"),
+        ],
+    )
+    def test_no_bad_configuration_ends_start_up_with_a_traceback(
+        self, tmp_path: Path, config: str | None, arguments: list[str], said: str
+    ) -> None:
+        """Each bad value is one sentence naming its key, before any model loads."""
+        if config is not None:
+            path = tmp_path / "models.toml"
+            path.write_text(config)
+            arguments = [*arguments, "--models-config", str(path)]
+        result = _run(*arguments, "--port", "0")
+        assert result.returncode == 2
+        assert said in result.stderr and "Traceback" not in result.stderr
+
     @pytest.mark.e2e
     def test_export_command(self, tmp_path: Path) -> None:
         """--export-mlx writes an MLX model directory and exits."""

@@ -159,6 +159,43 @@ class TestTheModelsConfig:
         with pytest.raises(RegistryError, match=message):
             registry_of(*arguments, config=config, tmp_path=tmp_path)
 
+    @pytest.mark.parametrize(
+        ("config", "message"),
+        [
+            ("ttl = 'ten'", "ttl must be a finite number, not 'ten'"),
+            ("ttl = -1", "ttl must be 0 or more seconds"),
+            ("ttl = inf", "ttl must be a finite number"),
+            ("models = 5", "models must be a table"),
+            ("colour = 'red'", "unknown keys colour"),
+            ("[models.x]\nsource = '/m'\ntemperature = 'hot'", r"\[models.x\]: temperature must be a finite number"),
+            ("[models.x]\nsource = '/m'\ntemperature = -3", "temperature must be at least 0 and at most 2"),
+            ("[models.x]\nsource = '/m'\ntop_p = 0", "top_p must be above 0 and at most 1"),
+            ("[models.x]\nsource = '/m'\ntop_k = 2.5", "top_k must be a whole number"),
+            ("[models.x]\nsource = '/m'\nrepetition_penalty = nan", "repetition_penalty must be a finite number"),
+            ("[models.x]\nsource = '/m'\nkv_budget = 'inf'", "kv_budget: must be a positive, finite size"),
+            ("[models.x]\nsource = '/m'\nkv_budget = '-5G'", "kv_budget: must be a positive, finite size"),
+            ("[models.x]\nsource = '/m'\nkv_budget = true", "kv_budget must be a size"),
+            ("[models.x]\nsource = '/m'\npinned = 'no'", "pinned must be true or false, not 'no'"),
+            ("[models.x]\nsource = '/m'\ncontext_length = -5", "context_length must be a whole number of at least 1"),
+            ("[models.x]\nsource = '/m'\ncontext_length = 1.5", "context_length must be a whole number"),
+            ("[models.x]\nsource = '/m'\nkv_bits = true", "kv_bits must be 4 or 8"),
+            ("[models.x]\nsource = 5", "source must be a path or a repo id"),
+            ("[models.x]\nsource = '/m'\nttl = 'ten'", r"\[models.x\]: ttl must be a finite number"),
+        ],
+    )
+    def test_every_value_is_checked_for_type_and_range_with_a_sentence_naming_its_key(
+        self, tmp_path: Path, config: str, message: str
+    ) -> None:
+        with pytest.raises(RegistryError, match=message):
+            registry_of(config=config, tmp_path=tmp_path)
+
+    @pytest.mark.parametrize("size", ["inf", "nan", "-1G", "0", "-inf", "1e400"])
+    def test_byte_sizes_refuse_inf_nan_and_negatives(self, size: str) -> None:
+        with pytest.raises(SystemExit):
+            parse_settings(["--memory-budget", size], environment={})
+        with pytest.raises(SystemExit):
+            parse_settings([], environment={"MLX_SERVER_KV_BUDGET": size})
+
     def test_a_missing_file_is_named(self, tmp_path: Path) -> None:
         with pytest.raises(RegistryError, match=r"nope\.toml"):
             build_registry(parse_settings(["--models-config", str(tmp_path / "nope.toml")], environment={}))

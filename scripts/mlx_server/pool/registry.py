@@ -34,9 +34,11 @@ The TOML file (``--models-config``)::
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from argparse import ArgumentTypeError
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 MODEL_FIELDS = {"source", "kind", "aliases", "pinned", "ttl", "context_length", "kv_bits", "kv_budget",
                 *SAMPLING_FIELDS}  # fmt: skip
+DOCUMENT_FIELDS = {"default", "ttl", "models"}
 
 
 class RegistryError(ValueError):
@@ -149,15 +152,21 @@ def build_registry(settings: Settings) -> Registry:
     aliases: list[tuple[str, str]] = []
     ttl = settings.model_ttl
     document: dict[str, Any] = {}
-    if settings.models_config is not None:
-        document = _read_config(settings.models_config)
-        ttl = float(document.get("ttl", ttl))
+    path = settings.models_config
+    if path is not None:
+        document = _read_config(path)
+        _check_keys(f"{path}", document, DOCUMENT_FIELDS)
+        if "ttl" in document:
+            ttl = _seconds(f"{path}: ttl", document["ttl"])
     for kind, arguments in (("chat", settings.models), ("embedding", settings.embedding_models)):
         for argument in arguments:
             name, source = model_argument(argument)
             models.append(ModelSpec(name or default_name(source), source, kind, ttl=ttl))  # type: ignore[arg-type]
-    for name, table in (document.get("models") or {}).items():
-        spec, table_aliases = _spec_from_table(name, table, ttl, settings.models_config)
+    tables = document.get("models", {})
+    if not isinstance(tables, Mapping):
+        raise RegistryError(f"{path}: models must be a table of models ([models.NAME] sections)")
+    for name, table in tables.items():
+        spec, table_aliases = _spec_from_table(name, table, ttl, path)
         models.append(spec)
         aliases += [(pattern, name) for pattern in table_aliases]
     if not any(spec.kind == "chat" for spec in models):
@@ -171,7 +180,7 @@ def build_registry(settings: Settings) -> Registry:
     if default is not None:
         chosen = next((spec for spec in models if spec.name == default), None)
         if chosen is None:
-            raise RegistryError(f"{settings.models_config}: default = {default!r} names no model")
+            raise RegistryError(f"{path}: default = {default!r} names no model")
         models.remove(chosen)
         models.insert(0, chosen)
     _check(models, aliases)
@@ -184,7 +193,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         return document
     except OSError as error:
         raise RegistryError(f"--models-config {path}: {error.strerror or error}") from error
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RegistryError(f"--models-config {path} is not valid TOML: {error}") from error
 
 
@@ -192,37 +201,103 @@ def _spec_from_table(name: str, table: Any, ttl: float, path: Path | None) -> tu
     where = f"{path} [models.{name}]"
     if not isinstance(table, Mapping):
         raise RegistryError(f"{where} must be a table")
-    unknown = set(table) - MODEL_FIELDS
-    if unknown:
-        raise RegistryError(
-            f"{where}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(MODEL_FIELDS))})"
-        )
+    _check_keys(where, table, MODEL_FIELDS)
     if "source" not in table:
         raise RegistryError(f"{where}: needs a source (a .gguf file, an MLX directory or a cached repo id)")
+    source = table["source"]
+    if not isinstance(source, str) or not source.strip():
+        raise RegistryError(f"{where}: source must be a path or a repo id (a non-empty string), not {source!r}")
     kind = table.get("kind", "chat")
     if kind not in ("chat", "embedding"):
         raise RegistryError(f"{where}: kind must be chat or embedding, not {kind!r}")
     aliases = table.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(alias, str) for alias in aliases):
-        raise RegistryError(f"{where}: aliases must be a list of glob patterns")
-    try:
-        kv_budget = table.get("kv_budget")
-        spec = ModelSpec(
-            name=name,
-            source=str(table["source"]),
-            kind=kind,
-            pinned=bool(table.get("pinned", False)),
-            ttl=float(table.get("ttl", ttl)),
-            context_length=int(table["context_length"]) if "context_length" in table else None,
-            kv_bits=int(table["kv_bits"]) if "kv_bits" in table else None,
-            kv_budget=parse_bytes(str(kv_budget)) if kv_budget is not None else None,
-            sampling=Sampling(**{key: table[key] for key in SAMPLING_FIELDS if key in table}),
-        )
-    except (TypeError, ValueError) as error:
-        raise RegistryError(f"{where}: {error}") from error
-    if spec.kv_bits not in (None, 4, 8):
-        raise RegistryError(f"{where}: kv_bits must be 4 or 8")
+    if not isinstance(aliases, list) or not all(isinstance(alias, str) and alias for alias in aliases):
+        raise RegistryError(f"{where}: aliases must be a list of glob patterns (strings)")
+    pinned = table.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise RegistryError(f"{where}: pinned must be true or false, not {pinned!r}")
+    kv_bits = table.get("kv_bits")
+    if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in (4, 8)):
+        raise RegistryError(f"{where}: kv_bits must be 4 or 8, not {kv_bits!r}")
+    spec = ModelSpec(
+        name=name,
+        source=source,
+        kind=kind,
+        pinned=pinned,
+        ttl=_seconds(f"{where}: ttl", table["ttl"]) if "ttl" in table else ttl,
+        context_length=_count(f"{where}: context_length", table["context_length"]) if "context_length" in table
+        else None,
+        kv_bits=kv_bits,
+        kv_budget=_size(f"{where}: kv_budget", table["kv_budget"]) if "kv_budget" in table else None,
+        sampling=_sampling(where, table),
+    )
     return spec, tuple(aliases)
+
+
+def _check_keys(where: str, table: Mapping[str, Any], known: Collection[str]) -> None:
+    unknown = set(table) - set(known)
+    if unknown:
+        raise RegistryError(f"{where}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+
+
+def _number(where: str, value: Any) -> float:
+    """A TOML number (never a string or a boolean), finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistryError(f"{where} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _seconds(where: str, value: Any) -> float:
+    seconds = _number(where, value)
+    if seconds < 0:
+        raise RegistryError(f"{where} must be 0 or more seconds, not {value!r}")
+    return seconds
+
+
+def _count(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RegistryError(f"{where} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _size(where: str, value: Any) -> int:
+    """A byte size: a positive whole number of bytes, or text such as "8G" (never inf, nan or negative)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise RegistryError(f"{where} must be a size such as \"8G\" or a number of bytes, not {value!r}")
+    try:
+        return parse_bytes(str(value))
+    except ArgumentTypeError as error:
+        raise RegistryError(f"{where}: {error}") from None
+
+
+#: Each sampling key's range, as its --default-* flag takes it (None: no upper bound).
+SAMPLING_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "temperature": (0.0, 2.0, False),  # (lowest, highest, whether the lowest itself is excluded)
+    "top_p": (0.0, 1.0, True),
+    "top_k": (0.0, None, False),
+    "min_p": (0.0, 1.0, False),
+    "repetition_penalty": (0.0, 10.0, True),
+}
+
+
+def _sampling(where: str, table: Mapping[str, Any]) -> Sampling:
+    values: dict[str, Any] = {}
+    for key in SAMPLING_FIELDS:
+        if key not in table:
+            continue
+        value = _number(f"{where}: {key}", table[key])
+        lowest, highest, exclusive = SAMPLING_RANGES[key]
+        if value < lowest or (exclusive and value == lowest) or (highest is not None and value > highest):
+            bound = f"above {lowest:g}" if exclusive else f"at least {lowest:g}"
+            said = f"{bound} and at most {highest:g}" if highest is not None else bound
+            raise RegistryError(f"{where}: {key} must be {said}, not {table[key]!r}")
+        if key == "top_k":
+            if value != int(value):
+                raise RegistryError(f"{where}: top_k must be a whole number, not {table[key]!r}")
+            values[key] = int(value)
+        else:
+            values[key] = value
+    return Sampling(**values)
 
 
 def _check(models: Iterable[ModelSpec], aliases: Iterable[tuple[str, str]]) -> None:
