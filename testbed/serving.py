@@ -53,4 +53,4 @@ def serve(
     service = ChatService(engine, service_options(settings), profile=profile, name=loaded.name)
     model = ChatModel(service, engine, cache, loaded, loaded.weights_bytes + KV_BUDGET, save_checkpoints=False)
     state = ServerState(settings, BlasInfo("test", None, optimized=False), pool_of({loaded.name: model}))
-    return engine, TestClient(create_app(state))
+    return engine, TestClient(create_app(state), base_url="http://localhost")

@@ -113,6 +113,12 @@ def _generation_config(text: str) -> str:
     return text
 
 
+def _on_or_off(text: str) -> str:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text
+
+
 def _parallel(text: str) -> str:
     if text not in ("tensor", "pipeline"):
         raise argparse.ArgumentTypeError(f"must be tensor or pipeline, got {text!r}")
@@ -222,6 +228,33 @@ class Settings:
         parse=_seconds,
         metavar="SECONDS",
         default_text="0 (never)",
+    )
+    min_residency: float = option(
+        30.0,
+        "a model loaded on demand stays at least this many seconds before loading another may unload it (a "
+        "request that needs its room waits), so two models that do not fit together swap at most once per "
+        "residency instead of on every alternate request",
+        group="models",
+        parse=_seconds,
+        metavar="SECONDS",
+    )
+    model_control: str = option(
+        "on",
+        "whether POST /models/load and /models/unload answer: on (to anyone with an API key, or with an admin key "
+        "when --admin-key is set) or off (403)",
+        group="models",
+        parse=_on_or_off,
+        metavar="{on,off}",
+    )
+    admin_keys: ApiKeys = option(
+        ApiKeys(()),
+        "require this key (X-Admin-Key) on POST /models/load and /models/unload, besides the API key; the API "
+        "keys alone do not open them. Prefer the variable (comma-separated)",
+        group="models",
+        flag="--admin-key",
+        env="ADMIN_KEY",
+        repeatable=True,
+        default_text="none",
     )
     memory_budget: int | None = option(
         None,
@@ -411,6 +444,19 @@ class Settings:
         repeatable=True,
         default_text="none",
     )
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        "serve requests whose Host header names this host (a name, an address, or *.domain); repeat for several. "
+        "A page in the user's browser can reach a loopback server through a name that resolves to 127.0.0.1 (DNS "
+        "rebinding); the Host check refuses it",
+        group="load, faults and access",
+        flag="--allowed-host",
+        env="ALLOWED_HOSTS",
+        metavar="HOST",
+        repeatable=True,
+        default_text="on a loopback bind, the loopback names (localhost, *.localhost, 127.0.0.1, ::1); any host on "
+        "other binds",
+    )
     cors_origins: tuple[str, ...] = option(
         (),
         "allow browser requests from this origin, e.g. http://localhost:3000; repeat for several",
@@ -509,7 +555,7 @@ def parse_settings(arguments: Sequence[str] | None = None, environment: Mapping[
         value = namespace[field.name]
         if _option(field).repeatable:
             given = value or [item.strip() for item in environment.get(_env(field), "").split(",") if item.strip()]
-            value = ApiKeys(given) if field.name == "api_keys" else tuple(given)
+            value = ApiKeys(given) if field.name in ("api_keys", "admin_keys") else tuple(given)
         values[field.name] = value
     return Settings(**values)
 

@@ -100,7 +100,8 @@ def build(settings: Settings, registry: Registry, blas: BlasInfo, logger: loggin
     from mlx_server.vocabulary import ModelUnavailableError
 
     budget = settings.memory_budget or default_memory_budget()
-    pool = ModelPool(registry, ModelLoader(settings, registry, service_options(settings)), budget)
+    loader = ModelLoader(settings, registry, service_options(settings))
+    pool = ModelPool(registry, loader, budget, min_residency=settings.min_residency)
     aliases = {name: [pattern for pattern, target in registry.aliases if target == name] for name in
                (spec.name for spec in registry.models)}  # fmt: skip
     described = []
@@ -144,6 +145,7 @@ def serve(
     import uvicorn
 
     from mlx_server.edge.app import ServerState, create_app
+    from mlx_server.edge.guards import is_loopback
 
     state = ServerState(settings=settings, blas=blas, models=pool)
     if failure is not None:
@@ -156,6 +158,12 @@ def serve(
         "/v1/chat/completions, /v1/completions and /v1/embeddings (base_url http://%s:%d/v1)",
         *(settings.host, settings.port) * 3,
     )
+    if not is_loopback(settings.host) and not settings.api_keys:
+        logger.warning(
+            "Listening on %s without an API key: anyone who can reach this address can use the models and read "
+            "/v1/cache; set MLX_SERVER_API_KEY (or bind 127.0.0.1)",
+            settings.host,
+        )
     _finish_after_uvicorn_stops()
     try:
         uvicorn.run(

@@ -25,6 +25,7 @@ __all__ = [
     "SPECULATIVE_MODES",
     "CacheLookup",
     "CacheSource",
+    "ConflictError",
     "ContextOverflowError",
     "Divergence",
     "DocumentPart",
@@ -33,6 +34,7 @@ __all__ = [
     "EngineEvent",
     "EngineStats",
     "FinishReason",
+    "ForbiddenError",
     "GeneratedText",
     "GenerationFinished",
     "GenerationRequest",
@@ -491,6 +493,7 @@ class ModelStatus:
     ttl: float
     aliases: tuple[str, ...]
     source: str | None
+    failure: str | None = None  # why its last load failed, while requests for it are refused (no server path)
 
 
 class Engine(Protocol):
@@ -639,6 +642,14 @@ class RequestTimeoutError(ServerError):
 
 class NotFoundError(ServerError):
     """Something the request names does not exist (a stored response, say)."""
+
+
+class ConflictError(ServerError):
+    """The request asks for what the server's configuration forbids now (unloading a pinned model, say)."""
+
+
+class ForbiddenError(ServerError):
+    """The request is well formed, but this server does not allow it (a route turned off by its operator)."""
 
 
 class InternalError(ServerError):

@@ -186,6 +186,9 @@ class TestLifecycle:
             assert refused.status_code == 529 and "main (" in refused.json()["error"]["message"]
             assert "pinned" in refused.json()["error"]["message"]
             assert states(running) == {"main": "loaded", "small": "unloaded"}
+            unload = httpx.post(running.base_url + "/models/unload", json={"model": "main"}, timeout=60)
+            assert unload.status_code == 409 and unload.json()["error"]["code"] == "model_pinned"
+            assert states(running) == {"main": "loaded", "small": "unloaded"}
         finally:
             stop_server(running)
 

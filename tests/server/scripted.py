@@ -185,7 +185,7 @@ class InProcessClient:
 
     def __init__(self, app: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://scripted")
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
     def request(self, method: str, path: str, **fields: Any) -> httpx.Response:
         return self._loop.run_until_complete(self._client.request(method, path, **fields))
@@ -230,7 +230,12 @@ def scripted_server(
     state = ServerState(
         settings, BlasInfo("test", None, optimized=False), pool_of({"scripted": ScriptedModel(service)})
     )
-    return ScriptedServer(engine, TestClient(create_app(state), raise_server_exceptions=False), settings, service)
+    return ScriptedServer(
+        engine,
+        TestClient(create_app(state), base_url="http://localhost", raise_server_exceptions=False),
+        settings,
+        service,
+    )
 
 
 @dataclass
@@ -339,7 +344,9 @@ def scripted_models(
     assert default is not None
     pool.preload([default.name])
     state = ServerState(settings, BlasInfo("test", None, optimized=False), pool)
-    return ScriptedModels(pool, loader, TestClient(create_app(state), raise_server_exceptions=False))
+    return ScriptedModels(
+        pool, loader, TestClient(create_app(state), base_url="http://localhost", raise_server_exceptions=False)
+    )
 
 
 @contextlib.contextmanager

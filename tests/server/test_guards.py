@@ -1,4 +1,5 @@
-"""The guards (API keys, body size, queue limit) in process, around a tiny ASGI app, as Starlette tests middleware.
+"""The guards (Host check, API keys, body size, queue limit) in process, around a tiny ASGI app, as Starlette
+tests middleware.
 
 They answer in the error shape of the dialect a path belongs to; the server
 tests in test_service.py check the same guards end to end.
@@ -19,7 +20,15 @@ from starlette.routing import Route
 
 from mlx_server.dialects.anthropic_messages import ERROR_PATH_PREFIX, anthropic_error
 from mlx_server.edge.errors import ErrorShapes
-from mlx_server.edge.guards import ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
+from mlx_server.edge.guards import (
+    LOOPBACK_HOSTS,
+    ApiKeyGuard,
+    BodySizeLimit,
+    HostGuard,
+    InFlight,
+    QueueLimit,
+    allowed_hosts,
+)
 from mlx_server.settings import ApiKeys
 
 KEY = "guard-test-key-1234"
@@ -48,6 +57,54 @@ def tiny_app(gate: asyncio.Event | None = None) -> Starlette:
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded")
+
+
+def request_with_host(app: Any, host: str, path: str = "/v1/chat/completions") -> httpx.Response:
+    async def run() -> httpx.Response:
+        async with client(app) as http:
+            return await http.post(path, content=b"{}", headers={"host": host})
+
+    return asyncio.run(run())
+
+
+class TestHostCheck:
+    """A loopback server answers loopback Host names only: DNS rebinding cannot reach it from a web page."""
+
+    @pytest.mark.parametrize(
+        "host", ["localhost", "localhost:8081", "127.0.0.1:8081", "[::1]:8081", "app.localhost", "LOCALHOST"]
+    )
+    def test_loopback_names_pass(self, host: str) -> None:
+        assert request_with_host(HostGuard(tiny_app(), LOOPBACK_HOSTS, SHAPES), host).status_code == 200
+
+    @pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8081", "localhost.attacker.example",
+                                      "10.0.0.5:8081", "", "bad host"])  # fmt: skip
+    def test_any_other_host_is_a_400_in_the_routes_dialect(self, host: str) -> None:
+        guarded = HostGuard(tiny_app(), LOOPBACK_HOSTS, SHAPES)
+        response = request_with_host(guarded, host)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "host_not_allowed"
+        anthropic = request_with_host(guarded, host, "/v1/messages")
+        assert anthropic.status_code == 400 and anthropic.json()["error"]["type"] == "invalid_request_error"
+
+    def test_allowed_hosts_add_names_and_a_star_allows_any(self) -> None:
+        named = HostGuard(tiny_app(), ["mac.local", "*.internal"], SHAPES)
+        assert request_with_host(named, "mac.local:8081").status_code == 200
+        assert request_with_host(named, "box.internal").status_code == 200
+        assert request_with_host(named, "localhost").status_code == 400
+        assert request_with_host(HostGuard(tiny_app(), ["*"], SHAPES), "anything.example").status_code == 200
+
+    @pytest.mark.parametrize(
+        ("bind", "configured", "expected"),
+        [
+            ("127.0.0.1", (), list(LOOPBACK_HOSTS)),
+            ("::1", (), list(LOOPBACK_HOSTS)),
+            ("localhost", (), list(LOOPBACK_HOSTS)),
+            ("0.0.0.0", (), ["*"]),
+            ("192.168.1.5", (), ["*"]),
+            ("127.0.0.1", ("Mac.local",), ["mac.local"]),
+        ],
+    )
+    def test_the_default_follows_the_bind(self, bind: str, configured: tuple[str, ...], expected: list[str]) -> None:
+        assert allowed_hosts(bind, configured) == expected
 
 
 class TestApiKeys:
@@ -90,6 +147,30 @@ class TestApiKeys:
         else:
             assert response.json()["error"]["type"] == "authentication_error"
         assert KEY not in response.text and "wrong" not in response.text
+
+    def test_a_request_without_the_key_is_refused_before_its_body_is_read(self) -> None:
+        """A 100 MB body without a key: the 401 comes after at most about a megabyte of it, and the app sees none."""
+        sent: list[int] = []
+        seen: list[int] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                sent.append(1)
+                yield b"x" * 1024**2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(1)
+            await tiny_app()(scope, receive, send)
+
+        guarded = ApiKeyGuard(BodySizeLimit(app, 200 * 1024**2, SHAPES), ApiKeys([KEY]), SHAPES)
+
+        async def run() -> httpx.Response:
+            async with client(guarded) as http:
+                return await http.post("/v1/messages", content=body())
+
+        response = asyncio.run(run())
+        assert response.status_code == 401 and response.headers["connection"] == "close"
+        assert seen == [] and len(sent) <= 3
 
     def test_health_needs_no_key(self, guarded: ApiKeyGuard) -> None:
         async def run() -> httpx.Response:

@@ -104,6 +104,6 @@ def test_health_says_why_a_distributed_model_failed() -> None:
 
     state = ServerState(Settings(), BlasInfo("test", None, optimized=False))
     state.failure = lambda: "no answer from another rank for 30s"
-    health = TestClient(create_app(state)).get("/health")
+    health = TestClient(create_app(state), base_url="http://localhost").get("/health")
     assert health.status_code == 503
     assert health.json() == {"status": "failed", "reason": "no answer from another rank for 30s"}

@@ -16,7 +16,7 @@ import pytest
 
 from mlx_server.chat.service import ChatService
 from mlx_server.pool.registry import ModelSpec, Registry
-from mlx_server.settings import Settings
+from mlx_server.settings import ApiKeys, Settings
 
 from .helpers import CHAT, COMPLETIONS, MESSAGES, RESPONSES, chat_body, messages_body
 from .scripted import ScriptedModels, scripted_models
@@ -151,6 +151,35 @@ class TestTheModelsRoutes:
         unloaded = served.client.post("/models/unload", json={"model": "small"})
         assert unloaded.json()["state"] == "unloaded"
         assert served.loader.models["small"].closed_with, "the model was closed"
+
+    def test_a_pinned_model_is_a_409_in_either_dialect(self) -> None:
+        pinned = Registry((ModelSpec("main", None, pinned=True), ModelSpec("small", None)))
+        served = scripted_models(pinned)
+        response = served.client.post("/models/unload", json={"model": "main"})
+        assert response.status_code == 409 and response.json()["error"]["code"] == "model_pinned"
+        assert served.client.get("/v1/models").json()["data"][0]["state"] == "loaded"
+
+    def test_the_cache_report_of_a_model_that_is_not_loaded_loads_nothing(self, served: ScriptedModels) -> None:
+        report = served.client.get("/v1/cache", params={"model": "small"}).json()
+        assert report == {"model": "small", "state": "unloaded", "prompt_cache": None, "response_cache": None}
+        assert served.loader.loads == ["main"]
+
+    def test_model_control_can_be_turned_off(self) -> None:
+        served = scripted_models(REGISTRY, Settings(default_temperature=0.0, model_control="off"))
+        for path in ("/models/load", "/models/unload"):
+            response = served.client.post(path, json={"model": "small"})
+            assert response.status_code == 403 and "--model-control off" in response.json()["error"]["message"]
+        assert served.loader.loads == ["main"]
+
+    def test_an_admin_key_guards_model_control_and_nothing_else(self) -> None:
+        settings = Settings(default_temperature=0.0, admin_keys=ApiKeys(["admin-key-5678"]))
+        served = scripted_models(REGISTRY, settings)
+        assert served.client.post("/models/load", json={"model": "small"}).status_code == 403
+        wrong = served.client.post("/models/load", json={"model": "small"}, headers={"x-admin-key": "nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "permission_error"
+        right = served.client.post("/models/load", json={"model": "small"}, headers={"x-admin-key": "admin-key-5678"})
+        assert right.status_code == 200 and right.json()["state"] == "loaded"
+        assert served.client.post(CHAT, json=body_for(CHAT, "main")).status_code == 200
 
     def test_an_unknown_model_is_a_404(self, served: ScriptedModels) -> None:
         response = served.client.post("/models/unload", json={"model": "nope"})

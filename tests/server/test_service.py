@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,17 @@ class TestApiKeys:
             )
         assert reply.choices[0].message.content is not None
 
+    def test_a_large_body_without_the_key_is_refused_before_it_is_read(self, guarded: RunningServer) -> None:
+        """Headers announcing 100 MB and no key: the 401 comes without the server waiting for the body."""
+        host, port = guarded.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(
+                f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 104857600\r\n\r\n".encode()
+            )
+            head = connection.recv(4096).decode(errors="replace")
+        assert head.startswith("HTTP/1.1 401") and "invalid_api_key" in head
+
     def test_key_never_reaches_a_log_or_file(self, guarded: RunningServer, tmp_path: Path) -> None:
         """At ANYCLAUDE_DEBUG=3, with right and wrong keys, a rejected and a failed request: no trace of a key."""
         with authorized(guarded) as client:
@@ -109,6 +121,17 @@ class TestApiKeys:
         assert any("Processing chat request" in text for text in texts.values()), "the logs were written"
         for path, text in texts.items():
             assert KEY not in text and SECOND_KEY not in text, f"a key leaked into {path}"
+
+
+class TestHostCheck:
+    def test_a_loopback_server_refuses_other_host_names(self, server: RunningServer) -> None:
+        """DNS rebinding: a page whose name resolves to 127.0.0.1 cannot drive the API or read /v1/cache."""
+        for path in ("/v1/cache", "/v1/models"):
+            refused = httpx.get(server.base_url + path, headers={"host": "attacker.example"})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed"
+        refused = httpx.post(server.base_url + CHAT, json=chat_body(), headers={"host": "attacker.example:80"})
+        assert refused.status_code == 400
+        assert httpx.get(server.base_url + "/v1/models", headers={"host": "localhost:8081"}).status_code == 200
 
 
 class TestCors:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_server.vocabulary import (
+    ConflictError,
     ContextOverflowError,
+    ForbiddenError,
     InternalError,
     InvalidRequestError,
     KVBudgetError,
@@ -79,6 +81,11 @@ def http_error(error: ServerError) -> APIError:
         return APIError(400, error.message, param="max_tokens", code="kv_budget_exceeded", cause=error)
     if isinstance(error, NotFoundError):
         return APIError(404, error.message, param=error.param, code=error.code, cause=error)
+    if isinstance(error, ConflictError):
+        return APIError(409, error.message, param=error.param, code=error.code, cause=error)
+    if isinstance(error, ForbiddenError):
+        return APIError(403, error.message, error_type="permission_error", param=error.param, code=error.code,
+                        cause=error)  # fmt: skip
     if isinstance(error, ModelLoadingError):
         return APIError(503, error.message, error_type="server_error", code="model_loading", cause=error)
     if isinstance(error, (ModelUnavailableError, ModelUnloadedError)):

@@ -36,13 +36,14 @@ def build_router(models: ModelDirectory, started_at_monotonic: float) -> APIRout
     created = int(time.time() - (time.monotonic() - started_at_monotonic))
 
     def details(status: ModelStatus) -> dict[str, Any]:
-        return {
+        described = {
             "kind": status.kind,
             "state": status.state,
             "memory_bytes": status.memory_bytes,
             "aliases": list(status.aliases),
             "pinned": status.pinned,
         }
+        return described | ({"error": status.failure} if status.failure else {})
 
     def openai_card(model_id: str, status: ModelStatus) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-server", **details(status)}

@@ -35,7 +35,16 @@ from mlx_server.dialects import (
 )
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.edge.errors import ErrorShapes, install_error_handlers, report_unexpected_error
-from mlx_server.edge.guards import AUTHENTICATED, ApiKeyGuard, BodySizeLimit, InFlight, QueueLimit
+from mlx_server.edge.guards import (
+    AUTHENTICATED,
+    ApiKeyGuard,
+    BodySizeLimit,
+    HostGuard,
+    InFlight,
+    ModelControlGuard,
+    QueueLimit,
+    allowed_hosts,
+)
 from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.settings import Settings
@@ -221,16 +230,24 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
 
     @router.get("/v1/cache")
     async def cache_report(model: str | None = None) -> dict[str, Any]:
-        """One chat model's prompt and answer caches (the default model unless ``?model=NAME``)."""
+        """One chat model's prompt and answer caches (the default model unless ``?model=NAME``).
+
+        A GET loads nothing: a model that is not loaded reports its state and no caches.
+        """
         directory = state.directory()
-        service = await directory.chat(directory.chat_model(model or ""))
+        name = directory.chat_model(model or "")
+        service = directory.ready(name)
+        if not isinstance(service, ChatService):
+            status = next(status for status in directory.describe() if status.name == name)
+            return {"model": name, "state": status.state, "prompt_cache": None, "response_cache": None}
         engine = service.engine
         prompt_cache = {
             **engine.cache_stats().as_dict(),
             "entries_detail": engine.cache_entries(),
             "recent_misses": await asyncio.to_thread(service.recent_misses),  # template renders: off the loop
         }
-        return {"model": service.name, "prompt_cache": prompt_cache, "response_cache": _response_cache(service)}
+        return {"model": service.name, "state": "loaded", "prompt_cache": prompt_cache,
+                "response_cache": _response_cache(service)}  # fmt: skip
 
     return router
 
@@ -299,8 +316,9 @@ def create_app(state: ServerState) -> FastAPI:
 
         state.models.on_load(connect)
 
-    # Added innermost first: metrics see every response, the request id covers the guards' answers,
-    # CORS headers reach 401s, and unauthenticated requests never take a queue slot.
+    # Added innermost first: metrics see every response, the request id covers the guards' answers, the Host
+    # check comes first, CORS headers reach 401s, a request without the key is refused before its body is read,
+    # and unauthenticated requests never take a queue slot.
     app.add_middleware(
         QueueLimit,
         max_waiting=state.settings.max_queue,
@@ -309,8 +327,15 @@ def create_app(state: ServerState) -> FastAPI:
         shapes=shapes,
         counter=in_flight,
     )
-    app.add_middleware(ApiKeyGuard, keys=state.settings.api_keys, shapes=shapes)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_request_bytes, shapes=shapes)
+    app.add_middleware(
+        ModelControlGuard,
+        paths={models.LOAD_PATH, models.UNLOAD_PATH},
+        enabled=state.settings.model_control == "on",
+        admin_keys=state.settings.admin_keys,
+        shapes=shapes,
+    )
+    app.add_middleware(ApiKeyGuard, keys=state.settings.api_keys, shapes=shapes)
     if state.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -319,6 +344,8 @@ def create_app(state: ServerState) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Api-Key", "Anthropic-Version", "Anthropic-Beta"],
             expose_headers=["X-Request-Id", "Request-Id"],
         )
+    hosts = allowed_hosts(state.settings.host, state.settings.allowed_hosts)
+    app.add_middleware(HostGuard, hosts=hosts, shapes=shapes)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 

@@ -12,6 +12,7 @@ is on).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -101,12 +102,15 @@ INTERNAL_ERROR = "the server hit an internal error; the request was not complete
 
 
 async def report_unexpected_error(request: Request, error: BaseException) -> JSONResponse:
-    """A 500 in the route's dialect that carries no traceback (with the debug file's path when debugging)."""
+    """A 500 in the route's dialect that carries no traceback (the debug file's name when debugging).
+
+    The body names the file, never its directory: no server path reaches a client (the log line has the path).
+    """
     debug_file = report_failure(error, await _request_info(request), getattr(request.app.state, "model_name", "?"))
     api_error = APIError(500, INTERNAL_ERROR, error_type="server_error", code="internal_error")
     status, body = request.app.state.error_shapes.render(request.url.path, api_error)
     if debug_file and is_debug_enabled():
-        body["error"]["debug_file"] = debug_file
+        body["error"]["debug_file"] = os.path.basename(debug_file)
     return JSONResponse(body, status_code=status)
 
 

@@ -1,14 +1,25 @@
-"""What stands between the network and the routes: API keys, body size, and the queue limit.
+"""What stands between the network and the routes: the Host check, API keys, body size, and the queue limit.
 
 Each is a small ASGI middleware, so that it works the same for plain and
 streamed responses and answers before a body is read:
 
+* ``HostGuard``: a server bound to a loopback address answers only requests
+  whose ``Host`` is a loopback name (or one of ``--allowed-host``); any web
+  page the user opens could otherwise reach it through a name that resolves
+  to 127.0.0.1 (DNS rebinding: Ollama's CVE-2024-28224).  Starlette's
+  ``TrustedHostMiddleware`` decides; the refusal is a 400 in the dialect's shape.
 * ``ApiKeyGuard``: with keys configured, every route but ``/health`` and
   ``/`` (Claude Code's ``HEAD /`` probe) needs ``Authorization: Bearer <key>``
   or ``x-api-key: <key>``; a missing or wrong key is a 401.  ``/health``
   answers anyone whether the server is ready, and its details only to a
   request that carries a key (``AUTHENTICATED`` in the request's state).
-  Keys are compared in constant time and never logged.
+  Keys are compared in constant time and never logged.  It stands outside
+  the body limit: a request without the key is refused before its body is
+  read (at most ``REFUSED_DRAIN_BYTES`` of it, so the client sees the 401).
+* ``ModelControlGuard``: ``POST /models/load`` and ``/models/unload`` change
+  what every client is served, so an operator can turn them off
+  (``--model-control off``: 403) or put them behind admin keys
+  (``--admin-key``, sent as ``X-Admin-Key``: the API keys alone do not open them).
 * ``BodySizeLimit``: a body over ``--max-request-bytes`` is a 413, from its
   Content-Length before anything is processed, or as soon as a chunked body
   passes the limit.  The rest of the body is read and discarded first
@@ -28,27 +39,96 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.dialects.errors import APIError
 from mlx_server.edge.errors import ErrorShapes
 from mlx_server.settings import ApiKeys
 
-__all__ = ["AUTHENTICATED", "OPEN_PATHS", "ApiKeyGuard", "BodySizeLimit", "InFlight", "QueueLimit"]
+__all__ = [
+    "AUTHENTICATED",
+    "LOOPBACK_HOSTS",
+    "OPEN_PATHS",
+    "ApiKeyGuard",
+    "BodySizeLimit",
+    "HostGuard",
+    "InFlight",
+    "ModelControlGuard",
+    "QueueLimit",
+    "allowed_hosts",
+    "is_loopback",
+]
 
 logger = logging.getLogger("mlx")
 
 OPEN_PATHS = frozenset({"/health", "/"})
 AUTHENTICATED = "authenticated"  # the request's state: it carried a valid key, or none is required
+LOOPBACK_HOSTS = ("localhost", "*.localhost", "127.0.0.1", "[::1]")
+REFUSED_DRAIN_BYTES = 1024**2  # what is read of a refused request's body, so that its client hears the refusal
+REFUSED_DRAIN_SECONDS = 2.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (what the server binds to) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind: str, configured: Sequence[str]) -> list[str]:
+    """The Host names served: ``--allowed-host`` when given, the loopback names on a loopback bind, else any."""
+    if configured:
+        return [host.strip().lower() for host in configured if host.strip()]
+    return list(LOOPBACK_HOSTS) if is_loopback(bind) else ["*"]
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, shapes: ErrorShapes, error: APIError) -> None:
     await shapes.response(scope["path"], error)(scope, receive, send)
+
+
+class HostGuard:
+    """Requests whose ``Host`` is not among ``hosts`` get a 400 (Starlette's matching: names, ``*.domain``, ``*``)."""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str], shapes: ErrorShapes) -> None:
+        self.app = app
+        self.shapes = shapes
+        self.hosts = list(hosts)
+        self._matcher = TrustedHostMiddleware(self._passed, allowed_hosts=self.hosts, www_redirect=False)
+
+    async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["mlx_server.host_passed"] = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.hosts:
+            await self.app(scope, receive, send)
+            return
+
+        async def swallow(_: Message) -> None:
+            """Starlette's own plain-text refusal: replaced by the dialect's below."""
+
+        await self._matcher(scope, receive, swallow)
+        if scope.pop("mlx_server.host_passed", False):
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")
+        logger.warning("Refused %s %s: Host %r is not served here (--allowed-host)", scope["method"], scope["path"],
+                       host[:80])  # fmt: skip
+        message = (
+            f"the Host header {host[:80]!r} is not served here: this server answers {', '.join(self.hosts)} "
+            "(start it with --allowed-host to add a name)"
+        )
+        error = APIError(400, message, code="host_not_allowed", headers={"Connection": "close"})
+        await _send_error(scope, receive, send, self.shapes, error)
 
 
 class ApiKeyGuard:
@@ -80,7 +160,40 @@ class ApiKeyGuard:
             else "incorrect API key provided"
         )
         logger.warning("Refused %s %s: %s", scope["method"], scope["path"], message)  # never the key itself
-        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await _drain(receive, REFUSED_DRAIN_BYTES, REFUSED_DRAIN_SECONDS)
+        headers = {"WWW-Authenticate": "Bearer", "Connection": "close"}
+        error = APIError(401, message, code="invalid_api_key", headers=headers)
+        await _send_error(scope, receive, send, self.shapes, error)
+
+
+class ModelControlGuard:
+    def __init__(self, app: ASGIApp, paths: Collection[str], enabled: bool, admin_keys: ApiKeys,
+                 shapes: ErrorShapes) -> None:  # fmt: skip
+        self.app = app
+        self.paths = paths
+        self.enabled = enabled
+        self.admin_keys = admin_keys
+        self.shapes = shapes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if not self.enabled:
+            message = "loading and unloading models by request is turned off on this server (--model-control off)"
+        elif self.admin_keys:
+            offered = Headers(scope=scope).get("x-admin-key")
+            if offered is not None and self.admin_keys.accepts(offered):
+                await self.app(scope, receive, send)
+                return
+            message = ("loading and unloading models needs the admin key: send it as 'X-Admin-Key: <key>'"
+                       if offered is None else "incorrect admin key provided")  # fmt: skip
+        else:
+            await self.app(scope, receive, send)
+            return
+        logger.warning("Refused %s %s: %s", scope["method"], scope["path"], message)
+        await _drain(receive, REFUSED_DRAIN_BYTES, REFUSED_DRAIN_SECONDS)
+        error = APIError(403, message, error_type="permission_error", code="model_control_refused")
         await _send_error(scope, receive, send, self.shapes, error)
 
 
@@ -131,12 +244,12 @@ DRAIN_MAX_BYTES = 512 * 1024**2
 DRAIN_MAX_SECONDS = 30.0
 
 
-async def _drain(receive: Receive) -> None:
-    """Read and discard what is left of a request body, up to DRAIN_MAX_BYTES and DRAIN_MAX_SECONDS."""
+async def _drain(receive: Receive, max_bytes: int = DRAIN_MAX_BYTES, max_seconds: float = DRAIN_MAX_SECONDS) -> None:
+    """Read and discard what is left of a request body, up to ``max_bytes`` and ``max_seconds``."""
     drained = 0
-    deadline = asyncio.get_running_loop().time() + DRAIN_MAX_SECONDS
+    deadline = asyncio.get_running_loop().time() + max_seconds
     with contextlib.suppress(asyncio.TimeoutError):
-        while drained < DRAIN_MAX_BYTES:
+        while drained < max_bytes:
             remaining = deadline - asyncio.get_running_loop().time()
             message = await asyncio.wait_for(receive(), timeout=max(0.0, remaining))
             if message["type"] != "http.request":

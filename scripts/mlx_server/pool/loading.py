@@ -28,7 +28,7 @@ from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.mlx_lm_compat import IncompatibleMlxLmError, check
 from mlx_server.model.default_model import find_default_model
 from mlx_server.model.embedding_models import load_embedding_model
-from mlx_server.model.loading import LoadedModel, ModelLoadError, load_model
+from mlx_server.model.loading import LoadedModel, ModelLoadError, load_model, model_directory
 from mlx_server.model.sharded import load_shard
 from mlx_server.pool.memory import describe_bytes
 from mlx_server.pool.pool import Served
@@ -101,7 +101,11 @@ class ModelLoader:
         return spec.kv_budget or self.settings.kv_budget or default_budget_bytes() // max(1, self._chat_models)
 
     def estimate(self, spec: ModelSpec) -> int:
-        weights = _weights_on_disk(spec.source)
+        """Its weights from its files (a cached repo's too) and its KV budget; ModelUnavailableError if not found."""
+        try:
+            weights = _weights_on_disk(spec.source)
+        except ModelLoadError as error:
+            raise ModelUnavailableError(f"model {spec.name!r} cannot be loaded: {error}") from error
         return weights + (self.kv_budget(spec) if spec.kind == "chat" else EMBEDDING_HEADROOM_BYTES)
 
     def load(self, spec: ModelSpec) -> Served:
@@ -208,13 +212,17 @@ class ModelLoader:
 
 
 def _weights_on_disk(source: str | None) -> int:
-    """The bytes the model's weights will take once loaded, from its files (0 when they cannot be found)."""
+    """The bytes the model's weights will take once loaded, from its files (a cached repo's blobs included).
+
+    ModelLoadError, with the sentence a load would give, when the source cannot be found.
+    """
     try:
         path = find_default_model() if source is None else Path(source).expanduser()
-    except FileNotFoundError:
-        return 0
+    except FileNotFoundError as error:
+        raise ModelLoadError(str(error)) from error
     if path.suffix.lower() == ".gguf":
-        return path.stat().st_size * GGUF_FLOAT32_GROWTH if path.is_file() else 0
-    if path.is_dir():
-        return sum(file.stat().st_size for file in path.glob("*.safetensors"))
-    return 0
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return path.stat().st_size * GGUF_FLOAT32_GROWTH
+    directory, _ = model_directory(str(path) if source is None else source)
+    return sum(file.stat().st_size for file in directory.glob("*.safetensors"))

@@ -10,10 +10,22 @@ give scripted ones).  The pool decides what is loaded:
   models (``memory.victims``: one used once before one that came back, then
   the least recently used); if it still cannot fit, the request gets
   ``ModelUnavailableError`` naming what is loaded and what was needed;
-* a model idle for its time-to-live unloads (``watch``); a pinned one never does;
+* a model loaded on demand stays at least ``min_residency`` seconds before
+  another load may unload it (a request that needs its room waits, streams
+  with keep-alives), so two models that do not fit together swap at most once
+  per residency instead of on every alternate request;
+* a load is checked first (the source exists, its size from its files, the
+  local Hugging Face cache's included) before anything is unloaded for it; a
+  model that fails to load is remembered, and requests for it are refused at
+  once, with the reason, until its back-off passes (``RETRY_SECONDS``,
+  doubling up to ``MAX_RETRY_SECONDS``) or an explicit ``load`` tries again;
+* a model idle for its time-to-live unloads (``watch``); a pinned one never
+  does, nor is it unloaded by request (``ConflictError``);
 * unloading waits for the model's requests (at most ``DRAIN_SECONDS``), then
   ends the rest with ``ModelUnloadedError``, and saves its prompt cache's
   checkpoints when the cache has a directory, so a reload starts warm.
+
+What a client reads of a failed load names no server path (the log does).
 
 Everything here runs on the event loop; loads and unloads run in a thread,
 one at a time (``_changing``), so the budget is never decided twice at once.
@@ -32,13 +44,23 @@ from mlx_server.chat.service import ChatService
 from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.pool.memory import describe_bytes, victims
 from mlx_server.pool.registry import ModelSpec, Registry
-from mlx_server.vocabulary import InvalidRequestError, ModelState, ModelStatus, ModelUnavailableError
+from mlx_server.server_paths import hide_server_paths
+from mlx_server.vocabulary import (
+    ConflictError,
+    InvalidRequestError,
+    ModelState,
+    ModelStatus,
+    ModelUnavailableError,
+)
+from utils_logging import debug
 
-__all__ = ["DRAIN_SECONDS", "Loader", "ModelPool", "Served", "pool_of"]
+__all__ = ["DRAIN_SECONDS", "MAX_RETRY_SECONDS", "RETRY_SECONDS", "Loader", "ModelPool", "Served", "pool_of"]
 
 logger = logging.getLogger("mlx")
 DRAIN_SECONDS = 30.0  # an unload waits this long for the model's requests before ending them
 WATCH_SECONDS = 1.0
+RETRY_SECONDS = 30.0  # after a failed load, requests for the model are refused this long (doubling each time)
+MAX_RETRY_SECONDS = 600.0
 
 
 class Served(Protocol):
@@ -63,7 +85,10 @@ class Served(Protocol):
 
 class Loader(Protocol):
     def estimate(self, spec: ModelSpec) -> int:
-        """The memory a load of ``spec`` will take, before loading (read from its files)."""
+        """The memory a load of ``spec`` will take, before loading (read from its files).
+
+        ModelUnavailableError, with a sentence, when its source cannot be found: nothing is unloaded for it.
+        """
         ...
 
     def load(self, spec: ModelSpec) -> Served:
@@ -79,6 +104,10 @@ class _Entry:
     loading: asyncio.Future[Served] | None = None
     last_used: float = 0.0
     uses: int = 0  # requests over the server's life: a model that came back is worth keeping
+    resident_until: float = 0.0  # loaded on demand: not unloaded for another model before this
+    failure: str | None = None  # why its last load failed (the whole reason, for the log)
+    retry_at: float = 0.0  # requests before this are refused with the failure
+    retry_seconds: float = 0.0  # the current back-off
 
 
 class ModelPool:
@@ -91,9 +120,11 @@ class ModelPool:
         budget_bytes: int,
         clock: Callable[[], float] = time.monotonic,
         fixed: str | None = None,
+        min_residency: float = 0.0,
     ) -> None:
         self.registry = registry
         self.budget_bytes = budget_bytes
+        self.min_residency = min_residency
         self._fixed = fixed  # why models may not be unloaded here (one model over several processes), or None
         self._loader = loader
         self._clock = clock
@@ -134,6 +165,7 @@ class ModelPool:
         ready = self.ready(name)
         if ready is not None:
             return ready
+        self._refuse_while_backing_off(self._entries[name])
         served = await self._load(self._entries[name])
         self._use(self._entries[name])
         return served.service
@@ -160,6 +192,7 @@ class ModelPool:
                 entry.spec.ttl,
                 tuple(aliases.get(entry.spec.name, ())),
                 entry.spec.source,
+                hide_server_paths(entry.failure) if entry.failure is not None and self._backing_off(entry) else None,
             )
             for entry in self._entries.values()
         ]
@@ -189,13 +222,24 @@ class ModelPool:
             self._loaded(entry, served)
 
     async def load(self, name: str) -> ModelStatus:
-        await self._load(self._entries[name])
+        """Load the model now; a model that failed before is tried again at once (its back-off is lifted)."""
+        entry = self._entries[name]
+        entry.retry_at = 0.0
+        await self._load(entry)
         return self.status(name)
 
     async def unload(self, name: str) -> ModelStatus:
+        """Unload the model now (ConflictError for a pinned one: its configuration says it stays)."""
         if self._fixed is not None:
             raise InvalidRequestError(f"model {name!r} cannot be unloaded: {self._fixed}", "model")
         entry = self._entries[name]
+        if entry.spec.pinned:
+            raise ConflictError(
+                f"model {name!r} is pinned (pinned = true in --models-config): it stays loaded and is never "
+                "unloaded by request",
+                "model",
+                "model_pinned",
+            )
         if entry.loading is not None:
             await asyncio.shield(entry.loading)
         async with self._changing:
@@ -241,12 +285,19 @@ class ModelPool:
         async with self._changing:
             if entry.served is not None and entry.state == "loaded":
                 return entry.served
-            needed = self._loader.estimate(entry.spec)
+            self._refuse_while_backing_off(entry)
+            try:
+                needed = await asyncio.to_thread(self._loader.estimate, entry.spec)
+            except ModelUnavailableError as error:
+                raise self._failed(entry, error) from None
             await self._make_room(needed, entry)
             entry.state = "loading"
             started = time.perf_counter()
             try:
                 served = await asyncio.to_thread(self._loader.load, entry.spec)
+            except ModelUnavailableError as error:
+                entry.state = "unloaded"
+                raise self._failed(entry, error) from None
             except BaseException:
                 entry.state = "unloaded"
                 raise
@@ -258,6 +309,8 @@ class ModelPool:
                     entry.state = "unloaded"
                     raise
             self._loaded(entry, served)
+            entry.resident_until = self._clock() + self.min_residency
+            entry.failure, entry.retry_seconds = None, 0.0
             logger.info(
                 "Model %s loaded on demand in %.1fs (%s; %s of the %s budget in use)",
                 entry.spec.name,
@@ -275,20 +328,55 @@ class ModelPool:
             callback(entry.spec.name, served.service)
 
     async def _make_room(self, needed: int, loading: _Entry) -> None:
-        """Unload idle models until ``needed`` bytes fit the budget (caller holds ``_changing``)."""
-        free = self.budget_bytes - self.used_bytes
-        if needed <= free:
-            return
-        candidates = [
-            (entry.spec.name, entry.served.memory_bytes, entry.uses, entry.last_used)
-            for entry in self._entries.values()
-            if entry is not loading and entry.served is not None and not entry.spec.pinned and not entry.served.busy()
-        ]
-        chosen = victims(candidates, needed - free)
-        if chosen is None:
-            raise ModelUnavailableError(self._does_not_fit(loading.spec.name, needed), "model_does_not_fit")
-        for name in chosen:
-            await self._unload(self._entries[name], f"to make room for {loading.spec.name}")
+        """Unload idle models until ``needed`` bytes fit the budget (caller holds ``_changing``).
+
+        Models still in their residency are not unloaded; when only they stand in the way, this waits until
+        the first of them may go, and looks again.
+        """
+        while True:
+            free = self.budget_bytes - self.used_bytes
+            if needed <= free:
+                return
+            idle = [
+                entry
+                for entry in self._entries.values()
+                if entry is not loading and entry.served is not None and not entry.spec.pinned
+                and not entry.served.busy()
+            ]  # fmt: skip
+            now = self._clock()
+            settled = [entry for entry in idle if entry.resident_until <= now]
+            chosen = victims([_candidate(entry) for entry in settled], needed - free)
+            if chosen is not None:
+                for name in chosen:
+                    await self._unload(self._entries[name], f"to make room for {loading.spec.name}")
+                return
+            if victims([_candidate(entry) for entry in idle], needed - free) is None:
+                raise ModelUnavailableError(self._does_not_fit(loading.spec.name, needed), "model_does_not_fit")
+            wait = min(entry.resident_until for entry in idle if entry.resident_until > now) - now
+            debug(1, "Waiting for room: a model loaded on demand stays its residency (--min-residency)",
+                  {"model": loading.spec.name, "seconds": round(wait, 1)})  # fmt: skip
+            await asyncio.sleep(min(wait, WATCH_SECONDS))  # looks again: a busy model may have become idle
+
+    def _backing_off(self, entry: _Entry) -> bool:
+        return entry.failure is not None and self._clock() < entry.retry_at
+
+    def _refuse_while_backing_off(self, entry: _Entry) -> None:
+        """A model whose last load failed is refused at once until its back-off passes."""
+        if self._backing_off(entry):
+            left = entry.retry_at - self._clock()
+            reason = hide_server_paths(entry.failure or "")
+            raise ModelUnavailableError(
+                f"{reason} (the load failed; it is tried again in {left:.0f}s, or at once by POST /models/load)",
+                "model_load_failed",
+            )
+
+    def _failed(self, entry: _Entry, error: ModelUnavailableError) -> ModelUnavailableError:
+        """Remember a failed load (the back-off doubles each time), log it whole; the client's copy names no path."""
+        entry.failure = error.message
+        entry.retry_seconds = min(MAX_RETRY_SECONDS, entry.retry_seconds * 2 or RETRY_SECONDS)
+        entry.retry_at = self._clock() + entry.retry_seconds
+        logger.error("%s; requests for %s are refused for %.0fs", error.message, entry.spec.name, entry.retry_seconds)
+        return ModelUnavailableError(hide_server_paths(error.message), error.code or "model_unavailable")
 
     def _does_not_fit(self, name: str, needed: int) -> str:
         loaded = [
@@ -325,6 +413,12 @@ class ModelPool:
                     async with self._changing:
                         if entry.served is served and not served.busy():
                             await self._unload(entry, f"idle for {spec.ttl:g}s")
+
+
+def _candidate(entry: _Entry) -> tuple[str, int, int, float]:
+    """What ``memory.victims`` weighs of a loaded model: its name, size, uses and last use."""
+    assert entry.served is not None
+    return entry.spec.name, entry.served.memory_bytes, entry.uses, entry.last_used
 
 
 class _Prebuilt:

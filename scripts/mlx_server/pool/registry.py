@@ -225,7 +225,8 @@ def _spec_from_table(name: str, table: Any, ttl: float, path: Path | None) -> tu
         kind=kind,
         pinned=pinned,
         ttl=_seconds(f"{where}: ttl", table["ttl"]) if "ttl" in table else ttl,
-        context_length=_count(f"{where}: context_length", table["context_length"]) if "context_length" in table
+        context_length=_count(f"{where}: context_length", table["context_length"])
+        if "context_length" in table
         else None,
         kv_bits=kv_bits,
         kv_budget=_size(f"{where}: kv_budget", table["kv_budget"]) if "kv_budget" in table else None,
@@ -263,7 +264,7 @@ def _count(where: str, value: Any) -> int:
 def _size(where: str, value: Any) -> int:
     """A byte size: a positive whole number of bytes, or text such as "8G" (never inf, nan or negative)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise RegistryError(f"{where} must be a size such as \"8G\" or a number of bytes, not {value!r}")
+        raise RegistryError(f'{where} must be a size such as "8G" or a number of bytes, not {value!r}')
     try:
         return parse_bytes(str(value))
     except ArgumentTypeError as error:
