@@ -88,6 +88,10 @@ REDACTED = "[REDACTED]"
 MAX_DATA_CHARS_BELOW_TRACE = 2_000
 #: Below level 3 a container in debug data shows at most this many items.
 MAX_ITEMS_BELOW_TRACE = 100
+#: At level 3 a string in debug data is cut past this many characters (an attachment's base64, say).
+MAX_TRACE_STRING_CHARS = 16 * 1024
+#: No debug line is longer than this, at any level (what is cut is said).
+MAX_LINE_CHARS = 256 * 1024
 #: Nesting deeper than this is shown as a marker instead of being walked.
 MAX_DEPTH = 32
 #: Rotating log files: size of one file and how many old ones are kept.
@@ -119,7 +123,7 @@ class DebugLevel(enum.IntEnum):
 _LEVEL_DESCRIPTIONS = {
     DebugLevel.BASIC: "debug messages, cache hits and misses, error debug files",
     DebugLevel.VERBOSE: "+ performance timers and checkpoints",
-    DebugLevel.TRACE: "+ full data structures, pretty-printed, never truncated",
+    DebugLevel.TRACE: "+ full data structures, pretty-printed (strings past 16 KiB cut, and said)",
 }
 
 # ---------------------------------------------------------------------------
@@ -283,6 +287,10 @@ _SECRET_KEY_PATTERN = re.compile(
     r"token|access_?token|refresh_?token|id_?token|auth_?token|csrf_?token|"
     r"xsrf_?token|jwt|bearer|signature|dsn)$"
     r"|^(?:password|passwd|secret|private_?key)(?:_|$)"
+    # Who a client is, which is nobody's business but the client's: OpenAI's ``user``, ``prompt_cache_key`` and
+    # ``safety_identifier``, Anthropic's ``metadata.user_id``, agents' thread, conversation and subagent ids.
+    r"|^(?:user|end_?user|user_?id|prompt_?cache_?key|safety_?identifier)$"
+    r"|(?:^|_)(?:thread|agent|conversation)_?id$"
 )
 # Names that end in "token" but say where in a token stream, not which credential:
 # time_to_first_token, diverged_at_token, seconds_per_token.
@@ -601,6 +609,7 @@ def _to_plain(value: object) -> object:
 
 #: Unbounded, for redact() and level-3 lines; the bounded ones serve lines below level 3 and error files.
 _sanitize_whole = _Sanitizer(max_string=None, max_items=None)
+_sanitize_for_trace = _Sanitizer(max_string=MAX_TRACE_STRING_CHARS, max_items=None)
 _sanitize_for_line = _Sanitizer(max_string=MAX_DATA_CHARS_BELOW_TRACE, max_items=MAX_ITEMS_BELOW_TRACE)
 _sanitize_for_error_file = _Sanitizer(max_string=MAX_DEBUG_FILE_STRING_CHARS, max_items=1_000)
 _sanitize_for_small_error_file = _Sanitizer(max_string=2_048, max_items=100)
@@ -886,9 +895,12 @@ def _render(message: object, data: object, level: int) -> tuple[str, str, object
     if data is _MISSING:
         return text, text, _MISSING
     trace = level >= DebugLevel.TRACE
-    plain = (_sanitize_whole if trace else _sanitize_for_line)(_evaluate_lazy(data))
+    plain = (_sanitize_for_trace if trace else _sanitize_for_line)(_evaluate_lazy(data))
     if trace:
         rendered = json.dumps(plain, ensure_ascii=False, indent=2)
+        if len(rendered) > MAX_LINE_CHARS:
+            rendered = _truncate(rendered, MAX_LINE_CHARS)
+            plain = rendered
     else:
         rendered = json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
         if len(rendered) > MAX_DATA_CHARS_BELOW_TRACE:

@@ -242,6 +242,20 @@ class TestAnyData:
         output = capsys.readouterr().err
         assert "x" * 10_000 in output and "truncated" not in output
 
+    def test_a_huge_string_is_cut_at_trace_and_says_so(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """An attachment's base64 at level 3 (a 104,540-character line once): cut, with a marker."""
+        utils_logging.set_debug_level(3)
+        debug(1, "big", {"data": "A" * 104_540})
+        output = capsys.readouterr().err
+        assert "A" * utils_logging.MAX_TRACE_STRING_CHARS in output and "A" * 104_540 not in output
+        assert "…[truncated " in output
+
+    def test_no_line_passes_the_bound_at_trace(self, capsys: pytest.CaptureFixture[str]) -> None:
+        utils_logging.set_debug_level(3)
+        debug(1, "many", [f"item {index} " * 10 for index in range(20_000)])
+        (line,) = [line for line in capsys.readouterr().err.split("\n[") if line]
+        assert len(line) < utils_logging.MAX_LINE_CHARS + 200 and "…[truncated " in line
+
     def test_many_items_are_cut_below_trace(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Huge containers are not walked in full below level 3."""
         utils_logging.set_debug_level(1)

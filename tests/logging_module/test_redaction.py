@@ -29,6 +29,10 @@ SECRET_HEADERS = [
     "x-auth-token",
     "x-goog-api-key",
     "anthropic-api-key",
+    "x-claude-code-session-id",  # who a client is: its sessions, threads and subagents
+    "x-claude-code-agent-id",
+    "session-id",
+    "thread-id",
 ]
 SECRET_KEYS = [
     "password",
@@ -53,6 +57,12 @@ SECRET_KEYS = [
     "OPENAI_API_KEY",
     "aws_secret_access_key",
     "password_hash",
+    "user",  # client identifiers: OpenAI's user, prompt_cache_key and safety_identifier, Anthropic's user_id
+    "user_id",
+    "prompt_cache_key",
+    "promptCacheKey",
+    "safety_identifier",
+    "conversation_id",
 ]
 ORDINARY_KEYS = [
     "model",
@@ -63,6 +73,8 @@ ORDINARY_KEYS = [
     "tokens",
     "content",
     "keys",
+    "after_user",  # whether a prompt ends with the user's message, not who the user is
+    "role",
     "time_to_first_token",  # positions in a token stream, not credentials
     "diverged_at_token",
     "secondsPerToken",
