@@ -12,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ test: lint test-python-versions agent-clis model-tokenizers $(VISION_STAMP)
 test-fast: install model-tokenizers $(VISION_STAMP)
 	$(BIN)/python -m pytest -m "not e2e" -q
 
+# The property tests and schemathesis, randomized and with many more examples than CI's derandomized run: hunting
+# for new failing cases (each one found becomes an explicit example in the tests).
+FUZZ_EXAMPLES ?= 300
+fuzz: install model-tokenizers $(VISION_STAMP)
+	FUZZ_RANDOMIZED=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m "not e2e" -p no:cacheprovider
+
 bench-logging: install
 	$(BIN)/python bench/bench_logging.py
 
@@ -110,6 +116,9 @@ bench-vision: install-vision model-tokenizers
 
 bench-distributed: install model-tokenizers
 	$(BIN)/python bench/bench_distributed.py
+
+bench-hostile: install
+	$(BIN)/python bench/bench_hostile.py
 
 bench-speculative: install
 	$(BIN)/python bench/bench_speculative.py

@@ -13,14 +13,12 @@ preload_optimized_blas()  # before MLX is imported, as the server does
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from mlx_server.chat.profile import ModelProfile  # noqa: E402
-from mlx_server.chat.service import ChatService  # noqa: E402
-from mlx_server.edge.app import ServerState, create_app, service_options  # noqa: E402
-from mlx_server.engine.generation import EngineOptions, GenerationEngine  # noqa: E402
-from mlx_server.engine.prompt_cache import KVPromptCache  # noqa: E402
+from mlx_server.edge.app import ServerState, create_app  # noqa: E402
+from mlx_server.engine.generation import GenerationEngine  # noqa: E402
 from mlx_server.model.loading import LoadedModel  # noqa: E402
-from mlx_server.pool.loading import ChatModel  # noqa: E402
+from mlx_server.pool.assembly import assemble_chat  # noqa: E402
 from mlx_server.pool.pool import pool_of  # noqa: E402
+from mlx_server.pool.registry import ModelSpec  # noqa: E402
 from mlx_server.settings import Settings  # noqa: E402
 from mlx_server.vocabulary import SpeculativeMode  # noqa: E402
 
@@ -45,12 +43,8 @@ def serve(
     loaded: LoadedModel, prompt_cache_size: int, speculative: SpeculativeMode = "prompt-lookup"
 ) -> tuple[GenerationEngine, TestClient]:
     """The application over ``loaded``, greedy by default; ``prompt_cache_size`` 0 turns the prompt cache off."""
-    settings = Settings(default_temperature=0.0, response_cache_size=0, prompt_cache_size=prompt_cache_size)
-    cache = KVPromptCache.for_model(loaded.model, loaded.identity, prompt_cache_size, KV_BUDGET)
-    options = EngineOptions(max_batch=8, prefill_batch=8, kv_budget_bytes=KV_BUDGET, speculative=speculative)
-    engine = GenerationEngine(loaded, cache, options)
-    profile = ModelProfile(loaded.tokenizer, engine.context_length, loaded.recommended_sampling, images=loaded.vision)
-    service = ChatService(engine, service_options(settings), profile=profile, name=loaded.name)
-    model = ChatModel(service, engine, cache, loaded, loaded.weights_bytes + KV_BUDGET, save_checkpoints=False)
+    settings = Settings(default_temperature=0.0, response_cache_size=0, prompt_cache_size=prompt_cache_size,
+                        max_batch=8, prefill_batch=8, speculative=speculative)  # fmt: skip
+    model = assemble_chat(loaded, ModelSpec(loaded.name, None), settings, KV_BUDGET)
     state = ServerState(settings, BlasInfo("test", None, optimized=False), pool_of({loaded.name: model}))
-    return engine, TestClient(create_app(state), base_url="http://localhost")
+    return model.engine, TestClient(create_app(state), base_url="http://localhost")

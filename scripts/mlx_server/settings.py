@@ -434,6 +434,48 @@ class Settings:
         parse=parse_bytes,
         default_text="32M",
     )
+    max_attachment_bytes: int = option(
+        20 * 1024**2,
+        "larger images and documents (each, once decoded from base64) are refused with a 400",
+        group="load, faults and access",
+        parse=parse_bytes,
+        default_text="20M",
+    )
+    max_pdf_pages: int = option(
+        500,
+        "PDFs with more pages are refused with a 400 (a PDF's text is also refused when it could not fit the "
+        "model's context)",
+        group="load, faults and access",
+        parse=_positive_int,
+    )
+    max_attachment_seconds: float = option(
+        20.0,
+        "reading one document (a PDF's text, in a child process) may take this long; past it the request is "
+        "refused with a 400",
+        group="load, faults and access",
+        parse=_seconds,
+        metavar="SECONDS",
+    )
+    max_images: int = option(
+        100,
+        "images a vision model reads in one request; more are refused with a 400 (a text model leaves images out)",
+        group="load, faults and access",
+        parse=_positive_int,
+    )
+    max_image_pixels: int = option(
+        25_000_000,
+        "images with more pixels (width times height, read from the header before decoding) are refused with a "
+        "400; only PNG, JPEG, WEBP and GIF are decoded",
+        group="load, faults and access",
+        parse=_positive_int,
+    )
+    max_embedding_tokens: int = option(
+        300_000,
+        "tokens all the inputs of one /v1/embeddings request may hold together (at most 2,048 inputs, OpenAI's "
+        "limit, in any case); more are refused with a 400",
+        group="load, faults and access",
+        parse=_positive_int,
+    )
     api_keys: ApiKeys = option(
         ApiKeys(()),
         "require this key (Authorization: Bearer, or x-api-key) on every route but / and /health's readiness; "

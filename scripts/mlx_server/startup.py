@@ -93,14 +93,13 @@ def export(registry: Registry, settings: Settings, destination: Path, logger: lo
 
 def build(settings: Settings, registry: Registry, blas: BlasInfo, logger: logging.Logger) -> ModelPool | None:
     """The model pool with the default chat model (and every pinned one) loaded and warm; None if one cannot load."""
-    from mlx_server.edge.app import service_options
     from mlx_server.pool.loading import ModelLoader
     from mlx_server.pool.memory import default_memory_budget, describe_bytes
     from mlx_server.pool.pool import ModelPool
     from mlx_server.vocabulary import ModelUnavailableError
 
     budget = settings.memory_budget or default_memory_budget()
-    loader = ModelLoader(settings, registry, service_options(settings))
+    loader = ModelLoader(settings, registry)
     pool = ModelPool(registry, loader, budget, min_residency=settings.min_residency)
     aliases = {name: [pattern for pattern, target in registry.aliases if target == name] for name in
                (spec.name for spec in registry.models)}  # fmt: skip

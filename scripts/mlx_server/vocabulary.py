@@ -45,7 +45,6 @@ __all__ = [
     "InternalError",
     "InvalidRequestError",
     "KVBudgetError",
-    "KeepAlive",
     "Lane",
     "Message",
     "ModelKind",
@@ -67,6 +66,7 @@ __all__ = [
     "ServerError",
     "SpeculativeMode",
     "TextPart",
+    "Tokenizer",
     "Tool",
     "ToolCall",
     "ToolChoice",
@@ -155,8 +155,9 @@ class ImageReader(Protocol):
     @property
     def marker(self) -> str: ...
 
-    def read(self, data: bytes) -> ReadImage:
-        """The image file's tokens and pixels (InvalidRequestError if it is not an image)."""
+    def read(self, data: bytes, max_pixels: int) -> ReadImage:
+        """The image file's tokens and pixels (InvalidRequestError if it is not an image this server reads, or
+        has more than ``max_pixels`` pixels)."""
         ...
 
 
@@ -331,10 +332,10 @@ class GenerationRequest:
     replies after it.  ``lane`` is the client's session, whose cache entries
     other sessions' churn cannot evict.
     ``timeout`` (seconds from now, waiting included) stops generation with
-    finish_reason ``timeout``; with ``keepalive``, a ``KeepAlive`` comes
-    whenever that many seconds pass without an event.  ``images`` (a vision
-    model's) say where each image's tokens are: the engine prefills them
-    through the vision model, and its prompt cache tells images apart by content.
+    finish_reason ``timeout``.  ``images`` (a vision model's) say where each
+    image's tokens are: the engine prefills them through the vision model, and
+    its prompt cache tells images apart by content.  ``request_id`` names the
+    request to ``Engine.abort``.
     """
 
     prompt: list[int]
@@ -347,8 +348,8 @@ class GenerationRequest:
     lane: Lane | None = None
     use_cache: bool = True
     timeout: float | None = None
-    keepalive: float = 0.0
     images: tuple[PromptImage, ...] = ()  # on a vision model: the images in the prompt, in order
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -406,15 +407,9 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class PromptAdmitted:
-    """The request joined the batch: its cache lookup is done and its prefill begins.
-
-    ``end_early()`` tells the engine the reader has what it needs (a forced
-    call that started repeating itself, say): the sequence leaves the batch at
-    the next step and finishes with finish_reason ``stop``.
-    """
+    """The request joined the batch: its cache lookup is done and its prefill begins."""
 
     lookup: CacheLookup
-    end_early: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -425,18 +420,13 @@ class GeneratedText:
 
 
 @dataclass(frozen=True)
-class KeepAlive:
-    """Nothing happened for a while (a long prefill, a wait in the queue); streams send a comment or a ping."""
-
-
-@dataclass(frozen=True)
 class GenerationFinished:
     """The last event of a completion."""
 
     stats: GenerationStats = field(repr=False)
 
 
-EngineEvent = Union[PromptAdmitted, GeneratedText, KeepAlive, GenerationFinished]
+EngineEvent = Union[PromptAdmitted, GeneratedText, GenerationFinished]
 
 
 @dataclass(frozen=True)
@@ -496,6 +486,28 @@ class ModelStatus:
     failure: str | None = None  # why its last load failed, while requests for it are refused (no server path)
 
 
+class Tokenizer(Protocol):
+    """A model's tokenizer, as the layers above the engine use it (mlx-lm's ``TokenizerWrapper`` is one: it passes
+    most of these on to the Hugging Face tokenizer it wraps)."""
+
+    @property
+    def eos_token_ids(self) -> set[int]: ...
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    @property
+    def detokenizer(self) -> Any: ...
+
+    def encode(self, text: str, **options: Any) -> list[int]: ...
+
+    def decode(self, tokens: list[int], **options: Any) -> str: ...
+
+    def get_vocab(self) -> dict[str, int]: ...
+
+    def apply_chat_template(self, conversation: Any, **options: Any) -> Any: ...
+
+
 class Engine(Protocol):
     """A chat model's engine as the layers above see it: a tokenizer, a context length, a stream of events,
     and what /health, /v1/cache and /metrics show of it."""
@@ -523,7 +535,7 @@ class Engine(Protocol):
         ...
 
     @property
-    def tokenizer(self) -> Any: ...
+    def tokenizer(self) -> Tokenizer: ...
 
     @property
     def context_length(self) -> int:
@@ -531,11 +543,21 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
-        """``PromptAdmitted``, then text (and keep-alives), then ``GenerationFinished``.
+        """``PromptAdmitted``, then text, then ``GenerationFinished`` (silences are the reader's to fill).
 
         Closing the iteration early cancels the request; failures are raised
         as the exceptions below (``KVBudgetError``, ``GrammarError``).
         """
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (its worker gave up, a distributed rank stopped), or None."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """The reader of ``request_id`` has what it needs (a forced call that started over, say): the sequence
+        leaves at the next step and finishes with finish_reason ``stop``.  Unknown or finished ids are ignored."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -545,7 +567,7 @@ class Embedder(Protocol):
     """An embedding model's engine as the embeddings service sees it."""
 
     @property
-    def tokenizer(self) -> Any: ...
+    def tokenizer(self) -> Tokenizer: ...
 
     @property
     def context_length(self) -> int: ...

@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 
 from mlx_server.model.loading import ModelLoadError, load_model
-from testbed.documents import data_url, png
+from testbed.documents import data_url, huge_declared_png, png
 from testbed.serving import Served, serve
 from testbed.tiny_models import build_vision
 from tests.server.conftest import ROOT, start_server, stop_server
@@ -167,10 +167,35 @@ class TestRefusals:
         response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
         assert response.status_code == 400 and "image" in response.json()["error"]["message"]
 
-    def test_text_holding_the_image_marker_is_a_400(self, served: Served) -> None:
-        messages = asking(SCREENSHOT, "What is <start_of_image> here?")
-        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
-        assert response.status_code == 400 and "image marker" in response.json()["error"]["message"]
+    @pytest.mark.parametrize(
+        ("image", "code"),
+        [(huge_declared_png(), "image_too_large"), (huge_declared_png(10_000, 10_000), "image_too_large"),
+         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "invalid_image")],
+        ids=["20000x20000 declared", "10000x10000 declared", "EPS"],
+    )  # fmt: skip
+    def test_hostile_images_are_400s_before_they_are_decoded(self, served: Served, image: bytes, code: str) -> None:
+        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": asking(image)})
+        assert response.status_code == 400 and response.json()["error"]["code"] == code
+        chat(served.client, asking(SCREENSHOT), max_tokens=2)  # and the next request is served
+
+    @pytest.mark.parametrize("where", ["before", "between", "after"])
+    def test_the_models_image_markers_spelled_in_text_stay_text(self, served: Served, where: str) -> None:
+        """A Read result holding Gemma's image tokens as text, around screenshots: answered, and the engine goes on.
+
+        (It once made the image's slots disagree with its features, and the exception ended the engine's worker.)
+        """
+        code = {"type": "text", "text": 'MARKERS = ("<start_of_image>", "<image_soft_token>" * 3, "<end_of_image>")'}
+        question = {"type": "text", "text": QUESTION}
+        content = {
+            "before": [code, image_part(SCREENSHOT), question],
+            "between": [image_part(SCREENSHOT), code, image_part(OTHER), question],
+            "after": [image_part(SCREENSHOT), question, code],
+        }[where]
+        messages = [{"role": "user", "content": content}]
+        response = served.client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                                   "max_tokens": 4})  # fmt: skip
+        assert response.status_code == 200, response.text
+        chat(served.client, asking(OTHER), max_tokens=2)  # the engine still answers
 
     def test_without_the_vision_extra_the_model_is_refused_with_the_install_command(
         self, vision_directory: Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -13,7 +14,6 @@ from mlx_server.vocabulary import (
     GenerationFinished,
     GenerationRequest,
     GenerationStats,
-    PromptAdmitted,
 )
 
 from .conftest import RunningServer
@@ -116,19 +116,18 @@ async def collect(
 ) -> tuple[str, GenerationStats | None]:
     """An engine's text and final stats for one request; after ``end_after`` pieces it is ended early.
 
-    Ending early is the engine's ``end_early`` (the sequence stops and still
+    Ending early is the engine's ``abort`` (the sequence stops and still
     reports); a caller that wants a disconnect instead closes the stream.
     """
     parts: list[str] = []
     stats: GenerationStats | None = None
-    end = None
+    if not request.request_id:
+        request = dataclasses.replace(request, request_id=f"collect-{id(request)}")
     async for event in engine.stream(request):
-        if isinstance(event, PromptAdmitted):
-            end = event.end_early
-        elif isinstance(event, GeneratedText):
+        if isinstance(event, GeneratedText):
             parts.append(event.text)
-            if end is not None and end_after is not None and len(parts) >= end_after:
-                end()
+            if end_after is not None and len(parts) == end_after:
+                engine.abort(request.request_id)
         elif isinstance(event, GenerationFinished):
             stats = event.stats
     return "".join(parts), stats

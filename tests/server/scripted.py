@@ -31,8 +31,9 @@ from mlx_server.blas import BlasInfo
 from mlx_server.chat.answer_cache import AnswerCache
 from mlx_server.chat.profile import ModelProfile
 from mlx_server.chat.service import ChatService
-from mlx_server.edge.app import ServerState, create_app, service_options
+from mlx_server.edge.app import ServerState, create_app
 from mlx_server.embeddings.service import EmbeddingService
+from mlx_server.pool.options import service_options
 from mlx_server.pool.pool import ModelPool, pool_of
 from mlx_server.pool.registry import ModelSpec, Registry
 from mlx_server.settings import Settings
@@ -46,7 +47,6 @@ from mlx_server.vocabulary import (
     GenerationFinished,
     GenerationRequest,
     GenerationStats,
-    KeepAlive,
     PromptAdmitted,
     PromptCacheStats,
     RecommendedSampling,
@@ -62,14 +62,14 @@ class Reply:
     """What the engine answers one request: text in pieces, how it ends, what its cache lookup gave.
 
     ``error`` is raised instead of admitting the request (a refusal before
-    the first token); ``keepalives`` come before admission (a wait in the queue).
+    the first token); ``admitted_after`` seconds pass before admission (a wait in the queue).
     """
 
     pieces: list[str] = field(default_factory=lambda: [DEFAULT_TEXT])
     finish_reason: FinishReason = "stop"
     lookup: CacheLookup | None = None
     error: ServerError | None = None
-    keepalives: int = 0
+    admitted_after: float = 0.0
     seconds_per_token: float = 0.0
 
 
@@ -77,6 +77,7 @@ class ScriptedEngine:
     """The engine's surface, answering from a script; records every request it was given."""
 
     max_batch = 4
+    failure: str | None = None
 
     def __init__(self, tokenizer: Any, context_length: int = 8192) -> None:
         self.tokenizer = tokenizer
@@ -84,6 +85,7 @@ class ScriptedEngine:
         self.requests: list[GenerationRequest] = []
         self.cancelled: list[GenerationRequest] = []
         self.ended_early: list[GenerationRequest] = []
+        self._aborted: set[str] = set()
         self.checkpoints: list[list[int]] = []
         self._replies: deque[Reply] = deque()
         self._responder: Callable[[GenerationRequest, str], Reply | str | None] | None = None
@@ -110,14 +112,12 @@ class ScriptedEngine:
         self.requests.append(request)
         reply = self._next_reply(request)
         finished = False
-        ended: list[bool] = []
         try:
-            for _ in range(reply.keepalives):
-                yield KeepAlive()
+            await asyncio.sleep(reply.admitted_after)
             if reply.error is not None:
                 raise reply.error
             lookup = reply.lookup or CacheLookup(0, "miss" if request.use_cache else "off")
-            yield PromptAdmitted(lookup, lambda: ended.append(True))
+            yield PromptAdmitted(lookup)
             stats = GenerationStats(len(request.prompt), cached_tokens=lookup.cached_tokens, cache_source=lookup.source)
             stops = StopText(request.sampling.stop)
             tokens = self._tokens(reply.pieces)
@@ -135,7 +135,7 @@ class ScriptedEngine:
                 if stops.matched is not None:
                     stats.finish_reason, stats.stop_sequence = "stop", stops.matched
                     break
-                if ended:
+                if request.request_id and request.request_id in self._aborted:
                     self.ended_early.append(request)
                     stats.finish_reason = "stop"
                     break
@@ -148,6 +148,9 @@ class ScriptedEngine:
         finally:
             if not finished:
                 self.cancelled.append(request)
+
+    def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
 
     def prefill_checkpoint(self, tokens: list[int]) -> bool:
         self.checkpoints.append(tokens)
@@ -301,7 +304,9 @@ class ScriptedLoader:
         time.sleep(self.delay)
         self.loads.append(spec.name)
         if spec.kind == "embedding":
-            service: ChatService | EmbeddingService = EmbeddingService(spec.name, ScriptedEmbedder())
+            service: ChatService | EmbeddingService = EmbeddingService(
+                spec.name, ScriptedEmbedder(), self.settings.max_embedding_tokens
+            )
         else:
             engine = ScriptedEngine(load_tokenizer("qwen3"))
             profile = ModelProfile(engine.tokenizer, engine.context_length, configured=spec.sampling)

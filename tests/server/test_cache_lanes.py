@@ -17,6 +17,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 
 from mlx_server.engine.cache_entries import CHECKPOINT, CONVERSATION, SNAPSHOT, CacheEntry, EntryKind
 from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, LaneActivity, fair_share, superseded
+from mlx_server.engine.cache_report import describe_lanes
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.vocabulary import Lane
 
@@ -208,7 +209,7 @@ class TestEviction:
         for base in (1000, 2000, 3000, 4000):
             cache.release(hybrid_state(tokens(base)), tokens(base), 20, A)
         assert cache.acquire([*conversation, 1], A).cached_tokens == 40
-        decisions = cache.describe_lanes()["recent_decisions"]
+        decisions = describe_lanes(cache)["recent_decisions"]
         assert any(decision["decision"] == "evicted: a side request of its session" for decision in decisions)
 
 
@@ -248,7 +249,7 @@ class TestAnAgentSession:
         for lane, conversation in conversations.items():
             lease = cache.acquire([*conversation, 7], lane)
             assert (lease.source, lease.cached_tokens) == ("extended", len(conversation)), lane
-        decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
+        decisions = [decision["decision"] for decision in describe_lanes(cache)["recent_decisions"]]
         assert decisions.count("evicted: a checkpoint that a longer entry holds") == 3
 
     def test_a_side_request_stored_into_a_full_cache_goes_itself(self) -> None:
@@ -258,7 +259,7 @@ class TestAnAgentSession:
         cache.release(dense_state(main), main, len(main), SESSION, turn=3)
         cache.release(dense_state(side), side, len(side), SESSION)
         assert cache.acquire([*main, 7], SESSION).source == "extended"
-        decisions = [decision["decision"] for decision in cache.describe_lanes()["recent_decisions"]]
+        decisions = [decision["decision"] for decision in describe_lanes(cache)["recent_decisions"]]
         assert decisions[-1] == "evicted: a side request of its session"
 
     def test_subagents_go_before_their_sessions_main_conversation(self) -> None:
@@ -272,7 +273,7 @@ class TestAnAgentSession:
             conversation = tokens(1000 * agent, 200)
             cache.release(dense_state(conversation), conversation, 200, Lane("claude-code", "s", f"a{agent}"), turn=1)
         assert cache.acquire([*main, 7], Lane("claude-code", "s")).source == "extended"
-        evicted = [d for d in cache.describe_lanes()["recent_decisions"] if d["decision"].startswith("evicted")]
+        evicted = [d for d in describe_lanes(cache)["recent_decisions"] if d["decision"].startswith("evicted")]
         assert [d["lane"] for d in evicted] == ["claude-code:s/a1"]  # the least recently used subagent, only
 
     def test_a_request_that_named_no_session_keeps_what_it_computed_for_its_retry(self) -> None:
@@ -313,7 +314,7 @@ class TestReturningSessions:
             cache.release(dense_state(one_off), one_off, len(one_off), lane)
         lease = cache.acquire([*main, 7], MAIN)
         assert (lease.source, lease.cached_tokens) == ("extended", len(main))
-        evicted = [d for d in cache.describe_lanes()["recent_decisions"] if d["decision"].startswith("evicted")]
+        evicted = [d for d in describe_lanes(cache)["recent_decisions"] if d["decision"].startswith("evicted")]
         assert evicted and all(d["decision"] == "evicted: its session has not come back, newest first" for d in evicted)
 
     def test_the_cache_report_says_how_often_each_session_came_back(self) -> None:
@@ -321,7 +322,7 @@ class TestReturningSessions:
         for _ in range(3):
             cache.acquire([0, 1], MAIN)
         cache.acquire([0, 1], Lane("test", "main", "agent"))
-        lanes = cache.describe_lanes()["lanes"]
+        lanes = describe_lanes(cache)["lanes"]
         assert lanes["test:main"]["requests"] == 3 and lanes["test:main"]["session_returns"] == 3
         assert lanes["test:main/agent"]["requests"] == 1
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_server.pool.registry import ModelSpec, Registry
+from mlx_server.settings import Settings
 
 from .scripted import ScriptedEmbedder, ScriptedModels, scripted_models
 
@@ -93,6 +94,20 @@ class TestBadRequests:
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] is not None and error["param"].startswith(param) and fragment in error["message"]
+
+    def test_at_most_2048_inputs_in_one_request(self, served: ScriptedModels) -> None:
+        """20,000 token-id inputs in a small body once answered with a 27 MB reply."""
+        response = served.client.post(EMBEDDINGS, json={"model": "embed", "input": [[1]] * 2049})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_inputs"
+        assert served.embedder("embed").calls[-1:] != [[[1]] * 2049], "nothing was embedded"
+        assert len(embed(served, model="embed", input=[[1]] * 2048)["data"]) == 2048
+
+    def test_a_token_budget_per_request(self) -> None:
+        bounded = scripted_models(REGISTRY, Settings(default_temperature=0.0, max_embedding_tokens=10))
+        refused = bounded.client.post(EMBEDDINGS, json={"model": "embed", "input": ["one two three four"] * 4})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_tokens"
+        assert "--max-embedding-tokens" in refused.json()["error"]["message"] and not bounded.embedder("embed").calls
+        assert bounded.client.post(EMBEDDINGS, json={"model": "embed", "input": "one two"}).status_code == 200
 
     def test_an_embeddings_request_to_a_chat_model_is_refused(self, served: ScriptedModels) -> None:
         response = served.client.post(EMBEDDINGS, json={"model": "chat", "input": "hello"})

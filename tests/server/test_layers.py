@@ -7,7 +7,7 @@ several processes the same way, at start-up, beside the pool.
 Read from the source's import statements, so a module that reaches back into
 its caller fails here before it confuses a reader.  Beside the layers sit
 leaf modules every layer may use: ``mlx_lm_compat`` (the only place that
-names mlx-lm's private parts), ``stop_text``, ``server_paths`` and ``machine``.
+names mlx-lm's private parts), ``stop_text``, ``server_paths``, ``pdf_text`` and ``machine``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ LAYERS = {
     "mlx_lm_compat": set(),
     "stop_text": set(),
     "server_paths": set(),
+    "pdf_text": set(),
     "model": {"vocabulary", "machine", "mlx_lm_compat"},
     "engine": {"vocabulary", "model", "machine", "mlx_lm_compat", "stop_text"},
-    "chat": {"vocabulary", "mlx_lm_compat"},
+    "chat": {"vocabulary", "mlx_lm_compat", "pdf_text"},
     "embeddings": {"vocabulary"},
     "dialects": {"vocabulary", "chat", "embeddings"},
     "edge": {"vocabulary", "chat", "embeddings", "dialects", "settings", "blas"},
     "pool": {"vocabulary", "chat", "embeddings", "engine", "model", "machine", "mlx_lm_compat", "settings",
              "agent_environment", "server_paths"},
-    "distributed": {"vocabulary", "chat", "engine", "model", "mlx_lm_compat", "pool", "settings", "blas", "edge"},
+    "distributed": {"vocabulary", "chat", "engine", "model", "mlx_lm_compat", "pool", "settings", "blas"},
 }  # fmt: skip
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn"}
 

@@ -6,31 +6,112 @@ pieces that decide what each rank does are specified one by one.
 
 from __future__ import annotations
 
-import pickle
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mlx_server.distributed.serving import refusal
-from mlx_server.engine.lockstep import START_UP_SECONDS, DistributedRun, Lockstep, StepPlan
+from mlx_server.engine.kv_budget import KVBudget
+from mlx_server.engine.lockstep import START_UP_SECONDS, DistributedRun, Lockstep, decode_plan, encode_plan
+from mlx_server.engine.plans import Checkpoint, StepPlan
+from mlx_server.engine.prompt_cache import KVPromptCache
+from mlx_server.engine.scheduler import RequestSignals, Scheduler
 from mlx_server.engine.sequence import Job
 from mlx_server.pool.registry import build_registry
 from mlx_server.settings import Settings
 from mlx_server.vocabulary import GenerationRequest, Lane, Sampling
+from testbed.tokenizers import load_tokenizer
 
 
-def job(**fields: object) -> Job:
-    return Job(GenerationRequest([1, 2, 3], 8), threading.Event(), lambda _event: None, 0.0, **fields)  # type: ignore[arg-type]
+def job(number: int = 0) -> Job:
+    return Job(GenerationRequest([1, 2, 3], 8, request_id=f"req_{number}"), number=number)
 
 
 class TestAStepPlan:
-    def test_crosses_a_process_boundary_whole(self) -> None:
-        request = GenerationRequest([5, 6, 7], 12, Sampling(temperature=0.7, stop=("END",)), "start: 'x'",
-                                    stable_prefix=2, lane=Lane("claude-code", "5f1e"), timeout=30.0)  # fmt: skip
-        plan = StepPlan(12.5, [(4, request)], {3: "cancelled"}, [[1, 2, 3]], stopping=False)
-        assert pickle.loads(pickle.dumps(plan)) == plan
+    def test_crosses_a_process_boundary_whole_as_plain_fields(self) -> None:
+        request = GenerationRequest([5, 6, 7], 12, Sampling(temperature=0.7, top_k=20, stop=("END",)), "start: 'x'",
+                                    stable_prefix=2, lane=Lane("claude-code", "5f1e", "a9"), timeout=30.0,
+                                    request_id="req_1")  # fmt: skip
+        plan = StepPlan(12.5, [Job(request, number=4)], {3: "cancelled"}, [Checkpoint([1, 2, 3])], last=False)
+        data = encode_plan(plan)
+        assert b"pickle" not in data and data.startswith(b"{")
+        received = decode_plan(data)
+        assert received.now == 12.5 and received.stops == {3: "cancelled"} and not received.last
+        assert [(job.number, job.request) for job in received.admitted] == [(4, request)]
+        assert [checkpoint.tokens for checkpoint in received.checkpoints] == [[1, 2, 3]]
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"[]",
+            b'{"now": "soon"}',
+            b'{"now": 1, "admitted": [{"number": true}], "stops": [], "checkpoints": [], "last": false}',
+            b'{"now": 1, "admitted": [], "stops": [[1, "exploded"]], "checkpoints": [], "last": false}',
+            b'{"now": 1, "admitted": [], "stops": [], "checkpoints": [["a"]], "last": false}',
+        ],
+    )
+    def test_anything_but_the_schema_is_refused(self, data: bytes) -> None:
+        with pytest.raises(ValueError, match="step plan"):
+            decode_plan(data)
+
+
+def scheduler() -> Scheduler:
+    planned = Scheduler(8, 8, KVPromptCache(list, "test", 0, 1 << 20), load_tokenizer("qwen3"))
+    planned.budget = KVBudget(1 << 30, 1)
+    return planned
+
+
+class NoBatch:
+    active = decoding = 0
+
+    def final_lengths(self) -> list[int]:
+        return []
+
+    def pending_prefixes(self) -> set[str]:
+        return set()
+
+
+class TestStopsComeOnlyFromPlans:
+    """A job carries no signal of its own: the scheduler (rank 0's) reads its clients and writes stops in plans."""
+
+    def test_the_scheduler_reads_why_a_running_job_should_stop_from_its_clients_signals(self) -> None:
+        planned, signals = scheduler(), RequestSignals()
+        running = job()
+        planned.submit(running, signals)
+        assert planned.plan(NoBatch(), []).admitted == [running]
+        assert planned.plan(NoBatch(), [running]).stops == {}
+        signals.satisfied.set()
+        assert planned.plan(NoBatch(), [running]).stops == {running.number: "stop"}
+        signals.cancelled.set()
+        assert planned.plan(NoBatch(), [running]).stops == {running.number: "cancelled"}
+
+    def test_a_deadline_past_is_a_timeout(self) -> None:
+        planned, signals = scheduler(), RequestSignals(deadline=time.perf_counter() + 60)
+        running = job()
+        planned.submit(running, signals)
+        planned.plan(NoBatch(), [])
+        signals.deadline = time.perf_counter() - 1
+        assert planned.plan(NoBatch(), [running]).stops == {running.number: "timeout"}
+
+    def test_a_job_that_is_stopped_already_is_not_stopped_again(self) -> None:
+        planned, signals = scheduler(), RequestSignals()
+        running = job()
+        planned.submit(running, signals)
+        planned.plan(NoBatch(), [])
+        signals.cancelled.set()
+        running.stop = "cancelled"
+        assert planned.plan(NoBatch(), [running]).stops == {}
+
+    def test_a_job_cancelled_while_it_waits_never_joins(self) -> None:
+        planned, signals = scheduler(), RequestSignals()
+        delivered: list[Any] = []
+        waiting = Job(GenerationRequest([1, 2, 3], 8), delivered.append)
+        signals.cancelled.set()
+        planned.submit(waiting, signals)
+        assert planned.plan(NoBatch(), []).admitted == []
+        assert delivered[-1].stats.finish_reason == "cancelled" and waiting.state == "done"
 
 
 class TestTheWatchdogsPatience:
@@ -51,28 +132,6 @@ class TestTheWatchdogsPatience:
         with lockstep.collective():
             time.sleep(0.2)
         assert 4 + 2 * 0.2 <= lockstep.patience < 4 + 2 * 1.0
-
-
-class TestAJobInLockstep:
-    def test_stops_only_when_the_plan_says_so(self) -> None:
-        follower = job(lockstep=True)
-        follower.cancelled.set()  # a client rank 0 knows about; this rank's own signals do not count
-        assert not follower.should_stop() and not follower.end_wanted()
-        follower.decided_stop = "timeout"
-        assert follower.should_stop() and follower.stop_reason() == "timeout"
-
-    def test_rank_zero_reads_why_it_should_stop_from_its_own_signals(self) -> None:
-        leader = job(lockstep=True)
-        assert leader.wanted_stop() is None
-        leader.end_requested.set()
-        assert leader.wanted_stop() == "stop"
-        leader.cancelled.set()
-        assert leader.wanted_stop() == "cancelled"
-
-    def test_alone_a_job_stops_on_its_own_signals(self) -> None:
-        alone = job()
-        alone.cancelled.set()
-        assert alone.should_stop() and alone.stop_reason() == "cancelled"
 
 
 class TestWhatCannotBeServedOverSeveralProcesses:

@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from mlx_server.chat.request import ChatRequest
 from mlx_server.pool import pool as pool_module
 from mlx_server.pool.pool import ModelPool
 from mlx_server.pool.registry import ModelSpec, Registry
 from mlx_server.settings import Settings
-from mlx_server.vocabulary import ConflictError, ModelUnavailableError
+from mlx_server.vocabulary import ConflictError, Message, ModelUnavailableError
 
 from .scripted import ScriptedLoader
 
@@ -197,7 +198,7 @@ class TestTheMemoryBudget:
         pool = pool_of_sizes(*specs, sizes={"a": 4 * GIB, "b": 4 * GIB, "c": 4 * GIB}, budget=9 * GIB)
         run(pool.chat("b"))
         busy = run(pool.chat("b"))
-        busy._runs = 1  # a request is running on b
+        run(busy.start(ChatRequest(messages=(Message("user", "Hi"),))))  # a request is running on b
         with pytest.raises(ModelUnavailableError) as refused:
             run(pool.chat("c"))
         message = refused.value.message

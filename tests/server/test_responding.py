@@ -18,6 +18,7 @@ import pytest
 
 from mlx_server.chat.prompts import ChatTemplate
 from mlx_server.dialects.lanes import lane_key
+from mlx_server.settings import Settings
 from mlx_server.vocabulary import CacheLookup, Divergence, KVBudgetError, Lane, Message
 
 from .helpers import CHAT, COMPLETIONS, MESSAGES, RESPONSES
@@ -31,6 +32,7 @@ BODIES: dict[str, dict[str, Any]] = {
     COMPLETIONS: {"prompt": "Hi", "max_tokens": 20, "stream_options": {"include_usage": True}},
 }
 GENERATING = [CHAT, MESSAGES, RESPONSES]
+KEEPALIVE_SECONDS = 0.05
 
 
 @pytest.fixture
@@ -125,12 +127,15 @@ class TestAdmission:
             assert error["code"] == "kv_budget_exceeded"
 
     @pytest.mark.parametrize("path", GENERATING)
-    def test_keepalives_before_the_start_are_comments(self, scripted: ScriptedServer, path: str) -> None:
+    def test_keepalives_before_the_start_are_comments(self, path: str) -> None:
         """While a request waits for room in the batch, an SSE comment, never a dialect event before its start."""
-        scripted.engine.reply(Reply(keepalives=2))
+        settings = Settings(default_temperature=0.0, response_cache_size=0, keepalive_interval=KEEPALIVE_SECONDS)
+        scripted = scripted_server(settings)
+        scripted.engine.reply(Reply(admitted_after=2.5 * KEEPALIVE_SECONDS))
         lines = sse(scripted, path)
-        assert lines[:2] == [": keep-alive", ": keep-alive"]
-        assert lines[2].startswith(("data: {", "event: message_start", "event: response.created"))
+        waited = next(index for index, line in enumerate(lines) if line != ": keep-alive")
+        assert waited >= 2 and lines[:2] == [": keep-alive", ": keep-alive"]
+        assert lines[waited].startswith(("data: {", "event: message_start", "event: response.created"))
 
 
 class TestInStreamErrors:

@@ -9,14 +9,17 @@ it.  /v1/models lists every model with its kind and state; /models/load and
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 
+from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.service import ChatService
 from mlx_server.pool.registry import ModelSpec, Registry
 from mlx_server.settings import ApiKeys, Settings
+from mlx_server.vocabulary import Message
 
 from .helpers import CHAT, COMPLETIONS, MESSAGES, RESPONSES, chat_body, messages_body
 from .scripted import ScriptedModels, scripted_models
@@ -120,7 +123,7 @@ class TestLoadingOnDemand:
         served = scripted_models(REGISTRY, sizes=sizes, budget=10)
         main = served.loader.models["main"].service
         assert isinstance(main, ChatService)
-        main._runs = 1  # main is busy: it cannot make room
+        asyncio.run(main.start(ChatRequest(messages=(Message("user", "Hi"),))))  # main is busy: it cannot make room
         anthropic = served.client.post(MESSAGES, json=body_for(MESSAGES, "small"))
         assert anthropic.status_code == 529 and anthropic.json()["error"]["type"] == "overloaded_error"
         openai = served.client.post(CHAT, json=body_for(CHAT, "small"))

@@ -164,7 +164,7 @@ def largest_key_difference(engines: Engines, entry: Any) -> float:
             for kept, new in zip(entry.cache, fresh)
         )
 
-    result: float = engines.on._on_worker(compare)
+    result: float = engines.on.on_worker(compare)
     return result
 
 

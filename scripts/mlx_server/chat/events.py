@@ -2,8 +2,8 @@
 
 A dialect turns these into its own JSON or server-sent events; the order is
 always: ``Started`` (the prompt's usage is final from here on), any number of
-deltas and keep-alives, then one ``Finished``.  Keep-alives may also come
-before ``Started``, while the request waits for room in the batch.
+deltas, then one ``Finished``.  Silences (a wait in the queue, a long
+prefill) are filled by the stream driver that writes the bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ __all__ = [
     "ChatEvent",
     "Completion",
     "Finished",
-    "Keepalive",
     "PromptUsage",
     "ReasoningDelta",
     "Started",
@@ -58,10 +57,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Started:
-    """The request is admitted: its cache lookup is done and its prompt usage will not change."""
+    """The request is admitted: its cache lookup is done and its prompt usage will not change.
+
+    ``echo`` is the prompt's text when a legacy completion asked for it back.
+    """
 
     usage: PromptUsage
     lookup: CacheLookup
+    echo: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,6 @@ class ToolCallDelta:
     call: ToolCall
 
 
-@dataclass(frozen=True)
-class Keepalive:
-    """Nothing happened for a while (a long prefill, a wait in the queue); streams send a comment or a ping."""
-
-
 @dataclass
 class Completion:
     """A finished reply.
@@ -104,6 +102,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     stop_sequence: str | None = None
+    echo: str = ""  # the prompt's text, when a legacy completion asked for it back
 
 
 @dataclass(frozen=True)
@@ -111,4 +110,4 @@ class Finished:
     completion: Completion = field(repr=False)
 
 
-ChatEvent = Union[Started, TextDelta, ReasoningDelta, ToolCallDelta, Keepalive, Finished]
+ChatEvent = Union[Started, TextDelta, ReasoningDelta, ToolCallDelta, Finished]

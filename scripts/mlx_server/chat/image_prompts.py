@@ -1,7 +1,8 @@
-"""A vision model's prompt: each image marker the chat template wrote becomes that image's own text and tokens.
+"""A vision model's prompt: each image slot in the rendered text becomes that image's own text and tokens.
 
-The chat template renders an image as the model's marker (Gemma 3's
-``<start_of_image>``); the model's processor says what one image expands to
+The chat template renders an image as the chat core's slot (``IMAGE_SLOT``,
+a character no client can send, so no text a client writes can make one);
+the model's processor says what one image expands to
 (Gemma 3: newlines, the marker, 256 image tokens, the end marker, newlines).
 As the processor itself does, the expansion happens in the rendered text,
 which is then tokenized whole (so a newline before an image merges with the
@@ -18,19 +19,18 @@ from mlx_server.vocabulary import InvalidRequestError, PromptImage, ReadImage
 __all__ = ["expanding", "locate_images"]
 
 
-def expanding(marker: str, images: Sequence[ReadImage]) -> Callable[[str], str]:
-    """A rewrite of the rendered text: the k-th ``marker`` becomes the k-th image's text.
+def expanding(slot: str, images: Sequence[ReadImage]) -> Callable[[str], str]:
+    """A rewrite of the rendered text: the k-th ``slot`` becomes the k-th image's text.
 
-    InvalidRequestError when markers and images do not pair up (the
-    conversation's text holds the model's image marker itself).
+    InvalidRequestError when slots and images do not pair up (a chat template that dropped or repeated a message).
     """
 
     def rewrite(text: str) -> str:
-        pieces = text.split(marker)
+        pieces = text.split(slot)
         if len(pieces) - 1 != len(images):
             raise InvalidRequestError(
-                f"the conversation holds {len(pieces) - 1} image markers for {len(images)} images: its text "
-                f"contains the model's own image marker ({marker}); remove it from the text",
+                f"the model's chat template rendered {len(pieces) - 1} of the conversation's {len(images)} images: "
+                "it drops or repeats messages that hold them",
                 "messages",
             )
         expanded = [pieces[0]]

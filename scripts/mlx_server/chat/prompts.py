@@ -1,6 +1,7 @@
 """Chat messages -> prompt token ids, through the model's own chat template (``ChatTemplate``, one per model).
 
-Two things here exist for the prompt cache: the volatile billing-header line
+The messages' and tools' text is protected first (``text_guard``): a
+special token spelled in it stays text.  Two things here exist for the prompt cache: the volatile billing-header line
 that Claude Code puts at the start of its system prompt is removed before
 tokenizing (it changes every request and would defeat any prefix cache), and
 the stable prefix (system messages and tools, rendered alone) is measured so that the
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
-from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_server.chat.text_guard import TextGuard
 from mlx_server.chat.tool_prompts import TemplateToolSupport, template_conversation, template_tool_support
-from mlx_server.vocabulary import InvalidRequestError, Message, PromptImage, Tool, UnsupportedOptionError
+from mlx_server.vocabulary import InvalidRequestError, Message, PromptImage, Tokenizer, Tool, UnsupportedOptionError
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -62,26 +63,22 @@ def normalize_billing_header(messages: Sequence[Message]) -> tuple[list[Message]
 
 
 def _render(
-    tokenizer: TokenizerWrapper,
+    tokenizer: Tokenizer,
+    guard: TextGuard,
     conversation: list[dict[str, Any]],
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None,
     rewrite: Callable[[str], str] | None = None,
 ) -> list[int]:
-    """The template's tokens; with ``rewrite``, its text rewritten before it is tokenized (as a processor does)."""
+    """The template's tokens (its text, ``rewrite`` applied, tokenized as ``TextGuard.tokens`` says)."""
     template = None if tokenizer.has_chat_template else FALLBACK_CHAT_TEMPLATE
     extra: dict[str, Any] = {"tools": tools} if tools else {}
-    if rewrite is not None:
-        text = tokenizer.apply_chat_template(
+    text = str(
+        tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, tokenize=False, chat_template=template, **extra
         )
-        return [int(token) for token in tokenizer.encode(rewrite(str(text)), add_special_tokens=False)]
-    tokens = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=template, **extra
     )
-    if isinstance(tokens, dict):  # some transformers versions return a BatchEncoding
-        tokens = tokens["input_ids"]
-    return [int(token) for token in tokens]
+    return guard.tokens(rewrite(text) if rewrite is not None else text)
 
 
 Conversation = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]
@@ -114,8 +111,9 @@ class ChatTemplate:
     the same ones; the memo belongs to this model alone (one lock, held briefly).
     """
 
-    def __init__(self, tokenizer: TokenizerWrapper) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.guard = TextGuard(tokenizer)
         self.support: TemplateToolSupport = template_tool_support(tokenizer)
         self.generation_prompt = self._find_generation_prompt()
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
@@ -172,7 +170,7 @@ class ChatTemplate:
         try:
             while low < high:
                 middle = (low + high) // 2
-                if len(_render(self.tokenizer, conversation[: middle + 1], False, template_tools)) > offset:
+                if len(_render(self.tokenizer, self.guard, conversation[: middle + 1], False, template_tools)) > offset:
                     high = middle
                 else:
                     low = middle + 1
@@ -185,13 +183,16 @@ class ChatTemplate:
     # -- inside ---------------------------------------------------------------------------------
 
     def _conversation(self, messages: Sequence[Message], tools: Sequence[Tool]) -> Conversation:
-        return template_conversation(self.support, messages, tools)
+        """What the template is given: the messages and tools with their text protected (``TextGuard``)."""
+        return template_conversation(
+            self.support, self.guard.protect_messages(messages), self.guard.protect_tools(tools)
+        )
 
     def _render_conversation(
         self, conversation: Conversation, rewrite: Callable[[str], str] | None = None
     ) -> list[int]:
         try:
-            return _render(self.tokenizer, conversation[0], True, conversation[1], rewrite)
+            return _render(self.tokenizer, self.guard, conversation[0], True, conversation[1], rewrite)
         except (TemplateError, ValueError) as error:
             raise InvalidRequestError(
                 f"the model's chat template rejected the messages: {error}", "messages"
@@ -207,8 +208,10 @@ class ChatTemplate:
         one that opens with an assistant message.
         """
         try:
-            user = _render(self.tokenizer, [{"role": "user", "content": "probe"}], False, template_tools)
-            assistant = _render(self.tokenizer, [{"role": "assistant", "content": "probe"}], False, template_tools)
+            user = _render(self.tokenizer, self.guard, [{"role": "user", "content": "probe"}], False, template_tools)
+            assistant = _render(
+                self.tokenizer, self.guard, [{"role": "assistant", "content": "probe"}], False, template_tools
+            )
         except ValueError:
             return []
         shared = next(
@@ -223,7 +226,10 @@ class ChatTemplate:
         """
         probe = [{"role": "user", "content": "probe"}]
         try:
-            closed, opened = _render(self.tokenizer, probe, False), _render(self.tokenizer, probe, True)
+            closed, opened = (
+                _render(self.tokenizer, self.guard, probe, False),
+                _render(self.tokenizer, self.guard, probe, True),
+            )
         except (TemplateError, ValueError):
             return ()
         return tuple(opened[len(closed) :]) if opened[: len(closed)] == closed else ()
@@ -241,7 +247,7 @@ class ChatTemplate:
         if prefix is None:
             try:
                 prefix = (
-                    _render(self.tokenizer, leading, False, template_tools)
+                    _render(self.tokenizer, self.guard, leading, False, template_tools)
                     if leading
                     else self._preamble(template_tools)
                 )

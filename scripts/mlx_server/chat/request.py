@@ -46,6 +46,7 @@ class ChatRequest:
     tool_params: tuple[str, ...] = ()  # where each tool's schema sits in the request, for error messages
     schema_param: str = "response_format.json_schema.schema"
     lane: Lane | None = None
+    echo: bool = False  # a legacy completion asks for its prompt back before the completion
 
     @property
     def tool_mode(self) -> ToolMode:

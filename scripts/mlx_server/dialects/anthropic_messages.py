@@ -23,9 +23,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, PromptUsage, ReasoningDelta, Started, TextDelta
-from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_tool_id
-from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
@@ -216,17 +215,12 @@ def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
     @with_cancellation
     async def messages(body: MessagesRequest, request: Request) -> Response:
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
-
-        def start(service: ChatService, _: MessageStream) -> ChatRun:
-            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-
-        message_id = new_id("msg_")
-        reply = functools.partial(MessageStream, message_id)
-        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
+        reply = functools.partial(MessageStream, new_id("msg_"))
+        return await serve_chat(models, body.model, chat_request, body.stream, reply, keepalive, lambda: traced(body))
 
     @router.post(COUNT_TOKENS_PATH)
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
         service = await models.chat(models.chat_model(body.model))
-        return {"input_tokens": service.count_prompt_tokens(body.to_chat_request())}
+        return {"input_tokens": await service.count_prompt_tokens(body.to_chat_request())}
 
     return router

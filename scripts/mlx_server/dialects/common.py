@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
+import re
 import secrets
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-__all__ = ["DialectModel", "RequestBody", "new_id", "sse_data", "sse_event"]
+__all__ = ["DialectModel", "RequestBody", "new_id", "sse_data", "sse_event", "traced"]
+
+#: A string this long in the base64 alphabet is an attachment's data (text is never this uniform).
+ATTACHMENT_CHARS = 512
+_BASE64 = re.compile(r"[A-Za-z0-9+/=_-]+")
 
 
 def _is_valid_unicode(text: str) -> bool:
@@ -56,6 +64,40 @@ class RequestBody(DialectModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None}
         return data
+
+
+def traced(body: BaseModel) -> Any:
+    """A request body as ANYCLAUDE_DEBUG=3 logs it: each attachment's data as its kind, size and digest.
+
+    (Secrets and client identifiers are the logging module's to redact, at every level.)
+    """
+    return _summarized(body.model_dump(exclude_unset=True))
+
+
+def _summarized(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _summarized(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_summarized(item) for item in value]
+    if isinstance(value, str) and len(value) >= ATTACHMENT_CHARS:
+        return _attachment_summary(value) or value
+    return value
+
+
+def _attachment_summary(text: str) -> str | None:
+    """``<image/png: 104540 bytes, sha256 3f2a…>`` for a data URL or a base64 payload; None for other text."""
+    kind = "base64 data"
+    payload = text
+    if text.startswith("data:"):
+        header, _, payload = text[5:].partition(",")
+        kind = header.removesuffix(";base64") or kind
+    if not _BASE64.fullmatch(payload):
+        return None
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return f"<{kind}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}…>"
 
 
 def new_id(prefix: str, hex_digits: int = 24) -> str:

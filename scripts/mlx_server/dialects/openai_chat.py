@@ -17,8 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.common import new_id, sse_data, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.lanes import lane_of_headers
@@ -133,11 +132,7 @@ def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
-
-        def start(service: ChatService, _: ChatCompletionReply) -> ChatRun:
-            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-
         reply = functools.partial(ChatCompletionReply, body)
-        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
+        return await serve_chat(models, body.model, chat_request, body.stream, reply, keepalive, lambda: traced(body))
 
     return router

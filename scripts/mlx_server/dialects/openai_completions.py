@@ -16,8 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import new_id, sse_data
+from mlx_server.dialects.common import new_id, sse_data, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.openai_chat import DONE, openai_usage
@@ -40,7 +39,6 @@ class TextCompletionReply:
         self.created = int(time.time())
         self.body = body
         self.model = model
-        self.echo_text = ""  # the prompt, when the request asks for it back (set when it starts)
 
     def object(self, text: str, finish_reason: str | None, usage: Usage | None = None) -> dict[str, Any]:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -56,10 +54,10 @@ class TextCompletionReply:
         return body
 
     def whole(self, completion: Completion) -> dict[str, Any]:
-        return self.object(self.echo_text + completion.text, completion.finish_reason, completion.usage)
+        return self.object(completion.echo + completion.text, completion.finish_reason, completion.usage)
 
     def start(self, started: Started) -> list[bytes]:
-        return [sse_data(self.object(self.echo_text, None))] if self.echo_text else []
+        return [sse_data(self.object(started.echo, None))] if started.echo else []
 
     def delta(self, delta: Delta) -> list[bytes]:
         return [sse_data(self.object(delta.text, None))] if isinstance(delta, TextDelta) else []
@@ -85,15 +83,7 @@ def build_router(models: ModelDirectory, keepalive: float) -> APIRouter:
         if body.stream_options is not None and not body.stream:
             raise UnsupportedOptionError("stream_options", "stream_options is only allowed when stream is true")
         chat_request = body.to_chat_request()
-
-        def start(service: ChatService, reply: TextCompletionReply) -> ChatRun:
-            run = service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-            prompt = chat_request.prompt
-            if body.echo:
-                reply.echo_text = prompt if isinstance(prompt, str) else service.tokenizer.decode(list(prompt or ()))
-            return run
-
         reply = functools.partial(TextCompletionReply, body)
-        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
+        return await serve_chat(models, body.model, chat_request, body.stream, reply, keepalive, lambda: traced(body))
 
     return router

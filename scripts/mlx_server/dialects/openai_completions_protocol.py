@@ -69,4 +69,5 @@ class CompletionRequest(RequestBody):
             ),
             max_tokens=self.max_tokens,
             length_param="max_tokens",
+            echo=self.echo,
         )

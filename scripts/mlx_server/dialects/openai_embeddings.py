@@ -3,7 +3,7 @@
 Each input's vector comes back as a list of floats or, with
 ``encoding_format: base64``, as the base64 of its little-endian float32
 bytes (what the ``openai`` SDK asks for by default); ``usage`` counts the
-inputs' tokens.
+inputs' tokens.  A client that hangs up cancels the route, and with it the work.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import base64
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.openai_embeddings_protocol import EmbeddingsRequest
+from mlx_server.dialects.streaming import with_cancellation
 
 __all__ = ["EMBEDDINGS_PATH", "build_router"]
 
@@ -33,7 +34,8 @@ def build_router(models: ModelDirectory) -> APIRouter:
     router = APIRouter()
 
     @router.post(EMBEDDINGS_PATH)
-    async def embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+    @with_cancellation
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
         name = models.embedding_model(body.model)
         service = await models.embeddings(name)
         result = await service.embed(body.to_embedding_request())

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
-from mlx_server.chat.service import ChatRun, ChatService
-from mlx_server.dialects.common import new_id, sse_event
+from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
@@ -178,14 +176,15 @@ class ResponseObject:
     keepalive = SSE_KEEPALIVE
 
     def __init__(
-        self, body: ResponsesRequest, remember: Callable[[ResponseObject, Completion], None], model: str
+        self, body: ResponsesRequest, store: ResponseStore, conversation: tuple[Message, ...], model: str
     ) -> None:
         self.id = new_id("resp_")
         self.model = model
         self.created_at = int(time.time())
         self.body = body
         self.output = _Output(body.tool_names())
-        self._remember = remember
+        self._store = store
+        self._conversation = conversation
         self._sequence = 0
 
     def snapshot(self, status: str, completion: Completion | None = None) -> dict[str, Any]:
@@ -234,10 +233,16 @@ class ResponseObject:
             "assistant", completion.text, tuple(completion.tool_calls), reasoning=completion.reasoning or None
         )
 
+    def _remember(self, completion: Completion) -> None:
+        """With ``store`` (the default), keep the response and its conversation for ``previous_response_id``."""
+        if self.body.store:
+            turn = (*self._conversation, self.conversation_turn(completion))
+            self._store.put(self.id, StoredResponse(self.snapshot("completed", completion), turn))
+
     def whole(self, completion: Completion) -> dict[str, Any]:
         """The non-streamed reply: every item, the final state, stored if asked."""
         self._add_whole(completion)
-        self._remember(self, completion)
+        self._remember(completion)
         return self.snapshot("completed", completion)
 
     # -- the stream encoder --------------------------------------------------------
@@ -269,7 +274,7 @@ class ResponseObject:
         if not self.output.items:  # an empty reply is still one (empty) message
             payloads += self.output.text("")
         payloads += self.output.close()
-        self._remember(self, completion)
+        self._remember(completion)
         final = self.snapshot("completed", completion)
         payloads.append({"type": f"response.{final['status']}", "response": final})
         return self._emit(payloads)
@@ -297,17 +302,8 @@ def build_router(models: ModelDirectory, keepalive: float, store: ResponseStore 
         if not conversation:
             raise InvalidRequestError("input is empty: send a string or at least one input item", "input")
         chat_request = body.to_chat_request(conversation, lane_of_headers(request.headers))
-
-        def start(service: ChatService, _: ResponseObject) -> ChatRun:
-            return service.start(chat_request, trace=lambda: body.model_dump(exclude_unset=True))
-
-        def remember(reply: ResponseObject, completion: Completion) -> None:
-            if body.store:
-                turn = (*conversation, reply.conversation_turn(completion))
-                responses.put(reply.id, StoredResponse(reply.snapshot("completed", completion), turn))
-
-        reply = functools.partial(ResponseObject, body, remember)
-        return await serve_chat(models, body.model, start, body.stream, reply, keepalive)
+        reply = functools.partial(ResponseObject, body, responses, conversation)
+        return await serve_chat(models, body.model, chat_request, body.stream, reply, keepalive, lambda: traced(body))
 
     @router.get(RESPONSES_PATH + "/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from mlx_server.chat.events import Completion, Finished, Keepalive, ReasoningDelta, Started, TextDelta, ToolCallDelta
+from mlx_server.chat.events import Completion, Finished, ReasoningDelta, Started, TextDelta, ToolCallDelta
+from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, http_error
@@ -45,6 +46,7 @@ __all__ = [
     "respond",
     "serve_chat",
     "with_cancellation",
+    "with_keepalives",
 ]
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
@@ -52,6 +54,14 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta]
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+Item = TypeVar("Item")
+
+
+class _Silence:
+    """What ``with_keepalives`` yields when its source has said nothing for a while."""
+
+
+SILENCE = _Silence()
 
 
 class StreamEncoder(Protocol):
@@ -71,42 +81,79 @@ class ChatReply(StreamEncoder, Protocol):
     def whole(self, completion: Completion) -> dict[str, Any]: ...
 
 
+async def with_keepalives(source: AsyncIterator[Item], seconds: float) -> AsyncGenerator[Item | _Silence, None]:
+    """``source``'s items, and ``SILENCE`` whenever ``seconds`` pass without one (0: never).
+
+    The read in progress is never cancelled by a silence, so nothing is lost.
+    """
+    pending: asyncio.Future[Item] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(source.__anext__())
+            done, _ = await asyncio.wait((pending,), timeout=seconds or None)
+            if not done:
+                yield SILENCE
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await pending
+
+
 async def serve_chat(
     models: ModelDirectory,
     requested: str,
-    start: Callable[[ChatService, Any], ChatRun],
+    request: ChatRequest,
     stream: bool,
     reply: Callable[[str], ChatReply],
     keepalive: float,
+    trace: Callable[[], Any] | None = None,
 ) -> Response:
     """Route a chat request to its model, start it, and answer (``respond``).
 
     ``reply`` makes the dialect's reply for the served model's name (what its
-    ``model`` field says); ``start`` gets the service and that reply.  A
-    streamed request to a model that is not loaded gets its response at once
-    and keep-alives while the model loads, so the client neither times out
-    nor is lost; a failure from there on is the dialect's in-stream error.
+    ``model`` field says).  A streamed request to a model that is not loaded
+    gets its response at once and keep-alives while the model loads, so the
+    client neither times out nor is lost; a failure from there on is the
+    dialect's in-stream error.
     """
     name = models.chat_model(requested)
     answer = reply(name)
     ready = models.ready(name)
     if ready is None and stream:
-        return event_stream(_after_loading(models.chat(name), start, answer, keepalive))
+        return event_stream(_after_loading(models.chat(name), request, answer, keepalive, trace))
     service = ready if isinstance(ready, ChatService) else await models.chat(name)
-    return await respond(start(service, answer), stream, lambda: answer, answer.whole)
+    return await respond(await service.start(request, trace), stream, answer, keepalive)
 
 
 async def _after_loading(
-    loading: Awaitable[ChatService], start: Callable[[ChatService, Any], ChatRun], answer: ChatReply, keepalive: float
+    loading: Awaitable[ChatService],
+    request: ChatRequest,
+    answer: ChatReply,
+    keepalive: float,
+    trace: Callable[[], Any] | None,
 ) -> AsyncIterator[bytes]:
-    """SSE keep-alives until the model is loaded, then the reply's stream (or its error event)."""
-    task = asyncio.ensure_future(loading)
+    """SSE keep-alives until the model is loaded and the request prepared, then the reply's stream."""
+
+    async def started() -> ChatRun:
+        return await (await loading).start(request, trace)
+
+    task = asyncio.ensure_future(started())
     try:
         while not task.done():
             await asyncio.wait((task,), timeout=keepalive or None)
             if not task.done():
                 yield SSE_KEEPALIVE
-        run = start(task.result(), answer)
+        run = task.result()
     except ServerError as error:
         for chunk in answer.error(http_error(error)):
             yield chunk
@@ -114,17 +161,21 @@ async def _after_loading(
     finally:
         if not task.done():
             task.cancel()
-    async for chunk in encode_stream(run, answer):
+    async for chunk in encode_stream(run, answer, keepalive):
         yield chunk
 
 
-async def encode_stream(run: ChatRun, encoder: StreamEncoder) -> AsyncIterator[bytes]:
-    """The driver: the run's events as the encoder's bytes; a failure becomes the encoder's error event."""
+async def encode_stream(run: ChatRun, encoder: StreamEncoder, keepalive: float) -> AsyncIterator[bytes]:
+    """The driver: the run's events as the encoder's bytes, keep-alives in its silences (an SSE comment before
+    the dialect's start event, the dialect's own after it); a failure becomes the encoder's error event."""
     started = False
     events = run.events()
+    paced = with_keepalives(events, keepalive)
     try:
-        async for event in events:
-            if isinstance(event, Keepalive):
+        if run.started is None and keepalive:
+            yield SSE_KEEPALIVE  # ``respond`` already waited one interval for the admission
+        async for event in paced:
+            if isinstance(event, _Silence):
                 yield encoder.keepalive if started else SSE_KEEPALIVE
                 continue
             if isinstance(event, Started):
@@ -140,6 +191,7 @@ async def encode_stream(run: ChatRun, encoder: StreamEncoder) -> AsyncIterator[b
         for chunk in encoder.error(http_error(error)):
             yield chunk
     finally:
+        await paced.aclose()  # its read of the run first, then the run itself
         await events.aclose()
 
 
@@ -174,15 +226,14 @@ async def cache_headers(run: ChatRun) -> dict[str, str]:
     return headers
 
 
-async def respond(
-    run: ChatRun, stream: bool, encoder: Callable[[], StreamEncoder], reply: Callable[[Completion], dict[str, Any]]
-) -> Response:
-    """Admit the request, then answer with server-sent events or one JSON object."""
-    await run.begin()
+async def respond(run: ChatRun, stream: bool, reply: ChatReply, keepalive: float) -> Response:
+    """Admit the request (a stream waits one keep-alive interval at most), then answer with server-sent events
+    or one JSON object."""
+    await run.begin((keepalive or None) if stream else None)
     headers = await cache_headers(run)
     if stream:
-        return event_stream(encode_stream(run, encoder()), headers)
-    return JSONResponse(reply(await run.complete()), headers=headers)
+        return event_stream(encode_stream(run, reply, keepalive), headers)
+    return JSONResponse(reply.whole(await run.complete()), headers=headers)
 
 
 async def _disconnected(request: Request) -> None:

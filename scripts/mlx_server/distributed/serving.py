@@ -16,10 +16,9 @@ import logging
 from collections.abc import Callable
 
 from mlx_server.blas import BlasInfo
-from mlx_server.chat.service import ChatService
 from mlx_server.engine.generation import GenerationEngine
 from mlx_server.engine.lockstep import DistributedRun, Lockstep
-from mlx_server.pool.pool import ModelPool
+from mlx_server.pool.pool import ModelPool, pool_of
 from mlx_server.pool.registry import Registry
 from mlx_server.settings import Settings
 
@@ -50,14 +49,11 @@ def serve_distributed(
     serve: Callable[[ModelPool, Callable[[], str | None]], int],
 ) -> int | None:
     """Load this rank's shard and serve (rank 0, through ``serve``) or follow; None when the model cannot load."""
-    from mlx_server.edge.app import service_options
     from mlx_server.mlx_lm_compat import IncompatibleMlxLmError
     from mlx_server.model.loading import ModelLoadError
     from mlx_server.pool.loading import ModelLoader
-    from mlx_server.vocabulary import ModelUnavailableError
 
     spec = dataclasses.replace(registry.models[0], pinned=True, ttl=0.0)
-    registry = Registry((spec,), registry.aliases)
     engines: list[GenerationEngine] = []  # rank 0's, once built: the watchdog fails what it holds
 
     def on_failure(reason: str) -> None:
@@ -66,24 +62,14 @@ def serve_distributed(
 
     lockstep = Lockstep(run, settings.distributed_timeout, on_failure)
     logger.info("Distributed model: %s, %s; BLAS %s", spec.name, run.describe(), blas.name)
-    loader = ModelLoader(settings, registry, service_options(settings), lockstep)
+    try:
+        model = ModelLoader(settings, Registry((spec,), registry.aliases), lockstep).load_chat(spec)
+    except (ModelLoadError, IncompatibleMlxLmError) as error:
+        logger.error("Cannot load the model: %s", error)
+        return None
     if not run.leader:
-        try:
-            engine, _, _, _ = loader.engine(spec)
-        except (ModelLoadError, IncompatibleMlxLmError) as error:
-            logger.error("Cannot load the model: %s", error)
-            return None
-        engine.wait_until_stopped()
+        model.engine.wait_until_stopped()
         logger.info("%s stopped", run.describe())
         return 0
-    pool = ModelPool(registry, loader, budget_bytes=2**62, fixed=FIXED)
-    try:
-        pool.preload([spec.name])
-    except ModelUnavailableError as error:
-        logger.error("Cannot load the model: %s", error.message.removeprefix(f"model {spec.name!r} cannot be loaded: "))
-        return None
-    service = pool.loaded()[spec.name]
-    assert isinstance(service, ChatService) and isinstance(service.engine, GenerationEngine)
-    engine = service.engine
-    engines.append(engine)
-    return serve(pool, lambda: engine.failure)
+    engines.append(model.engine)
+    return serve(pool_of({spec.name: model}, registry.aliases, fixed=FIXED), lambda: model.engine.failure)

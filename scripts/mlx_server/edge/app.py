@@ -24,7 +24,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.blas import BlasInfo
-from mlx_server.chat.service import ChatService, ServiceOptions
+from mlx_server.chat.service import ChatService, ModelReport
 from mlx_server.dialects import (
     anthropic_messages,
     models,
@@ -48,10 +48,10 @@ from mlx_server.edge.guards import (
 from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.embeddings.service import EmbeddingService
 from mlx_server.settings import Settings
-from mlx_server.vocabulary import EngineStats, ModelLoadingError, Sampling
+from mlx_server.vocabulary import EngineStats, ModelLoadingError
 from utils_logging import request_context
 
-__all__ = ["GENERATION_PATHS", "ServedModels", "ServerState", "create_app", "service_options"]
+__all__ = ["GENERATION_PATHS", "ServedModels", "ServerState", "create_app"]
 
 MAX_CAPTURED_BODY_BYTES = 256 * 1024
 GENERATION_PATHS = frozenset(
@@ -92,19 +92,6 @@ class ServedModels(ModelDirectory, Protocol):
         ...
 
 
-def service_options(settings: Settings) -> ServiceOptions:
-    return ServiceOptions(
-        default_max_tokens=settings.default_max_tokens,
-        default_sampling=Sampling(
-            temperature=settings.default_temperature, repetition_penalty=settings.default_repetition_penalty
-        ),
-        keep_billing_header=settings.keep_billing_header,
-        request_timeout=settings.request_timeout,
-        keepalive_interval=settings.keepalive_interval,
-        strict_max_tokens=settings.strict_max_tokens,
-    )
-
-
 @dataclass
 class ServerState:
     """What the routes share: settings, the BLAS in use, and the served models (None while loading)."""
@@ -129,14 +116,8 @@ class ServerState:
 
     def live_stats(self) -> list[tuple[str, LiveStats]]:
         """Each loaded chat model's batch and cache figures, for /metrics."""
-        return [
-            (name, LiveStats(service.engine.stats(), service.engine.cache_stats(), _answers(service)))
-            for name, service in self.chat_services().items()
-        ]
-
-
-def _answers(service: ChatService) -> Any:
-    return service.answers.stats() if service.answers else None
+        reports = [(name, service.report()) for name, service in self.chat_services().items()]
+        return [(name, LiveStats(report.engine, report.prompt_cache, report.answers)) for name, report in reports]
 
 
 class RequestContextMiddleware:
@@ -189,10 +170,15 @@ class RequestContextMiddleware:
 def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
     router = APIRouter()
 
-    @router.api_route("/", methods=["GET", "HEAD"])
+    @router.get("/")
     async def root() -> dict[str, Any]:
-        """Claude Code probes ``HEAD /`` before its first request; it needs no key."""
+        """Whether the server is ready; it needs no key."""
         return {"status": "ok" if state.models is not None else "loading", "service": "mlx-server"}
+
+    @router.head("/")
+    async def probe() -> dict[str, Any]:
+        """Claude Code probes ``HEAD /`` before its first request; it needs no key."""
+        return await root()
 
     @router.get("/metrics")
     async def metrics_report() -> Response:
@@ -205,7 +191,9 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
         The top-level figures are the default chat model's; ``models`` lists every served model.
         """
         served = state.models
-        failure = state.failure()
+        failure = state.failure() or next(
+            (f"model {name!r} can no longer generate: {reason}" for name, service in state.chat_services().items()
+             if (reason := service.report().failure) is not None), None)  # fmt: skip
         if failure is not None:
             return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
         status_code = 200 if served is not None else 503
@@ -240,30 +228,31 @@ def _server_routes(state: ServerState, metrics: Metrics) -> APIRouter:
         if not isinstance(service, ChatService):
             status = next(status for status in directory.describe() if status.name == name)
             return {"model": name, "state": status.state, "prompt_cache": None, "response_cache": None}
-        engine = service.engine
+        report = service.report()
         prompt_cache = {
-            **engine.cache_stats().as_dict(),
-            "entries_detail": engine.cache_entries(),
+            **report.prompt_cache.as_dict(),
+            "entries_detail": service.cache_entries(),
             "recent_misses": await asyncio.to_thread(service.recent_misses),  # template renders: off the loop
         }
         return {"model": service.name, "state": "loaded", "prompt_cache": prompt_cache,
-                "response_cache": _response_cache(service)}  # fmt: skip
+                "response_cache": _response_cache(report)}  # fmt: skip
 
     return router
 
 
-def _response_cache(service: ChatService) -> dict[str, Any] | None:
-    return service.answers.stats().as_dict() if service.answers else None
+def _response_cache(report: ModelReport) -> dict[str, Any] | None:
+    return report.answers.as_dict() if report.answers else None
 
 
 def _model_report(service: ChatService) -> dict[str, Any]:
-    stats = service.engine.stats()
+    report = service.report()
+    stats = report.engine
     return {
-        **service.engine.model_info,
+        **report.info,
         "queue": {"waiting": stats.waiting, "running": stats.running},
         "batch": _batch_report(stats),
-        "prompt_cache": service.engine.cache_stats().as_dict(),
-        "response_cache": _response_cache(service),
+        "prompt_cache": report.prompt_cache.as_dict(),
+        "response_cache": _response_cache(report),
     }
 
 
@@ -310,9 +299,9 @@ def create_app(state: ServerState) -> FastAPI:
         def connect(name: str, service: ChatService | EmbeddingService) -> None:
             """A model that loads reports its completions and batch sizes, and reads the in-flight count."""
             if isinstance(service, ChatService):
-                service.observers.append(lambda stats: metrics.observe(name, stats))
-                service.engine.observe_steps(metrics.batch_observer(name))
-                service.engine.count_arrivals(in_flight)
+                service.observe_completions(lambda stats: metrics.observe(name, stats))
+                service.observe_steps(metrics.batch_observer(name))
+                service.count_arrivals(in_flight)
 
         state.models.on_load(connect)
 

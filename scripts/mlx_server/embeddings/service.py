@@ -1,16 +1,21 @@
 """One embedding model's requests: inputs checked and tokenized, vectors cut to the asked dimensions.
 
-Inputs come as text (tokenized with the model's own tokenizer) or as token
-ids of the model's own vocabulary (as vLLM takes them).  An empty input list,
-an empty input, an id outside the vocabulary, or an input longer than the
-model's context is a clear error naming the input; ``dimensions`` keeps the
-first components and scales the vector back to length 1, as Matryoshka
-models are trained to allow.  The vectors come from the model's engine
-(``vocabulary.Embedder``), which runs concurrent requests together.
+Inputs come as text (tokenized with the model's own tokenizer, off the event
+loop) or as token ids of the model's own vocabulary (as vLLM takes them).
+An empty input list, an empty input, an id outside the vocabulary, an input
+longer than the model's context, more than ``MAX_INPUTS`` inputs (OpenAI's
+limit) or more tokens in all than the server's ``max_tokens`` is a clear
+error naming the input; the inputs are counted before anything is
+tokenized, and tokenizing stops as soon as the budget is spent.
+``dimensions`` keeps the first components and scales the vector back to
+length 1, as Matryoshka models are trained to allow.  The vectors come from
+the model's engine (``vocabulary.Embedder``), which runs concurrent requests
+together and drops the work of a request whose client went away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +25,10 @@ import numpy as np
 
 from mlx_server.vocabulary import ContextOverflowError, Embedder, InvalidRequestError
 
-__all__ = ["EmbeddingRequest", "EmbeddingService", "Embeddings"]
+__all__ = ["DEFAULT_MAX_TOKENS", "MAX_INPUTS", "EmbeddingRequest", "EmbeddingService", "Embeddings"]
+
+MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+DEFAULT_MAX_TOKENS = 300_000  # OpenAI's limit on one request's tokens (the server's --max-embedding-tokens)
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,10 @@ class Embeddings:
 class EmbeddingService:
     """Answers ``EmbeddingRequest`` values with one model's engine; ``in_flight`` counts requests being answered."""
 
-    def __init__(self, name: str, engine: Embedder) -> None:
+    def __init__(self, name: str, engine: Embedder, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.name = name
         self.engine = engine
+        self.max_tokens = max_tokens
         self.vocabulary_size = len(engine.tokenizer.get_vocab())
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -59,7 +68,14 @@ class EmbeddingService:
             raise InvalidRequestError(
                 "input must not be empty: send a string, a list of strings, or token ids", "input"
             )
+        if len(request.inputs) > MAX_INPUTS:
+            raise InvalidRequestError(
+                f"input holds {len(request.inputs)} inputs; at most {MAX_INPUTS} are embedded in one request",
+                "input",
+                "too_many_inputs",
+            )
         rows: list[list[int]] = []
+        total = 0
         for index, item in enumerate(request.inputs):
             param = f"input[{index}]" if len(request.inputs) > 1 else "input"
             row = self._encode(item) if isinstance(item, str) else [token for token in item if isinstance(token, int)]
@@ -69,6 +85,14 @@ class EmbeddingService:
                 raise InvalidRequestError(f"{param}: token ids must be in [0, {self.vocabulary_size})", param)
             if len(row) > self.context_length:
                 raise ContextOverflowError(self.context_length, len(row), None, param)
+            total += len(row)
+            if total > self.max_tokens:
+                raise InvalidRequestError(
+                    f"the inputs hold more than {self.max_tokens} tokens, more than this server embeds in one "
+                    "request (--max-embedding-tokens): send them in several requests",
+                    "input",
+                    "too_many_tokens",
+                )
             rows.append(row)
         if request.dimensions is not None and not 1 <= request.dimensions <= self.engine.dimensions:
             raise InvalidRequestError(
@@ -77,7 +101,8 @@ class EmbeddingService:
         return rows
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
-        rows = self.tokens(request)
+        """The request's vectors (cancelling the awaiting task drops its work in the engine)."""
+        rows = await asyncio.to_thread(self.tokens, request)
         with self._lock:
             self.in_flight += 1
         try:

@@ -110,8 +110,8 @@ class BatchDecoder:
     def admit(self, job: Job) -> None:
         """Insert a job; it is prefilled in chunks between the decode steps of the others."""
         sequence = ActiveSequence(job, self._prompt_cache, self._tokenizer)
-        if job.should_stop():
-            sequence.finish(job.stop_reason(), None, None)
+        if job.stop is not None:  # the plan stopped it before it joined
+            sequence.finish(job.stop, None, None)
             return
         request = job.request
         try:
@@ -125,11 +125,8 @@ class BatchDecoder:
         if request.images:
             cache, start = prefill_through_images(
                 self._model, self._vision, cache, request, start, pauses, self._prefill_step, sequence.keep_state,
-                job.should_stop, self._prompt_cache.new_cache,
+                lambda: job.leaving, self._prompt_cache.new_cache,
             )  # fmt: skip
-            if job.should_stop():
-                sequence.finish(job.stop_reason(), cache, prompt[:start])
-                return
             pauses = [point for point in pauses if point > start]
         bounds = [start, *pauses, len(prompt)]
         segments = [prompt[begin:end] for begin, end in zip(bounds, bounds[1:])]
@@ -169,13 +166,12 @@ class BatchDecoder:
                 self._pauses.pop(response.uid, None)
                 self._count_speculation(response.uid, sequence)
                 sequence.finish(response.finish_reason, response.prompt_cache, list(response.all_tokens))
-            elif sequence.stop_text.matched is not None or sequence.job.end_wanted():
+            elif sequence.stop_text.matched is not None or sequence.job.stop == "stop":
                 leaving.append((response.uid, "stop"))
-        leaving += [
-            (uid, sequence.job.stop_reason())
-            for uid, sequence in self._sequences.items()
-            if sequence.job.should_stop() and (uid, "stop") not in leaving
-        ]
+        for uid, sequence in self._sequences.items():
+            stop = sequence.job.stop
+            if stop is not None and stop != "stop" and (uid, "stop") not in leaving:
+                leaving.append((uid, stop))  # the plan stopped it: its client left, or its time ran out
         if leaving:
             self._remove(leaving)
         return len(generation_responses)

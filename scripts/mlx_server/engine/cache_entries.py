@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from mlx_server.vocabulary import Lane
+from mlx_server.vocabulary import CacheLookup, CacheSource, Divergence, Lane
 
 __all__ = [
     "CHECKPOINT",
@@ -38,12 +38,14 @@ __all__ = [
     "MIN_REUSED_TOKENS",
     "SNAPSHOT",
     "CacheEntry",
+    "CacheLease",
     "EntryKind",
     "Reuse",
     "best_reuse",
     "can_step_back",
     "common_prefix",
     "copy_prefix",
+    "divergence_between",
     "entry_key",
     "held_tokens",
     "kv_bytes",
@@ -192,3 +194,32 @@ def best_reuse(entries: Iterable[CacheEntry], request: np.ndarray, lane: Lane | 
         if best is None or key > best_key:
             best, best_key = entry, key
     return Reuse(best, best_key[0], nearest, nearest_common)
+
+
+#: How many tokens of the cached and the new prompt a divergence carries, to explain a miss.
+DIVERGENCE_EXCERPT_TOKENS = 12
+
+
+@dataclass
+class CacheLease:
+    """What a request got from the cache: the KV objects to extend and how many tokens they hold.
+
+    ``divergence`` says where the request left the closest entry when it was
+    not a plain extension of it (a miss, or a partial hit).  ``turn`` is the
+    turn this request is in its session's conversation (0: a new one).
+    """
+
+    cache: list[Any]
+    cached_tokens: int
+    source: CacheSource
+    divergence: Divergence | None = None
+    turn: int = 0
+
+    def lookup(self, lane: Lane | None = None) -> CacheLookup:
+        return CacheLookup(self.cached_tokens, self.source, self.divergence, lane)
+
+
+def divergence_between(nearest: np.ndarray, request: np.ndarray, at: int) -> Divergence:
+    """Where a prompt left the nearest entry, with a few tokens of each from there (to explain a miss)."""
+    end = at + DIVERGENCE_EXCERPT_TOKENS
+    return Divergence(at, tuple(int(token) for token in nearest[at:end]), tuple(int(t) for t in request[at:end]))

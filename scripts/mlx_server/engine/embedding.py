@@ -6,7 +6,9 @@ padded to long ones; every row's padding is masked (a decoder's padding
 comes after its tokens, which causal attention never reads; an encoder is
 given the attention mask), and each row is pooled over its own tokens, so an
 input's vector is the same alone or in a batch.  Requests that wait together
-are run together.
+are run together; a request whose client went away (its awaiting task
+cancelled) is dropped before its turn, and the batches of a run stop once
+every request in it has gone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -47,13 +51,26 @@ def pool_states(states: mx.array, lengths: list[int], pooling: Pooling) -> mx.ar
     return pooled
 
 
+@dataclass
+class _Job:
+    """One request's inputs, its result, and whether its client is still there."""
+
+    inputs: list[list[int]]
+    future: Future[np.ndarray] = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+class _AbandonedError(Exception):
+    """Every request of a run went away: its remaining batches are skipped."""
+
+
 class EmbeddingEngine:
     """Owns an embedding model (shared state under ``_condition``); ``embed`` from any event loop."""
 
     def __init__(self, loaded: LoadedEmbedder) -> None:
         self.loaded = loaded
         self._condition = threading.Condition()
-        self._jobs: deque[tuple[list[list[int]], Future[np.ndarray]]] = deque()
+        self._jobs: deque[_Job] = deque()
         self._running = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="mlx-embeddings", daemon=True)
@@ -76,18 +93,26 @@ class EmbeddingEngine:
             return bool(self._jobs) or self._running > 0
 
     async def embed(self, inputs: list[list[int]]) -> np.ndarray:
-        """Float32 vectors, one row per input, pooled as the model's pooling says (never an empty input)."""
-        return await asyncio.wrap_future(self.submit(inputs))
+        """Float32 vectors, one row per input, pooled as the model's pooling says (never an empty input).
 
-    def submit(self, inputs: list[list[int]]) -> Future[np.ndarray]:
-        future: Future[np.ndarray] = Future()
+        Cancelling the awaiting task (a client that went away) drops the work.
+        """
+        job = self._submit(inputs)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.abandoned.set()
+            raise
+
+    def _submit(self, inputs: list[list[int]]) -> _Job:
+        job = _Job(inputs)
         with self._condition:
             if self._stopping:
-                future.set_exception(ModelUnloadedError(self.loaded.name))
-                return future
-            self._jobs.append((inputs, future))
+                job.future.set_exception(ModelUnloadedError(self.loaded.name))
+                return job
+            self._jobs.append(job)
             self._condition.notify_all()
-        return future
+        return job
 
     def shutdown(self, drain_seconds: float = 0.0) -> None:
         """Finish what runs and, within ``drain_seconds``, what waits; the rest ends with ModelUnloadedError."""
@@ -97,8 +122,8 @@ class EmbeddingEngine:
             abandoned = list(self._jobs)
             self._jobs.clear()
             self._condition.notify_all()
-        for _, future in abandoned:
-            future.set_exception(ModelUnloadedError(self.loaded.name))
+        for job in abandoned:
+            job.future.set_exception(ModelUnloadedError(self.loaded.name))
         self._thread.join(timeout=60)
 
     def _work(self) -> None:
@@ -107,26 +132,41 @@ class EmbeddingEngine:
                 self._condition.wait_for(lambda: bool(self._jobs) or self._stopping)
                 if self._stopping:
                     return
-                jobs = list(self._jobs)
+                jobs = [job for job in self._jobs if not job.abandoned.is_set() and not job.future.cancelled()]
                 self._jobs.clear()
                 self._running = len(jobs)
-            try:
-                vectors = self.run([row for inputs, _ in jobs for row in inputs])
-            except Exception as error:  # handed to every waiting request, which reports it
-                logger.error("Embedding failed: %s: %s", type(error).__name__, error, exc_info=error)
-                for _, future in jobs:
-                    future.set_exception(error)
-            else:
-                start = 0
-                for inputs, future in jobs:
-                    future.set_result(vectors[start : start + len(inputs)])
-                    start += len(inputs)
+            if jobs:
+                self._answer(jobs)
             with self._condition:
                 self._running = 0
                 self._condition.notify_all()
 
-    def run(self, inputs: list[list[int]]) -> np.ndarray:
-        """The vectors of ``inputs``, in order (on the calling thread: the worker, or a benchmark's own)."""
+    def _answer(self, jobs: list[_Job]) -> None:
+        """Run the jobs' inputs together and hand each its rows (or the failure)."""
+        try:
+            vectors = self.run([row for job in jobs for row in job.inputs],
+                               lambda: all(job.abandoned.is_set() for job in jobs))  # fmt: skip
+        except _AbandonedError:
+            logger.info("Embedding stopped: every client of the batch disconnected")
+            for job in jobs:
+                job.future.cancel()
+        except Exception as error:  # handed to every waiting request, which reports it
+            logger.error("Embedding failed: %s: %s", type(error).__name__, error, exc_info=error)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        else:
+            start = 0
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_result(vectors[start : start + len(job.inputs)])
+                start += len(job.inputs)
+
+    def run(self, inputs: list[list[int]], abandoned: Callable[[], bool] = lambda: False) -> np.ndarray:
+        """The vectors of ``inputs``, in order (on the calling thread: the worker, or a benchmark's own).
+
+        ``abandoned()`` is asked between batches: True ends the run (``_AbandonedError``).
+        """
         out = np.zeros((len(inputs), self.dimensions), dtype=np.float32)
         order = sorted(range(len(inputs)), key=lambda index: len(inputs[index]))
         batch: list[int] = []
@@ -135,6 +175,8 @@ class EmbeddingEngine:
             if batch and (len(batch) >= MAX_BATCH_ROWS or longest * (len(batch) + 1) > MAX_BATCH_TOKENS):
                 self._run_batch([inputs[i] for i in batch], batch, out)
                 batch = []
+                if abandoned():
+                    raise _AbandonedError
             batch.append(index)
         if batch:
             self._run_batch([inputs[i] for i in batch], batch, out)

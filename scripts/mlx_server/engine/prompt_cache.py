@@ -19,10 +19,15 @@ How an entry is handed out and stored back, so that a hit never doubles memory:
   also keep snapshots at the end of each turn's history (``add_snapshot``),
   so the next turn resumes exactly there, whatever the reply re-renders to.
 
-Sessions (lanes) and what goes first under pressure are ``cache_lanes``'s
-policy; checkpoints on disk are ``prompt_cache_files``'s job.  Decisions are
-made under one lock; copies (MLX work) are made after it, so /health and
-/metrics never wait for one.  The engine calls everything from its worker.
+Where a request's prefill pauses to keep KV state, and what that state
+becomes, is decided here too (``pause_points``, ``keep_paused``): a checkpoint
+at the stable prefix, a snapshot at the end of the history.  Sessions (lanes)
+and what goes first under pressure are ``cache_lanes``'s policy; checkpoints
+on disk are ``prompt_cache_files``'s job; the reports /v1/cache shows are
+``cache_report``'s.  Decisions are made under one lock; copies (MLX work) are
+made after it, so /health and /metrics never wait for one.  The engine calls
+everything from its worker, and the cache reads the engine's clock (the step
+plan's, the same on every rank of a distributed model).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,51 +49,29 @@ from mlx_server.engine.cache_entries import (
     MIN_REUSED_TOKENS,
     SNAPSHOT,
     CacheEntry,
+    CacheLease,
     best_reuse,
     can_step_back,
     copy_prefix,
+    divergence_between,
     entry_key,
     held_tokens,
     kv_bytes,
     token_digest,
 )
-from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, LaneActivity, session_requests, superseded
+from mlx_server.engine.cache_lanes import LANE_IDLE_SECONDS, EvictionPolicy, LaneActivity, superseded
 from mlx_server.engine.prompt_cache_files import CheckpointFiles
-from mlx_server.vocabulary import CacheLookup, CacheSource, Divergence, Lane, PromptCacheStats
+from mlx_server.vocabulary import CacheSource, GenerationRequest, Lane, PromptCacheStats
 from utils_logging import debug
 
-__all__ = ["MIN_REUSED_TOKENS", "CacheLease", "KVPromptCache"]
+__all__ = ["MIN_REUSED_TOKENS", "CacheLease", "KVPromptCache"]  # CacheLease: cache_entries's, re-exported
 
 logger = logging.getLogger("mlx")
 
-#: How many tokens of the cached and the new prompt a divergence carries, to explain a miss.
-DIVERGENCE_EXCERPT_TOKENS = 12
 #: Decisions (stored, replaced, evicted) that /v1/cache shows.
 RECENT_DECISIONS = 16
-
-
-@dataclass
-class CacheLease:
-    """What a request got from the cache: the KV objects to extend and how many tokens they hold.
-
-    ``divergence`` says where the request left the closest entry when it was
-    not a plain extension of it (a miss, or a partial hit).  ``turn`` is the
-    turn this request is in its session's conversation (0: a new one).
-    """
-
-    cache: list[Any]
-    cached_tokens: int
-    source: CacheSource
-    divergence: Divergence | None = None
-    turn: int = 0
-
-    def lookup(self, lane: Lane | None = None) -> CacheLookup:
-        return CacheLookup(self.cached_tokens, self.source, self.divergence, lane)
-
-
-def _divergence(nearest: np.ndarray, request: np.ndarray, at: int) -> Divergence:
-    end = at + DIVERGENCE_EXCERPT_TOKENS
-    return Divergence(at, tuple(int(token) for token in nearest[at:end]), tuple(int(t) for t in request[at:end]))
+#: Sessions whose activity is remembered; beyond it the longest idle is forgotten (clients choose session ids).
+MAX_LANES = 4096
 
 
 class KVPromptCache:
@@ -131,13 +113,17 @@ class KVPromptCache:
     ) -> KVPromptCache:
         return cls(lambda: make_prompt_cache(model), model_identity, max_entries, max_bytes, directory)
 
-    def in_lockstep(self, clock: Callable[[], float], bytes_per_token: int) -> None:
-        """Decide as every rank of a distributed model does: by rank 0's clock, and by tokens rather than bytes.
-
-        A pipeline rank holds only its layers' KV state, so measured in bytes
-        the ranks would evict differently and their batches would part.
-        """
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Read time from ``clock`` (the engine's step plans': rank 0's on every rank of a distributed model)."""
         self._clock = clock
+
+    def count_in_tokens(self, bytes_per_token: int) -> None:
+        """Measure entries by the tokens they hold (at ``bytes_per_token``) rather than by their arrays' bytes.
+
+        The ranks of a distributed model must evict alike, and a pipeline rank
+        holds only its own layers' KV state: measured in bytes, the ranks would
+        part.
+        """
         self._measure = lambda cache: (held_tokens(cache) or 0) * bytes_per_token
 
     @property
@@ -169,11 +155,13 @@ class KVPromptCache:
                 activity = self._lanes.setdefault(lane, LaneActivity(now))
                 activity.seen = now
                 activity.requests += 1
+                if len(self._lanes) > MAX_LANES:
+                    self._forget_idlest_lanes()
             reuse = best_reuse(reversed(self._entries.values()), request, lane)
             nearest = reuse.nearest
             divergence = None
             if nearest is not None and reuse.common < len(nearest.tokens):  # the prompt left it before its end
-                divergence = _divergence(nearest.tokens, request, reuse.common)
+                divergence = divergence_between(nearest.tokens, request, reuse.common)
             best = reuse.entry
             if best is None:
                 self.misses += 1
@@ -196,6 +184,45 @@ class KVPromptCache:
             )
             shared = best.cache
         return CacheLease(copy_prefix(shared, usable), usable, source, divergence, turn)
+
+    # -- keeping KV state on the way -----------------------------------------------
+
+    def pause_points(self, lease: CacheLease, prompt: list[int], request: GenerationRequest) -> list[int]:
+        """Where a prefill from ``lease`` pauses to keep KV state: the stable prefix, and the end of the history.
+
+        ``prompt`` is the request's prompt as the cache keys it.  The stable
+        prefix (system prompt and tools) becomes a checkpoint every
+        conversation shares; a lease that already covers it is copied at once.
+        For a cache that cannot step back, the end of the history becomes the
+        snapshot the next turn resumes from.
+        """
+        if not self.enabled:
+            return []
+        points = []
+        prefix = request.stable_prefix
+        if prefix >= MIN_REUSED_TOKENS and not self.has_checkpoint(prompt[:prefix]):
+            if lease.cached_tokens < prefix:
+                points.append(prefix)
+            elif lease.cached_tokens == prefix or self.trimmable:
+                self.add_checkpoint(lease.cache, prompt[:prefix])
+        end = request.turn_start
+        if (
+            self.needs_snapshots
+            and lease.cached_tokens < end < len(prompt)
+            and end >= MIN_REUSED_TOKENS
+            and not self.has_snapshot(prompt[:end])
+        ):
+            points.append(end)
+        return sorted(set(points))
+
+    def keep_paused(self, cache: list[Any], tokens: list[int], request: GenerationRequest, turn: int) -> None:
+        """KV state taken at one of ``pause_points`` (the request's own copy, holding ``tokens``, keyed)."""
+        if len(tokens) == request.turn_start and self.needs_snapshots:
+            if len(tokens) == request.stable_prefix:
+                self.add_checkpoint(cache, tokens)  # a copy: the snapshot keeps this one
+            self.add_snapshot(cache, tokens, request.lane, request.after_user, turn)
+        elif len(tokens) == request.stable_prefix:
+            self.add_checkpoint(cache, tokens, copy=False)
 
     # -- storing --------------------------------------------------------------
 
@@ -304,6 +331,11 @@ class KVPromptCache:
             self.evictions += 1
         self._lanes = {lane: seen for lane, seen in self._lanes.items() if now - seen.seen < LANE_IDLE_SECONDS}
 
+    def _forget_idlest_lanes(self) -> None:
+        """Keep the newest ``MAX_LANES`` sessions' activity (caller holds the lock)."""
+        newest = sorted(self._lanes.items(), key=lambda item: item[1].seen, reverse=True)[: MAX_LANES // 2]
+        self._lanes = dict(newest)
+
     def _decide(self, entry: CacheEntry, decision: str) -> None:
         """Record a decision for /v1/cache and the debug log (caller holds the lock)."""
         lane = str(entry.lane) if entry.lane is not None else None
@@ -358,40 +390,8 @@ class KVPromptCache:
         with self._lock:
             return list(self._entries.values())
 
-    def describe_entries(self) -> list[dict[str, Any]]:
-        """Every entry, most recently used first: its kind, session, size and use."""
-        now = self._clock()
+    def activity(self) -> tuple[dict[Lane, LaneActivity], list[dict[str, Any]], float]:
+        """Copies of the sessions' activity and the recent decisions, with the clock's now (for ``cache_report``)."""
         with self._lock:
-            return [
-                {
-                    "key": entry.key.partition(":")[2][:12],
-                    "kind": entry.kind,
-                    "lane": str(entry.lane) if entry.lane is not None else None,
-                    "turn": entry.turn,
-                    "tokens": len(entry.tokens),
-                    "bytes": entry.nbytes,
-                    "pinned": entry.pinned,
-                    "hits": entry.hits,
-                    "age_seconds": round(now - entry.created, 1),
-                }
-                for entry in reversed(self._entries.values())
-            ]
-
-    def describe_lanes(self) -> dict[str, Any]:
-        """The sessions and the cache's recent decisions about them."""
-        now = self._clock()
-        with self._lock:
-            lanes: dict[str, dict[str, Any]] = {}
-            for entry in self._entries.values():
-                if entry.lane is None:
-                    continue
-                lane = lanes.setdefault(str(entry.lane), {"entries": 0, "bytes": 0})
-                lane["entries"] += 1
-                lane["bytes"] += entry.nbytes
-            sessions = session_requests(self._lanes)
-            for lane_key, seen in self._lanes.items():
-                lane = lanes.setdefault(str(lane_key), {"entries": 0, "bytes": 0})
-                lane["idle_seconds"] = round(now - seen.seen, 1)
-                lane["requests"] = seen.requests
-                lane["session_returns"] = max(0, sessions[lane_key.session_lane] - 1)
-            return {"lanes": lanes, "recent_decisions": list(self._decisions)}
+            lanes = {lane: LaneActivity(seen.seen, seen.requests) for lane, seen in self._lanes.items()}
+            return lanes, list(self._decisions), self._clock()

@@ -1,10 +1,15 @@
 """What a generation request is to the engine's worker, and the steps every decoder shares.
 
-A ``Job`` is one request on the worker thread: its ``GenerationRequest``, its
-cancellation and deadline, and how to deliver events back to the request's
-event loop.  ``ActiveSequence`` follows a job from its prompt-cache lease to its
-last event: the lookup, the checkpoint at the stable prefix, detokenizing,
-stop text, stats, and storing the KV state back.
+A ``Job`` is one request on the worker thread, the same on every rank of a
+distributed model: its ``GenerationRequest``, its number, how to deliver
+events back to the request's event loop (nowhere, on a rank that only
+follows), its state, and the stop a step plan decided for it.  It carries no
+signal of its own: whether a client left, a deadline passed or a reader has
+what it needs is the scheduler's to notice and a plan's to say
+(``scheduler``).  ``ActiveSequence`` follows a job from its prompt-cache lease
+to its last event: the lookup, the KV state kept on the way (where, the
+prompt cache decides), detokenizing, stop text, stats, and storing the KV
+state back.
 """
 
 from __future__ import annotations
@@ -12,11 +17,10 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
 from mlx_server.engine.cache_entries import MIN_REUSED_TOKENS, token_digest
 from mlx_server.engine.image_prefill import cache_prompt
@@ -32,30 +36,30 @@ from mlx_server.vocabulary import (
     PromptAdmitted,
 )
 
-__all__ = ["ActiveSequence", "Delivery", "Job"]
+__all__ = ["ActiveSequence", "Delivery", "Job", "JobState", "nowhere"]
 
 logger = logging.getLogger("mlx")
 
 Delivery = Union[EngineEvent, BaseException]
 """What the worker hands a request's event loop: an event, or the failure that ends it."""
+JobState = Literal["waiting", "running", "done"]
+
+
+def nowhere(_event: Delivery) -> None:
+    """Where a following rank's events go: rank 0 answers the clients."""
 
 
 @dataclass
 class Job:
-    """One request's work, as the worker thread sees it."""
+    """One request's work, as the worker thread sees it (the same on every rank)."""
 
     request: GenerationRequest
-    cancelled: threading.Event
-    deliver: Callable[[Delivery], None]
-    enqueued: float
-    deadline: float | None = None  # time.perf_counter() after which generation stops with "timeout"
+    deliver: Callable[[Delivery], None] = nowhere
+    enqueued: float = 0.0  # time.perf_counter() when it was submitted (rank 0's)
     context: contextvars.Context | None = None  # the request's logging context (its request id)
-    end_requested: threading.Event = field(default_factory=threading.Event)  # the reader has what it needs
-    held_for_prefix: bool = False  # it waited for another sequence to compute its stable prefix
     number: int = 0  # its number among the engine's jobs (rank 0's, in a distributed model)
-    lockstep: bool = False  # a distributed model's: it stops only when rank 0's step plan says so
-    decided_stop: FinishReason | None = None  # what the step plan said
-    done: bool = False  # its final event (or failure) was delivered
+    state: JobState = "waiting"
+    stop: FinishReason | None = None  # decided by a step plan: the sequence leaves at its next step, for this
 
     @property
     def prompt(self) -> list[int]:
@@ -64,6 +68,11 @@ class Job:
     @property
     def stable_prefix(self) -> int:
         return self.request.stable_prefix
+
+    @property
+    def leaving(self) -> bool:
+        """A plan stopped it before it could finish (its client left, or its deadline passed)."""
+        return self.stop in ("cancelled", "timeout")
 
     def in_context(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` so that its log lines carry this request's id."""
@@ -84,31 +93,6 @@ class Job:
     def final_length(self) -> int:
         """The most tokens this request's KV state can reach: its prompt and every token it may generate."""
         return len(self.prompt) + self.request.max_tokens
-
-    def wanted_stop(self) -> FinishReason | None:
-        """Why this request should stop now, from what only this process knows (its client, its clock)."""
-        if self.cancelled.is_set():
-            return "cancelled"
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            return "timeout"
-        if self.end_requested.is_set():
-            return "stop"
-        return None
-
-    def should_stop(self) -> bool:
-        """Cancelled or past its deadline (in lockstep: the step plan said it stops)."""
-        if self.lockstep:
-            return self.decided_stop is not None
-        return self.wanted_stop() in ("cancelled", "timeout")
-
-    def stop_reason(self) -> FinishReason:
-        if self.lockstep:
-            return self.decided_stop or "cancelled"
-        return "cancelled" if self.cancelled.is_set() else "timeout"
-
-    def end_wanted(self) -> bool:
-        """The reader has what it needs (in lockstep this arrives as a step plan's stop instead)."""
-        return not self.lockstep and self.end_requested.is_set()
 
 
 class ActiveSequence:
@@ -141,36 +125,14 @@ class ActiveSequence:
             lease = CacheLease(self._prompt_cache.new_cache(), 0, "off")
         self.stats.cached_tokens, self.stats.cache_source = lease.cached_tokens, lease.source
         self.turn = lease.turn
-        self.job.deliver(PromptAdmitted(lease.lookup(request.lane), self.job.end_requested.set))
+        self.job.deliver(PromptAdmitted(lease.lookup(request.lane)))
         return lease
 
     def pause_points(self, lease: CacheLease) -> list[int]:
-        """Where the prefill pauses to keep KV state: the stable prefix, and the end of the history.
-
-        The stable prefix (system prompt and tools) becomes a checkpoint every
-        conversation shares; a lease that already covers it is copied at once.
-        For a cache that cannot step back, the end of the history becomes the
-        snapshot the next turn resumes from.
-        """
+        """Where the prefill pauses to keep KV state (the prompt cache decides: ``KVPromptCache.pause_points``)."""
         if not self.use_cache:
             return []
-        request, prompt = self.job.request, self.job.cache_prompt
-        points = []
-        prefix = request.stable_prefix
-        if prefix >= MIN_REUSED_TOKENS and not self._prompt_cache.has_checkpoint(prompt[:prefix]):
-            if lease.cached_tokens < prefix:
-                points.append(prefix)
-            elif lease.cached_tokens == prefix or self._prompt_cache.trimmable:
-                self._prompt_cache.add_checkpoint(lease.cache, prompt[:prefix])
-        end = request.turn_start
-        if (
-            self._prompt_cache.needs_snapshots
-            and lease.cached_tokens < end < len(prompt)
-            and end >= MIN_REUSED_TOKENS
-            and not self._prompt_cache.has_snapshot(prompt[:end])
-        ):
-            points.append(end)
-        return sorted(set(points))
+        return self._prompt_cache.pause_points(lease, self.job.cache_prompt, self.job.request)
 
     def keyed(self, tokens: list[int]) -> list[int]:
         """Tokens of this sequence (its prompt, then what it generated) as the prompt cache keys them."""
@@ -180,15 +142,8 @@ class ActiveSequence:
         return key[: len(tokens)] + tokens[len(key) :]
 
     def keep_state(self, cache: list[Any], tokens: list[int]) -> None:
-        """KV state taken at a pause point (the cache is this sequence's own copy): a checkpoint or a snapshot."""
-        request = self.job.request
-        tokens = self.keyed(tokens)
-        if len(tokens) == request.turn_start and self._prompt_cache.needs_snapshots:
-            if len(tokens) == request.stable_prefix:
-                self._prompt_cache.add_checkpoint(cache, tokens)  # a copy: the snapshot keeps this one
-            self._prompt_cache.add_snapshot(cache, tokens, request.lane, request.after_user, self.turn)
-        elif len(tokens) == request.stable_prefix:
-            self._prompt_cache.add_checkpoint(cache, tokens, copy=False)
+        """KV state taken at a pause point (this sequence's own copy): the prompt cache keeps what it asked for."""
+        self._prompt_cache.keep_paused(cache, self.keyed(tokens), self.job.request, self.turn)
 
     def token(self, token: int, end_of_sequence: bool) -> None:
         """One generated token; sends its text (less any held-back stop text)."""
@@ -223,13 +178,13 @@ class ActiveSequence:
                                        self.turn)  # fmt: skip
         self.stats.generation_ms = (time.perf_counter() - self.started) * 1000
         self.job.in_context(lambda: _log_stop(reason, self.stats.completion_tokens))
-        self.job.done = True
+        self.job.state = "done"
         self.job.deliver(GenerationFinished(self.stats))
 
     def fail(self, error: BaseException) -> None:
         if not self.finished:
             self.finished = True
-            self.job.done = True
+            self.job.state = "done"
             self.job.deliver(error)
 
 

@@ -75,7 +75,8 @@ def load_shard(reference: str | None, group: Any, parallel: str) -> LoadedModel:
     try:
         model, tokenizer, config = cast(
             "tuple[nn.Module, TokenizerWrapper, dict[str, Any]]",
-            sharded_load(str(directory), return_config=True, **groups),
+            # mlx-lm's sharded loading allows a tokenizer's remote code unless told otherwise; one process never does
+            sharded_load(str(directory), return_config=True, tokenizer_config={"trust_remote_code": False}, **groups),
         )
     except ValueError as error:
         raise ModelLoadError(f"{directory.name} cannot be split over {group.size()} processes: {error}") from error

@@ -39,6 +39,7 @@ __all__ = [
     "VisionTower",
     "VisionUnavailableError",
     "load_vision",
+    "open_image",
     "vision_family",
 ]
 
@@ -53,6 +54,9 @@ TEXT_ONLY_VISION_FAMILIES = {
 }
 INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
 IMAGES_REMEMBERED = 32
+REMEMBERED_PIXEL_BYTES = 256 * 1024**2  # what the remembered images' pixels may hold, in all
+#: The image formats decoded (what screenshots and photos come in); others, EPS (Ghostscript) among them, are refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 
 
 class VisionUnavailableError(RuntimeError):
@@ -87,32 +91,35 @@ class VisionTower:
         """What the vision tower and projector add to the language model's weights."""
         return sum(int(value.nbytes) for value in _image_side(self._model))
 
-    def read(self, data: bytes) -> ReadImage:
+    def read(self, data: bytes, max_pixels: int) -> ReadImage:
         """The image's tokens and pixels, from the model's own processor; remembered by content.
 
-        An agent's session sends the same screenshot with every later turn, so it is decoded and resized once.
+        An agent's session sends the same screenshot with every later turn, so
+        it is decoded and resized once.  Only PNG, JPEG, WEBP and GIF are
+        decoded, and only when the header declares at most ``max_pixels``
+        pixels: anything else, and anything Pillow or the processor raises, is
+        an InvalidRequestError.
         """
         digest = hashlib.sha256(data).digest()
         with self._lock:
             if digest in self._read:
                 self._read.move_to_end(digest)
                 return self._read[digest]
-        read = self._process(data, digest)
+        read = self._process(data, digest, max_pixels)
         with self._lock:
             self._read[digest] = read
-            while len(self._read) > IMAGES_REMEMBERED:
+            while len(self._read) > IMAGES_REMEMBERED or (
+                len(self._read) > 1 and sum(_pixel_bytes(kept) for kept in self._read.values()) > REMEMBERED_PIXEL_BYTES
+            ):
                 self._read.popitem(last=False)
         return read
 
-    def _process(self, data: bytes, digest: bytes) -> ReadImage:
-        from PIL import Image, UnidentifiedImageError
-
+    def _process(self, data: bytes, digest: bytes, max_pixels: int) -> ReadImage:
+        image = open_image(data, max_pixels)
         try:
-            with Image.open(io.BytesIO(data)) as opened:
-                image = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise InvalidRequestError(f"an image could not be read ({error})", "messages", "invalid_image") from error
-        inputs = self._processor(text=[self.marker], images=[image], add_special_tokens=False)
+            inputs = self._processor(text=[self.marker], images=[image], add_special_tokens=False)
+        except Exception as error:  # the processor raises many kinds; each is the client's sentence
+            raise _unreadable(error) from error
         tokens = [int(token) for token in inputs["input_ids"].tolist()[0]]
         text = str(self._tokenizer.decode(tokens))
         while tokens and not str(self._tokenizer.decode(tokens[:1])).strip():
@@ -128,6 +135,46 @@ class VisionTower:
         features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
         embeddings: mx.array = features.inputs_embeds
         return embeddings
+
+
+def open_image(data: bytes, max_pixels: int) -> Any:
+    """The image as RGB pixels (a Pillow image), decoded only when it is a PNG, JPEG, WEBP or GIF whose header
+    declares at most ``max_pixels`` pixels; an InvalidRequestError otherwise, whatever Pillow would raise."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise InvalidRequestError(
+                    f"an image of {width}x{height} pixels is larger than this server reads ({max_pixels} pixels, "
+                    "--max-image-pixels): send it scaled down",
+                    "messages",
+                    "image_too_large",
+                )
+            return opened.convert("RGB")
+    except InvalidRequestError:
+        raise
+    except Image.DecompressionBombError as error:  # Pillow's own bound, past ours: refused from the header too
+        raise InvalidRequestError(
+            f"an image is larger than this server reads ({max_pixels} pixels, --max-image-pixels): {error}",
+            "messages",
+            "image_too_large",
+        ) from error
+    except Exception as error:  # Pillow raises many kinds (DecompressionBombError among them); each is a 400
+        raise _unreadable(error) from error
+
+
+def _unreadable(error: Exception) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"an image could not be read ({type(error).__name__}: {str(error)[:200]}); send a PNG, JPEG, WEBP or GIF",
+        "messages",
+        "invalid_image",
+    )
+
+
+def _pixel_bytes(read: ReadImage) -> int:
+    return int(getattr(read.pixels, "nbytes", 0))
 
 
 def load_vision(directory: Path, text_model: nn.Module, config: dict[str, Any]) -> VisionTower | None:

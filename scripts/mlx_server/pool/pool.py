@@ -434,12 +434,15 @@ class _Prebuilt:
         return self._served[spec.name]
 
 
-def pool_of(served: Mapping[str, Served], aliases: tuple[tuple[str, str], ...] = ()) -> ModelPool:
-    """A pool of models built elsewhere (in-process tests, benchmarks), all loaded (first of a kind: the default)."""
+def pool_of(
+    served: Mapping[str, Served], aliases: tuple[tuple[str, str], ...] = (), fixed: str | None = None
+) -> ModelPool:
+    """A pool of models built elsewhere (a distributed model's rank 0, in-process tests, benchmarks), all loaded
+    and pinned (first of a kind: the default); ``fixed`` says why none may be unloaded (None: they may be)."""
     specs = tuple(
         ModelSpec(name, None, "chat" if isinstance(model.service, ChatService) else "embedding")
         for name, model in served.items()
     )
-    pool = ModelPool(Registry(specs, aliases), _Prebuilt(served), budget_bytes=2**62)
+    pool = ModelPool(Registry(specs, aliases), _Prebuilt(served), budget_bytes=2**62, fixed=fixed)
     pool.preload(list(served))
     return pool
