@@ -234,3 +234,22 @@ class TestBadAttachments:
         assert response.status_code == 400, response.text
         message = json.dumps(response.json())
         assert "content" in message or "input" in message
+
+    @pytest.mark.parametrize(
+        ("path", "body"),
+        [
+            (MESSAGES, anthropic_body([{"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "@@@not"}}]}])),
+            (CHAT, {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not"}}]}]}),
+            (RESPONSES, {"model": "m", "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": "data:image/png;base64,@@@not"}]}]}),
+        ],
+        ids=["messages", "chat", "responses"],
+    )  # fmt: skip
+    def test_corrupt_base64_says_so_in_every_dialect(self, server: ScriptedServer, path: str, body: Any) -> None:
+        """Responses once said 'Input should be a valid string' (param input[0].content.str) for the same image."""
+        response = server.fast.post(path, json=body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert "not valid base64 data" in error["message"] and ".str" not in json.dumps(error)

@@ -23,7 +23,7 @@ from mlx_server.dialects.attachments import document_from_data, image_from_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
 from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
-from mlx_server.dialects.validation import Finite, unique_tool_names
+from mlx_server.dialects.validation import Finite, most_specific, param_path, unique_tool_names
 from mlx_server.vocabulary import (
     CUSTOM_TOOL,
     DocumentPart,
@@ -388,10 +388,11 @@ class ResponsesRequest(RequestBody):
 
 
 def _item_error(index: int, error: ValueError) -> UnsupportedOptionError:
+    """The item's field at fault, as the other dialects name theirs (a union's closest alternative)."""
     details = getattr(error, "errors", None)
     if callable(details) and details():
-        first = details()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
+        first = most_specific(details())
+        where = param_path(first.get("loc", ()))
         message = str(first.get("msg", error)).removeprefix("Value error, ")
         return UnsupportedOptionError(f"input[{index}]{'.' + where if where else ''}", f"invalid input item: {message}")
     return UnsupportedOptionError(f"input[{index}]", f"invalid input item: {error}")

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_server.chat.failures import report_failure
 from mlx_server.dialects.errors import APIError, http_error, openai_error
+from mlx_server.dialects.validation import most_specific, param_path
 from mlx_server.vocabulary import ServerError
 from utils_logging import debug, is_debug_enabled, redact
 
@@ -50,25 +51,6 @@ class ErrorShapes:
         return JSONResponse(body, status, headers=error.headers)
 
 
-def _param_path(location: Sequence[Any]) -> str | None:
-    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"``."""
-    path = ""
-    for part in location:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part != "body" and not _is_union_member_tag(str(part)):
-            path += f".{part}" if path else str(part)
-    return path or None
-
-
-def _is_union_member_tag(part: str) -> bool:
-    """pydantic names the member of a union that failed (``str``, ``list[str]``, ``function-after[...]``)."""
-    return part in _TYPE_TAGS or "[" in part or part.startswith(("function-", "constrained-")) or part[:1].isupper()
-
-
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
-
-
 def _validation_message(error: dict[str, Any], param: str | None) -> str:
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON"
@@ -83,11 +65,8 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """pydantic/FastAPI validation errors -> one 400 naming the first bad field."""
     if not errors:
         return APIError(400, "invalid request")
-    # With union types pydantic reports each alternative; the most specific location is the most useful.
-    first = max(errors, key=lambda error: len(error.get("loc", ())))
-    if any(error.get("type") == "json_invalid" for error in errors):
-        first = next(error for error in errors if error.get("type") == "json_invalid")
-    param = _param_path(first.get("loc", ()))
+    first = most_specific(errors)  # a union reports each alternative; the deepest is the most useful
+    param = param_path(first.get("loc", ()))
     code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
     return APIError(400, _validation_message(first, param), param=param, code=code)
 
