@@ -186,3 +186,29 @@ def infer_tool_parser(tokenizer: Any) -> str | None:
         return infer(hf_tokenizer(tokenizer))
     except (AttributeError, KeyError, TypeError, ValueError):  # an odd template: Hermes is the safe default
         return None
+
+
+# -- the tool parsers' value readers (a streamed call's arguments are typed as the final parse types them) --------
+
+
+def qwen3_coder_value(value: str, key: str, properties: dict[str, Any]) -> Any:
+    """A ``<parameter=key>`` value typed by the schema's properties, as mlx-lm's Qwen3-Coder parser types it."""
+    from mlx_lm.tool_parsers.qwen3_coder import _convert_param_value
+
+    return _convert_param_value(value, key, properties)
+
+
+def glm_value(value: str) -> Any:
+    """A GLM ``<arg_value>`` that is not a string, read as mlx-lm's GLM 4.7 parser reads it."""
+    from mlx_lm.tool_parsers.glm47 import _deserialize
+
+    return _deserialize(value)
+
+
+def python_literal(source: str) -> Any:
+    """A pythonic call's keyword value (``true``/``false``/``null`` spelled either way) as mlx-lm's parser reads it."""
+    import ast
+
+    from mlx_lm.tool_parsers.pythonic import _JSONLiterals
+
+    return ast.literal_eval(_JSONLiterals().visit(ast.parse(source.strip(), mode="eval").body))

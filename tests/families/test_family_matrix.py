@@ -34,6 +34,18 @@ FORECAST = {
     },
 }
 SCHEMA = FORECAST["function"]["parameters"]  # type: ignore[index]
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "save_note",
+        "parameters": {
+            "type": "object",
+            "properties": {"title": {"enum": ["todo", "idea"]}, "text": {"type": "string", "maxLength": 48}},
+            "required": ["title", "text"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def forced_anthropic(client: Any, seed: int) -> dict[str, Any]:
@@ -141,6 +153,22 @@ class TestToolCalls:
         assert call["function"]["name"] == "get_forecast"
         jsonschema.validate(_json(call["function"]["arguments"]), SCHEMA)
         assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+    def test_a_streamed_call_sends_its_arguments_as_written(self, served: Served) -> None:
+        """In the family's own call format: pieces every few tokens that add up to the whole reply's arguments."""
+        fields = {"messages": [{"role": "user", "content": "Save a note."}], "tools": [NOTE], "max_tokens": 120,
+                  "tool_choice": {"type": "function", "function": {"name": "save_note"}}, "temperature": 1.0,
+                  "seed": 5, "parallel_tool_calls": False}  # fmt: skip
+        (whole,) = chat(served.client, **fields)["choices"][0]["message"]["tool_calls"]
+        response = served.client.post("/v1/chat/completions", json={**fields, "stream": True})
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        opening, *pieces = [part for chunk in chunks if chunk["choices"]
+                            for part in chunk["choices"][0]["delta"].get("tool_calls", [])]  # fmt: skip
+        assert opening["function"] == {"name": "save_note", "arguments": ""}
+        arguments = "".join(piece["function"]["arguments"] for piece in pieces)
+        assert arguments == whole["function"]["arguments"]
+        jsonschema.validate(_json(arguments), NOTE["function"]["parameters"])  # type: ignore[index]
+        assert len(pieces) >= len(served.loaded.tokenizer.encode(arguments)) / 4
 
     def test_anthropic_any_validates(self, served: Served) -> None:
         jsonschema.validate(forced_anthropic(served.client, seed=2)["input"], SCHEMA)

@@ -8,6 +8,11 @@ of 1 the 135M model rambles for thousands of tokens; the server runs greedy
 with a repetition penalty (``--default-temperature 0
 --default-repetition-penalty 1.3``), which ends its answers within a few
 dozen tokens, and ``CLAUDE_CODE_MAX_OUTPUT_TOKENS`` bounds a runaway answer.
+
+A session long enough to compact is many turns of several thousand tokens;
+the mechanics (the window the start-up line gives, the usage the server
+reports, the compaction) do not depend on the model's words, so that one runs
+on the scripted engine, over real HTTP, with the real CLI.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from mlx_server.agent_environment import ClaudeCodeEnvironment
+from mlx_server.settings import Settings
+
 from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
+from .scripted import scripted_server, served_over_http
 
 pytestmark = pytest.mark.e2e
 
 CLAUDE = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin" / "claude"
 CLI_TIMEOUT_SECONDS = 300
 MAX_OUTPUT_TOKENS = "512"
+DEFAULT_CONTEXT = 8192  # the default model's
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +55,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def claude(
-    server: RunningServer, workspace: Path, *arguments: str, environment: dict[str, str] | None = None
+    base_url: str, workspace: Path, *arguments: str, environment: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run ``claude -p ... --output-format json --bare`` and return its result object (exit 0 required)."""
     environment = {
-        "ANTHROPIC_BASE_URL": server.base_url,
+        "ANTHROPIC_BASE_URL": base_url,
         "ANTHROPIC_API_KEY": "sk-local-test",
         "DISABLE_TELEMETRY": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -80,12 +91,12 @@ def test_a_prompt_and_its_continuation(claude_server: RunningServer, workspace: 
     Claude Code merges the usage of ``message_start`` and ``message_delta``:
     what it reports must add up to the prompt the server saw, not twice it.
     """
-    first = claude(claude_server, workspace, "-p", "Say hi")
+    first = claude(claude_server.base_url, workspace, "-p", "Say hi")
     assert first["is_error"] is False and first["subtype"] == "success"
     assert first["result"].strip()
     served_before = len(prompt_tokens_logged(claude_server.log_text()))
 
-    second = claude(claude_server, workspace, "-p", "Now say bye", "--continue")
+    second = claude(claude_server.base_url, workspace, "-p", "Now say bye", "--continue")
     assert second["is_error"] is False and second["result"].strip()
     usage = second["usage"]
     reported = usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
@@ -99,27 +110,30 @@ def test_the_start_up_lines_environment_is_what_claude_code_reads(
 ) -> None:
     """The window the start-up line gives is the one Claude Code then works with."""
     environment, _ = startup_environment(claude_server)
-    result = claude(claude_server, workspace, "-p", "Say hi", environment=environment)
+    result = claude(claude_server.base_url, workspace, "-p", "Say hi", environment=environment)
     (usage,) = result["modelUsage"].values()
     assert usage["contextWindow"] == int(environment["CLAUDE_CODE_MAX_CONTEXT_TOKENS"])
 
 
-def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(
-    claude_server: RunningServer, tmp_path: Path
-) -> None:
+def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(tmp_path: Path) -> None:
     """With the start-up line's environment, Claude Code summarizes the conversation before the 8k window is full.
 
-    Each turn adds ~1k tokens; by the seventh the conversation would be past the default model's context.
+    Each turn adds ~1k tokens; by the seventh the conversation would be past the default model's context.  The
+    scripted engine answers every turn (and the summary) with a few words and reports the prompt's real length.
     """
-    environment, compacts_at = startup_environment(claude_server)
+    server = scripted_server(Settings(response_cache_size=0), context_length=DEFAULT_CONTEXT)
+    server.engine.respond_with(lambda _request, _prompt: "OK.")
+    claude_code = ClaudeCodeEnvironment(DEFAULT_CONTEXT)
+    environment, compacts_at = claude_code.variables, claude_code.compacts_at
     notes = " ".join(f"item{index} is a note about the design of the cache." for index in range(60))
-    log_before = len(claude_server.log_text())
-    for turn in range(7):
-        arguments = ["-p", f"Turn {turn}. Remember these notes: {notes}. Reply with OK."]
-        result = claude(claude_server, tmp_path, *arguments, *(["--continue"] if turn else []), environment=environment)
-        assert result["is_error"] is False, result
-    log = claude_server.log_text()[log_before:]
-    prompts = prompt_tokens_logged(log)
+    with served_over_http(server) as base_url:
+        for turn in range(7):
+            arguments = ["-p", f"Turn {turn}. Remember these notes: {notes}. Reply with OK."]
+            result = claude(base_url, tmp_path, *arguments, *(["--continue"] if turn else []), environment=environment)
+            assert result["is_error"] is False, result
+        refused = [line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
+                   if line.startswith("mlx_server_requests_total") and 'status="400"' in line]  # fmt: skip
+    prompts = [len(request.prompt) for request in server.engine.requests]
     assert max(prompts) > compacts_at  # it grew past the compaction point ...
     assert any(later < earlier // 2 for earlier, later in zip(prompts, prompts[1:]))  # ... and was summarized
-    assert 'HTTP/1.1" 400' not in log  # never refused as too long
+    assert not refused  # never refused as too long

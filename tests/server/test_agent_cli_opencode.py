@@ -3,11 +3,13 @@
 OpenCode reaches a local server as a custom OpenAI-compatible provider
 (``@ai-sdk/openai-compatible``, bundled in its binary) whose ``baseURL`` is
 the server; its output limit is left as it is, so every request asks for
-``max_tokens: 32000`` against the default model's 8,192-token window with a
-~7.7k-token prompt: the server treats it as a ceiling.  It runs in an empty
-home directory with model catalog fetches, updates, sharing, plugins and LSP
-downloads off, so nothing leaves 127.0.0.1.  ``--title`` skips the side
-request that names the session.
+``max_tokens: 32000`` against a 16,384-token window with a ~7k-token prompt:
+the server treats it as a ceiling.  It runs in an empty home directory with
+model catalog fetches, updates, sharing, plugins and LSP downloads off, so
+nothing leaves 127.0.0.1.  ``--title`` skips the side request that names the
+session.  The ceiling is the chat core's rule, whatever the model: the
+scripted engine answers, over real HTTP (the real model meets OpenCode
+through ``launch``, tests/server/test_launch.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
+from mlx_server.settings import Settings
+
+from .conftest import ROOT, run_agent_cli
+from .scripted import ScriptedServer, scripted_server, served_over_http
 
 pytestmark = pytest.mark.e2e
 
@@ -35,22 +41,26 @@ OFFLINE = {
 }
 
 
-@pytest.fixture(scope="module")
-def opencode_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    arguments = ["--response-cache-size", "0", "--default-temperature", "0", "--default-repetition-penalty", "1.3"]
-    running = start_server(tmp_path_factory.mktemp("opencode") / "server.log", arguments=arguments)
-    yield running
-    stop_server(running)
+WINDOW = 16_384
 
 
-def opencode(server: RunningServer, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
+@pytest.fixture
+def opencode_server() -> Iterator[tuple[ScriptedServer, str]]:
+    """The scripted model on a real port, with a window that holds OpenCode's prompt but not 32,000 more tokens."""
+    server = scripted_server(Settings(response_cache_size=0), context_length=WINDOW)
+    server.engine.respond_with(lambda _request, _prompt: "Hello.")
+    with served_over_http(server) as base_url:
+        yield server, base_url
+
+
+def opencode(base_url: str, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     """Run ``opencode run --format json``; returns its events (exit 0 required)."""
     config = {
         "provider": {
             "local": {
                 "npm": "@ai-sdk/openai-compatible",
                 "name": "Local MLX server",
-                "options": {"baseURL": server.api_url, "apiKey": "sk-local-test"},
+                "options": {"baseURL": f"{base_url}/v1", "apiKey": "sk-local-test"},
                 "models": {"default": {"name": "default"}},
             }
         },
@@ -64,12 +74,16 @@ def opencode(server: RunningServer, workspace: Path, *arguments: str) -> list[di
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def test_run_answers_with_its_default_output_limit(opencode_server: RunningServer, tmp_path: Path) -> None:
-    """``max_tokens: 32000`` past an 8k window is a ceiling, not a 400; the answer comes back."""
-    events = opencode(opencode_server, tmp_path, "Say hello in one word.")
+def test_run_answers_with_its_default_output_limit(opencode_server: tuple[ScriptedServer, str], tmp_path: Path) -> None:
+    """``max_tokens: 32000`` past the window is a ceiling, not a 400; the answer comes back."""
+    server, base_url = opencode_server
+    events = opencode(base_url, tmp_path, "Say hello in one word.")
     texts = [event["part"]["text"] for event in events if event["type"] == "text"]
     assert "".join(texts).strip(), events
     (finish,) = [event["part"] for event in events if event["type"] == "step_finish"]
     assert finish["tokens"]["input"] + finish["tokens"]["cache"]["read"] > 4000  # its whole prompt was served
-    log = opencode_server.log_text()
-    assert 'POST /v1/chat/completions HTTP/1.1" 200' in log and 'HTTP/1.1" 400' not in log
+    (request,) = server.engine.requests
+    assert len(request.prompt) + request.max_tokens == WINDOW, "the limit became the room left in the window"
+    statuses = [line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
+                if line.startswith("mlx_server_requests_total") and "/v1/chat/completions" in line]  # fmt: skip
+    assert any('status="200"' in line for line in statuses) and not any('status="400"' in line for line in statuses)

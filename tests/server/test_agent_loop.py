@@ -3,7 +3,8 @@
 The 135M default model never calls a tool, so the model here is the scripted
 engine, served over real HTTP by the real application: asked about a file, it
 answers with a call in the loaded tokenizer's own format (Qwen3's: a Hermes
-``<tool_call>`` block); the chat core parses it; the CLI runs its tool (Claude
+``<tool_call>`` block); the chat core parses it as it is written, and the
+CLI reads its arguments streamed in its dialect's own pieces; the CLI runs its tool (Claude
 Code's Read, Codex's exec_command, OpenCode's read) on a file in its work
 directory; the tool's result comes back in the next request, rendered into
 the prompt by the chat template (asserted on the prompt the engine received);

@@ -18,7 +18,14 @@ from mlx_server.chat.call_formats import (
     detect_tool_call_format,
     format_named,
 )
-from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, parse_tool_calls
+from mlx_server.chat.tool_parsing import (
+    CallArgumentsPiece,
+    CallPiece,
+    CallStartPiece,
+    ContentPiece,
+    ToolCallExtractor,
+    parse_tool_calls,
+)
 
 NAMES = frozenset({"get_weather", "search_web", "write_file"})
 MISTRAL = format_named("mistral")
@@ -318,8 +325,11 @@ def test_content_streams_before_the_call_ends() -> None:
     extractor = ToolCallExtractor(HERMES, NAMES)
     assert extractor.feed("Sure, ") == [ContentPiece("Sure, ")]
     assert extractor.feed("<tool") == []
-    assert extractor.feed('_call>{"name": "get_weather", "arguments": {}}') == []
-    assert [type(piece) for piece in extractor.feed("</tool_call>")] == [CallPiece]
+    started = extractor.feed('_call>{"name": "get_weather", "arguments": {}}')
+    start, _arguments = started
+    assert isinstance(start, CallStartPiece) and isinstance(_arguments, CallArgumentsPiece)
+    (ended,) = extractor.feed("</tool_call>")
+    assert isinstance(ended, CallPiece) and ended.streamed and ended.call.id == start.id
 
 
 @dataclass
@@ -349,3 +359,120 @@ class TemplateOnly:
 )
 def test_format_follows_the_chat_template(template: str, expected: str) -> None:
     assert detect_tool_call_format(TemplateOnly(template)).name == expected
+
+
+# -- calls streamed as they are written ------------------------------------------------------------------------
+
+WRITTEN = 'def scale(value):\n    return value * 2  # "twice" \\ and a tab\there, é, 😀\n' * 6
+WRITE_SCHEMAS = [
+    {"type": "function", "function": {"name": "write_file", "parameters": {"type": "object", "properties": {
+        "path": {"type": "string"}, "content": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}}}}},
+]  # fmt: skip
+WRITE_ARGUMENTS = {"path": "scale.py", "content": WRITTEN}
+# (family, format, the output of a long Write call, in the format's own way)
+LONG_CALLS = [
+    ("Hermes", HERMES,
+     f"<tool_call>\n{json.dumps({'name': 'write_file', 'arguments': WRITE_ARGUMENTS})}\n</tool_call>"),
+    ("Llama 3.1", LLAMA3_JSON, f"<|python_tag|>{json.dumps({'name': 'write_file', 'parameters': WRITE_ARGUMENTS})}"),
+    ("Mistral list", MISTRAL, f"[TOOL_CALLS]{json.dumps([{'name': 'write_file', 'arguments': WRITE_ARGUMENTS}])}"),
+    ("Mistral name[ARGS]", MISTRAL, f"[TOOL_CALLS]write_file[ARGS]{json.dumps(WRITE_ARGUMENTS)}"),
+    ("harmony", HARMONY, "<|channel|>commentary to=functions.write_file <|constrain|>json<|message|>"
+     + json.dumps(WRITE_ARGUMENTS)),
+    ("Qwen3-Coder", QWEN3_CODER, "<tool_call>\n<function=write_file>\n<parameter=path>\nscale.py\n</parameter>\n"
+     f"<parameter=content>\n{WRITTEN}\n</parameter>\n</function>\n</tool_call>"),
+    ("GLM", GLM, f"<tool_call>write_file\n<arg_key>path</arg_key>\n<arg_value>scale.py</arg_value>\n"
+     f"<arg_key>content</arg_key>\n<arg_value>{WRITTEN}</arg_value>\n</tool_call>"),
+    ("pythonic", PYTHONIC, f"<|tool_call_start|>[write_file(path='scale.py', content={WRITTEN!r})]<|tool_call_end|>"),
+]  # fmt: skip
+
+
+@dataclass
+class Streamed:
+    """What the pieces of one output said: content, and per call index its start, argument deltas and end."""
+
+    content: str = ""
+    starts: dict[int, CallStartPiece] = field(default_factory=dict)
+    deltas: dict[int, list[str]] = field(default_factory=dict)
+    calls: dict[int, CallPiece] = field(default_factory=dict)
+    abandoned: list[int] = field(default_factory=list)
+
+
+def streamed(extractor: ToolCallExtractor, chunks: list[str]) -> Streamed:
+    seen = Streamed()
+    for piece in [piece for chunk in chunks for piece in extractor.feed(chunk)] + extractor.finish():
+        if isinstance(piece, ContentPiece):
+            seen.content += piece.text
+        elif isinstance(piece, CallStartPiece):
+            assert piece.index not in seen.starts and piece.index not in seen.deltas, "a start comes first, once"
+            seen.starts[piece.index] = piece
+        elif isinstance(piece, CallArgumentsPiece):
+            assert piece.index in seen.starts and piece.index not in seen.calls
+            seen.deltas.setdefault(piece.index, []).append(piece.text)
+        elif isinstance(piece, CallPiece):
+            seen.calls[piece.index] = piece
+        else:
+            seen.abandoned.append(piece.index)
+    return seen
+
+
+def cut(output: str, cuts: list[int]) -> list[str]:
+    return [output[start:end] for start, end in zip([0, *sorted(set(cuts))], [*sorted(set(cuts)), len(output)])]
+
+
+class TestStreamedCalls:
+    def test_the_split_that_once_lost_a_newline(self) -> None:
+        """Qwen 2.5's "two calls after some text", cut at {1, 2, 3, 20}: the newline before the calls is content."""
+        _, call_format, output, content, _ = RECORDED[1]
+        seen = streamed(ToolCallExtractor(call_format, NAMES), cut(output, [1, 2, 3, 20]))
+        assert seen.content == content == "Let me look both up.\n"
+
+    @settings(max_examples=120)
+    @given(case=st.sampled_from(RECORDED + [(name, fmt, text, "", []) for name, fmt, text in LONG_CALLS]),
+           data=st.data())  # fmt: skip
+    def test_deltas_add_up_to_the_final_arguments_however_the_text_is_cut(
+        self, case: tuple[str, ToolCallFormat, str, str, list[Any]], data: st.DataObject
+    ) -> None:
+        _, call_format, output, _, _ = case
+        cuts = data.draw(st.lists(st.integers(1, max(1, len(output) - 1)), max_size=40))
+        seen = streamed(ToolCallExtractor(call_format, NAMES, schemas=WRITE_SCHEMAS), cut(output, cuts))
+        assert not seen.abandoned
+        for index, start in seen.starts.items():
+            call = seen.calls[index]
+            assert call.streamed and call.call.id == start.id and call.call.name == start.name
+            assert "".join(seen.deltas.get(index, [])) == call.call.arguments
+            json.loads(call.call.arguments)
+
+    @pytest.mark.parametrize(
+        ("family", "call_format", "output"), LONG_CALLS, ids=[family for family, _, _ in LONG_CALLS]
+    )
+    def test_a_long_call_streams_its_arguments_as_they_are_written(
+        self, family: str, call_format: ToolCallFormat, output: str
+    ) -> None:
+        """A Write of a file, fed a few characters at a time (as tokens come): deltas all along, not one at the end."""
+        extractor = ToolCallExtractor(call_format, NAMES, schemas=WRITE_SCHEMAS)
+        seen = streamed(extractor, cut(output, list(range(4, len(output), 4))))
+        (call,) = seen.calls.values()
+        (whole,) = parse_tool_calls(output, call_format, NAMES, schemas=WRITE_SCHEMAS)[1]
+        assert call.streamed and call.call.arguments == whole.arguments
+        assert len(seen.deltas[call.index]) >= len(WRITTEN) // 40, "at least one delta per few tokens"
+        assert "".join(seen.deltas[call.index]) == call.call.arguments
+
+    def test_a_call_cut_short_is_abandoned_and_not_among_the_calls(self) -> None:
+        extractor = ToolCallExtractor(HERMES, NAMES)
+        seen = streamed(extractor, ['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'])
+        assert seen.starts and seen.abandoned == [0] and not seen.calls and not extractor.calls
+
+    def test_a_repeat_of_an_earlier_call_is_never_streamed(self) -> None:
+        call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        extractor = ToolCallExtractor(HERMES, NAMES)
+        seen = streamed(extractor, cut(call + call, list(range(3, 2 * len(call), 3))))
+        assert list(seen.starts) == [0] and not seen.abandoned and extractor.repeated
+
+    @pytest.mark.parametrize(("parallel", "emit"), [(False, True), (True, False)], ids=["not parallel", "none"])
+    def test_calls_that_would_not_be_kept_are_never_streamed(self, parallel: bool, emit: bool) -> None:
+        output = RECORDED[1][2]
+        extractor = ToolCallExtractor(HERMES, NAMES, parallel=parallel, emit=emit)
+        seen = streamed(extractor, cut(output, list(range(2, len(output), 2))))
+        assert len(seen.starts) == (1 if emit else 0) and not seen.abandoned

@@ -21,7 +21,10 @@ __all__ = [
     "ReasoningDelta",
     "Started",
     "TextDelta",
+    "ToolCallAbandoned",
+    "ToolCallArguments",
     "ToolCallDelta",
+    "ToolCallStart",
     "Usage",
 ]
 
@@ -78,11 +81,39 @@ class ReasoningDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallStart:
+    """A call is being written: its id and name; its arguments follow as ``ToolCallArguments``."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArguments:
+    """More of a started call's arguments (a call's pieces add up to its final arguments)."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
 class ToolCallDelta:
-    """A whole call, as soon as it is complete; ``index`` is its place among this reply's calls."""
+    """A whole call, as soon as it is complete; ``index`` is its place among this reply's calls.
+
+    ``streamed``: it was started (``ToolCallStart``) and its arguments sent already; this only ends it.
+    """
 
     index: int
     call: ToolCall
+    streamed: bool = False
+
+
+@dataclass(frozen=True)
+class ToolCallAbandoned:
+    """A started call that did not end as one (the token limit cut it short): it is not among the reply's calls."""
+
+    index: int
 
 
 @dataclass
@@ -110,4 +141,6 @@ class Finished:
     completion: Completion = field(repr=False)
 
 
-ChatEvent = Union[Started, TextDelta, ReasoningDelta, ToolCallDelta, Finished]
+ChatEvent = Union[
+    Started, TextDelta, ReasoningDelta, ToolCallStart, ToolCallArguments, ToolCallDelta, ToolCallAbandoned, Finished
+]

@@ -18,7 +18,15 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCallExtractor, ToolCalling
+from mlx_server.chat.tool_parsing import (
+    CallAbandonedPiece,
+    CallArgumentsPiece,
+    CallPiece,
+    CallStartPiece,
+    ContentPiece,
+    ToolCallExtractor,
+    ToolCalling,
+)
 
 __all__ = ["HARMONY_REASONING", "OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
 
@@ -31,7 +39,7 @@ class ReasoningPiece:
     text: str
 
 
-OutputPiece = Union[ContentPiece, CallPiece, ReasoningPiece]
+OutputPiece = Union[ContentPiece, CallPiece, CallStartPiece, CallArgumentsPiece, CallAbandonedPiece, ReasoningPiece]
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,16 @@ from mlx_server.chat.events import (
     ReasoningDelta,
     Started,
     TextDelta,
+    ToolCallAbandoned,
+    ToolCallArguments,
     ToolCallDelta,
+    ToolCallStart,
     Usage,
 )
 from mlx_server.chat.failures import report_failure
 from mlx_server.chat.output import OutputParser, ReasoningPiece
 from mlx_server.chat.preparation import PreparedChat
-from mlx_server.chat.tool_parsing import CallPiece
+from mlx_server.chat.tool_parsing import CallAbandonedPiece, CallArgumentsPiece, CallPiece, CallStartPiece
 from mlx_server.vocabulary import (
     CacheLookup,
     Engine,
@@ -319,7 +322,13 @@ class ChatRun:
                 reasoning.append(piece.text)
                 deltas.append(ReasoningDelta(piece.text))
             elif isinstance(piece, CallPiece):
-                deltas.append(ToolCallDelta(self._parser.calls.index(piece.call), piece.call))
+                deltas.append(ToolCallDelta(piece.index, piece.call, piece.streamed))
+            elif isinstance(piece, CallStartPiece):
+                deltas.append(ToolCallStart(piece.index, piece.id, piece.name))
+            elif isinstance(piece, CallArgumentsPiece):
+                deltas.append(ToolCallArguments(piece.index, piece.text))
+            elif isinstance(piece, CallAbandonedPiece):
+                deltas.append(ToolCallAbandoned(piece.index))
             elif piece.text:
                 content.append(piece.text)
                 deltas.append(TextDelta(piece.text))

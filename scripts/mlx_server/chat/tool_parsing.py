@@ -7,6 +7,15 @@ returned as content, and never crashes a request.  Custom tools (free text
 instead of JSON arguments) are written in the Hermes form as a JSON header
 naming the tool, then the text; in other formats, as a function taking
 ``input``.
+
+A function call streams as it is written: its name as soon as it is known
+(``CallStartPiece``), then what is certain of its arguments
+(``CallArgumentsPiece``, from ``partial_calls``), and the whole call once it
+ends (``CallPiece``, whose arguments the streamed pieces add up to exactly).
+A call that might still turn out to repeat an earlier one, or that would not
+be kept (not offered, ``parallel`` off, ``tool_choice: none``), is not
+streamed; one that was streamed and then does not parse (cut short by the
+token limit) ends with ``CallAbandonedPiece``.
 """
 
 from __future__ import annotations
@@ -21,11 +30,15 @@ from typing import Any, Union
 from mlx_lm.generate import TextStateMachine
 
 from mlx_server.chat.call_formats import HERMES, ToolCallFormat
+from mlx_server.chat.partial_calls import partial_calls
 from mlx_server.vocabulary import CUSTOM_TOOL, FUNCTION_TOOL, ToolCall
 from utils_logging import debug
 
 __all__ = [
+    "CallAbandonedPiece",
+    "CallArgumentsPiece",
     "CallPiece",
+    "CallStartPiece",
     "ContentPiece",
     "ToolCallExtractor",
     "ToolCalling",
@@ -110,10 +123,48 @@ class ContentPiece:
 
 @dataclass
 class CallPiece:
+    """A whole call; ``index`` is its place among the reply's calls, ``streamed`` whether it was streamed."""
+
     call: ToolCall
+    index: int = 0
+    streamed: bool = False
 
 
-Piece = Union[ContentPiece, CallPiece]
+@dataclass
+class CallStartPiece:
+    """A call is being written: its id and name (its arguments follow)."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class CallArgumentsPiece:
+    """More of a streamed call's arguments (the pieces of one call add up to its final arguments)."""
+
+    index: int
+    text: str
+
+
+@dataclass
+class CallAbandonedPiece:
+    """A streamed call that did not end as a call (cut short by the token limit): it is not among the calls."""
+
+    index: int
+
+
+Piece = Union[ContentPiece, CallPiece, CallStartPiece, CallArgumentsPiece, CallAbandonedPiece]
+
+
+@dataclass
+class _Stream:
+    """One call of the block being written, as streamed so far."""
+
+    index: int
+    id: str
+    name: str
+    sent: str = ""
 
 
 def _formats(call_format: ToolCallFormat) -> list[ToolCallFormat]:
@@ -159,6 +210,9 @@ class ToolCallExtractor:
         self._content_seen = ""
         self._bare_json = ""
         self._pending_space = ""
+        self._after_content = False  # the last thing that went out was content (not a call)
+        self._streams: list[_Stream | None] = []  # the open block's calls: streamed (or None: not streamed)
+        self._next_index = 0
         self._repeat_prefixes: list[str] = []  # how each accepted call began, to recognize one starting over
         self.repeated = False  # a call repeated an earlier one: small models loop so until the token limit
         self.calls: list[ToolCall] = []
@@ -198,9 +252,7 @@ class ToolCallExtractor:
             self._state, held, _ = TextStateMachine.flush(self._state)
             if held:
                 pieces += self._content(held)
-        if self._pending_space and not self.calls:
-            pieces.append(ContentPiece(self._pending_space))
-        self._pending_space = ""
+        self._pending_space = self._flushed_space(pieces)
         return pieces
 
     # -- calls ------------------------------------------------------------------
@@ -211,6 +263,7 @@ class ToolCallExtractor:
         assert fmt is not None
         self._check_repeat()
         if not fmt.end:
+            self._stream(self._call_text, pieces)
             return ""
         while (at := self._call_text.find(fmt.end, self._searched)) >= 0:
             if fmt.inside_argument(self._call_text[:at]):
@@ -221,18 +274,56 @@ class ToolCallExtractor:
             self._state = self._machine.make_state()
             return rest
         self._searched = max(self._searched, len(self._call_text) - len(fmt.end) + 1)
+        self._stream(self._call_text, pieces)  # the readers stop where a value ends: a half end marker is not read
         return ""
+
+    def _stream(self, text: str, pieces: list[Piece]) -> None:
+        """Start the open block's calls that may be streamed, and send what became certain of their arguments."""
+        fmt = self._open
+        if fmt is None or not self._emit:
+            return
+        for position, partial in enumerate(partial_calls(fmt.name, text, self._schemas)):
+            if position == len(self._streams):
+                if not self._may_stream(partial.name, partial.arguments):
+                    return  # later calls of the block wait for this one
+                assert partial.name is not None
+                stream = _Stream(self._next_index, new_tool_call_id(), partial.name)
+                self._next_index += 1
+                self._streams.append(stream)
+                self._pending_space = self._flushed_space(pieces)
+                self._after_content = False
+                pieces.append(CallStartPiece(stream.index, stream.id, stream.name))
+            current = self._streams[position]
+            if current is None:
+                return
+            if len(partial.arguments) > len(current.sent) and partial.arguments.startswith(current.sent):
+                pieces.append(CallArgumentsPiece(current.index, partial.arguments[len(current.sent) :]))
+                current.sent = partial.arguments
+
+    def _may_stream(self, name: str | None, arguments: str) -> bool:
+        """A function being called that will be kept: offered, allowed, and no longer possibly a repeat."""
+        if name is None or self._tools.get(name) != FUNCTION_TOOL or self.repeated:
+            return False
+        if not self._parallel and (self.calls or self._streams):
+            return False
+        return not any(earlier.name == name and earlier.arguments.startswith(arguments) for earlier in self.calls)
 
     def _close_call(self, text: str) -> list[Piece]:
         """A call whose text ended (its end marker, or the end of the output): its calls, or nothing."""
         fmt = self._open or self._format
+        if fmt.end and self._open is not None:
+            pieces: list[Piece] = []
+            self._stream(text, pieces)
+        else:
+            pieces = []
+        streams, self._streams = self._streams, []
         self._open, self._call_text, self._searched = None, "", 0
         calls = self._parse(text, fmt) if text.strip() else None
         if calls is None:
             if text.strip():
                 debug(1, "Dropped tool-call text that did not parse (a repeat cut short, or malformed)", {"text": text})
-            return []
-        return self._accept(calls)
+            return pieces + [CallAbandonedPiece(stream.index) for stream in streams if stream is not None]
+        return pieces + self._accept(calls, streams)
 
     def _parse(self, text: str, fmt: ToolCallFormat) -> list[ToolCall] | None:
         try:
@@ -259,23 +350,49 @@ class ToolCallExtractor:
             # A number may go on ("2" then "23"); a string, list or object has ended.
             self.repeated = prefix[-1] in '"]}' or (after != "" and after in ", }\n")
 
-    def _accept(self, calls: list[ToolCall]) -> list[Piece]:
-        """New calls, minus repeats of an earlier one (same function and arguments), one only if not parallel."""
+    def _accept(self, calls: list[ToolCall], streams: Sequence[_Stream | None] = ()) -> list[Piece]:
+        """New calls, minus repeats of an earlier one (same function and arguments), one only if not parallel.
+
+        ``streams`` are the block's streamed calls, in order: a kept call that was streamed keeps its id and
+        index and gets the rest of its arguments; one that was streamed and is not kept is abandoned.
+        """
         accepted: list[Piece] = []
-        for call in calls:
+        for position, call in enumerate(calls):
+            stream = streams[position] if position < len(streams) else None
             seen = any((call.name, call.arguments) == (earlier.name, earlier.arguments) for earlier in self.calls)
             self.repeated = self.repeated or seen
-            if seen or (self.calls and not self._parallel):
+            if seen or (self.calls and not self._parallel) or not self._emit:
+                if not self._emit:
+                    debug(1, "Dropped a tool call: tool_choice is none", {"name": call.name})
+                if stream is not None:
+                    accepted.append(CallAbandonedPiece(stream.index))
                 continue
-            if not self._emit:
-                debug(1, "Dropped a tool call: tool_choice is none", {"name": call.name})
-                continue
+            if not accepted:
+                self._pending_space = self._flushed_space(accepted)
+            if stream is None:
+                accepted.append(CallPiece(call, self._next_index))
+                self._next_index += 1
+            else:
+                call = ToolCall(stream.id, call.name, call.arguments, call.kind)
+                if call.arguments.startswith(stream.sent):
+                    rest = call.arguments[len(stream.sent) :]
+                    accepted += [CallArgumentsPiece(stream.index, rest)] if rest else []
+                else:  # the readers mirror the parsers; this is a bug, said plainly rather than hidden
+                    logger.warning("A streamed call's arguments were not a prefix of its final ones: %s", call.name)
+                accepted.append(CallPiece(call, stream.index, streamed=True))
             self.calls.append(call)
-            accepted.append(CallPiece(call))
+            self._after_content = False
             self._remember_prefix(call)
-        if accepted:
-            self._pending_space = ""  # whitespace between calls is not content
+        for stream in streams[len(calls) :]:
+            if stream is not None:
+                accepted.append(CallAbandonedPiece(stream.index))
         return accepted
+
+    def _flushed_space(self, pieces: list[Piece]) -> str:
+        """Whitespace held back when a call begins: content if it followed content, else dropped; returns ''."""
+        if self._pending_space and self._after_content:
+            pieces.append(ContentPiece(self._pending_space))
+        return ""
 
     def _remember_prefix(self, call: ToolCall) -> None:
         render = self._format.repeat_prefix or HERMES.repeat_prefix
@@ -285,11 +402,14 @@ class ToolCallExtractor:
             self._repeat_prefixes.append(prefix)
 
     def _content(self, text: str) -> list[Piece]:
-        """Whitespace is held back until real content follows: between and after calls it is dropped."""
+        """Whitespace is held back until what follows says what it is: before content, or after content and
+        before a call or the end, it is content; at the start before a call, between calls and after them, not.
+        (So the streamed content never depends on where the text was cut into pieces.)"""
         if not text.strip():
             self._pending_space += text
             return []
         text, self._pending_space = self._pending_space + text, ""
+        self._after_content = True
         return [ContentPiece(text)]
 
 

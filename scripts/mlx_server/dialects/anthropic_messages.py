@@ -4,7 +4,8 @@ Claude Code connects directly (``ANTHROPIC_BASE_URL=http://127.0.0.1:8081``).
 Replies are ``message`` objects with ``thinking``, ``text`` and ``tool_use``
 blocks; streams follow Anthropic's event sequence (``message_start``, per
 block ``content_block_start`` / ``content_block_delta`` /
-``content_block_stop``, ``message_delta``, ``message_stop``), with ``ping``
+``content_block_stop``, ``message_delta``, ``message_stop``; a ``tool_use``
+block's input arrives as ``input_json_delta`` pieces while it is written), with ``ping``
 events while the prompt is prefilling, and an ``error`` event for a failure
 after the headers.  Usage is counted as Anthropic counts it, and is final
 from ``message_start`` on: ``input_tokens`` is what was neither read from
@@ -22,7 +23,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, PromptUsage, ReasoningDelta, Started, TextDelta
+from mlx_server.chat.events import (
+    Completion,
+    PromptUsage,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallAbandoned,
+    ToolCallArguments,
+    ToolCallStart,
+)
 from mlx_server.dialects.anthropic_protocol import CountTokensRequest, MessagesRequest, anthropic_tool_id
 from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
@@ -156,6 +166,17 @@ class MessageStream:
             return self._text("text", delta.text)
         if isinstance(delta, ReasoningDelta):
             return self._text("thinking", delta.text)
+        if isinstance(delta, ToolCallStart):
+            events = self._close()
+            self.index += 1
+            self.open_kind = "tool_use"
+            block = {"type": "tool_use", "id": anthropic_tool_id(delta.id), "name": delta.name, "input": {}}
+            return [*events, self._event("content_block_start", index=self.index, content_block=block)]
+        if isinstance(delta, ToolCallArguments):
+            json_delta = {"type": "input_json_delta", "partial_json": delta.text}
+            return [self._event("content_block_delta", index=self.index, delta=json_delta)]
+        if isinstance(delta, ToolCallAbandoned) or delta.streamed:
+            return self._close()
         return self._tool_use(delta.call)
 
     def finish(self, completion: Completion) -> list[bytes]:

@@ -3,7 +3,7 @@
 Translates the request into a ``ChatRequest``, and the core's events into a
 ``chat.completion`` object or ``chat.completion.chunk`` server-sent events:
 a role delta, content (and ``reasoning_content``) deltas as generated, a
-call's id and name then its arguments, the finish chunk, an optional usage
+call's id and name then its arguments as they are written, the finish chunk, an optional usage
 chunk, ``[DONE]``.  Failures after the headers are sent become an error event.
 """
 
@@ -16,7 +16,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
+from mlx_server.chat.events import (
+    Completion,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallAbandoned,
+    ToolCallArguments,
+    ToolCallStart,
+    Usage,
+)
 from mlx_server.dialects.common import new_id, sse_data, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
@@ -111,6 +120,14 @@ class ChatCompletionReply:
             return [self.chunk({"content": delta.text})]
         if isinstance(delta, ReasoningDelta):
             return [self.chunk({"reasoning_content": delta.text})]
+        if isinstance(delta, ToolCallStart):
+            opening = {"index": delta.index, "id": delta.id, "type": "function",
+                       "function": {"name": delta.name, "arguments": ""}}  # fmt: skip
+            return [self.chunk({"tool_calls": [opening]})]
+        if isinstance(delta, ToolCallArguments):
+            return [self.chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})]
+        if isinstance(delta, ToolCallAbandoned) or delta.streamed:
+            return []  # its arguments went out as they were written
         return [self.chunk(part) for part in _call_deltas(delta.index, delta.call)]
 
     def finish(self, completion: Completion) -> list[bytes]:

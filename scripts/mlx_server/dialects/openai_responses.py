@@ -18,7 +18,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, Usage
+from mlx_server.chat.events import (
+    Completion,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallAbandoned,
+    ToolCallArguments,
+    ToolCallStart,
+    Usage,
+)
 from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
@@ -51,6 +60,31 @@ class _Output:
         self._names = names
         self._open: dict[str, Any] | None = None
         self._text = ""
+        self._writing: dict[int, tuple[int, dict[str, Any]]] = {}  # streamed calls: index -> (output index, item)
+
+    def start_call(self, index: int, call_id: str, name: str) -> list[dict[str, Any]]:
+        """A function call being written: its item, in progress, with no arguments yet."""
+        events = self.close()
+        item = self._call_item(ToolCall(call_id, name, ""))
+        item["status"] = "in_progress"
+        self.items.append(item)
+        self._writing[index] = (self.index, item)
+        return [*events, {"type": "response.output_item.added", "output_index": self.index, "item": {**item}}]
+
+    def call_arguments(self, index: int, text: str) -> list[dict[str, Any]]:
+        output_index, item = self._writing[index]
+        item["arguments"] += text
+        at = {"item_id": item["id"], "output_index": output_index}
+        return [{"type": "response.function_call_arguments.delta", **at, "delta": text}]
+
+    def end_call(self, index: int, completed: bool) -> list[dict[str, Any]]:
+        """A streamed call ends: whole (``completed``), or cut short (its item ``incomplete``)."""
+        output_index, item = self._writing.pop(index)
+        item["status"] = "completed" if completed else "incomplete"
+        at = {"item_id": item["id"], "output_index": output_index}
+        done = {"type": "response.function_call_arguments.done", **at, "arguments": item["arguments"],
+                "name": item["name"]}  # fmt: skip
+        return [done, {"type": "response.output_item.done", "output_index": output_index, "item": item}]
 
     @property
     def index(self) -> int:
@@ -267,6 +301,14 @@ class ResponseObject:
             return self._emit(self.output.text(delta.text))
         if isinstance(delta, ReasoningDelta):
             return self._emit(self.output.reasoning(delta.text))
+        if isinstance(delta, ToolCallStart):
+            return self._emit(self.output.start_call(delta.index, delta.id, delta.name))
+        if isinstance(delta, ToolCallArguments):
+            return self._emit(self.output.call_arguments(delta.index, delta.text))
+        if isinstance(delta, ToolCallAbandoned):
+            return self._emit(self.output.end_call(delta.index, completed=False))
+        if delta.streamed:
+            return self._emit(self.output.end_call(delta.index, completed=True))
         return self._emit(self.output.call(delta.call))
 
     def finish(self, completion: Completion) -> list[bytes]:

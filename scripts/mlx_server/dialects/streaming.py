@@ -29,7 +29,17 @@ from typing import Any, Protocol, TypeVar, Union
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from mlx_server.chat.events import Completion, Finished, ReasoningDelta, Started, TextDelta, ToolCallDelta
+from mlx_server.chat.events import (
+    Completion,
+    Finished,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallAbandoned,
+    ToolCallArguments,
+    ToolCallDelta,
+    ToolCallStart,
+)
 from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.service import ChatRun, ChatService
 from mlx_server.dialects.directory import ModelDirectory
@@ -52,7 +62,7 @@ __all__ = [
 SSE_KEEPALIVE = b": keep-alive\n\n"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta]
+Delta = Union[TextDelta, ReasoningDelta, ToolCallStart, ToolCallArguments, ToolCallDelta, ToolCallAbandoned]
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 Item = TypeVar("Item")
 
