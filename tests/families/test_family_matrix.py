@@ -156,11 +156,12 @@ class TestToolCalls:
 
     def test_a_streamed_call_sends_its_arguments_as_written(self, served: Served) -> None:
         """In the family's own call format: pieces every few tokens that add up to the whole reply's arguments."""
-        fields = {"messages": [{"role": "user", "content": "Save a note."}], "tools": [NOTE], "max_tokens": 120,
+        messages = [{"role": "user", "content": "Save a note."}]
+        fields: dict[str, Any] = {"tools": [NOTE], "max_tokens": 120,
                   "tool_choice": {"type": "function", "function": {"name": "save_note"}}, "temperature": 1.0,
                   "seed": 5, "parallel_tool_calls": False}  # fmt: skip
-        (whole,) = chat(served.client, **fields)["choices"][0]["message"]["tool_calls"]
-        response = served.client.post("/v1/chat/completions", json={**fields, "stream": True})
+        (whole,) = chat(served.client, messages, **fields)["choices"][0]["message"]["tool_calls"]
+        response = served.client.post("/v1/chat/completions", json={"messages": messages, **fields, "stream": True})
         chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
         opening, *pieces = [part for chunk in chunks if chunk["choices"]
                             for part in chunk["choices"][0]["delta"].get("tool_calls", [])]  # fmt: skip

@@ -57,7 +57,8 @@ def test_anthropic_streams_input_json_that_the_sdk_accumulates_into_the_input(wr
         final = stream.get_final_message()
     starts = [event for event in events if event.type == "content_block_start"]
     assert [block.content_block.type for block in starts] == ["text", "tool_use"]
-    assert starts[1].content_block.name == "Write"
+    opened = starts[1].content_block
+    assert opened.type == "tool_use" and opened.name == "Write"
     pieces = [event.delta.partial_json for event in events
               if event.type == "content_block_delta" and event.delta.type == "input_json_delta"]  # fmt: skip
     assert "".join(pieces) and json.loads("".join(pieces)) == ARGUMENTS
