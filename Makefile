@@ -12,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-streamed-calls bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -122,6 +122,9 @@ bench-hostile: install
 
 bench-speculative: install
 	$(BIN)/python bench/bench_speculative.py
+
+bench-streamed-calls: install
+	$(BIN)/python bench/bench_streamed_calls.py
 
 bench-claude-code: install
 	$(BIN)/python bench/bench_claude_code.py
