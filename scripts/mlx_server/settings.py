@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_server.vocabulary import SPECULATIVE_MODES, SpeculativeMode
+from mlx_server.vocabulary import EFFORTS, SPECULATIVE_MODES, SpeculativeMode
 
 __all__ = ["ENV_PREFIX", "ApiKeys", "Option", "Settings", "build_parser", "parse_settings", "settings_table"]
 
@@ -110,6 +110,12 @@ def _repetition_penalty(text: str) -> float:
 def _generation_config(text: str) -> str:
     if text not in ("auto", "none"):
         raise argparse.ArgumentTypeError(f"must be auto or none, got {text!r}")
+    return text
+
+
+def _thinking(text: str) -> str:
+    if text not in ("auto", "on", "off", *EFFORTS):
+        raise argparse.ArgumentTypeError(f"must be auto, on, off or one of {', '.join(EFFORTS)}, got {text!r}")
     return text
 
 
@@ -287,6 +293,21 @@ class Settings:
         "has no such field; 1.1-1.3 keeps small models out of loops",
         parse=_repetition_penalty,
         default_text="the model's (generation_config.json), else none",
+    )
+    thinking: str = option(
+        "auto",
+        "thinking for requests that do not say (Anthropic's adaptive does not): on or off on a model with a "
+        "switch (Qwen3's enable_thinking), an effort (none, minimal, low, medium, high, xhigh, max) on a model with "
+        "levels (gpt-oss's reasoning_effort); auto leaves it to the model's template",
+        parse=_thinking,
+        metavar="{auto,on,off,EFFORT}",
+    )
+    thinking_budget: int | None = option(
+        None,
+        "tokens a model may think before its thinking is closed, for requests that set no budget (Anthropic's "
+        "budget_tokens sets one)",
+        parse=_positive_int,
+        default_text="none",
     )
     generation_config: str = option(
         "auto",

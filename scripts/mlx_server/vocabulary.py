@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, TypeVar, Union, get_args
 
 __all__ = [
     "CUSTOM_TOOL",
+    "EFFORTS",
     "FUNCTION_TOOL",
     "PLAIN_SAMPLING",
     "SPECULATIVE_MODES",
@@ -29,6 +30,7 @@ __all__ = [
     "ContextOverflowError",
     "Divergence",
     "DocumentPart",
+    "Effort",
     "Embedder",
     "Engine",
     "EngineEvent",
@@ -82,6 +84,11 @@ ToolMode = Literal["none", "auto", "required"]
 #: How the engine may speculate: off, or drafting from the request's own context (engine/speculation.py).
 SpeculativeMode = Literal["off", "prompt-lookup"]
 SPECULATIVE_MODES: tuple[SpeculativeMode, ...] = get_args(SpeculativeMode)
+
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+"""How hard a model should think, in every dialect's words, least to most (OpenAI's ``none`` to ``xhigh``,
+Anthropic's ``low`` to ``max``)."""
+EFFORTS: tuple[Effort, ...] = get_args(Effort)
 CacheSource = Literal["miss", "extended", "copied-prefix", "checkpoint", "snapshot", "off", "response"]
 """What the prompt cache gave a request: nothing (``miss``), its session's conversation continued
 (``extended``), a copy of another entry's prefix, a checkpoint or a snapshot; ``off`` when the cache is off,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_server.chat.prompts import ChatTemplate
+from mlx_server.chat.prompts import ChatTemplate, TemplateOptions
 from mlx_server.vocabulary import CacheLookup, Message, Tool
 from utils_logging import is_debug_enabled, log_cache_hit, log_cache_miss, redact
 
@@ -64,7 +64,11 @@ class CacheDiagnostics:
         self._lock = threading.Lock()
 
     def explainer(
-        self, lookup: CacheLookup, messages: Sequence[Message], tools: Sequence[Tool]
+        self,
+        lookup: CacheLookup,
+        messages: Sequence[Message],
+        tools: Sequence[Tool],
+        options: TemplateOptions = (),
     ) -> Callable[[], MissExplanation] | None:
         """A closure that explains a miss or partial hit (None for a plain hit, or the cache off); computed once."""
         if lookup.source not in EXPLAINED_SOURCES:
@@ -80,7 +84,7 @@ class CacheDiagnostics:
         @functools.cache
         def explain() -> MissExplanation:
             at = divergence.at_token
-            where = template.message_at_token(messages, tools, at) if messages else None
+            where = template.message_at_token(messages, tools, at, options) if messages else None
             if where is not None and where[1] == "system":
                 reason = f"the system prompt changed: it differs from the cached one at token {at}"
             elif where is not None:

@@ -75,11 +75,22 @@ class OutputConstraint:
     forbidden_markers: tuple[str, ...] = ()
     eos: tuple[int, ...] = ()
     reasoning_budget: int | None = None  # tokens of thinking before a forced answer; None: unbounded
+    thinking_budget: int | None = None  # tokens of thinking the request allows, whatever follows; None: unbounded
 
     @property
     def constrained(self) -> bool:
         calls = bool(self.tools) and self.tool_mode in ("required", "auto")
-        return calls or self.json_schema is not None or bool(self.forbidden_markers)
+        return calls or self.json_schema is not None or bool(self.forbidden_markers) or self.bounds_thinking
+
+    @property
+    def bounds_thinking(self) -> bool:
+        """A thinking budget, on a model whose thinking a grammar can close (markers, or harmony's channels)."""
+        return self.thinking_budget is not None and (self.reasoning is not None or self.call_format is HARMONY)
+
+    @property
+    def forced(self) -> bool:
+        """The output must be calls or JSON: thinking before it gets at most ``reasoning_budget``."""
+        return self.tool_mode == "required" or self.json_schema is not None
 
 
 class GrammarVerdicts:
@@ -178,11 +189,14 @@ class _GrammarBuilder:
 
     def lark(self) -> str:
         constraint = self.constraint
+        thinking = self._reasoning() if constraint.bounds_thinking else ""
         if not self.calling and constraint.json_schema is None:
             markers = (self.format.start, self.format.end, HERMES.start, HERMES.end) if constraint.tools else ()
-            return self._finish(self._free(constraint.forbidden_markers, markers, name="free"))
+            reopening = (constraint.reasoning.start,) if thinking and constraint.reasoning else ()
+            free = self._free((*constraint.forbidden_markers, *reopening), markers, name="free")
+            return self._finish(f"{thinking} {free}")
         if constraint.tool_mode == "auto" and constraint.json_schema is None:
-            return self._finish(self._lazy_calls())
+            return self._finish(f"{thinking} {self._lazy_calls()}")
         alternatives = []
         if self.calling:
             alternatives.append(self._calls(opened=False))
@@ -246,16 +260,23 @@ class _GrammarBuilder:
         return f"({self.writer.mark(reasoning.start)} {thought} {end} {space})?"
 
     def _thought(self, ends: Sequence[str]) -> str:
-        """Reasoning before a forced answer; within ``reasoning_budget`` tokens when set, so the answer comes.
+        """Reasoning within its budget when there is one: the request's, and before a forced answer at most
+        ``reasoning_budget`` tokens, so the answer comes.
 
         A bounded thought is text only (llguidance bounds terminals, not
         special tokens), which is what thinking is.
         """
-        budget = self.constraint.reasoning_budget
+        budget = self._thought_budget()
         if budget is None:
             return self._free(excluded_texts=ends, excluded_tokens=ends, name="thought")
         texts = [marker for marker in ends if not self.writer.is_token(marker)]
         return self.writer.lexeme(text_without(texts), self.rules, max_tokens=max(budget, 1))
+
+    def _thought_budget(self) -> int | None:
+        constraint = self.constraint
+        budgets = [constraint.thinking_budget, constraint.reasoning_budget if constraint.forced else None]
+        given = [budget for budget in budgets if budget is not None]
+        return min(given) if given else None
 
     def _free(self, excluded_texts: Sequence[str] = (), excluded_tokens: Sequence[str] = (), name: str = "") -> str:
         """Any output without these markers: text, and every special token but them and end-of-sequence.
@@ -306,8 +327,7 @@ class _GrammarBuilder:
         writer, constraint = self.writer, self.constraint
         channel, message, end, start = (writer.mark(marker) for marker in
                                         ("<|channel|>", "<|message|>", "<|end|>", "<|start|>"))  # fmt: skip
-        forced = constraint.tool_mode == "required" or constraint.json_schema is not None
-        if forced and constraint.reasoning_budget is not None:
+        if self._thought_budget() is not None:
             analysis_text, analyses = self._thought(("<|end|>",)), "analysis?"
         else:
             analysis_text, analyses = self._free(excluded_tokens=("<|end|>",), name="analysis"), "analysis*"

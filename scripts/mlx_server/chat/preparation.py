@@ -20,7 +20,7 @@ from typing import Any
 
 from mlx_server.chat.answer_cache import AnswerCache
 from mlx_server.chat.attachments import NOTHING_OMITTED, AttachmentLimits, Omitted, prepare
-from mlx_server.chat.call_formats import HERMES, ToolCallFormat
+from mlx_server.chat.call_formats import HARMONY, HERMES, ToolCallFormat
 from mlx_server.chat.grammars import OutputConstraint, ReasoningMarkers, build_grammar
 from mlx_server.chat.image_prompts import expanding, locate_images
 from mlx_server.chat.output import HARMONY_REASONING, ReasoningSyntax, reasoning_syntax
@@ -28,6 +28,7 @@ from mlx_server.chat.profile import ModelProfile
 from mlx_server.chat.prompts import RenderedPrompt, fill_in_the_middle, normalize_billing_header
 from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.text_guard import IMAGE_SLOT
+from mlx_server.chat.thinking import ThinkingPlan, ThinkingRequest, resolve
 from mlx_server.chat.tool_parsing import ToolCalling
 from mlx_server.chat.tool_prompts import template_tool
 from mlx_server.vocabulary import (
@@ -39,7 +40,14 @@ from mlx_server.vocabulary import (
 )
 from utils_logging import debug
 
-__all__ = ["THINKING_SHARE_BEFORE_A_FORCED_ANSWER", "PreparedChat", "ServiceOptions", "prepare_chat", "render"]
+__all__ = [
+    "THINKING_SHARE_BEFORE_A_FORCED_ANSWER",
+    "PreparedChat",
+    "ServiceOptions",
+    "prepare_chat",
+    "render",
+    "thinking_plan",
+]
 
 THINKING_SHARE_BEFORE_A_FORCED_ANSWER = 0.5  # of max_tokens: the rest is room for the call or JSON
 
@@ -49,7 +57,8 @@ class ServiceOptions:
     """The server settings the chat core reads (their defaults live in ``settings``).
 
     ``default_sampling`` is the server's ``--default-*`` options: it fills
-    what a request leaves unset, before the model's own recommendation.
+    what a request leaves unset, before the model's own recommendation;
+    ``thinking`` is ``--thinking`` and ``--thinking-budget``, likewise.
     """
 
     default_max_tokens: int
@@ -59,6 +68,7 @@ class ServiceOptions:
     keepalive_interval: float  # 0: none
     strict_max_tokens: bool = False  # OpenAI's 400 for a completion limit past the context, instead of a cap
     attachments: AttachmentLimits = field(default_factory=AttachmentLimits)
+    thinking: ThinkingRequest = field(default_factory=ThinkingRequest)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ def prepare_chat(
     answers: AnswerCache | None = None,
 ) -> PreparedChat:
     """The prepared chat (``ServerError`` on anything the request cannot be answered as sent)."""
-    prompt, omitted = render(request, profile, options, context_length)
+    thinking = thinking_plan(request, profile, options)
+    prompt, omitted = render(request, profile, options, context_length, thinking)
     if omitted:
         debug(1, "Left out attachments this model cannot read", {"left_out": omitted.describe()})
     if prompt.images:
@@ -96,7 +107,7 @@ def prepare_chat(
         debug(1, "Images in the prompt", {"images": len(prompt.images), "image_tokens": image_tokens})
     reasoning = reasoning_syntax(profile.tokenizer, prompt.tokens, profile.harmony)
     max_tokens = _max_tokens(request, len(prompt.tokens), options, context_length)
-    grammar, tool_calling = _output_rules(request, profile, reasoning, max_tokens)
+    grammar, tool_calling = _output_rules(request, profile, reasoning, max_tokens, thinking.budget)
     sampling = _sampling(request, profile, options)
     answer_key = _answer_key(answers, prompt, max_tokens, sampling, grammar)
     debug(
@@ -106,6 +117,8 @@ def prepare_chat(
             "prompt_tokens": len(prompt.tokens),
             "stable_prefix": prompt.stable_prefix,
             "tool_calls": "off" if tool_calling is None else tool_calling.call_format.name,
+            **thinking.options,
+            **({"thinking_budget": thinking.budget} if thinking.budget is not None else {}),
             "max_tokens": max_tokens,
             **sampling.given(),
             "grammar": "none" if grammar is None else f"{len(grammar)} characters",
@@ -134,10 +147,27 @@ def default_sampling(profile: ModelProfile, options: ServiceOptions) -> Sampling
     return options.default_sampling.over(profile.configured).over(profile.recommended.sampling).over(PLAIN_SAMPLING)
 
 
+def thinking_plan(request: ChatRequest, profile: ModelProfile, options: ServiceOptions) -> ThinkingPlan:
+    """The request's thinking over the server's default, on the model's own controls (said when it has none)."""
+    plan = resolve(request.thinking, options.thinking, profile.thinking)
+    if plan.ignored:
+        asked = request.thinking.over(options.thinking)
+        debug(1, "Thinking settings this model has no control for", {
+            "ignored": {name: asked.given()[name] for name in plan.ignored}, "param": request.thinking.param,
+            "model_controls": profile.thinking.describe(),
+        })  # fmt: skip
+    return plan
+
+
 def render(
-    request: ChatRequest, profile: ModelProfile, options: ServiceOptions, context_length: int
+    request: ChatRequest,
+    profile: ModelProfile,
+    options: ServiceOptions,
+    context_length: int,
+    thinking: ThinkingPlan | None = None,
 ) -> tuple[RenderedPrompt, Omitted]:
     """The prompt, and what it left out of the messages' attachments (images on a text model)."""
+    template_options = (thinking or thinking_plan(request, profile, options)).template_options
     if request.prompt is not None:
         tokens = _raw_prompt(request, profile)
         if not tokens:
@@ -152,9 +182,9 @@ def render(
         if removed:
             debug(2, "Normalized the volatile billing-header line", {"lines_removed": removed})
     if reader is None or not images:
-        return profile.template.render(messages, request.tools), omitted
+        return profile.template.render(messages, request.tools, options=template_options), omitted
     read = [reader.read(image.data, limits.max_image_pixels) for image in images if image.data is not None]
-    rendered = profile.template.render(messages, request.tools, expanding(IMAGE_SLOT, read))
+    rendered = profile.template.render(messages, request.tools, expanding(IMAGE_SLOT, read), template_options)
     return dataclasses.replace(rendered, images=locate_images(rendered.tokens, read)), omitted
 
 
@@ -195,7 +225,11 @@ def _raw_prompt(request: ChatRequest, profile: ModelProfile) -> list[int]:
 
 
 def _output_rules(
-    request: ChatRequest, profile: ModelProfile, reasoning: ReasoningSyntax | None, max_tokens: int
+    request: ChatRequest,
+    profile: ModelProfile,
+    reasoning: ReasoningSyntax | None,
+    max_tokens: int,
+    thinking_budget: int | None = None,
 ) -> tuple[str | None, ToolCalling | None]:
     """The grammar the output must follow (None: free) and how to find tool calls in it (None: do not look).
 
@@ -203,10 +237,11 @@ def _output_rules(
     tools (the model was trained on it), in the Hermes form that the
     injected tool block asks for otherwise.  Thinking before a forced call
     or JSON answer gets at most half of ``max_tokens``, so that the answer
-    always has room.
+    always has room; a thinking budget bounds it whatever follows.
+    gpt-oss's output is harmony channels whether it calls or not.
     """
     mode = request.tool_mode
-    call_format = profile.call_format if request.tools else HERMES
+    call_format = profile.call_format if request.tools else HARMONY if profile.harmony else HERMES
     markers = _call_marker_stems(call_format) if request.tools and mode == "none" else ()
     thinking = None
     if reasoning is not None and reasoning is not HARMONY_REASONING:
@@ -222,6 +257,7 @@ def _output_rules(
         forbidden_markers=tuple(marker for marker in markers if marker),
         eos=profile.eos_token_ids,
         reasoning_budget=int(max_tokens * THINKING_SHARE_BEFORE_A_FORCED_ANSWER),
+        thinking_budget=thinking_budget,
     )
     grammar = build_grammar(
         constraint, profile.grammar_writer(), request.tool_params, request.schema_param, profile.grammar_verdicts

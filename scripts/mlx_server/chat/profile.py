@@ -4,7 +4,8 @@ A model's chat template (tool support, the generation prompt), its tool-call
 format, its special tokens (the markers grammars write as single tokens), its
 end-of-sequence tokens, whether it writes gpt-oss's harmony channels, its
 context length, its fill-in-the-middle markers, how it reads images (a
-vision model's image marker and processor), and its default sampling
+vision model's image marker and processor), its thinking controls (a
+template switch, a reasoning level, markers a budget can close), and its default sampling
 (what the server's models config says for it, then what its authors
 recommend).  None of these change between requests, and working them out
 takes template renders and vocabulary scans, so each model's chat service
@@ -20,6 +21,8 @@ from mlx_server.chat.call_formats import HARMONY, HERMES, ToolCallFormat, detect
 from mlx_server.chat.call_grammars import GrammarWriter
 from mlx_server.chat.grammars import GrammarVerdicts
 from mlx_server.chat.prompts import FIM_MARKERS, ChatTemplate
+from mlx_server.chat.thinking import ThinkingControls
+from mlx_server.mlx_lm_compat import hf_tokenizer
 from mlx_server.vocabulary import ImageReader, RecommendedSampling, Sampling
 
 __all__ = ["ModelProfile"]
@@ -50,6 +53,8 @@ class ModelProfile:
         self.configured = configured or Sampling()  # the server's models config for this model
         self.grammar_verdicts = GrammarVerdicts()
         self.images = images  # a vision model's way in for images (None: the model reads text only)
+        closable = self.harmony or bool(getattr(tokenizer, "has_thinking", False))
+        self.thinking = ThinkingControls.of(getattr(hf_tokenizer(tokenizer), "chat_template", None), closable)
 
     @property
     def call_format(self) -> ToolCallFormat:

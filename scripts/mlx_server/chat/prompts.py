@@ -31,6 +31,7 @@ __all__ = [
     "FIM_MARKERS",
     "ChatTemplate",
     "RenderedPrompt",
+    "TemplateOptions",
     "fill_in_the_middle",
     "normalize_billing_header",
 ]
@@ -62,6 +63,10 @@ def normalize_billing_header(messages: Sequence[Message]) -> tuple[list[Message]
     return normalized, removed
 
 
+TemplateOptions = tuple[tuple[str, Any], ...]
+"""Variables a chat template reads besides the conversation (``enable_thinking``, ``reasoning_effort``), as pairs."""
+
+
 def _render(
     tokenizer: Tokenizer,
     guard: TextGuard,
@@ -69,10 +74,11 @@ def _render(
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None = None,
     rewrite: Callable[[str], str] | None = None,
+    options: TemplateOptions = (),
 ) -> list[int]:
     """The template's tokens (its text, ``rewrite`` applied, tokenized as ``TextGuard.tokens`` says)."""
     template = None if tokenizer.has_chat_template else FALLBACK_CHAT_TEMPLATE
-    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    extra: dict[str, Any] = {**dict(options), "tools": tools} if tools else dict(options)
     text = str(
         tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, tokenize=False, chat_template=template, **extra
@@ -91,7 +97,8 @@ class RenderedPrompt:
 
     ``stable_prefix`` ends the system prompt and tools; ``turn_start`` ends
     the history, before the generation prompt (see ``GenerationRequest``);
-    ``images`` are a vision model's images, where their tokens are.
+    ``images`` are a vision model's images, where their tokens are;
+    ``options`` the template variables it was rendered with.
     """
 
     tokens: list[int]
@@ -101,52 +108,71 @@ class RenderedPrompt:
     messages: tuple[Message, ...] = ()
     tools: tuple[Tool, ...] = ()
     images: tuple[PromptImage, ...] = ()
+    options: TemplateOptions = ()
 
 
 class ChatTemplate:
     """One model's chat template, with what is found about it once: tool support and the generation prompt.
 
     It also remembers the last few stable prefixes it rendered (system
-    prompt and tools, by content), since every turn of a conversation sends
-    the same ones; the memo belongs to this model alone (one lock, held briefly).
+    prompt and tools, by content and template options), since every turn of a
+    conversation sends the same ones; the memo belongs to this model alone (one
+    lock, held briefly).  ``options`` are template variables (a thinking
+    switch, a reasoning level): they may change any part of the prompt, so
+    every render takes them.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.guard = TextGuard(tokenizer)
         self.support: TemplateToolSupport = template_tool_support(tokenizer)
-        self.generation_prompt = self._find_generation_prompt()
+        self._openings: dict[TemplateOptions, tuple[int, ...]] = {}
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.generation_prompt = self.opening()
 
     def render(
-        self, messages: Sequence[Message], tools: Sequence[Tool] = (), rewrite: Callable[[str], str] | None = None
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        rewrite: Callable[[str], str] | None = None,
+        options: TemplateOptions = (),
     ) -> RenderedPrompt:
         """The prompt for a conversation, with what the prompt cache needs to know about it.
 
         ``rewrite`` changes the rendered text before it is tokenized (a vision model's image markers expanded).
         """
-        tokens, stable_prefix = self.tokens_with_prefix(messages, tools, rewrite)
-        opening = self.generation_prompt
+        tokens, stable_prefix = self.tokens_with_prefix(messages, tools, rewrite, options)
+        opening = self.opening(options)
         turn_start = 0
         if tokens[len(tokens) - len(opening) :] == list(opening):
             turn_start = len(tokens) - max(1, len(opening))
         after_user = bool(messages) and messages[-1].role == "user"
-        return RenderedPrompt(tokens, stable_prefix, turn_start, after_user, tuple(messages), tuple(tools))
+        return RenderedPrompt(
+            tokens, stable_prefix, turn_start, after_user, tuple(messages), tuple(tools), options=options
+        )
 
-    def tokens(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+    def tokens(
+        self, messages: Sequence[Message], tools: Sequence[Tool] = (), options: TemplateOptions = ()
+    ) -> list[int]:
         """Token ids for ``messages`` and ``tools``, then the assistant's opening (InvalidRequestError if refused)."""
-        return self._render_conversation(self._conversation(messages, tools))
+        return self._render_conversation(self._conversation(messages, tools), options=options)
 
     def tokens_with_prefix(
-        self, messages: Sequence[Message], tools: Sequence[Tool] = (), rewrite: Callable[[str], str] | None = None
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        rewrite: Callable[[str], str] | None = None,
+        options: TemplateOptions = (),
     ) -> tuple[list[int], int]:
         """``tokens`` and ``stable_prefix_length`` together, preparing the template's input once."""
         conversation = self._conversation(messages, tools)
-        prompt = self._render_conversation(conversation, rewrite)
-        return prompt, self._stable_prefix(conversation, prompt)
+        prompt = self._render_conversation(conversation, rewrite, options)
+        return prompt, self._stable_prefix(conversation, prompt, options)
 
-    def stable_prefix_length(self, messages: Sequence[Message], prompt: list[int], tools: Sequence[Tool] = ()) -> int:
+    def stable_prefix_length(
+        self, messages: Sequence[Message], prompt: list[int], tools: Sequence[Tool] = (), options: TemplateOptions = ()
+    ) -> int:
         """How many leading prompt tokens are the system messages and tools alone (0 if the template mixes them).
 
         The leading system/developer messages are rendered on their own, with the
@@ -154,10 +180,23 @@ class ChatTemplate:
         conversation's stable part ends, whatever its last message is (user, tool
         or assistant).
         """
-        return self._stable_prefix(self._conversation(messages, tools), prompt)
+        return self._stable_prefix(self._conversation(messages, tools), prompt, options)
+
+    def opening(self, options: TemplateOptions = ()) -> tuple[int, ...]:
+        """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``), per options.
+
+        Empty when the template opens the turn whether asked or not (the history then ends with the opening).
+        """
+        with self._lock:
+            known = self._openings.get(options)
+        if known is None:
+            known = self._find_generation_prompt(options)
+            with self._lock:
+                self._openings[options] = known
+        return known
 
     def message_at_token(
-        self, messages: Sequence[Message], tools: Sequence[Tool], offset: int
+        self, messages: Sequence[Message], tools: Sequence[Tool], offset: int, options: TemplateOptions = ()
     ) -> tuple[int, str] | None:
         """Which message (index and role) the prompt's token ``offset`` falls in; None if the template cannot say.
 
@@ -170,7 +209,10 @@ class ChatTemplate:
         try:
             while low < high:
                 middle = (low + high) // 2
-                if len(_render(self.tokenizer, self.guard, conversation[: middle + 1], False, template_tools)) > offset:
+                rendered = _render(
+                    self.tokenizer, self.guard, conversation[: middle + 1], False, template_tools, options=options
+                )
+                if len(rendered) > offset:
                     high = middle
                 else:
                     low = middle + 1
@@ -189,16 +231,16 @@ class ChatTemplate:
         )
 
     def _render_conversation(
-        self, conversation: Conversation, rewrite: Callable[[str], str] | None = None
+        self, conversation: Conversation, rewrite: Callable[[str], str] | None = None, options: TemplateOptions = ()
     ) -> list[int]:
         try:
-            return _render(self.tokenizer, self.guard, conversation[0], True, conversation[1], rewrite)
+            return _render(self.tokenizer, self.guard, conversation[0], True, conversation[1], rewrite, options)
         except (TemplateError, ValueError) as error:
             raise InvalidRequestError(
                 f"the model's chat template rejected the messages: {error}", "messages"
             ) from error
 
-    def _preamble(self, template_tools: list[dict[str, Any]] | None) -> list[int]:
+    def _preamble(self, template_tools: list[dict[str, Any]] | None, options: TemplateOptions) -> list[int]:
         """What the template writes before the first message of a conversation without a system message.
 
         Templates that add a default system prompt (SmolLM2's "You are a
@@ -208,10 +250,13 @@ class ChatTemplate:
         one that opens with an assistant message.
         """
         try:
-            user = _render(self.tokenizer, self.guard, [{"role": "user", "content": "probe"}], False, template_tools)
-            assistant = _render(
-                self.tokenizer, self.guard, [{"role": "assistant", "content": "probe"}], False, template_tools
+            user = _render(
+                self.tokenizer, self.guard, [{"role": "user", "content": "probe"}], False, template_tools, None, options
             )
+            assistant = _render(
+                self.tokenizer, self.guard, [{"role": "assistant", "content": "probe"}], False, template_tools, None,
+                options,
+            )  # fmt: skip
         except ValueError:
             return []
         shared = next(
@@ -219,37 +264,33 @@ class ChatTemplate:
         )
         return user[:shared]
 
-    def _find_generation_prompt(self) -> tuple[int, ...]:
-        """The tokens the template adds to open the assistant's turn (``<|im_start|>assistant\\n``).
-
-        Empty when the template opens the turn whether asked or not (the history then ends with the opening).
-        """
+    def _find_generation_prompt(self, options: TemplateOptions) -> tuple[int, ...]:
         probe = [{"role": "user", "content": "probe"}]
         try:
             closed, opened = (
-                _render(self.tokenizer, self.guard, probe, False),
-                _render(self.tokenizer, self.guard, probe, True),
+                _render(self.tokenizer, self.guard, probe, False, options=options),
+                _render(self.tokenizer, self.guard, probe, True, options=options),
             )
         except (TemplateError, ValueError):
             return ()
         return tuple(opened[len(closed) :]) if opened[: len(closed)] == closed else ()
 
-    def _stable_prefix(self, conversation: Conversation, prompt: list[int]) -> int:
+    def _stable_prefix(self, conversation: Conversation, prompt: list[int], options: TemplateOptions) -> int:
         messages, template_tools = conversation
         leading = []
         for message in messages:
             if message["role"] != "system":
                 break
             leading.append(message)
-        key = hashlib.sha256(json.dumps([leading, template_tools], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([leading, template_tools, options], sort_keys=True).encode()).hexdigest()
         with self._lock:
             prefix = self._prefixes.get(key)
         if prefix is None:
             try:
                 prefix = (
-                    _render(self.tokenizer, self.guard, leading, False, template_tools)
+                    _render(self.tokenizer, self.guard, leading, False, template_tools, options=options)
                     if leading
-                    else self._preamble(template_tools)
+                    else self._preamble(template_tools, options)
                 )
             except TemplateError:
                 prefix = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mlx_server.chat.thinking import ThinkingRequest
 from mlx_server.vocabulary import Lane, Message, Sampling, Tool, ToolChoice, ToolMode
 
 __all__ = ["ChatRequest", "LengthPolicy"]
@@ -47,6 +48,7 @@ class ChatRequest:
     schema_param: str = "response_format.json_schema.schema"
     lane: Lane | None = None
     echo: bool = False  # a legacy completion asks for its prompt back before the completion
+    thinking: ThinkingRequest = field(default_factory=ThinkingRequest)
 
     @property
     def tool_mode(self) -> ToolMode:

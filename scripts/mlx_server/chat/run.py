@@ -265,7 +265,7 @@ class ChatRun:
 
     def _record_lookup(self, lookup: CacheLookup) -> None:
         prompt, diagnostics = self._prepared.prompt, self._record.diagnostics
-        self._explain = diagnostics.explainer(lookup, prompt.messages, prompt.tools)
+        self._explain = diagnostics.explainer(lookup, prompt.messages, prompt.tools, prompt.options)
         if lookup.source != "off":
             diagnostics.record(lookup, prompt.tokens, self._explain)
 

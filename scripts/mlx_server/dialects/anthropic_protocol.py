@@ -3,8 +3,9 @@
 The shape is what Claude Code sends (see the README): ``system`` as a string
 or text blocks, content as a string or blocks (``text``, ``tool_use``,
 ``tool_result``, ``thinking``, ``redacted_thinking``), ``role: "system"``
-messages in the middle of a conversation, ``tools`` with ``input_schema``.
-``cache_control`` markers, ``thinking``, ``context_management``,
+messages in the middle of a conversation, ``tools`` with ``input_schema``,
+``thinking`` and ``output_config.effort`` (onto the model's own controls).
+``cache_control`` markers, ``context_management``, the rest of
 ``output_config``, ``metadata`` and other options are accepted and ignored:
 the prefix cache needs no markers, and rendering never sees them, so a marker
 that moves every turn does not change the prompt.  Image and document blocks
@@ -20,11 +21,13 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.chat.thinking import ThinkingRequest
 from mlx_server.dialects.attachments import decode_base64
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.validation import Finite, unique_tool_names
 from mlx_server.vocabulary import (
     DocumentPart,
+    Effort,
     ImagePart,
     Lane,
     Message,
@@ -237,12 +240,37 @@ class AnthropicToolChoice(DialectModel):
         return self
 
 
+class ThinkingConfig(DialectModel):
+    """``thinking``: ``enabled`` (with ``budget_tokens``), ``disabled``, or ``adaptive`` (the model decides)."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class OutputConfig(DialectModel):
+    """``output_config``: its ``effort`` (other fields are accepted and ignored)."""
+
+    effort: Effort | None = None
+
+
 class _MessagesBody(RequestBody):
     model: str
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
+
+    def _thinking(self) -> ThinkingRequest:
+        """``thinking`` and ``output_config.effort`` in the core's words (``adaptive`` leaves on/off unsaid)."""
+        effort = self.output_config.effort if self.output_config is not None else None
+        config = self.thinking
+        if config is None or config.type == "adaptive":
+            return ThinkingRequest(effort=effort, param="output_config.effort" if effort else "thinking")
+        if config.type == "disabled":
+            return ThinkingRequest(enabled=False, effort=effort)
+        return ThinkingRequest(enabled=True, budget_tokens=config.budget_tokens, effort=effort)
 
     def _system_text(self) -> str:
         if self.system is None:
@@ -297,6 +325,7 @@ class _MessagesBody(RequestBody):
             max_tokens=max_tokens,
             length_policy="ceiling",
             lane=lane,
+            thinking=self._thinking(),
             tool_params=tuple(
                 f"tools[{index}].input_schema" for index, tool in enumerate(self.tools or ()) if tool.is_client_tool()
             ),

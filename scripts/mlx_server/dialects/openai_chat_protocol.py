@@ -15,11 +15,22 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.chat.thinking import ThinkingRequest
 from mlx_server.dialects.attachments import document_from_data, image_from_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
 from mlx_server.dialects.validation import Finite, unique_tool_names
-from mlx_server.vocabulary import Lane, Message, Part, Sampling, TextPart, Tool, ToolCall, UnsupportedOptionError
+from mlx_server.vocabulary import (
+    Effort,
+    Lane,
+    Message,
+    Part,
+    Sampling,
+    TextPart,
+    Tool,
+    ToolCall,
+    UnsupportedOptionError,
+)
 from mlx_server.vocabulary import ToolChoice as CoreToolChoice
 
 __all__ = [
@@ -238,6 +249,8 @@ class ChatCompletionRequest(RequestBody):
     parallel_tool_calls: bool = True
     user: str | None = None
     prompt_cache_key: str | None = None
+    reasoning_effort: Effort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; its thinking switch is honoured
 
     @field_validator("stop")
     @classmethod
@@ -283,6 +296,17 @@ class ChatCompletionRequest(RequestBody):
                 f"which is not among the tools: {', '.join(names)}",
             )
 
+    def thinking(self) -> ThinkingRequest:
+        """``reasoning_effort``, and a thinking switch in vLLM's ``chat_template_kwargs`` (``enable_thinking``)."""
+        kwargs = self.chat_template_kwargs or {}
+        switch = next((kwargs[name] for name in ("enable_thinking", "thinking") if name in kwargs), None)
+        if switch is not None and not isinstance(switch, bool):
+            raise UnsupportedOptionError(
+                "chat_template_kwargs.enable_thinking", "enable_thinking must be true or false"
+            )
+        param = "reasoning_effort" if switch is None else "chat_template_kwargs.enable_thinking"
+        return ThinkingRequest(enabled=switch, effort=self.reasoning_effort, param=param)
+
     def to_chat_request(self, header_lane: Lane | None = None) -> ChatRequest:
         """The core's view of this request (call ``check_supported`` first); its lane from the body or headers."""
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -308,6 +332,7 @@ class ChatCompletionRequest(RequestBody):
             ),
             max_tokens=self.requested_max_tokens(),
             length_policy="reject",
+            thinking=self.thinking(),
             length_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
             lane=body_lane(self.prompt_cache_key, None) or header_lane or body_lane(None, self.user),
         )

@@ -32,7 +32,7 @@ from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
-from mlx_server.dialects.openai_responses_protocol import ResponsesRequest, ToolNames
+from mlx_server.dialects.openai_responses_protocol import ReasoningOptions, ResponsesRequest, ToolNames
 from mlx_server.dialects.responses_store import ResponseStore, StoredResponse
 from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import CUSTOM_TOOL, InvalidRequestError, Message, NotFoundError, ToolCall
@@ -223,6 +223,7 @@ class ResponseObject:
 
     def snapshot(self, status: str, completion: Completion | None = None) -> dict[str, Any]:
         body = self.body
+        reasoning = body.reasoning or ReasoningOptions()
         incomplete = completion is not None and completion.finish_reason == "length"
         text_format = body.text.format.model_dump(by_alias=True) if body.text and body.text.format else {"type": "text"}
         return {
@@ -239,7 +240,7 @@ class ResponseObject:
             "output": self.output.items if completion is not None else [],
             "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": reasoning.effort, "summary": reasoning.summary},
             "store": body.store,
             "temperature": body.temperature,
             "text": {"format": text_format},

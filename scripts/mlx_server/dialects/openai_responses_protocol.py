@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from mlx_server.chat.request import ChatRequest
+from mlx_server.chat.thinking import ThinkingRequest
 from mlx_server.dialects.attachments import document_from_data, image_from_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.lanes import body_lane
@@ -27,6 +28,7 @@ from mlx_server.dialects.validation import Finite, most_specific, param_path, un
 from mlx_server.vocabulary import (
     CUSTOM_TOOL,
     DocumentPart,
+    Effort,
     Lane,
     Message,
     Part,
@@ -278,6 +280,13 @@ def _core_tool(tool: FunctionTool | CustomTool, name: str) -> Tool:
     return Tool(name, tool.description, tool.parameters, strict=tool.strict)
 
 
+class ReasoningOptions(DialectModel):
+    """``reasoning``: its ``effort`` (a ``summary`` is accepted; the reasoning is returned whole)."""
+
+    effort: Effort | None = None
+    summary: str | None = None
+
+
 class ResponsesRequest(RequestBody):
     """POST /v1/responses."""
 
@@ -299,6 +308,7 @@ class ResponsesRequest(RequestBody):
     stream: bool = False
     prompt_cache_key: str | None = None
     user: str | None = None
+    reasoning: ReasoningOptions | None = None
 
     def input_items(self) -> list[InputItem]:
         """The input as typed items (a string is one user message); unknown item types are kept as OtherItem."""
@@ -384,6 +394,9 @@ class ResponsesRequest(RequestBody):
             tool_params=tuple(f"tools[{tool.name}]" for tool in tools),
             schema_param="text.format.schema",
             lane=body_lane(self.prompt_cache_key, None) or header_lane or body_lane(None, self.user),
+            thinking=ThinkingRequest(
+                effort=self.reasoning.effort if self.reasoning else None, param="reasoning.effort"
+            ),
         )
 
 

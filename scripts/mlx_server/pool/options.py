@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlx_server.chat.attachments import AttachmentLimits
 from mlx_server.chat.preparation import ServiceOptions
+from mlx_server.chat.thinking import server_thinking
 from mlx_server.settings import Settings
 from mlx_server.vocabulary import Sampling
 
@@ -28,4 +29,5 @@ def service_options(settings: Settings) -> ServiceOptions:
             max_image_pixels=settings.max_image_pixels,
             seconds=settings.max_attachment_seconds,
         ),
+        thinking=server_thinking(settings.thinking, settings.thinking_budget),
     )
