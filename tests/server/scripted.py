@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import socket
 import threading
 import time
@@ -73,6 +74,10 @@ class Reply:
     seconds_per_token: float = 0.0
 
 
+Responder = Callable[[GenerationRequest, str], Reply | str | None]
+"""Chooses a reply from the request and its prompt as text; None: the queued replies, then the default."""
+
+
 class ScriptedEngine:
     """The engine's surface, answering from a script; records every request it was given."""
 
@@ -88,7 +93,7 @@ class ScriptedEngine:
         self._aborted: set[str] = set()
         self.checkpoints: list[list[int]] = []
         self._replies: deque[Reply] = deque()
-        self._responder: Callable[[GenerationRequest, str], Reply | str | None] | None = None
+        self._responder: Responder | None = None
         self._lock = threading.Lock()
 
     def reply(self, *replies: Reply | str) -> None:
@@ -96,7 +101,7 @@ class ScriptedEngine:
         with self._lock:
             self._replies.extend(Reply([reply]) if isinstance(reply, str) else reply for reply in replies)
 
-    def respond_with(self, responder: Callable[[GenerationRequest, str], Reply | str | None]) -> None:
+    def respond_with(self, responder: Responder) -> None:
         """Decide each reply from the request and its prompt as text (None: the queued replies, then the default)."""
         self._responder = responder
 
@@ -198,6 +203,13 @@ class InProcessClient:
 
     def get(self, path: str, **fields: Any) -> httpx.Response:
         return self.request("GET", path, **fields)
+
+
+def tool_round_trip(name: str, arguments: dict[str, Any], answer: str = "Done.") -> Responder:
+    """A responder for one tool round trip: a Hermes call to ``name`` (Qwen3's format, generated token by token,
+    so its arguments stream) until the prompt carries the tool's result, then ``answer``."""
+    call = f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+    return lambda _request, prompt: answer if "<tool_response>" in prompt else call
 
 
 @dataclass

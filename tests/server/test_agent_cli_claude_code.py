@@ -30,7 +30,7 @@ from mlx_server.agent_environment import ClaudeCodeEnvironment
 from mlx_server.settings import Settings
 
 from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
-from .scripted import scripted_server, served_over_http
+from .scripted import scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
 
@@ -137,3 +137,18 @@ def test_a_session_that_outgrows_the_context_compacts_instead_of_failing(tmp_pat
     assert max(prompts) > compacts_at  # it grew past the compaction point ...
     assert any(later < earlier // 2 for earlier, later in zip(prompts, prompts[1:]))  # ... and was summarized
     assert not refused  # never refused as too long
+
+
+def test_a_tool_round_trip_with_streamed_arguments(tmp_path: Path) -> None:
+    """The model calls Bash, its arguments streamed token by token; Claude Code runs it and sends the output back.
+
+    The command's output in the next prompt is the proof that the pieces added up to the arguments written.
+    """
+    server = scripted_server(Settings(response_cache_size=0), context_length=DEFAULT_CONTEXT)
+    call = {"command": "echo hello-from-tool", "description": "Print a greeting"}
+    server.engine.respond_with(tool_round_trip("Bash", call))
+    with served_over_http(server) as base_url:
+        result = claude(base_url, tmp_path, "-p", "Run the greeting.", "--tools", "Bash", "--allowedTools", "Bash")
+    assert result["is_error"] is False and result["result"].strip() == "Done.", result
+    *_, answered = [server.engine.tokenizer.decode(request.prompt) for request in server.engine.requests]
+    assert re.search(r"<tool_response>\s*hello-from-tool\s*</tool_response>", answered), answered[-400:]

@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
+from mlx_server.settings import Settings
+
 from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
+from .scripted import scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
 
@@ -39,10 +42,15 @@ def codex_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
 
 @pytest.fixture(scope="module")
 def codex_home(tmp_path_factory: pytest.TempPathFactory, codex_server: RunningServer) -> Path:
-    home = tmp_path_factory.mktemp("codex-home")
+    return codex_configured(tmp_path_factory.mktemp("codex-home"), codex_server.api_url)
+
+
+def codex_configured(home: Path, api_url: str) -> Path:
+    """A private ``CODEX_HOME`` whose provider is the server at ``api_url``."""
+    home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         'model_provider = "local"\nmodel = "local-model"\n[model_providers.local]\nname = "Local MLX server"\n'
-        f'base_url = "{codex_server.api_url}"\nwire_api = "responses"\nenv_key = "OPENAI_API_KEY"\n'
+        f'base_url = "{api_url}"\nwire_api = "responses"\nenv_key = "OPENAI_API_KEY"\n'
     )
     (home / "instructions.md").write_text("You are a helpful coding assistant. Answer briefly.\n")
     return home
@@ -81,3 +89,19 @@ def test_exec_and_resume(codex_home: Path, codex_server: RunningServer, tmp_path
     assert turn_input > before["input_tokens"], "the second turn resends the first"
     assert turn_cached >= 0.9 * turn_input
     assert "POST /v1/responses HTTP/1.1" in codex_server.log_text()
+
+
+def test_a_tool_round_trip_with_streamed_arguments(tmp_path: Path) -> None:
+    """The model calls ``exec_command``, its arguments streamed token by token (the scripted engine); Codex runs
+    the command and sends its output back, and the next answer ends the turn."""
+    server = scripted_server(Settings(response_cache_size=0))
+    server.engine.respond_with(tool_round_trip("exec_command", {"cmd": "echo hello-from-tool"}))
+    with served_over_http(server) as base_url:
+        home = codex_configured(tmp_path / "home", f"{base_url}/v1")
+        (workspace := tmp_path / "workspace").mkdir()
+        events = codex(home, workspace, "Run the greeting.")
+    commands = [event["item"] for event in events if event.get("item", {}).get("type") == "command_execution"]
+    assert any("hello-from-tool" in item.get("aggregated_output", "") for item in commands), events
+    assert answer(events).strip() == "Done."
+    *_, answered = [server.engine.tokenizer.decode(request.prompt) for request in server.engine.requests]
+    assert "hello-from-tool" in answered.rsplit("<tool_response>", 1)[-1]

@@ -25,7 +25,7 @@ import pytest
 from mlx_server.settings import Settings
 
 from .conftest import ROOT, run_agent_cli
-from .scripted import ScriptedServer, scripted_server, served_over_http
+from .scripted import ScriptedServer, scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
 
@@ -87,3 +87,18 @@ def test_run_answers_with_its_default_output_limit(opencode_server: tuple[Script
     statuses = [line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
                 if line.startswith("mlx_server_requests_total") and "/v1/chat/completions" in line]  # fmt: skip
     assert any('status="200"' in line for line in statuses) and not any('status="400"' in line for line in statuses)
+
+
+def test_a_tool_round_trip_with_streamed_arguments(tmp_path: Path) -> None:
+    """The model calls ``bash``, its arguments streamed as chat argument chunks; OpenCode runs the command and
+    sends its output back, and the next answer ends the run."""
+    server = scripted_server(Settings(response_cache_size=0), context_length=WINDOW)
+    call = {"command": "echo hello-from-tool", "description": "Print a greeting"}
+    server.engine.respond_with(tool_round_trip("bash", call))
+    with served_over_http(server) as base_url:
+        events = opencode(base_url, tmp_path, "Run the greeting.")
+    tools = [event["part"] for event in events if event["type"] == "tool_use"]
+    assert [part["state"]["input"] for part in tools] == [call], events
+    assert "hello-from-tool" in tools[0]["state"]["output"]
+    texts = [event["part"]["text"] for event in events if event["type"] == "text"]
+    assert "".join(texts).strip() == "Done."
