@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_server.chat.call_formats import HERMES
+from mlx_server.chat.call_pieces import CallPiece, ContentPiece
 from mlx_server.chat.output import OutputParser, ReasoningPiece, ReasoningSyntax
-from mlx_server.chat.tool_parsing import CallPiece, ContentPiece, ToolCalling
+from mlx_server.chat.tool_parsing import ToolCalling
 
 THINK = ReasoningSyntax("<think>", "</think>")
 TOOLS = ToolCalling(HERMES, (("get_weather", "function"),))

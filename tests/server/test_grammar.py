@@ -23,9 +23,10 @@ import pytest
 
 from mlx_server.chat.call_formats import HARMONY, HERMES, LLAMA3_JSON, ToolCallFormat, format_named, grammar_writer
 from mlx_server.chat.call_grammars import GrammarWriter
+from mlx_server.chat.call_pieces import ContentPiece
 from mlx_server.chat.grammars import OutputConstraint, ReasoningMarkers, build_grammar
 from mlx_server.chat.output import HARMONY_REASONING, OutputParser, ReasoningPiece
-from mlx_server.chat.tool_parsing import ContentPiece, ToolCalling, parse_tool_calls
+from mlx_server.chat.tool_parsing import ToolCalling, parse_tool_calls
 from mlx_server.chat.tool_prompts import template_tool
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.vocabulary import GrammarError, Tool, ToolGrammar

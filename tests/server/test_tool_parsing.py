@@ -18,14 +18,8 @@ from mlx_server.chat.call_formats import (
     detect_tool_call_format,
     format_named,
 )
-from mlx_server.chat.tool_parsing import (
-    CallArgumentsPiece,
-    CallPiece,
-    CallStartPiece,
-    ContentPiece,
-    ToolCallExtractor,
-    parse_tool_calls,
-)
+from mlx_server.chat.call_pieces import CallArgumentsPiece, CallPiece, CallStartPiece, ContentPiece
+from mlx_server.chat.tool_parsing import ToolCallExtractor, parse_tool_calls
 
 NAMES = frozenset({"get_weather", "search_web", "write_file"})
 MISTRAL = format_named("mistral")

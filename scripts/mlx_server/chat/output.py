@@ -18,15 +18,8 @@ from typing import Any, Union
 
 from mlx_lm.generate import TextStateMachine
 
-from mlx_server.chat.tool_parsing import (
-    CallAbandonedPiece,
-    CallArgumentsPiece,
-    CallPiece,
-    CallStartPiece,
-    ContentPiece,
-    ToolCallExtractor,
-    ToolCalling,
-)
+from mlx_server.chat.call_pieces import CallAbandonedPiece, CallArgumentsPiece, CallPiece, CallStartPiece, ContentPiece
+from mlx_server.chat.tool_parsing import ToolCallExtractor, ToolCalling
 
 __all__ = ["HARMONY_REASONING", "OutputParser", "ReasoningPiece", "ReasoningSyntax", "reasoning_syntax"]
 

@@ -17,7 +17,7 @@ trailing newline, a value that may yet read ``null``, part of a closing tag.
 ``partial_calls`` returns nothing for formats it does not read (their calls
 arrive whole).  Partial JSON libraries complete a truncated value; what is
 needed here is the opposite, what no completion can change, so the JSON is
-read by ``_Reader``.
+read by ``partial_json``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_server.chat.partial_json import JsonNode, JsonReader
 from mlx_server.mlx_lm_compat import glm_value, python_literal, qwen3_coder_value
 
 __all__ = ["PartialCall", "partial_calls"]
@@ -42,155 +43,10 @@ class PartialCall:
     arguments: str
 
 
-# -- JSON, read as far as it is certain ----------------------------------------------------------------
+# -- JSON calls ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Node:
-    """A JSON value read from possibly truncated text: its certain canonical prefix, and whether it is whole."""
-
-    text: str
-    complete: bool
-    value: Any = None  # the value itself, when complete
-
-
-class _Reader:
-    """Reads JSON values from text that may stop anywhere (the model is still writing it)."""
-
-    def __init__(self, text: str, position: int = 0) -> None:
-        self.text = text
-        self.position = position
-        self.more = False  # the last members or items read were followed by a comma: another one comes
-
-    def skip(self, characters: str = " \t\r\n") -> None:
-        while self.position < len(self.text) and self.text[self.position] in characters:
-            self.position += 1
-
-    def at_end(self) -> bool:
-        return self.position >= len(self.text)
-
-    def value(self) -> _Node:
-        self.skip()
-        if self.at_end():
-            return _Node("", False)
-        first = self.text[self.position]
-        if first == "{":
-            return self._object()
-        if first == "[":
-            return self._array()
-        if first == '"':
-            return self._string()
-        return self._scalar()
-
-    def members(self) -> list[tuple[str, _Node]]:
-        """An object's members read so far (the last may be incomplete); the reader must be at ``{``."""
-        self.position += 1
-        members: list[tuple[str, _Node]] = []
-        self.more = False
-        while True:
-            self.skip()
-            if self.at_end() or self.text[self.position] == "}":
-                return members
-            key = self._string()
-            if not key.complete:
-                return members
-            self.skip()
-            if self.at_end() or self.text[self.position] != ":":
-                return members
-            self.position += 1
-            node = self.value()
-            members.append((str(key.value), node))
-            self.more = False
-            if not node.complete:
-                return members
-            self.skip()
-            if self.at_end() or self.text[self.position] != ",":
-                return members
-            self.position += 1
-            self.more = True
-
-    def _object(self) -> _Node:
-        start = self.position
-        members = self.members()
-        more = self.more
-        self.skip()
-        closed = not self.at_end() and self.text[self.position] == "}"
-        parts = [f"{json.dumps(key, ensure_ascii=False)}: {node.text}" for key, node in members]
-        if closed and all(node.complete for _, node in members):
-            self.position += 1
-            value = json.loads(self.text[start : self.position])
-            return _Node(json.dumps(value, ensure_ascii=False), True, value)
-        whole = bool(members) and members[-1][1].complete
-        return _Node("{" + ", ".join(parts) + (", " if whole and more else ""), False)
-
-    def _array(self) -> _Node:
-        start = self.position
-        self.position += 1
-        items: list[_Node] = []
-        more = False
-        while True:
-            self.skip()
-            if self.at_end() or self.text[self.position] == "]":
-                break
-            node = self.value()
-            items.append(node)
-            more = False
-            if not node.complete:
-                return _Node("[" + ", ".join(item.text for item in items), False)
-            self.skip()
-            if self.at_end() or self.text[self.position] != ",":
-                break
-            self.position += 1
-            more = True
-        if not self.at_end() and self.text[self.position] == "]":
-            self.position += 1
-            value = json.loads(self.text[start : self.position])
-            return _Node(json.dumps(value, ensure_ascii=False), True, value)
-        return _Node("[" + ", ".join(item.text for item in items) + (", " if more else ""), False)
-
-    def _string(self) -> _Node:
-        """A string: whole, or what is certain of it (never half an escape, never half a surrogate pair)."""
-        start = self.position
-        self.position += 1
-        while self.position < len(self.text):
-            char = self.text[self.position]
-            if char == '"':
-                self.position += 1
-                value = json.loads(self.text[start : self.position])
-                return _Node(json.dumps(value, ensure_ascii=False), True, value)
-            self.position += 2 if char == "\\" else 1
-        self.position = len(self.text)
-        raw = _whole_escapes(self.text[start + 1 :])
-        return _Node(json.dumps(json.loads(f'"{raw}"'), ensure_ascii=False)[:-1], False)
-
-    def _scalar(self) -> _Node:
-        """A number or a literal: whole only once something follows it."""
-        match = re.compile(r"[-+0-9.eEa-z]+").match(self.text, self.position)
-        if match is None or match.end() == len(self.text):
-            self.position = len(self.text)
-            return _Node("", False)
-        self.position = match.end()
-        value = json.loads(match.group(0))
-        return _Node(json.dumps(value, ensure_ascii=False), True, value)
-
-
-_HALF_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?$")
-_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
-
-
-def _whole_escapes(raw: str) -> str:
-    """A string's raw text in progress, cut before half an escape or the first half of a surrogate pair."""
-    backslashes = len(raw) - len(raw.rstrip("\\"))
-    if backslashes % 2:
-        raw = raw[:-1]
-    elif (half := _HALF_ESCAPE.search(raw)) is not None and half.group(0) != "\\":
-        raw = raw[: half.start()]
-    if _HIGH_SURROGATE.search(raw) and (len(raw) < 7 or raw[-7] != "\\"):
-        raw = raw[:-6]
-    return raw
-
-
-def _call_of(members: list[tuple[str, _Node]], names: tuple[str, ...] = ("arguments", "parameters")) -> PartialCall:
+def _call_of(members: list[tuple[str, JsonNode]], names: tuple[str, ...] = ("arguments", "parameters")) -> PartialCall:
     """A call object's name (once whole) and arguments (an object; a JSON string of them is read whole only)."""
     found = dict(members)
     name_node = found.get("name")
@@ -203,7 +59,7 @@ def _call_of(members: list[tuple[str, _Node]], names: tuple[str, ...] = ("argume
 
 def _json_calls(text: str) -> list[PartialCall]:
     """Call objects one after another, or in lists: Hermes, Llama 3's JSON, Mistral's list."""
-    reader = _Reader(text)
+    reader = JsonReader(text)
     calls: list[PartialCall] = []
     while True:
         reader.skip(" \t\r\n,;[]")
@@ -244,14 +100,14 @@ def _partial_calls(format_name: str, text: str, schemas: Sequence[dict[str, Any]
     if format_name == "mistral" and text.lstrip()[:1] in ("[", "{", ""):
         return _json_calls(text)
     if format_name in ("mistral", "mistral_args"):
-        return [PartialCall(match.group(1), _Reader(text, match.end()).value().text)
+        return [PartialCall(match.group(1), JsonReader(text, match.end()).value().text)
                 for match in _MISTRAL_HEADER.finditer(text)]  # fmt: skip
     if format_name == "harmony":
         match = _HARMONY.match("commentary to=" + text)
         if match is None:
             return []
         message = text.find("<|message|>")
-        arguments = _Reader(text, message + len("<|message|>")).value().text if message >= 0 else ""
+        arguments = JsonReader(text, message + len("<|message|>")).value().text if message >= 0 else ""
         return [PartialCall(match.group(1), arguments)]
     if format_name == "qwen3_coder":
         return _qwen3_coder(text, schemas)

@@ -19,6 +19,7 @@ from typing import Any
 
 from mlx_server.chat.answer_cache import AnswerCache, CachedAnswer
 from mlx_server.chat.attachments import Omitted
+from mlx_server.chat.call_pieces import CallAbandonedPiece, CallArgumentsPiece, CallPiece, CallStartPiece
 from mlx_server.chat.diagnostics import CacheDiagnostics, MissExplanation
 from mlx_server.chat.events import (
     ChatEvent,
@@ -37,7 +38,6 @@ from mlx_server.chat.events import (
 from mlx_server.chat.failures import report_failure
 from mlx_server.chat.output import OutputParser, ReasoningPiece
 from mlx_server.chat.preparation import PreparedChat
-from mlx_server.chat.tool_parsing import CallAbandonedPiece, CallArgumentsPiece, CallPiece, CallStartPiece
 from mlx_server.vocabulary import (
     CacheLookup,
     Engine,

@@ -40,6 +40,7 @@ from mlx_server.engine.constrained import GrammarTokenizer
 from mlx_server.engine.core import Decoder, EngineCore, StepClock
 from mlx_server.engine.kv_budget import KV_STEP, KVBudget
 from mlx_server.engine.lockstep import Lockstep
+from mlx_server.engine.outbox import Outbox
 from mlx_server.engine.plans import FollowerPlans, LeaderPlans, LocalPlans
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.scheduler import RequestSignals, Scheduler
@@ -100,31 +101,6 @@ def prefill_step() -> int:
     return 2048 if mx.default_device().type == mx.DeviceType.gpu else 256
 
 
-class _Outbox:
-    """Events for one event loop, handed over once per step: one wake-up for the whole batch, not one per token."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._pending: list[tuple[asyncio.Queue[Delivery], Delivery]] = []
-        self._lock = threading.Lock()
-
-    def post(self, queue: asyncio.Queue[Delivery], event: Delivery) -> None:
-        with self._lock:
-            self._pending.append((queue, event))
-
-    def flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if pending:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
-                self._loop.call_soon_threadsafe(_put_all, pending)
-
-
-def _put_all(pending: list[tuple[asyncio.Queue[Delivery], Delivery]]) -> None:
-    for queue, event in pending:
-        queue.put_nowait(event)
-
-
 class GenerationEngine:
     """Owns the model; runs step plans on one worker thread (see the module's docstring)."""
 
@@ -146,7 +122,7 @@ class GenerationEngine:
         prompt_cache.use_clock(self._clock)
         self._scheduler = Scheduler(self.max_batch, self.options.prefill_batch, prompt_cache, loaded.tokenizer)
         self._lock = threading.Lock()
-        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
+        self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}
         self._signals: dict[str, RequestSignals] = {}  # requests being read, by id (for abort)
         self._failure: str | None = None
         self._core: EngineCore | None = None
@@ -258,14 +234,14 @@ class GenerationEngine:
                 return "".join(parts), event.stats
         raise AssertionError("the stream ends with GenerationFinished or raises")
 
-    def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+    def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> Outbox:
         with self._lock:
             outbox = self._outboxes.get(loop)
             if outbox is None:
-                outbox = self._outboxes[loop] = _Outbox(loop)
+                outbox = self._outboxes[loop] = Outbox(loop)
             return outbox
 
-    def _submit(self, job: Job, signals: RequestSignals, outbox: _Outbox | None) -> None:
+    def _submit(self, job: Job, signals: RequestSignals, outbox: Outbox | None) -> None:
         with self._lock:
             failure = self._failure
             if failure is None and job.request.request_id:
