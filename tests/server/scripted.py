@@ -367,7 +367,7 @@ def scripted_models(
 
 
 @contextlib.contextmanager
-def served_over_http(server: ScriptedServer) -> Iterator[str]:
+def served_over_http(server: ScriptedServer | ScriptedModels) -> Iterator[str]:
     """The scripted application on a real port of 127.0.0.1 (uvicorn, in a thread); yields its base URL.
 
     For clients that must talk real HTTP (the agent CLIs); stopped, and its thread joined, on exit.

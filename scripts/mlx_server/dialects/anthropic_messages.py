@@ -38,7 +38,7 @@ from mlx_server.dialects.common import new_id, sse_event, traced
 from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
-from mlx_server.dialects.streaming import Delta, serve_chat, with_cancellation
+from mlx_server.dialects.streaming import SSE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import ContextOverflowError, ToolCall
 
 __all__ = [
@@ -135,6 +135,7 @@ class MessageStream:
     """
 
     keepalive = sse_event("ping", {"type": "ping"})
+    media_type = SSE
 
     def __init__(self, message_id: str, model: str) -> None:
         self.message_id = message_id

@@ -31,7 +31,7 @@ from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_chat_protocol import ChatCompletionRequest
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
+from mlx_server.dialects.streaming import SSE, SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import ToolCall
 
 __all__ = ["CHAT_COMPLETIONS_PATH", "DONE", "build_router", "openai_usage"]
@@ -64,6 +64,7 @@ class ChatCompletionReply:
     """The objects of one reply (whole, or as chunks), sharing one id and creation time."""
 
     keepalive = SSE_KEEPALIVE
+    media_type = SSE
 
     def __init__(self, body: ChatCompletionRequest, model: str) -> None:
         self.id = new_id("chatcmpl-")

@@ -21,7 +21,7 @@ from mlx_server.dialects.directory import ModelDirectory
 from mlx_server.dialects.errors import APIError, openai_error_body
 from mlx_server.dialects.openai_chat import DONE, openai_usage
 from mlx_server.dialects.openai_completions_protocol import CompletionRequest
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
+from mlx_server.dialects.streaming import SSE, SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import UnsupportedOptionError
 
 __all__ = ["COMPLETIONS_PATH", "build_router"]
@@ -33,6 +33,7 @@ class TextCompletionReply:
     """The ``text_completion`` objects of one reply (whole, or as chunks); also its stream encoder."""
 
     keepalive = SSE_KEEPALIVE
+    media_type = SSE
 
     def __init__(self, body: CompletionRequest, model: str) -> None:
         self.id = new_id("cmpl-")

@@ -34,7 +34,7 @@ from mlx_server.dialects.errors import APIError
 from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.openai_responses_protocol import ReasoningOptions, ResponsesRequest, ToolNames
 from mlx_server.dialects.responses_store import ResponseStore, StoredResponse
-from mlx_server.dialects.streaming import SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
+from mlx_server.dialects.streaming import SSE, SSE_KEEPALIVE, Delta, serve_chat, with_cancellation
 from mlx_server.vocabulary import CUSTOM_TOOL, InvalidRequestError, Message, NotFoundError, ToolCall
 
 __all__ = ["RESPONSES_PATH", "build_router"]
@@ -208,6 +208,7 @@ class ResponseObject:
     """One response object's fields, from creation to its final state; also its stream encoder."""
 
     keepalive = SSE_KEEPALIVE
+    media_type = SSE
 
     def __init__(
         self, body: ResponsesRequest, store: ResponseStore, conversation: tuple[Message, ...], model: str

@@ -47,6 +47,7 @@ from mlx_server.dialects.errors import APIError, http_error
 from mlx_server.vocabulary import ServerError
 
 __all__ = [
+    "SSE",
     "SSE_KEEPALIVE",
     "ChatReply",
     "StreamEncoder",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE = "text/event-stream"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 Delta = Union[TextDelta, ReasoningDelta, ToolCallStart, ToolCallArguments, ToolCallDelta, ToolCallAbandoned]
@@ -78,6 +80,7 @@ class StreamEncoder(Protocol):
     """One dialect's server-sent events for one reply."""
 
     keepalive: bytes  # what a silence is filled with once the stream has started
+    media_type: str  # of the stream: SSE, or NDJSON (Ollama's)
 
     def start(self, started: Started) -> Iterable[bytes]: ...
     def delta(self, delta: Delta) -> Iterable[bytes]: ...
@@ -140,7 +143,7 @@ async def serve_chat(
     answer = reply(name)
     ready = models.ready(name)
     if ready is None and stream:
-        return event_stream(_after_loading(models.chat(name), request, answer, keepalive, trace))
+        return event_stream(_after_loading(models.chat(name), request, answer, keepalive, trace), answer.media_type)
     service = ready if isinstance(ready, ChatService) else await models.chat(name)
     return await respond(await service.start(request, trace), stream, answer, keepalive)
 
@@ -205,8 +208,10 @@ async def encode_stream(run: ChatRun, encoder: StreamEncoder, keepalive: float) 
         await events.aclose()
 
 
-def event_stream(chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
+def event_stream(
+    chunks: AsyncIterator[bytes], media_type: str = SSE, headers: dict[str, str] | None = None
+) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type=media_type, headers={**STREAM_HEADERS, **(headers or {})})
 
 
 async def cache_headers(run: ChatRun) -> dict[str, str]:
@@ -242,7 +247,7 @@ async def respond(run: ChatRun, stream: bool, reply: ChatReply, keepalive: float
     await run.begin((keepalive or None) if stream else None)
     headers = await cache_headers(run)
     if stream:
-        return event_stream(encode_stream(run, reply, keepalive), headers)
+        return event_stream(encode_stream(run, reply, keepalive), reply.media_type, headers)
     return JSONResponse(reply.whole(await run.complete()), headers=headers)
 
 

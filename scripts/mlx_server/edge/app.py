@@ -28,6 +28,7 @@ from mlx_server.chat.service import ChatService, ModelReport
 from mlx_server.dialects import (
     anthropic_messages,
     models,
+    ollama,
     openai_chat,
     openai_completions,
     openai_embeddings,
@@ -44,6 +45,7 @@ from mlx_server.edge.guards import (
     ModelControlGuard,
     QueueLimit,
     allowed_hosts,
+    model_control_refusal,
 )
 from mlx_server.edge.metrics import CONTENT_TYPE_LATEST, LiveStats, Metrics, MetricsMiddleware
 from mlx_server.embeddings.service import EmbeddingService
@@ -61,6 +63,7 @@ GENERATION_PATHS = frozenset(
         openai_responses.RESPONSES_PATH,
         openai_completions.COMPLETIONS_PATH,
         openai_embeddings.EMBEDDINGS_PATH,
+        *ollama.GENERATION_PATHS,
     }
 )
 ROUTES = {
@@ -73,6 +76,7 @@ ROUTES = {
     models.UNLOAD_PATH,
     anthropic_messages.COUNT_TOKENS_PATH,
     *GENERATION_PATHS,
+    *ollama.DESCRIBING_PATHS,
 }
 
 
@@ -292,7 +296,8 @@ def create_app(state: ServerState) -> FastAPI:
         title="mlx-server", summary="OpenAI- and Anthropic-compatible MLX inference", docs_url=None, lifespan=lifespan
     )
     app.state.server = state
-    shapes = ErrorShapes({anthropic_messages.ERROR_PATH_PREFIX: anthropic_messages.anthropic_error})
+    shapes = ErrorShapes({anthropic_messages.ERROR_PATH_PREFIX: anthropic_messages.anthropic_error,
+                          ollama.ERROR_PATH_PREFIX: ollama.ollama_error})  # fmt: skip
     install_error_handlers(app, shapes)
     if state.models is not None:
 
@@ -347,6 +352,10 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_responses.build_router(directory, keepalive))
     app.include_router(openai_completions.build_router(directory, keepalive))
     app.include_router(openai_embeddings.build_router(directory))
+    settings = state.settings
+    control = settings.model_control == "on"
+    app.include_router(ollama.build_router(
+        directory, lambda request: model_control_refusal(request.headers, control, settings.admin_keys)))  # fmt: skip
     return app
 
 

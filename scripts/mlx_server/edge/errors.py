@@ -89,7 +89,10 @@ async def report_unexpected_error(request: Request, error: BaseException) -> JSO
     api_error = APIError(500, INTERNAL_ERROR, error_type="server_error", code="internal_error")
     status, body = request.app.state.error_shapes.render(request.url.path, api_error)
     if debug_file and is_debug_enabled():
-        body["error"]["debug_file"] = os.path.basename(debug_file)
+        if isinstance(body.get("error"), dict):
+            body["error"]["debug_file"] = os.path.basename(debug_file)
+        else:  # Ollama's shape: the error is a string
+            body["debug_file"] = os.path.basename(debug_file)
     return JSONResponse(body, status_code=status)
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "QueueLimit",
     "allowed_hosts",
     "is_loopback",
+    "model_control_refusal",
 ]
 
 logger = logging.getLogger("mlx")
@@ -166,6 +167,20 @@ class ApiKeyGuard:
         await _send_error(scope, receive, send, self.shapes, error)
 
 
+def model_control_refusal(headers: Headers, enabled: bool, admin_keys: ApiKeys) -> str | None:
+    """Why a request may not load or unload models (None: it may): --model-control, then the admin key."""
+    if not enabled:
+        return "loading and unloading models by request is turned off on this server (--model-control off)"
+    if not admin_keys:
+        return None
+    offered = headers.get("x-admin-key")
+    if offered is not None and admin_keys.accepts(offered):
+        return None
+    if offered is None:
+        return "loading and unloading models needs the admin key: send it as 'X-Admin-Key: <key>'"
+    return "incorrect admin key provided"
+
+
 class ModelControlGuard:
     def __init__(self, app: ASGIApp, paths: Collection[str], enabled: bool, admin_keys: ApiKeys,
                  shapes: ErrorShapes) -> None:  # fmt: skip
@@ -179,16 +194,8 @@ class ModelControlGuard:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if not self.enabled:
-            message = "loading and unloading models by request is turned off on this server (--model-control off)"
-        elif self.admin_keys:
-            offered = Headers(scope=scope).get("x-admin-key")
-            if offered is not None and self.admin_keys.accepts(offered):
-                await self.app(scope, receive, send)
-                return
-            message = ("loading and unloading models needs the admin key: send it as 'X-Admin-Key: <key>'"
-                       if offered is None else "incorrect admin key provided")  # fmt: skip
-        else:
+        message = model_control_refusal(Headers(scope=scope), self.enabled, self.admin_keys)
+        if message is None:
             await self.app(scope, receive, send)
             return
         logger.warning("Refused %s %s: %s", scope["method"], scope["path"], message)

@@ -33,10 +33,15 @@ DEFAULT_MAX_TOKENS = 300_000  # OpenAI's limit on one request's tokens (the serv
 
 @dataclass(frozen=True)
 class EmbeddingRequest:
-    """Texts, or token id lists; ``dimensions`` cuts each vector to that many components (None: all)."""
+    """Texts, or token id lists; ``dimensions`` cuts each vector to that many components (None: all).
+
+    ``truncate`` embeds the start of an input longer than the model's context (Ollama's default) instead of
+    refusing it (OpenAI's).
+    """
 
     inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
     dimensions: int | None = None
+    truncate: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class EmbeddingService:
                 raise InvalidRequestError(f"{param} is empty: every input needs at least one token", param)
             if any(not 0 <= token < self.vocabulary_size for token in row):
                 raise InvalidRequestError(f"{param}: token ids must be in [0, {self.vocabulary_size})", param)
+            if len(row) > self.context_length and request.truncate:
+                row = row[: self.context_length]
             if len(row) > self.context_length:
                 raise ContextOverflowError(self.context_length, len(row), None, param)
             total += len(row)
