@@ -12,7 +12,7 @@ AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-streamed-calls bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers serve launch serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-streamed-calls bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ test-fast: install model-tokenizers $(VISION_STAMP)
 FUZZ_EXAMPLES ?= 300
 fuzz: install model-tokenizers $(VISION_STAMP)
 	FUZZ_RANDOMIZED=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m "not e2e" -p no:cacheprovider
+
+# An agent CLI on a local model in one command: make launch AGENT=claude ARGS="--model mlx-community/Qwen3-4B-4bit"
+AGENT ?= claude
+launch: install
+	$(BIN)/python scripts/mlx-server.py launch $(AGENT) $(ARGS)
 
 bench-logging: install
 	$(BIN)/python bench/bench_logging.py

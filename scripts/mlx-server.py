@@ -2,6 +2,7 @@
 """OpenAI-compatible MLX inference server with ANYCLAUDE_DEBUG-aware logging.
 
     ANYCLAUDE_DEBUG=2 python3 scripts/mlx-server.py [--model PATH] [--port 8081]
+    python3 scripts/mlx-server.py launch claude|codex|opencode [server options] [-- agent arguments]
 
 The implementation lives in the ``mlx_server`` package beside this file; this
 entry point parses the command line and sets up logging as
@@ -23,6 +24,10 @@ from utils_logging import display_debug_startup, setup_logger
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["launch"]:
+        from mlx_server.launch import launch
+
+        return launch(sys.argv[2:])
     settings = parse_settings()
     logger = setup_logger("mlx", log_file=settings.log_file)
     display_debug_startup()

@@ -47,6 +47,10 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys(<{len(self._keys)} redacted>)"
 
+    def first(self) -> str | None:
+        """One key, for a client this process starts (``launch`` hands it to the agent); None without keys."""
+        return self._keys[0].decode("utf-8", "surrogateescape") if self._keys else None
+
     def accepts(self, candidate: str) -> bool:
         """Constant-time: every key is compared in full, whether or not an earlier one matched."""
         offered = candidate.encode("utf-8", "surrogateescape")

@@ -8,8 +8,8 @@ the server treats it as a ceiling.  It runs in an empty home directory with
 model catalog fetches, updates, sharing, plugins and LSP downloads off, so
 nothing leaves 127.0.0.1.  ``--title`` skips the side request that names the
 session.  The ceiling is the chat core's rule, whatever the model: the
-scripted engine answers, over real HTTP (the real model meets OpenCode
-through ``launch``, tests/server/test_launch.py).
+scripted engine answers, over real HTTP (``launch`` drives OpenCode to a
+tool round trip too, tests/server/test_launch.py).
 """
 
 from __future__ import annotations
