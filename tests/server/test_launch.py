@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,7 @@ def launch(agent: str, server_arguments: list[str], agent_arguments: list[str], 
 
 
 @pytest.fixture(scope="module")
-def answering() -> tuple[ScriptedServer, int]:
+def answering() -> Iterator[tuple[ScriptedServer, int]]:
     """The scripted model already answering on a port (a window that holds each CLI's full prompt)."""
     server = scripted_server(Settings(response_cache_size=0), context_length=65_536)
     with served_over_http(server) as base_url:
