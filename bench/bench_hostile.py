@@ -8,7 +8,8 @@ scripts/mlx-server.py with the default model.  First /health is timed alone
 one after another, the attachments that once stalled the server: pages that
 share one content stream of many text operators (seconds of pypdf each), a
 deeply nested ``TJ`` array, a Flate bomb, a 68-byte PNG declaring 20000x20000
-pixels, and the same PDFs to ``count_tokens``.  Each gets a 400; what is
+pixels, and the same PDFs to ``count_tokens``.  Each PDF gets a 400 (the image, on the
+default text model, is left out unread and said); what is
 measured is what every other client waits meanwhile.
 
 Target: /health's p99 under attack within a few milliseconds of idle (at most
@@ -75,11 +76,18 @@ def health_latencies(url: str, seconds: float) -> list[float]:
     return latencies
 
 
-def attack(url: str, stop: threading.Event, statuses: list[int]) -> None:
+def handled(response: httpx.Response) -> bool:
+    """Refused with a 400, or (an image on the default text model, which never decodes it) left out and said."""
+    return response.status_code == 400 or (response.status_code == 200 and "x-attachments-left-out" in response.headers)
+
+
+def attack(url: str, stop: threading.Event, statuses: list[int], answers: list[bool]) -> None:
     with httpx.Client(base_url=url, timeout=600) as client:
         while not stop.is_set():
             for path, body in attacks():
-                statuses.append(client.post(path, json=body).status_code)
+                response = client.post(path, json=body)
+                statuses.append(response.status_code)
+                answers.append(handled(response))
                 if stop.is_set():
                     return
 
@@ -96,8 +104,9 @@ def main() -> int:
     arguments = parser.parse_args()
     with our_server(ROOT, ["--max-attachment-seconds", "5"]) as url:
         idle = health_latencies(url, arguments.seconds / 2)
-        stop, statuses = threading.Event(), list[int]()
-        threads = [threading.Thread(target=attack, args=(url, stop, statuses)) for _ in range(arguments.attackers)]
+        stop, statuses, answers = threading.Event(), list[int](), list[bool]()
+        threads = [threading.Thread(target=attack, args=(url, stop, statuses, answers))
+                   for _ in range(arguments.attackers)]  # fmt: skip
         for thread in threads:
             thread.start()
         time.sleep(1.0)
@@ -109,7 +118,7 @@ def main() -> int:
     refused = sum(status == 400 for status in statuses)
     print(f"\n/health latency (ms): {len(idle)} requests idle, {len(attacked)} under attack by "
           f"{arguments.attackers} clients ({len(statuses)} hostile requests, {refused} answered 400, "
-          f"{sum(status >= 500 for status in statuses)} 5xx)")  # fmt: skip
+          f"{sum(answers) - refused} images left out, {sum(status >= 500 for status in statuses)} 5xx)")  # fmt: skip
     print(f"  idle          p50 {statistics.median(idle):6.1f}   p99 {idle_p99:6.1f}")
     lag = attacked_p99 - idle_p99
     print(f"  under attack  p50 {statistics.median(attacked):6.1f}   p99 {attacked_p99:6.1f}   "
@@ -117,8 +126,8 @@ def main() -> int:
     missed = []
     if lag > LAG_TARGET_MS:
         missed.append(f"/health p99 under attack {lag:.1f} ms over idle")
-    if any(status >= 500 for status in statuses) or refused != len(statuses):
-        missed.append("a hostile request was not answered 400")
+    if not all(answers):
+        missed.append("a hostile request was neither refused with a 400 nor left out")
     return report_targets(missed)
 
 
