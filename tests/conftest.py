@@ -3,9 +3,14 @@
 Property tests run derandomized (hypothesis's ``ci`` profile here): the same
 examples every run, so CI fails only on a real change.  ``make fuzz``
 (``FUZZ_RANDOMIZED=1``) draws new examples each run, to hunt for new cases.
+
+No test needs the internet: huggingface_hub (and every server a test starts)
+stays offline unless a test points it at the stand-in hub on 127.0.0.1.
 """
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hypothesis import settings
 

@@ -13,7 +13,7 @@ Layers, each importing only those below it (``tests/server/test_layers.py`` keep
   (``generation``, ``batch_decoding``, ``speculation``), the prompt cache
   (``prompt_cache``, ``cache_entries``, ``cache_lanes``), the KV budget,
   samplers and grammar masks;
-* ``model/``: a model reference (GGUF, MLX directory, cached repo id) into a
+* ``model/``: a model reference (GGUF, MLX directory, repo id: cached, or downloaded by ``model/hub.py``) into a
   loaded model, its weight format and its recommended sampling;
 * ``vocabulary``: the words every layer shares (messages, sampling, engine
   events, statistics, domain errors), importing nothing of ours.

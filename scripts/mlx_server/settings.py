@@ -193,8 +193,8 @@ class Settings:
     models: tuple[str, ...] = option(
         (),
         "a chat model to serve, [NAME=]SOURCE: a .gguf file, an MLX model directory, or a Hugging Face repo id "
-        "already in the local cache; repeat for several (the first is the default; NAME defaults to the file or "
-        "directory name)",
+        "(from the local cache, else downloaded with its progress shown); repeat for several (the first is the "
+        "default; NAME defaults to the file or directory name)",
         group="models",
         flag="--model",
         env="MODEL",
@@ -222,6 +222,11 @@ class Settings:
         metavar="PATTERN=NAME",
         repeatable=True,
         default_text="none",
+    )
+    offline: bool = option(
+        False,
+        "never download: a Hugging Face repo id must be in the local cache already (as HF_HUB_OFFLINE=1 says)",
+        group="models",
     )
     models_config: Path | None = option(
         None,

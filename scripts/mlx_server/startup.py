@@ -38,6 +38,9 @@ def run(settings: Settings, logger: logging.Logger) -> int:
     blas = preload_optimized_blas(settings.blas)
     if blas.warning:
         logger.warning("BLAS: %s", blas.warning)
+    from mlx_server.model.hub import set_offline
+
+    set_offline(settings.offline)
     from mlx_server.pool.registry import RegistryError, build_registry
 
     try:

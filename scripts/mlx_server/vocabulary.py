@@ -475,7 +475,7 @@ class PromptCacheStats:
 
 
 ModelKind = Literal["chat", "embedding"]
-ModelState = Literal["unloaded", "loading", "loaded", "unloading"]
+ModelState = Literal["unloaded", "downloading", "loading", "loaded", "unloading"]
 
 
 @dataclass(frozen=True)
@@ -491,6 +491,7 @@ class ModelStatus:
     aliases: tuple[str, ...]
     source: str | None
     failure: str | None = None  # why its last load failed, while requests for it are refused (no server path)
+    download: tuple[int, int] | None = None  # bytes done and due while its files download from the hub
 
 
 class Tokenizer(Protocol):

@@ -3,7 +3,8 @@
 The listing answers in OpenAI's shape or, when the client sends
 ``anthropic-version``, in Anthropic's (so both SDKs' ``models.list()`` and
 ``models.retrieve()`` work); each entry also says the model's kind (chat or
-embedding), its state (loaded, loading, unloaded, unloading), the memory it
+embedding), its state (downloading, with its bytes done and due, loading, loaded,
+unloading, unloaded), the memory it
 takes and its aliases.  Any other id is answered as the model a request
 naming it would reach (the generation routes accept any model name).  Loading
 and unloading take ``{"model": NAME}`` as llama-server's router does.
@@ -36,13 +37,15 @@ def build_router(models: ModelDirectory, started_at_monotonic: float) -> APIRout
     created = int(time.time() - (time.monotonic() - started_at_monotonic))
 
     def details(status: ModelStatus) -> dict[str, Any]:
-        described = {
+        described: dict[str, Any] = {
             "kind": status.kind,
             "state": status.state,
             "memory_bytes": status.memory_bytes,
             "aliases": list(status.aliases),
             "pinned": status.pinned,
         }
+        if status.download is not None:
+            described["download"] = {"done_bytes": status.download[0], "total_bytes": status.download[1]}
         return described | ({"error": status.failure} if status.failure else {})
 
     def openai_card(model_id: str, status: ModelStatus) -> dict[str, Any]:

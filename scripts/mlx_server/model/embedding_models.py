@@ -83,7 +83,7 @@ def read_pooling(directory: Path, default: Pooling) -> Pooling:
 
 
 def load_embedding_model(reference: str) -> LoadedEmbedder:
-    """Load ``reference`` (an MLX directory or a cached repo id); ModelLoadError with a clear reason."""
+    """Load ``reference`` (an MLX directory, or a repo id: downloaded if not cached); a clear ModelLoadError."""
     directory, kind = model_directory(reference)
     try:
         config = json.loads((directory / "config.json").read_text())

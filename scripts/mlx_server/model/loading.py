@@ -2,7 +2,7 @@
 
 Every failure becomes a ModelLoadError with a message a person can act on
 (a missing file, an unsupported architecture, a repo that is not cached while
-offline), never a traceback.
+offline or not on the hub), never a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mlx_server.mlx_lm_compat import hf_tokenizer
 from mlx_server.model.default_model import find_default_model
 from mlx_server.model.generation_config import DEFAULT_MODEL_SAMPLING, read_generation_config
 from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
+from mlx_server.model.hub import HubError, fetch
 from mlx_server.model.vision import (
     TEXT_ONLY_VISION_FAMILIES,
     VisionTower,
@@ -183,23 +184,16 @@ def _runnable_on_this_device(model: nn.Module, reference: str) -> str:
 
 
 def cached_repo(repo_id: str) -> Path:
-    """A Hugging Face repo id's directory in the local cache: no test or default may need the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    """A Hugging Face repo id's directory: from the local cache, or downloaded into it (``hub``)."""
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError as error:
-        raise ModelLoadError(
-            f"model {repo_id!r} is not in the Hugging Face cache and this server does not download: "
-            f"fetch it first (huggingface-cli download {repo_id}), or pass a .gguf file or MLX directory"
-        ) from error
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{repo_id!r} is neither a file, a directory, nor a valid repo id ({error})") from error
+        return fetch(repo_id)
+    except HubError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def model_directory(reference: str) -> tuple[Path, str]:
-    """An MLX model directory or a cached repo id: its directory, and its kind (``mlx`` or ``huggingface``)."""
+    """An MLX model directory or a repo id (cached, or downloaded now): its directory, and its kind (``mlx`` or
+    ``huggingface``)."""
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

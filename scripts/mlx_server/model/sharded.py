@@ -6,7 +6,7 @@ gives each rank a run of layers (``model.model.pipeline(group)``: Qwen3 MoE,
 Qwen3-Next, Qwen3.5, DeepSeek, GLM MoE …) and reads only that run's weight
 files, so it needs ``model.safetensors.index.json``.  A model whose class
 cannot be split the asked way is refused with a sentence naming what it
-supports; so is anything but an MLX model directory or a cached repo.
+supports; so is anything but an MLX model directory or a repo id (cached, or downloaded).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def load_shard(reference: str | None, group: Any, parallel: str) -> LoadedModel:
 
     if reference is None or reference.lower().endswith(".gguf"):
         raise ModelLoadError(
-            "a model served over several processes loads from an MLX model directory or a cached repo id, not a "
+            "a model served over several processes loads from an MLX model directory or a repo id, not a "
             "GGUF file: write one with --export-mlx DIR (make serve-distributed does this for the default model)"
         )
     directory, kind = model_directory(reference)

@@ -56,7 +56,8 @@ class ModelLoader:
         return spec.kv_budget or self.settings.kv_budget or default_budget_bytes() // max(1, self._chat_models)
 
     def estimate(self, spec: ModelSpec) -> int:
-        """Its weights from its files (a cached repo's too) and its KV budget; ModelUnavailableError if not found."""
+        """Its weights from its files (a repo id's, downloaded first when not cached) and its KV budget;
+        ModelUnavailableError if not found."""
         try:
             weights = _weights_on_disk(spec.source)
         except ModelLoadError as error:

@@ -42,6 +42,7 @@ from typing import Protocol
 
 from mlx_server.chat.service import ChatService
 from mlx_server.embeddings.service import EmbeddingService
+from mlx_server.model.hub import downloading
 from mlx_server.pool.memory import describe_bytes, victims
 from mlx_server.pool.registry import ModelSpec, Registry
 from mlx_server.server_paths import hide_server_paths
@@ -182,20 +183,22 @@ class ModelPool:
         aliases: dict[str, list[str]] = {}
         for pattern, target in self.registry.aliases:
             aliases.setdefault(target, []).append(pattern)
-        return [
-            ModelStatus(
+        statuses = []
+        for entry in self._entries.values():
+            download = downloading(entry.spec.source) if entry.state != "loaded" else None
+            statuses.append(ModelStatus(
                 entry.spec.name,
                 entry.spec.kind,
-                entry.state,
+                "downloading" if download is not None else entry.state,
                 entry.served.memory_bytes if entry.served is not None else 0,
                 entry.spec.pinned,
                 entry.spec.ttl,
                 tuple(aliases.get(entry.spec.name, ())),
                 entry.spec.source,
                 hide_server_paths(entry.failure) if entry.failure is not None and self._backing_off(entry) else None,
-            )
-            for entry in self._entries.values()
-        ]
+                (download.done_bytes, download.total_bytes) if download is not None else None,
+            ))  # fmt: skip
+        return statuses
 
     def status(self, name: str) -> ModelStatus:
         return next(status for status in self.describe() if status.name == name)

@@ -203,7 +203,7 @@ def _spec_from_table(name: str, table: Any, ttl: float, path: Path | None) -> tu
         raise RegistryError(f"{where} must be a table")
     _check_keys(where, table, MODEL_FIELDS)
     if "source" not in table:
-        raise RegistryError(f"{where}: needs a source (a .gguf file, an MLX directory or a cached repo id)")
+        raise RegistryError(f"{where}: needs a source (a .gguf file, an MLX directory or a Hugging Face repo id)")
     source = table["source"]
     if not isinstance(source, str) or not source.strip():
         raise RegistryError(f"{where}: source must be a path or a repo id (a non-empty string), not {source!r}")
