@@ -282,6 +282,11 @@ class KVPromptCache:
         with self._lock:
             return entry_key(CHECKPOINT, tokens) in self._entries
 
+    def computes_prefix(self, prompt: list[int], stable_prefix: int) -> bool:
+        """Whether a request with this prompt will prefill its stable prefix itself (no checkpoint holds it yet):
+        others with the same prefix then wait for its checkpoint instead of computing it too."""
+        return self.enabled and stable_prefix >= MIN_REUSED_TOKENS and not self.has_checkpoint(prompt[:stable_prefix])
+
     def trim_to(self, max_bytes: int) -> None:
         """Evict entries, in the policy's order, until at most ``max_bytes`` are held (room for the batch)."""
         with self._lock:

@@ -262,7 +262,9 @@ class Scheduler:
                     continue
                 del self._waiting[index]
                 lengths = [*lengths, job.final_length]
-                if job.prefix_key is not None:
+                if job.prefix_key is not None and self._prompt_cache.computes_prefix(
+                    job.cache_prompt, job.stable_prefix
+                ):
                     computing = computing | {job.prefix_key}
                 chosen.append(job)
         for job in refused:
