@@ -174,6 +174,18 @@ def test_load_and_unload_with_keep_alive(client: ollama.Client, served: tuple[Sc
     assert loaded["done_reason"] == "load" and "chat:latest" in running()
 
 
+def test_pull_loads_a_served_model(client: ollama.Client, served: tuple[ScriptedModels, str]) -> None:
+    _, base_url = served
+    httpx.post(f"{base_url}/api/generate", json={"model": "chat", "keep_alive": 0})
+    events = list(client.pull("chat", stream=True))
+    assert events[0].status == "pulling manifest" and events[-1].status == "success"
+    assert "chat:latest" in [model.model for model in client.ps().models]
+    assert client.pull("chat").status == "success"
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.pull("org/elsewhere")
+    assert missing.value.status_code == 404 and "--model org/elsewhere=REPO_ID" in missing.value.error
+
+
 def test_unloading_follows_the_model_control_policy() -> None:
     models = scripted_models(REGISTRY, Settings(default_temperature=0.0, model_control="off"))
     refused = models.client.post("/api/generate", json={"model": "chat", "keep_alive": 0})

@@ -9,27 +9,30 @@ with no messages (no prompt) loads the model, or unloads it with
 ``keep_alive: 0``, under the same policy as ``/models/unload``.  ``/api/tags``,
 ``/api/ps`` and ``/api/show`` describe the served models (``/api/show`` reads a
 loaded model's context length and capabilities; it loads nothing);
-``/api/embed`` and the older ``/api/embeddings`` embed.  Errors are Ollama's
+``/api/embed`` and the older ``/api/embeddings`` embed; ``/api/pull`` loads a
+served model, downloading it from the hub when it is not cached, with Ollama's
+progress events (the policy of ``/models/load``).  Errors are Ollama's
 ``{"error": "..."}`` with the status every other dialect gives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from mlx_server.chat.events import Completion, ReasoningDelta, Started, TextDelta, ToolCallDelta
 from mlx_server.chat.service import ChatService
 from mlx_server.dialects.directory import ModelDirectory
-from mlx_server.dialects.errors import APIError
+from mlx_server.dialects.errors import APIError, http_error
 from mlx_server.dialects.lanes import lane_of_headers
 from mlx_server.dialects.ollama_protocol import (
     OllamaChatRequest,
@@ -42,7 +45,7 @@ from mlx_server.dialects.ollama_protocol import (
 )
 from mlx_server.dialects.streaming import Delta, serve_chat, with_cancellation
 from mlx_server.embeddings.service import EmbeddingRequest
-from mlx_server.vocabulary import ForbiddenError, ModelStatus, NotFoundError, ToolCall
+from mlx_server.vocabulary import ForbiddenError, ModelStatus, NotFoundError, ServerError, ToolCall
 
 __all__ = [
     "API_VERSION",
@@ -57,7 +60,8 @@ __all__ = [
 ERROR_PATH_PREFIX = "/api/"
 CHAT_PATH, GENERATE_PATH, EMBED_PATH, EMBEDDINGS_PATH = "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"
 GENERATION_PATHS = frozenset({CHAT_PATH, GENERATE_PATH, EMBED_PATH, EMBEDDINGS_PATH})
-DESCRIBING_PATHS = frozenset({"/api/version", "/api/tags", "/api/ps", "/api/show"})
+DESCRIBING_PATHS = frozenset({"/api/version", "/api/tags", "/api/ps", "/api/show", "/api/pull"})
+PULL_POLL_SECONDS = 0.5
 NDJSON = "application/x-ndjson"
 API_VERSION = "0.12.6"  # the Ollama release whose API this follows; apps gate features on it
 
@@ -163,11 +167,14 @@ class _Reply:
 def build_router(models: ModelDirectory, model_control: ModelControl) -> APIRouter:
     router = APIRouter()
 
+    def status_of_known(name: str) -> ModelStatus | None:
+        return next((status for status in models.describe() if status.name == name), None)
+
     def status_of(name: str) -> ModelStatus:
-        for status in models.describe():
-            if status.name == name:
-                return status
-        raise NotFoundError(f"model '{name}' not found", "model", "model_not_found")
+        status = status_of_known(name)
+        if status is None:
+            raise NotFoundError(f"model '{name}' not found", "model", "model_not_found")
+        return status
 
     def details(status: ModelStatus) -> dict[str, Any]:
         ready = models.ready(status.name)
@@ -242,6 +249,40 @@ def build_router(models: ModelDirectory, model_control: ModelControl) -> APIRout
         found, info = capabilities(status)
         return {"modelfile": "", "parameters": "", "template": "", "details": details(status), "model_info": info,
                 "capabilities": found, "modified_at": _now()}  # fmt: skip
+
+    @router.post("/api/pull", response_model=None)
+    async def pull(body: OllamaModelRequest, request: Request) -> Response:
+        """A served model loaded, downloaded first when it is not cached; its progress as Ollama's events."""
+        name = body.named()
+        if status_of_known(name) is None:
+            raise NotFoundError(f"model '{name}' is not served here: start the server with --model {name}=REPO_ID",
+                                "model", "model_not_found")  # fmt: skip
+        loading = asyncio.ensure_future(controlled(request, name, unload=False))
+        if not body.stream:
+            await loading
+            return Response(_line({"status": "success"}), media_type="application/json")
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _line({"status": "pulling manifest"})
+            try:
+                while not loading.done():
+                    await asyncio.wait((loading,), timeout=PULL_POLL_SECONDS)
+                    status = status_of(name)
+                    if status.download is not None:
+                        digest = _digest(status)
+                        done, total = status.download
+                        yield _line({"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}",
+                                     "total": total, "completed": done})  # fmt: skip
+                loading.result()
+            except ServerError as error:
+                yield _line({"error": http_error(error).message})
+                return
+            finally:
+                if not loading.done():
+                    loading.cancel()
+            yield _line({"status": "success"})
+
+        return StreamingResponse(events(), media_type=NDJSON)
 
     @router.post(CHAT_PATH, response_model=None)
     @with_cancellation

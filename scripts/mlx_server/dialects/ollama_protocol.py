@@ -278,11 +278,13 @@ class OllamaEmbeddingsRequest(RequestBody):
 
 
 class OllamaModelRequest(RequestBody):
-    """POST /api/show, DELETE /api/delete: a model by name (``name`` is the older field)."""
+    """POST /api/show and /api/pull: a model by name (``name`` is the older field)."""
 
     model: str | None = None
     name: str | None = None
     verbose: bool = False
+    stream: bool = True  # /api/pull's progress events
+    insecure: bool = False
 
     def named(self) -> str:
         given = self.model or self.name
