@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -184,6 +185,23 @@ def test_pull_loads_a_served_model(client: ollama.Client, served: tuple[Scripted
     with pytest.raises(ollama.ResponseError) as missing:
         client.pull("org/elsewhere")
     assert missing.value.status_code == 404 and "--model org/elsewhere=REPO_ID" in missing.value.error
+
+
+def test_keep_alive_becomes_the_models_time_to_live() -> None:
+    """``keep_alive`` on a chat: the model unloads once idle that long (0: as soon as its requests are done)."""
+    models = scripted_models(REGISTRY, Settings(default_temperature=0.0, response_cache_size=0))
+    with served_over_http(models) as base_url:
+        client = ollama.Client(host=base_url)
+        client.chat("chat", messages=[{"role": "user", "content": "Hi"}], keep_alive="10m")
+        assert [status.ttl for status in models.pool.describe() if status.name == "chat"] == [600.0]
+        client.chat("chat", messages=[{"role": "user", "content": "Hi"}], keep_alive=0)
+        deadline = time.monotonic() + 10
+        while "chat:latest" in [model.model for model in client.ps().models] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "chat:latest" not in [model.model for model in client.ps().models]
+        with pytest.raises(ollama.ResponseError) as bad:
+            client.chat("chat", messages=[{"role": "user", "content": "Hi"}], keep_alive="a while")
+        assert bad.value.status_code == 400 and "keep_alive" in bad.value.error
 
 
 def test_unloading_follows_the_model_control_policy() -> None:

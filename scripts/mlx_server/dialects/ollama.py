@@ -46,6 +46,7 @@ from mlx_server.dialects.ollama_protocol import (
 from mlx_server.dialects.streaming import Delta, serve_chat, with_cancellation
 from mlx_server.embeddings.service import EmbeddingRequest
 from mlx_server.vocabulary import ForbiddenError, ModelStatus, NotFoundError, ServerError, ToolCall
+from utils_logging import debug
 
 __all__ = [
     "API_VERSION",
@@ -225,6 +226,13 @@ def build_router(models: ModelDirectory, model_control: ModelControl) -> APIRout
             reply = _Reply(chat, arrived, name)._body() | {"done": True, "done_reason": "unload" if unload else "load"}
             return Response(_line(reply), media_type="application/json")
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
+        keep = keep_alive_seconds(body.keep_alive)
+        if keep is not None:
+            refusal = model_control(request)
+            if refusal is None:
+                models.keep_alive(name, keep)
+            else:
+                debug(1, "keep_alive left as configured", {"model": name, "why": refusal})
         reply_for = functools.partial(_Reply, chat, arrived)
         return await serve_chat(models, name, chat_request, body.stream, reply_for, 0.0)
 

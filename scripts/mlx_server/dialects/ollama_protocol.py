@@ -13,6 +13,7 @@ model's context (the server's window is the model's own).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -54,8 +55,8 @@ _SECONDS_PER_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, 
 
 
 def keep_alive_seconds(value: KeepAlive | None) -> float | None:
-    """Ollama's ``keep_alive`` in seconds (a number of seconds, or a duration such as "5m" or "300ms");
-    None when not given or negative (Ollama's "forever")."""
+    """Ollama's ``keep_alive`` in seconds (a number of seconds, or a duration such as "5m" or "300ms"): infinite
+    when negative (Ollama's "forever"), None when not given."""
     if value is None:
         return None
     if isinstance(value, (int, float)):
@@ -65,7 +66,7 @@ def keep_alive_seconds(value: KeepAlive | None) -> float | None:
         if match is None:
             raise ValueError(f"keep_alive must be a number of seconds or a duration such as '5m', not {value!r}")
         seconds = float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
-    return None if seconds < 0 else seconds
+    return math.inf if seconds < 0 else seconds
 
 
 def served_name(model: str) -> str:

@@ -388,3 +388,6 @@ class _Deferred:
 
     async def unload(self, name: str) -> Any:
         return await self._state.directory().unload(name)
+
+    def keep_alive(self, name: str, seconds: float) -> None:
+        self._state.directory().keep_alive(name, seconds)

@@ -109,6 +109,11 @@ class _Entry:
     failure: str | None = None  # why its last load failed (the whole reason, for the log)
     retry_at: float = 0.0  # requests before this are refused with the failure
     retry_seconds: float = 0.0  # the current back-off
+    ttl: float | None = None  # a client's keep-alive (Ollama's keep_alive), over the configured time-to-live
+
+    @property
+    def time_to_live(self) -> float:
+        return self.spec.ttl if self.ttl is None else self.ttl
 
 
 class ModelPool:
@@ -192,7 +197,7 @@ class ModelPool:
                 "downloading" if download is not None else entry.state,
                 entry.served.memory_bytes if entry.served is not None else 0,
                 entry.spec.pinned,
-                entry.spec.ttl,
+                entry.time_to_live,
                 tuple(aliases.get(entry.spec.name, ())),
                 entry.spec.source,
                 hide_server_paths(entry.failure) if entry.failure is not None and self._backing_off(entry) else None,
@@ -251,8 +256,19 @@ class ModelPool:
 
     def start_watching(self) -> None:
         """Unload models idle past their time-to-live, from now on (call on the serving event loop)."""
-        if self._watcher is None and any(spec.ttl > 0 and not spec.pinned for spec in self.registry.models):
+        timed = any(entry.time_to_live > 0 or entry.ttl is not None for entry in self._entries.values()
+                    if not entry.spec.pinned)  # fmt: skip
+        if self._watcher is None and timed:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """A client's keep-alive for the model: idle this long, it unloads (0: once its requests are done;
+        ``math.inf``: never). A pinned model stays whatever is asked."""
+        entry = self._entries[name]
+        if entry.spec.pinned or self._fixed is not None:
+            return
+        entry.ttl = seconds
+        self.start_watching()
 
     async def close(self) -> None:
         """Unload everything (at shutdown): each model drains, and its prompt cache's checkpoints are saved."""
@@ -411,11 +427,13 @@ class ModelPool:
             now = self._clock()
             for entry in list(self._entries.values()):
                 spec, served = entry.spec, entry.served
-                expired = spec.ttl > 0 and not spec.pinned and now - entry.last_used > spec.ttl
+                ttl = entry.time_to_live
+                kept = entry.ttl is not None  # a client's keep-alive: 0 means as soon as it is idle
+                expired = (ttl > 0 or kept) and not spec.pinned and now - entry.last_used >= ttl
                 if served is not None and entry.state == "loaded" and expired and not served.busy():
                     async with self._changing:
                         if entry.served is served and not served.busy():
-                            await self._unload(entry, f"idle for {spec.ttl:g}s")
+                            await self._unload(entry, f"idle for {ttl:g}s")
 
 
 def _candidate(entry: _Entry) -> tuple[str, int, int, float]:
