@@ -11,8 +11,10 @@ AGENT_CLIS := tools/agent-clis
 AGENT_CLIS_STAMP := $(AGENT_CLIS)/node_modules/.installed
 TOKENIZERS := tools/model-tokenizers
 TOKENIZERS_STAMP := $(TOKENIZERS)/node_modules/.installed
+OLLAMA_JS := tools/ollama-js
+OLLAMA_JS_STAMP := $(OLLAMA_JS)/node_modules/.installed
 
-.PHONY: install install-vision agent-clis model-tokenizers serve launch serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-streamed-calls bench-claude-code bench-concurrency bench-fidelity bench-load clean
+.PHONY: install install-vision agent-clis model-tokenizers ollama-js serve launch serve-distributed test test-fast fuzz lint test-python-versions bench-logging bench-server bench-cache bench-constrained bench-families bench-sessions bench-models bench-vision bench-distributed bench-hostile bench-speculative bench-streamed-calls bench-claude-code bench-concurrency bench-fidelity bench-load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,14 @@ $(TOKENIZERS_STAMP): $(TOKENIZERS)/package.json $(TOKENIZERS)/package-lock.json
 
 model-tokenizers: $(TOKENIZERS_STAMP)
 
+# The official Ollama JavaScript client (pinned), which the tests drive against the server's /api routes.
+$(OLLAMA_JS_STAMP): $(OLLAMA_JS)/package.json $(OLLAMA_JS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (apt-get install nodejs npm, or brew install node)"; exit 1; }
+	npm ci --prefix $(OLLAMA_JS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+ollama-js: $(OLLAMA_JS_STAMP)
+
 serve: install
 	$(BIN)/python scripts/mlx-server.py --host $(HOST) --port $(PORT)
 
@@ -77,11 +87,11 @@ lint: install
 test-python-versions:
 	bash tools/test-python-versions.sh
 
-test: lint test-python-versions agent-clis model-tokenizers $(VISION_STAMP)
+test: lint test-python-versions agent-clis model-tokenizers ollama-js $(VISION_STAMP)
 	$(BIN)/python -m pytest --durations=15
 
 # Everything that needs neither the real model nor an agent CLI, against the scripted engine: under a minute.
-test-fast: install model-tokenizers $(VISION_STAMP)
+test-fast: install model-tokenizers ollama-js $(VISION_STAMP)
 	$(BIN)/python -m pytest -m "not e2e" -q
 
 # The property tests and schemathesis, randomized and with many more examples than CI's derandomized run: hunting
@@ -146,5 +156,5 @@ bench-load: install
 	$(BIN)/python bench/load.py --duration $(LOAD_SECONDS)
 
 clean:
-	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis $(AGENT_CLIS)/node_modules \
+	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .hypothesis $(AGENT_CLIS)/node_modules $(OLLAMA_JS)/node_modules \
 		$(TOKENIZERS)/node_modules
