@@ -21,7 +21,7 @@ import pytest
 
 from mlx_server.settings import Settings
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, RunningServer, free_port
 from .scripted import ScriptedServer, scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
@@ -95,3 +95,18 @@ def test_launch_starts_a_server_the_agent_answers_on_and_stops_it(tmp_path: Path
     assert "POST /v1/messages" in log.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_codex_answers_on_the_default_model_through_a_running_server(server: RunningServer, tmp_path: Path) -> None:
+    """The real model, reused: Codex's prompt shrunk as its own end-to-end test does, to fit the 8k context."""
+    instructions = tmp_path / "instructions.md"
+    instructions.write_text("You are a helpful coding assistant. Answer briefly.\n")
+    shrink = ["--disable", "plugins", "--disable", "multi_agent", "--disable", "goals", "-c", "web_search=disabled",
+              "-c", f"model_instructions_file={instructions}"]  # fmt: skip
+    port = server.base_url.rsplit(":", 1)[1]
+    agent_arguments = ["exec", "--json", "--skip-git-repo-check", *shrink, "Say hi."]
+    ran = launch("codex", ["--port", port], agent_arguments, tmp_path / "home", tmp_path / "work")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    said = [event["item"]["text"] for event in events if event.get("item", {}).get("type") == "agent_message"]
+    assert "".join(said).strip(), events
