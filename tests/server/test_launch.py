@@ -3,8 +3,10 @@
 Against a server already answering on the port (the scripted engine over real
 HTTP), each CLI completes a tool round trip with only what ``launch`` gave it
 (its home directory is empty: no configuration of its own); against no server,
-``launch`` starts one on the default model, the agent answers, and the server
-stops with it.
+``launch`` starts one on the default model, Claude Code answers, and the server
+stops with it; Codex answers on the default model through the running one.
+OpenCode's ~7k-token prompt on the real model would take minutes of CPU
+prefill, so it meets the real model nowhere in CI.
 """
 
 from __future__ import annotations
