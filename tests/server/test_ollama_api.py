@@ -218,3 +218,47 @@ def test_errors_are_ollamas_shape(served: tuple[ScriptedModels, str]) -> None:
                                                        "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
     assert options.status_code == 400 and "temperature" in options.json()["error"]
     assert httpx.get(f"{base_url}/api/nothing").status_code == 404
+
+
+def test_an_open_webui_session(served: tuple[ScriptedModels, str]) -> None:
+    """The requests Open WebUI's Ollama connection makes, as its backend builds them (backend/open_webui/routers/
+    ollama.py and utils/payload.py: the model list, a capability check, a streamed chat with its options and
+    keep_alive, then a turn carrying the assistant's thinking, an object-argument call, its result and an image
+    trimmed from a data URL, and a JSON-format title request). Reconstructed from its source, not recorded."""
+    models, base_url = served
+    engine = models.engine("chat")
+    assert httpx.get(f"{base_url}/api/version").status_code == 200
+    names = [model["model"] for model in httpx.get(f"{base_url}/api/tags").json()["models"]]
+    assert "chat:latest" in names and httpx.get(f"{base_url}/api/ps").status_code == 200
+    assert "completion" in httpx.post(f"{base_url}/api/show", json={"model": "chat:latest"}).json()["capabilities"]
+    options = {"temperature": 0.8, "top_p": 0.9, "num_ctx": 2048, "num_predict": 64, "stop": ["<|eot|>"],
+               "seed": 1, "mirostat": 0, "use_mmap": True}  # fmt: skip
+    first = {
+        "model": "chat:latest",
+        "stream": True,
+        "keep_alive": "5m",
+        "options": options,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+    }
+    engine.reply("Let me check.")
+    lines = httpx.post(f"{base_url}/api/chat", json=first).text.splitlines()
+    assert [json.loads(line)["done"] for line in lines][-1] is True
+    image = base64.b64encode(png()).decode()
+    second = {**first, "messages": [
+        *first["messages"],
+        {"role": "assistant", "content": "", "thinking": "They want the weather.",
+         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "rain, 9C"},
+        {"role": "user", "content": "And this picture?", "images": [image]},
+    ], "tools": [WEATHER]}  # fmt: skip
+    engine.reply("Rain in Oslo.")
+    answered = httpx.post(f"{base_url}/api/chat", json=second)
+    assert answered.status_code == 200 and answered.headers["x-attachments-left-out"] == "1 image"
+    prompt = engine.tokenizer.decode(engine.requests[-1].prompt)
+    assert "rain, 9C" in prompt and '"city": "Oslo"' in prompt
+    title = {"model": "chat:latest", "stream": False, "format": "json",
+             "messages": [{"role": "user", "content": "Title for this chat, as JSON"}]}  # fmt: skip
+    engine.reply('{"title": "Weather"}')
+    assert json.loads(httpx.post(f"{base_url}/api/chat", json=title).json()["message"]["content"]) == {
+        "title": "Weather"
+    }
