@@ -245,7 +245,7 @@ def test_an_open_webui_session(served: tuple[ScriptedModels, str]) -> None:
     assert [json.loads(line)["done"] for line in lines][-1] is True
     image = base64.b64encode(png()).decode()
     second = {**first, "messages": [
-        *first["messages"],
+        *opening,
         {"role": "assistant", "content": "", "thinking": "They want the weather.",
          "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
         {"role": "tool", "content": "rain, 9C"},
