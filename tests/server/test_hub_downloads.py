@@ -93,7 +93,7 @@ def test_offline_the_cache_is_all_there_is(hub_at: StandInHub) -> None:
 
 def test_the_disk_space_is_checked_before_any_byte(hub_at: StandInHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub, "_free_bytes", lambda _directory: 1000)
-    with pytest.raises(HubError, match=r"needs 0\.6 MiB of disk .* has only 0\.0 MiB free"):
+    with pytest.raises(HubError, match=r"needs 0\.6 MiB of disk .* cache has only 0\.0 MiB free"):
         fetch(REPO)
     assert not gets(hub_at)
 

@@ -152,8 +152,8 @@ def _download(repo_id: str, cache: Path, endpoint: str) -> Path:
     total = sum(file.file_size or 0 for file in due)
     free = _free_bytes(cache)
     if total > free:
-        raise HubError(f"model {repo_id!r} needs {_size(total)} of disk for its files and {cache} has only "
-                       f"{_size(free)} free: free some space, or set HF_HOME to a larger disk")  # fmt: skip
+        raise HubError(f"model {repo_id!r} needs {_size(total)} of disk for its files and the Hugging Face cache "
+                       f"has only {_size(free)} free: free some space, or set HF_HOME to a larger disk")  # fmt: skip
     progress = Download(repo_id, total, len(due))
     with _lock:
         _downloads[repo_id] = progress
@@ -167,8 +167,9 @@ def _download(repo_id: str, cache: Path, endpoint: str) -> Path:
             debug(1, "Downloaded a model file", {"repo": repo_id, "file": file.filename, "bytes": file.file_size,
                                                  "done": f"{progress.files_done}/{progress.files}"})  # fmt: skip
     except (HfHubHTTPError, OSError) as error:
-        raise HubError(f"the download of {repo_id!r} stopped ({type(error).__name__}: {error}); "
-                       "start again to resume it") from error  # fmt: skip
+        logger.warning("The download of %s stopped: %s: %s", repo_id, type(error).__name__, error)
+        raise HubError(f"the download of {repo_id!r} stopped ({type(error).__name__}); start again to resume it"
+                       ) from error  # fmt: skip
     finally:
         with _lock:
             _downloads.pop(repo_id, None)
