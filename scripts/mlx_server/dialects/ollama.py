@@ -109,9 +109,8 @@ class _Reply:
         self.chat = chat
         self.arrived = arrived
         self.model = _tagged(model)
-        self._calls = 0
 
-    def _body(self, content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def body(self, content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "created_at": _now()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -143,23 +142,22 @@ class _Reply:
 
     def whole(self, completion: Completion) -> dict[str, Any]:
         calls = [_ollama_call(index, call) for index, call in enumerate(completion.tool_calls)]
-        return self._done(self._body(completion.text, completion.reasoning, calls), completion)
+        return self._done(self.body(completion.text, completion.reasoning, calls), completion)
 
     def start(self, started: Started) -> list[bytes]:
         return []
 
     def delta(self, delta: Delta) -> list[bytes]:
         if isinstance(delta, TextDelta):
-            return [_line(self._body(delta.text) | {"done": False})]
+            return [_line(self.body(delta.text) | {"done": False})]
         if isinstance(delta, ReasoningDelta):
-            return [_line(self._body(thinking=delta.text) | {"done": False})]
+            return [_line(self.body(thinking=delta.text) | {"done": False})]
         if isinstance(delta, ToolCallDelta) and self.chat:
-            self._calls += 1
-            return [_line(self._body(calls=[_ollama_call(delta.index, delta.call)]) | {"done": False})]
+            return [_line(self.body(calls=[_ollama_call(delta.index, delta.call)]) | {"done": False})]
         return []  # a call's start and argument pieces: Ollama sends a call whole
 
     def finish(self, completion: Completion) -> list[bytes]:
-        return [_line(self._done(self._body(), completion))]
+        return [_line(self._done(self.body(), completion))]
 
     def error(self, error: APIError) -> list[bytes]:
         return [_line({"error": error.message})]
@@ -223,7 +221,7 @@ def build_router(models: ModelDirectory, model_control: ModelControl) -> APIRout
         if empty:
             unload = keep_alive_seconds(body.keep_alive) == 0
             await controlled(request, name, unload)
-            reply = _Reply(chat, arrived, name)._body() | {"done": True, "done_reason": "unload" if unload else "load"}
+            reply = _Reply(chat, arrived, name).body() | {"done": True, "done_reason": "unload" if unload else "load"}
             return Response(_line(reply), media_type="application/json")
         chat_request = body.to_chat_request(lane_of_headers(request.headers))
         keep = keep_alive_seconds(body.keep_alive)
