@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from mlx_server.chat.request import ChatRequest
 from mlx_server.chat.thinking import ThinkingRequest
-from mlx_server.dialects.attachments import decode_base64
+from mlx_server.dialects.attachments import decode_base64, parse_data_url
 from mlx_server.dialects.common import DialectModel, RequestBody
 from mlx_server.dialects.openai_chat_protocol import FUNCTION_NAME_PATTERN
 from mlx_server.dialects.validation import Finite, unique_tool_names
@@ -109,7 +109,8 @@ class Options(DialectModel):
 
 def _image_bytes(image: str) -> bytes:
     """An Ollama image: base64 of an image file (a data URL is taken too, as some apps send one)."""
-    return decode_base64(image.split(",", 1)[1] if image.startswith("data:") else image)
+    parsed = parse_data_url(image)
+    return decode_base64(image) if parsed is None else parsed[1]
 
 
 def _decodable(images: list[str] | None) -> list[str] | None:
