@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from testbed.documents import screenshot  # noqa: E402
-from testbed.tiny_models import build_vision  # noqa: E402
+from testbed.tiny_vision import build_vision  # noqa: E402
 
 TURN_TWO_TARGET = 0.2
 SYSTEM = "You are a coding agent. You read screenshots of build logs and explain failures precisely. " * 60

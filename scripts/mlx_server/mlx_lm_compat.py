@@ -6,8 +6,10 @@ per-row state (the pending token and its log-probabilities, the count of
 generated tokens, the stop matchers, the penalties' token context), the
 generator's prompt queues (to prefill by tokens, not by prompt count), the
 Hugging Face tokenizer inside mlx-lm's ``TokenizerWrapper`` (llguidance and
-``save_pretrained`` need it), and mlx-lm's inference of a template's tool
-parser.  Nothing else in the server names a private mlx-lm attribute.
+``save_pretrained`` need it), mlx-lm's inference of a template's tool
+parser, and the batch KV cache's per-row offset (``ShiftedKVCache``).
+Nothing else in the server names a private mlx-lm attribute or subclasses
+an mlx-lm class.
 
 ``SUPPORTED_MLX_LM`` is the range ``pyproject.toml`` pins; ``check`` probes
 every attribute below on the installed release (a generator over the real
@@ -27,12 +29,14 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm import tokenizer_utils
 from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.sample_utils import greedy_sampler
 
 __all__ = [
     "REQUIRED_ATTRIBUTES",
     "SUPPORTED_MLX_LM",
     "IncompatibleMlxLmError",
+    "ShiftedKVCache",
     "SpeculativeBatchBase",
     "check",
     "hf_tokenizer",
@@ -41,6 +45,7 @@ __all__ = [
     "installed_version",
     "missing_attributes",
     "prompt_queue_lengths",
+    "shifted",
 ]
 
 #: The mlx-lm releases this module was read against (the pin in pyproject.toml).
@@ -172,6 +177,58 @@ class SpeculativeBatchBase(GenerationBatch):
 
 
 # -- the tokenizer ---------------------------------------------------------------------------------------
+
+
+class ShiftedKVCache(KVCache):
+    """A sequence's ``KVCache`` whose rotary positions in the batch run ``rope_delta`` from its length.
+
+    Qwen-VL's M-RoPE puts an image's tokens on a grid: the text after the image
+    sits at its index plus a delta (negative: an image of 16 tokens on a 4 x 4
+    grid takes 4 positions).  Text on that grid has its three coordinates equal,
+    where M-RoPE is the ordinary rotary embedding, so mlx-lm's language model runs
+    it unchanged given the right offset.  mlx-lm's ``BatchKVCache`` keeps one
+    ``offset`` per row that only the rotary embedding reads (writes and masks use
+    its own index and padding), and carries it through ``filter``, ``extend``,
+    ``trim`` and padding; only ``merge``, where rows join, builds it from each
+    row's length.  A row's cache layers are handed to the batch as
+    ``ShiftedKVCache``, whose ``merge`` adds each row's delta to that offset: text
+    rows at 0, an image row at its images' deltas, kept while the row decodes,
+    and dropped again when its state is extracted (``extract`` gives a plain
+    ``KVCache`` of the true length; the prompt cache keys the images by content,
+    so a cached prefix's delta follows from the prompt: ``position_shift``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # mlx-lm's caches carry no annotations
+        self.rope_delta = 0
+
+    @classmethod
+    def merge(cls, caches: list[Any]) -> BatchKVCache:
+        """mlx-lm's merge (dispatched on the first row's class), then each row's delta added to its offset."""
+        batch: BatchKVCache = BatchKVCache.merge(caches)
+        deltas = [int(getattr(cache, "rope_delta", 0)) for cache in caches]
+        if any(deltas):
+            batch.offset = batch.offset + mx.array(deltas)
+        return batch
+
+
+def shifted(cache: list[Any], rope_delta: int) -> list[Any]:
+    """The layers of a sequence's cache for the batch: each ``KVCache`` as a ``ShiftedKVCache`` holding the same
+    arrays (nothing copied); other layers (a linear attention's state has no positions) as they are.
+
+    Every row of such a model joins this way, text rows too: mlx-lm merges
+    by the first row's class, so one plain row first would drop the others'
+    deltas.
+    """
+    layers: list[Any] = []
+    for layer in cache:
+        if isinstance(layer, KVCache):
+            row = ShiftedKVCache()
+            row.keys, row.values, row.offset = layer.keys, layer.values, layer.offset
+            row.rope_delta = rope_delta
+            layer = row
+        layers.append(layer)
+    return layers
 
 
 def hf_tokenizer(tokenizer: Any) -> Any:

@@ -147,13 +147,18 @@ class ReadImage:
     and image tokens, without the whitespace around them that merges with
     neighbouring text); ``digest`` is the image file's content hash (the
     prompt cache's key for its KV state); ``pixels`` is the model processor's
-    output (engine only).
+    output and ``grid`` its patch grid where the model has one (engine only).
+    ``rope_delta`` is how far the text after the image sits from its index:
+    Qwen-VL's M-RoPE places an image's tokens on a grid that takes fewer
+    positions than tokens (0 where images take ordinary positions).
     """
 
     text: str
     tokens: tuple[int, ...]
     digest: bytes
     pixels: Any = field(repr=False, compare=False)
+    grid: Any = field(default=None, repr=False, compare=False)
+    rope_delta: int = 0
 
 
 class ImageReader(Protocol):

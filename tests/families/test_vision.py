@@ -1,8 +1,11 @@
-"""A vision model reads images: a tiny Gemma 3 built from mlx-vlm's own classes, with Gemma 3's real tokenizer.
+"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL and Qwen3-VL models from mlx-vlm's own classes.
 
-Random weights write random text, so what is asserted is structure: an image
-changes the greedy output (another image changes it again), the output
-equals mlx-vlm's own generate on the same prompt and image, image requests
+Gemma 3 has its own real tokenizer; the Qwen-VL families have Qwen3's, which
+holds their vision tokens.  Random weights write random text, so what is
+asserted is structure: an image changes the greedy output (another image
+changes it again), the output equals mlx-vlm's own generate on the same
+prompt and images (for Qwen-VL: the text after an image at M-RoPE's
+positions, which a tiny model's output is made to depend on), image requests
 batch with text requests and equal their lone runs, a second turn with the
 same screenshot reads its KV state from the prompt cache (and equals the
 uncached server), a forced call validates, and bad images are 400s.  The
@@ -25,9 +28,10 @@ import jsonschema
 import pytest
 
 from mlx_server.model.loading import ModelLoadError, load_model
+from mlx_server.pool.assembly import images_read
 from testbed.documents import data_url, huge_declared_png, png
 from testbed.serving import Served, serve
-from testbed.tiny_models import build_vision
+from testbed.tiny_vision import QWEN_VISION_FAMILIES, build_qwen_vision, build_vision
 from tests.server.conftest import ROOT, start_server, stop_server
 
 from .test_family_matrix import FORECAST, SCHEMA
@@ -35,11 +39,22 @@ from .test_family_matrix import FORECAST, SCHEMA
 SCREENSHOT, OTHER = png(seed=1), png(seed=2)
 IMAGE_TOKENS = 16
 QUESTION = "What does this screenshot show?"
+FAMILIES = ["gemma3", *QWEN_VISION_FAMILIES]
+#: Each family's image tokens spelled as text, and where a user turn's first image starts in the tokens.
+MARKERS = {"gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>")}
+IMAGE_START = {"gemma3": 4}  # <bos><start_of_turn>user\n\n\n, then the image's tokens
+for _family in QWEN_VISION_FAMILIES:
+    MARKERS[_family] = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+    IMAGE_START[_family] = 3  # <|im_start|>user\n
 
 
-@pytest.fixture(scope="module")
-def vision_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_vision(tmp_path_factory.mktemp("vision") / "tiny-gemma3-vision", image_tokens=IMAGE_TOKENS)
+@pytest.fixture(scope="module", params=FAMILIES)
+def vision_directory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    family = str(request.param)
+    directory = tmp_path_factory.mktemp("vision") / f"tiny-{family}-vision"
+    if family == "gemma3":
+        return build_vision(directory, image_tokens=IMAGE_TOKENS)
+    return build_qwen_vision(directory, family)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +63,7 @@ def served(vision_directory: Path) -> Iterator[Served]:
     assert loaded.vision is not None
     engine, client = serve(loaded, 32)
     uncached_engine, uncached = serve(loaded, 0)
-    yield Served("gemma3-vision", loaded, engine, client, uncached, client)
+    yield Served(loaded.vision.family, loaded, engine, client, uncached, client)
     for running in (engine, uncached_engine):
         running.shutdown()
 
@@ -74,6 +89,30 @@ def text_of(reply: dict[str, Any]) -> str:
     return str(reply["choices"][0]["message"]["content"])
 
 
+def image_tokens(served: Served, image: bytes = SCREENSHOT) -> int:
+    """The tokens one image is in the prompt, its markers included."""
+    assert served.loaded.vision is not None
+    return len(served.loaded.vision.read(image, 10**8).tokens)
+
+
+def mlx_vlm_generate(served: Served, directory: Path, images: list[bytes], question: str) -> str:
+    """mlx-vlm's own greedy generate on the prompt the server renders (each image as the model's marker)."""
+    import io
+
+    from mlx_vlm import generate, load
+    from PIL import Image
+
+    vision = served.loaded.vision
+    assert vision is not None
+    model, processor = load(str(directory))
+    placeholder = "\x00"
+    messages = [{"role": "user", "content": placeholder * len(images) + question}]
+    prompt = served.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = prompt.replace(placeholder, vision.marker).removeprefix("<bos>")
+    pictures = [Image.open(io.BytesIO(image)).convert("RGB") for image in images]
+    return str(generate(model, processor, prompt, image=pictures, max_tokens=8, temperature=0.0, verbose=False).text)
+
+
 class TestImagesReachTheModel:
     def test_an_image_changes_the_output_and_another_image_changes_it_again(self, served: Served) -> None:
         with_image = chat(served.uncached, asking(SCREENSHOT))
@@ -81,22 +120,32 @@ class TestImagesReachTheModel:
         other = chat(served.uncached, asking(OTHER))
         assert text_of(with_image) != text_of(without)
         assert text_of(with_image) != text_of(other)
-        assert with_image["usage"]["prompt_tokens"] >= without["usage"]["prompt_tokens"] + IMAGE_TOKENS
+        assert with_image["usage"]["prompt_tokens"] >= without["usage"]["prompt_tokens"] + image_tokens(served) - 2
 
     def test_equal_to_mlx_vlms_own_generate(self, served: Served, vision_directory: Path) -> None:
-        import io
-
-        from mlx_vlm import generate, load
-        from PIL import Image
-
-        model, processor = load(str(vision_directory))
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-        prompt = served.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image = Image.open(io.BytesIO(SCREENSHOT)).convert("RGB")
-        theirs = generate(model, processor, prompt.removeprefix("<bos>"), image=[image], max_tokens=8,
-                          temperature=0.0, verbose=False)  # fmt: skip
         ours = chat(served.uncached, asking(SCREENSHOT), max_tokens=8)
-        assert text_of(ours) == theirs.text
+        assert text_of(ours).strip() == mlx_vlm_generate(served, vision_directory, [SCREENSHOT], QUESTION).strip()
+
+    def test_two_images_equal_mlx_vlms_own_generate(self, served: Served, vision_directory: Path) -> None:
+        """The text after the second image sits past both images' deltas (Qwen-VL), both images' content read."""
+        content = [image_part(SCREENSHOT), image_part(OTHER), {"type": "text", "text": QUESTION}]
+        ours = chat(served.uncached, [{"role": "user", "content": content}], max_tokens=8)
+        theirs = mlx_vlm_generate(served, vision_directory, [SCREENSHOT, OTHER], QUESTION)
+        assert text_of(ours).strip() == theirs.strip()
+
+    def test_an_images_delta_is_where_mlx_vlm_places_the_text_after_it(self, served: Served) -> None:
+        vision = served.loaded.vision
+        assert vision is not None
+        read = vision.read(SCREENSHOT, 10**8)
+        if not vision.positions_on_grid:
+            assert read.rope_delta == 0
+            return
+        import mlx.core as mx
+        from mlx_vlm import load
+
+        model, _ = load(str(served.loaded.source))
+        _, deltas = model.language_model.get_rope_index(mx.array([list(read.tokens)]), mx.array(read.grid))
+        assert read.rope_delta == int(deltas.item()) < 0
 
     def test_image_requests_batch_with_text_requests_and_equal_their_lone_runs(self, served: Served) -> None:
         prompts = [asking(SCREENSHOT, "First?"), asking(None, "Second?"), asking(OTHER, "Third?"),
@@ -117,6 +166,14 @@ class TestImagesReachTheModel:
         jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
 
 
+def test_with_a_quantized_kv_cache_only_qwen_vl_leaves_images_out(served: Served) -> None:
+    """--kv-bits decodes one sequence at a time in a quantized cache, which keeps no M-RoPE delta.  (A tiny
+    model's 16-wide heads cannot be quantized in groups of 64, so the choice is what is asserted.)"""
+    vision = served.loaded.vision
+    assert vision is not None and images_read(vision, None) is vision
+    assert images_read(vision, 8) is (None if vision.positions_on_grid else vision)
+
+
 class TestTheSecondTurn:
     def test_reads_the_screenshot_from_the_cache_and_equals_the_uncached_server(self, served: Served) -> None:
         first = asking(SCREENSHOT, "Look at this screenshot of the build.")
@@ -132,8 +189,7 @@ class TestTheSecondTurn:
         fresh = png(seed=7)  # same size, so the same image tokens: only its content tells it apart
         chat(served.client, asking(SCREENSHOT, "Compare the screenshots."))
         other = chat(served.client, asking(fresh, "Compare the screenshots."))
-        image_start = 4  # <bos><start_of_turn>user\n\n\n, then the image's tokens
-        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] <= image_start
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] <= IMAGE_START[served.family]
         assert text_of(other) == text_of(chat(served.uncached, asking(fresh, "Compare the screenshots.")))
 
     def test_claude_codes_tool_result_image_is_read(self, served: Served) -> None:
@@ -180,11 +236,12 @@ class TestRefusals:
 
     @pytest.mark.parametrize("where", ["before", "between", "after"])
     def test_the_models_image_markers_spelled_in_text_stay_text(self, served: Served, where: str) -> None:
-        """A Read result holding Gemma's image tokens as text, around screenshots: answered, and the engine goes on.
+        """A Read result holding the model's image tokens as text, around screenshots: answered, the engine goes on.
 
         (It once made the image's slots disagree with its features, and the exception ended the engine's worker.)
         """
-        code = {"type": "text", "text": 'MARKERS = ("<start_of_image>", "<image_soft_token>" * 3, "<end_of_image>")'}
+        start, token, end = MARKERS[served.family]
+        code = {"type": "text", "text": f'MARKERS = ("{start}", "{token}" * 3, "{end}")'}
         question = {"type": "text", "text": QUESTION}
         content = {
             "before": [code, image_part(SCREENSHOT), question],
@@ -208,7 +265,8 @@ class TestRefusals:
         environment = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
         completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                                    check=True)  # fmt: skip
-        assert "vision model (gemma3)" in completed.stdout and "make install-vision" in completed.stdout
+        family = json.loads((vision_directory / "config.json").read_text())["model_type"]
+        assert f"vision model ({family})" in completed.stdout and "make install-vision" in completed.stdout
         assert ModelLoadError.__name__  # the error class the server turns into its start-up sentence
 
 
@@ -244,7 +302,10 @@ def test_claude_code_sends_a_screenshot_that_reaches_the_model_as_an_image(
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         assert result["type"] == "result" and result["num_turns"] >= 1, completed.stdout[-2000:]
         log = server.log_text()
-        assert f'Images in the prompt {{"images":1,"image_tokens":{IMAGE_TOKENS + 2}}}' in log
+        vision = load_model(str(vision_directory)).vision
+        assert vision is not None
+        tokens = len(vision.read(SCREENSHOT, 10**8).tokens)
+        assert f'Images in the prompt {{"images":1,"image_tokens":{tokens}}}' in log
         assert '"POST /v1/messages?beta=true HTTP/1.1" 200' in log
     finally:
         stop_server(server)

@@ -16,7 +16,8 @@ this module adds:
   cache that cannot step back, at the end of the history (the snapshot the
   next turn resumes from);
 * a vision model's images, prefilled with the vision tower's embeddings
-  before the rest of the prompt joins (``image_prefill``);
+  before the rest of the prompt joins (``image_prefill``), and for M-RoPE
+  models each row's position delta (``mlx_lm_compat.shifted``);
 * prompt-lookup speculation for a sequence decoding alone (``speculation``);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
@@ -33,12 +34,12 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
-from mlx_server.engine.image_prefill import prefill_through_images
+from mlx_server.engine.image_prefill import position_shift, prefill_through_images
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
 from mlx_server.engine.speculation import SpeculativeGenerationBatch
-from mlx_server.mlx_lm_compat import prompt_queue_lengths
+from mlx_server.mlx_lm_compat import prompt_queue_lengths, shifted
 from mlx_server.vocabulary import FinishReason, GrammarError, SpeculativeMode
 
 __all__ = ["BatchDecoder"]
@@ -124,10 +125,12 @@ class BatchDecoder:
         cache, start, prompt = lease.cache, lease.cached_tokens, job.prompt
         if request.images:
             cache, start = prefill_through_images(
-                self._model, self._vision, cache, request, start, pauses, self._prefill_step, sequence.keep_state,
+                self._vision, cache, request, start, pauses, self._prefill_step, sequence.keep_state,
                 lambda: job.leaving, self._prompt_cache.new_cache,
             )  # fmt: skip
             pauses = [point for point in pauses if point > start]
+        if self._vision is not None and self._vision.positions_on_grid:
+            cache = shifted(cache, position_shift(request, start))
         bounds = [start, *pauses, len(prompt)]
         segments = [prompt[begin:end] for begin, end in zip(bounds, bounds[1:])]
         (uid,) = self._generator.insert_segments(

@@ -4,11 +4,14 @@ mlx-lm's batch feeds token ids; an image's tokens need the embeddings the
 vision tower computes.  So when a sequence is admitted, the part of its
 prompt from where the prompt cache left off to the end of its last image is
 run here, on the worker thread, with the embeddings mlx-vlm computes for it
-(``VisionTower.embeddings``), in prefill-step chunks that stop at the
+(``VisionTower.span``), in prefill-step chunks that stop at the
 sequence's pause points to keep their KV state; the text after the last
 image is then prefilled by the batch as any prompt.  A second turn with the
 same image finds its KV state in the prompt cache (keyed by the image's
-content: ``cache_prompt``) and computes nothing here.
+content: ``cache_prompt``) and computes nothing here.  Where images take
+M-RoPE's grid positions (Qwen-VL), the text after them sits at its index
+plus the images' deltas (``position_shift``): a function of the prompt's
+images up to a point, so a cached prefix's shift is that of its own images.
 
 This part runs between two decode steps: the batch's other streams wait for
 it, as they wait for any prefill chunk, but for the whole of it.
@@ -25,7 +28,7 @@ import mlx.core as mx
 from mlx_server.engine.cache_entries import copy_prefix
 from mlx_server.vocabulary import GenerationRequest, PromptImage
 
-__all__ = ["cache_prompt", "prefill_through_images"]
+__all__ = ["cache_prompt", "position_shift", "prefill_through_images"]
 
 
 def _image_id(image: PromptImage) -> int:
@@ -47,8 +50,12 @@ def cache_prompt(request: GenerationRequest) -> list[int]:
     return keyed
 
 
+def position_shift(request: GenerationRequest, upto: int) -> int:
+    """Where the token at ``upto`` sits on the model's position grid, less its index (the images' deltas before it)."""
+    return sum(image.image.rope_delta for image in request.images if image.end <= upto)
+
+
 def prefill_through_images(
-    model: Any,
     vision: Any,
     cache: list[Any],
     request: GenerationRequest,
@@ -75,7 +82,7 @@ def prefill_through_images(
     if start >= end:
         return cache, start
     todo = [image for image in images if start <= image.start and image.end <= end]
-    embeddings = vision.embeddings(prompt[start:end], todo)
+    span = vision.span(prompt[start:end], todo, start + position_shift(request, start))
     stops = sorted({point for point in pauses if start < point <= end} | {end})
     position = start
     for stop in stops:
@@ -83,8 +90,7 @@ def prefill_through_images(
             if should_stop():
                 return cache, position
             chunk_end = min(stop, position + prefill_step)
-            chunk = embeddings[:, position - start : chunk_end - start]
-            model(mx.array(prompt[position:chunk_end])[None], cache=cache, input_embeddings=chunk)
+            span.prefill(position - start, chunk_end - start, cache)
             mx.eval([layer.state for layer in cache])
             position = chunk_end
         if stop in pauses:

@@ -99,7 +99,7 @@ class SequentialDecoder:
         pauses = sequence.pause_points(lease)
         if request.images:
             cache, start = prefill_through_images(
-                self._loaded.model, self._loaded.vision, cache, request, start, pauses, self._prefill_step,
+                self._loaded.vision, cache, request, start, pauses, self._prefill_step,
                 sequence.keep_state, lambda: job.leaving, lambda: self._quantized(self._prompt_cache.new_cache()),
             )  # fmt: skip
             pauses = [point for point in pauses if point > start]

@@ -6,23 +6,25 @@ the grammars treat a vision model as any other; mlx-vlm's model shares those
 weights (its language model's arrays are replaced by mlx-lm's before any is
 read) and adds only its vision tower and projector.  An image's part of a
 prompt is prefilled with the embeddings mlx-vlm computes for it
-(``embeddings``), on the engine's worker thread.
+(``VisionTower.span``), on the engine's worker thread.
 
-Families whose language model places image tokens at ordinary positions are
-read here (Gemma 3).  The Qwen-VL families place them on a 3-D grid
-(M-RoPE): their text after an image sits at positions the batch's KV cache
-does not track per sequence, so they are served as text models (images left
-out, with a placeholder) until it does.
+Gemma 3 places image tokens at ordinary positions.  The Qwen-VL families
+place them on a 3-D grid (M-RoPE) that takes fewer positions than tokens, so
+an image's span is prefilled by mlx-vlm's own language model with the 3-D
+position ids it computes, and the text after it sits at its index plus the
+images' ``rope_delta`` (``mlx_lm_compat.ShiftedKVCache`` keeps that per row in the
+batch).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ from mlx_server.vocabulary import InvalidRequestError, PromptImage, ReadImage
 __all__ = [
     "IMAGE_FAMILIES",
     "INSTALL_VISION",
+    "POSITION_GRID_FAMILIES",
     "TEXT_ONLY_VISION_FAMILIES",
+    "ImageSpan",
     "VisionTower",
     "VisionUnavailableError",
     "load_vision",
@@ -45,12 +49,15 @@ __all__ = [
 
 logger = logging.getLogger("mlx")
 
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+#: The families whose images take M-RoPE's 3-D positions (the text after an image sits at a per-row delta).
+POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl"})
 #: What the chat template gets for one image, by model type (the processor expands it to the image's tokens).
-IMAGE_FAMILIES = {"gemma3": "<start_of_image>"}
+IMAGE_FAMILIES = {"gemma3": "<start_of_image>", **{family: QWEN_IMAGE for family in POSITION_GRID_FAMILIES}}
 #: Vision families served as text models here, and why.
 TEXT_ONLY_VISION_FAMILIES = {
-    family: "its language model places image tokens on a 3-D position grid (M-RoPE), which the batch does not keep"
-    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+    family: "reading its images is not yet tested here (no tiny model of it in the test suite)"
+    for family in ("qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 }
 INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
 IMAGES_REMEMBERED = 32
@@ -71,11 +78,48 @@ def vision_family(config: dict[str, Any]) -> str | None:
     return model_type
 
 
+class ImageSpan:
+    """A slice of a prompt holding images, as the language model reads it; prefilled in chunks by ``prefill``.
+
+    ``embeddings`` are the input embeddings of the slice's tokens (the
+    images' from the vision tower); where the model places images on a grid,
+    ``positions`` are the slice's M-RoPE position ids (3, 1, L) and ``visual``
+    and ``deepstack`` the image tokens' mask and the tower's features that
+    Qwen3-VL adds to its first layers.
+    """
+
+    def __init__(self, forward: Callable[..., Any], tokens: Sequence[int], features: Any, grid: bool) -> None:
+        self._forward = forward
+        self._tokens = list(tokens)
+        self.embeddings: mx.array = features.inputs_embeds
+        self.positions: mx.array | None = features.position_ids if grid else None
+        self.visual: mx.array | None = getattr(features, "visual_pos_masks", None) if grid else None
+        self.deepstack: Any = getattr(features, "deepstack_visual_embeds", None) if grid else None
+        marks = [bool(mark) for mark in self.visual.tolist()[0]] if self.visual is not None else []
+        self._visual_before = list(itertools.accumulate(marks, initial=0))  # image tokens before each index
+
+    def prefill(self, begin: int, end: int, cache: list[Any]) -> None:
+        """Run tokens ``begin:end`` of the slice through the language model into ``cache``."""
+        ids = mx.array(self._tokens[begin:end])[None]
+        chunk = self.embeddings[:, begin:end]
+        if self.positions is None:
+            self._forward(ids, cache=cache, input_embeddings=chunk)
+            return
+        extra: dict[str, Any] = {}
+        if self.visual is not None and self.deepstack is not None:
+            before, through = self._visual_before[begin], self._visual_before[end]
+            if through > before:
+                extra = {"visual_pos_masks": self.visual[:, begin:end],
+                         "deepstack_visual_embeds": [layer[before:through] for layer in self.deepstack]}  # fmt: skip
+        self._forward(ids, inputs_embeds=chunk, cache=cache, position_ids=self.positions[..., begin:end], **extra)
+
+
 class VisionTower:
     """A vision model's image side: the processor (on request threads) and the tower (on the worker)."""
 
-    def __init__(self, model: nn.Module, processor: Any, family: str) -> None:
+    def __init__(self, model: nn.Module, processor: Any, family: str, text_model: nn.Module) -> None:
         self._model = model
+        self._text_model = text_model
         self._processor = processor
         self._tokenizer = processor.tokenizer
         self.family = family
@@ -85,6 +129,11 @@ class VisionTower:
     @property
     def marker(self) -> str:
         return IMAGE_FAMILIES[self.family]
+
+    @property
+    def positions_on_grid(self) -> bool:
+        """Whether images take M-RoPE's 3-D positions (the batch then keeps each row's ``rope_delta``)."""
+        return self.family in POSITION_GRID_FAMILIES
 
     @property
     def weights_bytes(self) -> int:
@@ -126,15 +175,33 @@ class VisionTower:
             tokens = tokens[1:]  # whitespace merges with the text before the image
         while tokens and not str(self._tokenizer.decode(tokens[-1:])).strip():
             tokens = tokens[:-1]
-        return ReadImage(text, tuple(tokens), digest, inputs["pixel_values"])
+        grid = inputs.get("image_grid_thw") if self.positions_on_grid else None
+        delta = self._rope_delta(grid) if grid is not None else 0
+        return ReadImage(text, tuple(tokens), digest, inputs["pixel_values"], grid, delta)
 
-    def embeddings(self, tokens: Sequence[int], images: Sequence[PromptImage]) -> mx.array:
-        """Input embeddings for ``tokens`` (a slice of a prompt holding exactly ``images``), on the worker thread."""
+    def _rope_delta(self, grid: Any) -> int:
+        """Positions minus tokens of one image on M-RoPE's grid: its t x h x w merged patches take max(t, h, w).
+
+        (mlx-vlm's ``get_rope_index`` places them so; tests/families hold the two equal.)
+        """
+        merge = int(self._model.config.vision_config.spatial_merge_size)
+        frames, height, width = (int(side) for side in grid.tolist()[0])
+        height, width = height // merge, width // merge
+        return max(frames, height, width) - frames * height * width
+
+    def span(self, tokens: Sequence[int], images: Sequence[PromptImage], first_position: int) -> ImageSpan:
+        """``tokens`` (a slice of a prompt holding exactly ``images``) as the language model reads them, on the
+        worker thread; ``first_position`` is where the slice's first token sits (its index plus the delta of the
+        images before it)."""
         ids = mx.array(list(tokens))[None]
-        pixels = mx.concatenate([image.image.pixels for image in images], axis=0) if images else None
-        features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
-        embeddings: mx.array = features.inputs_embeds
-        return embeddings
+        pixels = mx.concatenate([mx.array(image.image.pixels) for image in images], axis=0) if images else None
+        if not self.positions_on_grid:
+            features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
+            return ImageSpan(self._text_model, tokens, features, grid=False)
+        grid = mx.concatenate([mx.array(image.image.grid) for image in images], axis=0) if images else None
+        features = self._model.get_input_embeddings(ids, pixels, image_grid_thw=grid, mask=mx.ones_like(ids))
+        features.position_ids = features.position_ids + first_position
+        return ImageSpan(self._model.language_model.model, tokens, features, grid=True)
 
 
 def open_image(data: bytes, max_pixels: int) -> Any:
@@ -198,7 +265,7 @@ def load_vision(directory: Path, text_model: nn.Module, config: dict[str, Any]) 
     image_processor = load_image_processor(directory)
     if image_processor is not None:
         processor.image_processor = image_processor
-    return VisionTower(model, processor, family)
+    return VisionTower(model, processor, family, text_model)
 
 
 def _image_side(model: nn.Module) -> list[mx.array]:

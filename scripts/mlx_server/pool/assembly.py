@@ -22,6 +22,7 @@ from mlx_server.engine.generation import EngineOptions, GenerationEngine
 from mlx_server.engine.lockstep import Lockstep
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.model.loading import LoadedModel
+from mlx_server.model.vision import VisionTower
 from mlx_server.pool.options import service_options
 from mlx_server.pool.registry import ModelSpec
 from mlx_server.settings import Settings
@@ -93,8 +94,23 @@ def assemble_chat(
     options = EngineOptions(settings.max_batch, settings.prefill_batch, kv_budget, kv_bits, settings.speculative)
     engine = GenerationEngine(loaded, prompt_cache, options, lockstep)
     recommended = loaded.recommended_sampling if settings.generation_config == "auto" else None
-    profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling, loaded.vision)
+    images = images_read(loaded.vision, kv_bits)
+    if images is None and loaded.vision is not None:
+        logger.warning(
+            "%s reads no images with --kv-bits: its images take M-RoPE's per-row positions, which the quantized "
+            "cache (one sequence at a time) does not keep; images are left out",
+            spec.name,
+        )
+    profile = ModelProfile(loaded.tokenizer, engine.context_length, recommended, spec.sampling, images)
     answers = AnswerCache(loaded.identity, settings.response_cache_size)
     service = ChatService(engine, service_options(settings), answers, profile=profile, name=spec.name)
     memory = loaded.weights_bytes + kv_budget
     return ChatModel(service, engine, prompt_cache, loaded, memory, cache_directory is not None)
+
+
+def images_read(vision: VisionTower | None, kv_bits: int | None) -> VisionTower | None:
+    """What reads the model's images: none for an M-RoPE model with a quantized KV cache (``--kv-bits`` decodes
+    one sequence at a time through mlx-lm's ``stream_generate``, whose cache keeps no per-row position delta)."""
+    if vision is not None and vision.positions_on_grid and kv_bits:
+        return None
+    return vision
