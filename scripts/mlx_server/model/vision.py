@@ -51,13 +51,13 @@ logger = logging.getLogger("mlx")
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 #: The families whose images take M-RoPE's 3-D positions (the text after an image sits at a per-row delta).
-POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl"})
+POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_5"})
 #: What the chat template gets for one image, by model type (the processor expands it to the image's tokens).
 IMAGE_FAMILIES = {"gemma3": "<start_of_image>", **{family: QWEN_IMAGE for family in POSITION_GRID_FAMILIES}}
 #: Vision families served as text models here, and why.
 TEXT_ONLY_VISION_FAMILIES = {
     family: "reading its images is not yet tested here (no tiny model of it in the test suite)"
-    for family in ("qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+    for family in ("qwen2_vl", "qwen3_vl_moe", "qwen3_5_moe")
 }
 INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
 IMAGES_REMEMBERED = 32
@@ -111,7 +111,30 @@ class ImageSpan:
             if through > before:
                 extra = {"visual_pos_masks": self.visual[:, begin:end],
                          "deepstack_visual_embeds": [layer[before:through] for layer in self.deepstack]}  # fmt: skip
-        self._forward(ids, inputs_embeds=chunk, cache=cache, position_ids=self.positions[..., begin:end], **extra)
+        theirs = _as_mlx_vlm_caches(cache)
+        self._forward(ids, inputs_embeds=chunk, cache=theirs, position_ids=self.positions[..., begin:end], **extra)
+        for ours, their in zip(cache, theirs, strict=True):
+            if hasattr(ours, "keys"):
+                ours.keys, ours.values, ours.offset = their.keys, their.values, their.offset
+            else:
+                ours.cache = their.cache
+
+
+def _as_mlx_vlm_caches(cache: list[Any]) -> list[Any]:
+    """mlx-vlm's cache classes over the same arrays as mlx-lm's: its language models call their own cache API
+    (Qwen3.5's linear attention keeps its window through ``ArraysCache.update_window``)."""
+    from mlx_vlm.models.cache import ArraysCache, KVCache
+
+    theirs: list[Any] = []
+    for layer in cache:
+        if hasattr(layer, "keys"):
+            their = KVCache()
+            their.keys, their.values, their.offset = layer.keys, layer.values, layer.offset
+        else:
+            their = ArraysCache(len(layer.cache))
+            their.cache = list(layer.cache)
+        theirs.append(their)
+    return theirs
 
 
 class VisionTower:
