@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Images in an agent's session on a vision model: what an image costs, and what the prompt cache saves on turn 2.
+"""Images in an agent's session on a vision model: what an image costs, what the prompt cache saves on turn 2,
+and how long a decoding stream waits while another request's large image is read.
 
     make bench-vision        (or: .venv/bin/python bench/bench_vision.py [--model DIR] [--sessions N])
 
-A tiny random-weight Gemma 3 vision model (mlx-vlm's classes: a 2-layer
+Tiny random-weight vision models from mlx-vlm's classes: Gemma 3 (a 2-layer
 SigLIP tower on 128-pixel images, 256 image tokens each, and the 4-layer
-hidden-size-64 language model), or ``--model`` a real one from the local
-cache, served by scripts/mlx-server.py.  Each session is Claude Code-shaped
+hidden-size-64 language model) and Qwen2.5-VL (M-RoPE; a 2-layer tower,
+a 1280x800 screenshot read as 80 x 50 patches, 1,000 image tokens), or ``--model`` a
+real one from the local cache, served by scripts/mlx-server.py.  Each session is Claude Code-shaped
 on /v1/messages: a ~1k-token system prompt, then a user turn holding a
 screenshot (a 1280x800 PNG of text-like lines, a different one per session) and a question;
 turn 2 sends the whole conversation again with the assistant's reply and a
@@ -14,17 +16,26 @@ new question.  Measured per session: turn 1's time to first token, the same
 turn 1 without its image (fresh session, the image's tokens left out), and
 turn 2's.
 
-Target: turn 2's time to first token at most 0.2x turn 1's (the image's KV
-state is read from the prompt cache, not encoded again).  Exits 1 if missed.
+Then the stall: a text request streams 160 tokens alone (its normal step:
+the median gap between its tokens), and again while a request with a fresh
+screenshot is read and prefilled; its worst gap meanwhile is set against
+that normal step.
+
+Targets: turn 2's time to first token at most 0.2x turn 1's (the image's KV
+state is read from the prompt cache, not encoded again); the worst gap at
+most 2x the normal step.  Exits 1 if missed.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from testbed.documents import screenshot  # noqa: E402
-from testbed.tiny_vision import build_vision  # noqa: E402
+from testbed.tiny_vision import build_qwen_vision, build_vision  # noqa: E402
 
 TURN_TWO_TARGET = 0.2
+STALL_TARGET = 2.0
 SYSTEM = "You are a coding agent. You read screenshots of build logs and explain failures precisely. " * 60
 
 
@@ -64,26 +76,78 @@ def session(client: httpx.Client, index: int) -> tuple[float, float, float]:
     return one.time_to_first_token_ms, text_only.time_to_first_token_ms, two.time_to_first_token_ms
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a vision model directory (default: a tiny random-weight Gemma 3)")
-    parser.add_argument("--sessions", type=int, default=5)
-    arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        model = arguments.model or str(build_vision(Path(scratch) / "tiny-vision", image_tokens=256, image_size=128))
-        serving = our_server(ROOT, ["--model", f"vision={model}", "--response-cache-size", "0"])
-        with serving as url, httpx.Client(base_url=url, timeout=1800) as client:
-            turn(client, [{"role": "user", "content": [image_block(1), {"type": "text", "text": "Warm up."}]}],
-                 "warm-up")  # fmt: skip
-            results = [session(client, index) for index in range(arguments.sessions)]
+def token_gaps(client: httpx.Client, tokens: int, during: threading.Event | None = None) -> list[tuple[float, float]]:
+    """A streamed text request's tokens: (arrival time, gap since the one before), after the first."""
+    body = {"model": "vision", "max_tokens": tokens, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Count slowly from one to a thousand."}]}  # fmt: skip
+    arrivals: list[float] = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[len("data: ") :])["choices"]:
+                arrivals.append(time.perf_counter())
+                if during is not None and len(arrivals) == 20:
+                    during.set()  # the stream is decoding: the image request goes now
+    return [(now, now - before) for before, now in zip(arrivals[1:], arrivals[2:])]
+
+
+def stall(client: httpx.Client, large: dict[str, Any]) -> tuple[float, float, float]:
+    """The normal step, the worst gap while the large image is read, and that image request's time to first
+    token (ms)."""
+    normal = statistics.median(gap for _, gap in token_gaps(client, 160))
+    decoding = threading.Event()
+    reply: list[StreamedReply] = []
+
+    def image_request() -> None:
+        decoding.wait()
+        messages = [{"role": "user", "content": [large, {"type": "text", "text": "What fails here?"}]}]
+        reply.append(turn(client, messages, "large-image"))
+
+    reader = threading.Thread(target=image_request)
+    reader.start()
+    gaps = token_gaps(client, 160, decoding)
+    reader.join()
+    read = reply[0]
+    read_until = read.started + read.time_to_first_token_ms / 1000
+    window = [gap for now, gap in gaps if now >= read.started and now - gap <= read_until]  # gaps overlapping it
+    return normal * 1000, max(window or [0.0]) * 1000, read.time_to_first_token_ms
+
+
+def bench(name: str, model: str, sessions: int, large: dict[str, Any]) -> list[str]:
+    serving = our_server(ROOT, ["--model", f"vision={model}", "--response-cache-size", "0"])
+    with serving as url, httpx.Client(base_url=url, timeout=1800) as client:
+        turn(client, [{"role": "user", "content": [image_block(1), {"type": "text", "text": "Warm up."}]}],
+             "warm-up")  # fmt: skip
+        results = [session(client, index) for index in range(sessions)]
+        normal, worst, large_first = stall(client, large)
     one, text_only, two = (statistics.median(column) for column in zip(*results, strict=True))
-    ratio = two / one
-    name = "tiny Gemma 3 vision (256 image tokens)" if arguments.model is None else Path(arguments.model).name
-    print(f"\n{name}, {arguments.sessions} sessions, medians (ms to first token)")
+    ratio, stalled = two / one, worst / normal
+    print(f"\n{name}, {sessions} sessions, medians (ms to first token)")
     print(f"  turn 1 with a screenshot        {one:8.0f}")
     print(f"  turn 1 without it               {text_only:8.0f}   (the image costs {one - text_only:.0f} ms)")
     print(f"  turn 2, same screenshot         {two:8.0f}   {ratio:.2f}x turn 1 (target <= {TURN_TWO_TARGET})")
-    return report_targets([] if ratio <= TURN_TWO_TARGET else [f"turn 2 at {ratio:.2f}x turn 1"])
+    print(f"  a decoding stream's normal step {normal:8.1f}")
+    print(f"  its worst gap, large image read {worst:8.1f}   {stalled:.2f}x its step (target <= {STALL_TARGET}; "
+          f"the image's first token {large_first:.0f} ms)")  # fmt: skip
+    missed = [f"{name}: turn 2 at {ratio:.2f}x turn 1"] if ratio > TURN_TWO_TARGET else []
+    return missed + ([f"{name}: worst gap {stalled:.2f}x the step"] if stalled > STALL_TARGET else [])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a vision model directory (default: tiny Gemma 3 and Qwen2.5-VL)")
+    parser.add_argument("--sessions", type=int, default=5)
+    arguments = parser.parse_args()
+    large = image_block(7)  # a fresh 1280x800 screenshot
+    missed: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        if arguments.model is not None:
+            return report_targets(bench(Path(arguments.model).name, arguments.model, arguments.sessions, large))
+        gemma = build_vision(Path(scratch) / "tiny-gemma3", image_tokens=256, image_size=128)
+        missed += bench("tiny Gemma 3 vision (256 image tokens)", str(gemma), arguments.sessions, large)
+        qwen = build_qwen_vision(Path(scratch) / "tiny-qwen2.5-vl", "qwen2_5_vl", grid=8, largest=64)
+        missed += bench("tiny Qwen2.5-VL (M-RoPE; 1,000 image tokens)", str(qwen), arguments.sessions, large)
+    return report_targets(missed)
 
 
 if __name__ == "__main__":

@@ -89,11 +89,12 @@ def build_vision(directory: Path, image_tokens: int = 16, image_size: int = 64) 
     return directory
 
 
-def build_qwen_vision(directory: Path, family: str, grid: int = 8) -> Path:
+def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int | None = None) -> Path:
     """A tiny Qwen-VL model (``qwen2_5_vl``, ``qwen3_vl`` or ``qwen3_5``) with Qwen3's real tokenizer.
 
     Images are resized to about ``grid`` x ``grid`` patches (merged 2 x 2
-    into image tokens: 16 at the default, on a 4 x 4 grid of positions).  At
+    into image tokens: 16 at the default, on a 4 x 4 grid of positions), or
+    between that and ``largest`` x ``largest`` by their own size.  At
     random initialization attention is so flat that a tiny model's greedy
     output barely depends on positions, and a test of M-RoPE's positions
     could not fail; so the language model's queries and keys are scaled up
@@ -144,8 +145,8 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8) -> Path:
     (directory / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor",
-        "min_pixels": side * side, "max_pixels": side * side, "patch_size": patch, "merge_size": 2,
-        "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_resize": True,
+        "min_pixels": side * side, "max_pixels": (largest or grid) ** 2 * patch * patch, "patch_size": patch,
+        "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_resize": True,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
     }))  # fmt: skip
     return directory

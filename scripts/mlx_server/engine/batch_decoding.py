@@ -27,6 +27,8 @@ this module adds:
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -34,7 +36,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
-from mlx_server.engine.image_prefill import position_shift, prefill_through_images
+from mlx_server.engine.image_prefill import ImagePrefill, position_shift
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
@@ -45,6 +47,21 @@ from mlx_server.vocabulary import FinishReason, GrammarError, SpeculativeMode
 __all__ = ["BatchDecoder"]
 
 logger = logging.getLogger("mlx")
+
+#: Until measured: a decode step's seconds, and an image prefill's seconds per token.
+STEP_SECONDS = {"decode_step": 0.02, "image_token": 0.001}
+MEASURED_WEIGHT = 0.2  # each new measurement's weight in the running figure
+MIN_IMAGE_CHUNK = 16  # tokens: an image's prefill goes on, however slow a token is against a step
+
+
+@dataclass
+class _Reading:
+    """An admitted sequence whose images are being prefilled, a unit per step, before it joins the batch."""
+
+    sequence: ActiveSequence
+    grammar: GrammarProcessor | None
+    pauses: list[int]
+    work: ImagePrefill
 
 
 class BatchDecoder:
@@ -81,19 +98,22 @@ class BatchDecoder:
         self._prefill_batch = min(prefill_batch, max_batch)
         self._sequences: dict[int, ActiveSequence] = {}
         self._pauses: dict[int, list[int]] = {}  # uid -> where its prefill still pauses to keep KV state
+        self._reading: list[_Reading] = []  # admitted, their images being prefilled a unit per step
+        self._step_seconds = STEP_SECONDS.copy()  # a decode step's time, and an image prefill's per token
 
     @property
     def active(self) -> int:
-        return len(self._sequences)
+        return len(self._sequences) + len(self._reading)
 
     @property
     def decoding(self) -> int:
         """Sequences past their prefill, whose streams a prefill would stall."""
         started, waiting = prompt_queue_lengths(self._generator)
-        return self.active - len(started) - len(waiting)
+        return len(self._sequences) - len(started) - len(waiting)
 
     def final_lengths(self) -> list[int]:
-        return [sequence.job.final_length for sequence in self._sequences.values()]
+        sequences = [*self._sequences.values(), *(reading.sequence for reading in self._reading)]
+        return [sequence.job.final_length for sequence in sequences]
 
     def pending_prefixes(self) -> set[str]:
         """The stable prefixes whose checkpoints the batch is prefilling now (a sequence past its own is not)."""
@@ -101,6 +121,10 @@ class BatchDecoder:
         for uid, pauses in self._pauses.items():
             job = self._sequences[uid].job
             if job.prefix_key is not None and pauses[0] <= job.stable_prefix:
+                computing.add(job.prefix_key)
+        for reading in self._reading:
+            job = reading.sequence.job
+            if job.prefix_key is not None and reading.work.position < job.stable_prefix:
                 computing.add(job.prefix_key)
         return computing
 
@@ -122,13 +146,23 @@ class BatchDecoder:
             return
         lease = sequence.lease()
         pauses = sequence.pause_points(lease)
-        cache, start, prompt = lease.cache, lease.cached_tokens, job.prompt
+        cache, start = lease.cache, lease.cached_tokens
         if request.images:
-            cache, start = prefill_through_images(
-                self._vision, cache, request, start, pauses, self._prefill_step, sequence.keep_state,
-                lambda: job.leaving, self._prompt_cache.new_cache,
-            )  # fmt: skip
-            pauses = [point for point in pauses if point > start]
+            work = ImagePrefill(self._vision, cache, request, start, pauses, sequence.keep_state,
+                                self._prompt_cache.new_cache)  # fmt: skip
+            if not work.done:
+                self._reading.append(_Reading(sequence, grammar, pauses, work))
+                return
+            cache, start = work.cache, work.position
+        self._insert(sequence, grammar, cache, start, pauses)
+
+    def _insert(
+        self, sequence: ActiveSequence, grammar: GrammarProcessor | None, cache: list[Any], start: int,
+        pauses: list[int],
+    ) -> None:  # fmt: skip
+        """The sequence joins mlx-lm's batch, its prompt from ``start`` (``cache`` holds what is before)."""
+        request, prompt = sequence.job.request, sequence.job.prompt
+        pauses = [point for point in pauses if point > start]
         if self._vision is not None and self._vision.positions_on_grid:
             cache = shifted(cache, position_shift(request, start))
         bounds = [start, *pauses, len(prompt)]
@@ -147,9 +181,15 @@ class BatchDecoder:
             self._pauses[uid] = pauses
 
     def step(self) -> int:
-        """One decode step for the batch and one prefill chunk; returns the tokens generated."""
+        """One unit of an image's prefill, one decode step for the batch and one prefill chunk; returns the
+        tokens generated."""
+        self._read_images()
         self._generator.prefill_batch_size = self._prompts_this_step()
+        started, waiting = prompt_queue_lengths(self._generator)
+        began = time.perf_counter()
         prompt_responses, generation_responses = self._generator.next()
+        if generation_responses and not started and not waiting:  # a decode step alone: what a stream waits
+            self._measured("decode_step", time.perf_counter() - began)
         for response in prompt_responses:
             pauses = self._pauses.get(response.uid)
             if pauses and response.end_of_segment and not response.end_of_prompt:
@@ -178,6 +218,39 @@ class BatchDecoder:
         if leaving:
             self._remove(leaving)
         return len(generation_responses)
+
+    def _read_images(self) -> None:
+        """One unit of the first admitted image prompt's prefill; it joins the batch when its images are read.
+
+        While streams decode, a unit is sized from what was measured to take
+        about one decode step (the tower's pass is one unit whatever the
+        images' size), so a stream's longest wait while an image's tokens are
+        prefilled is about two steps; with nothing decoding, a unit is a whole
+        prefill step.
+        """
+        if not self._reading:
+            return
+        reading = self._reading[0]
+        job = reading.sequence.job
+        if job.stop is not None:
+            self._reading.pop(0)
+            reading.sequence.finish(job.stop, None, None)
+            return
+        if self.decoding:
+            per_token = self._step_seconds["image_token"]
+            tokens = max(MIN_IMAGE_CHUNK, min(self._prefill_step, int(self._step_seconds["decode_step"] / per_token)))
+        else:
+            tokens = self._prefill_step
+        began = time.perf_counter()
+        done = reading.work.advance(tokens)
+        if done:
+            self._measured("image_token", (time.perf_counter() - began) / done)
+        if reading.work.done:
+            self._reading.pop(0)
+            self._insert(reading.sequence, reading.grammar, reading.work.cache, reading.work.position, reading.pauses)
+
+    def _measured(self, what: str, seconds: float) -> None:
+        self._step_seconds[what] += (seconds - self._step_seconds[what]) * MEASURED_WEIGHT
 
     def _prompts_this_step(self) -> int:
         """How many prompts mlx-lm may prefill together in the next step.
@@ -229,10 +302,11 @@ class BatchDecoder:
     def fail_all(self, error: BaseException) -> None:
         """A step failed: every sequence gets the error, and the batch starts over empty."""
         self._generator.remove(list(self._sequences))
-        for sequence in self._sequences.values():
+        for sequence in [*self._sequences.values(), *(reading.sequence for reading in self._reading)]:
             sequence.fail(error)
         self._sequences.clear()
         self._pauses.clear()
+        self._reading.clear()
 
     def close(self) -> None:
         self._generator.close()

@@ -1,20 +1,19 @@
 """A vision model's prompt, prefilled through its images before the rest joins the batch.
 
 mlx-lm's batch feeds token ids; an image's tokens need the embeddings the
-vision tower computes.  So when a sequence is admitted, the part of its
-prompt from where the prompt cache left off to the end of its last image is
-run here, on the worker thread, with the embeddings mlx-vlm computes for it
-(``VisionTower.span``), in prefill-step chunks that stop at the
-sequence's pause points to keep their KV state; the text after the last
-image is then prefilled by the batch as any prompt.  A second turn with the
+vision tower computes.  So the part of an admitted prompt from where the
+prompt cache left off to the end of its last image is run here, on the
+worker thread, with the embeddings mlx-vlm computes for it
+(``VisionTower.span``): the tower's pass, then chunks that stop at the
+sequence's pause points to keep their KV state (``ImagePrefill``, a unit
+between two decode steps, so the streams decoding meanwhile never wait for a
+whole image); the text after the last image is then prefilled by the batch
+as any prompt.  A second turn with the
 same image finds its KV state in the prompt cache (keyed by the image's
 content: ``cache_prompt``) and computes nothing here.  Where images take
 M-RoPE's grid positions (Qwen-VL), the text after them sits at its index
 plus the images' deltas (``position_shift``): a function of the prompt's
 images up to a point, so a cached prefix's shift is that of its own images.
-
-This part runs between two decode steps: the batch's other streams wait for
-it, as they wait for any prefill chunk, but for the whole of it.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import mlx.core as mx
 from mlx_server.engine.cache_entries import copy_prefix
 from mlx_server.vocabulary import GenerationRequest, PromptImage
 
-__all__ = ["cache_prompt", "position_shift", "prefill_through_images"]
+__all__ = ["ImagePrefill", "cache_prompt", "position_shift", "prefill_through_images"]
 
 
 def _image_id(image: PromptImage) -> int:
@@ -55,6 +54,73 @@ def position_shift(request: GenerationRequest, upto: int) -> int:
     return sum(image.image.rope_delta for image in request.images if image.end <= upto)
 
 
+class ImagePrefill:
+    """A prompt's prefill through its last image, done a unit at a time between the batch's decode steps.
+
+    A unit is the vision tower's pass over the images, or one chunk of up to
+    a given number of tokens of the span (the text before and between the
+    images, and the images' own tokens).  The batch runs one unit per step, sized so that
+    the streams decoding meanwhile wait about one step more, not for the
+    whole image (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
+    each pause point passed (the stable prefix, the end of the history).  A
+    ``start`` inside an image (a cache entry that ends there) steps back to
+    the image's start, or to nothing for a cache that cannot step back.
+    """
+
+    def __init__(
+        self,
+        vision: Any,
+        cache: list[Any],
+        request: GenerationRequest,
+        start: int,
+        pauses: list[int],
+        keep_state: Callable[[list[Any], list[int]], None],
+        new_cache: Callable[[], list[Any]],
+    ) -> None:
+        self._vision, self._request, self._keep_state = vision, request, keep_state
+        prompt, images = request.prompt, request.images
+        self._end = min(max(image.end for image in images), len(prompt) - 1)  # the batch starts from one token
+        inside = next((image for image in images if image.start < start < image.end), None)
+        if inside is not None:
+            cache, start = (copy_prefix(cache, inside.start), inside.start) if _trimmable(cache) else (new_cache(), 0)
+        self.cache, self.position = cache, start
+        self._pauses = [point for point in pauses if start < point <= self._end]
+        self._span: Any = None
+        self._start = start
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self._end
+
+    def advance(self, tokens: int) -> int:
+        """One unit of the work (the images' tower pass, or up to ``tokens`` of prefill); returns the tokens
+        prefilled (0 for the tower pass)."""
+        if self._span is None:
+            self._read_images()
+            return 0
+        stop = min([point for point in self._pauses if point > self.position] + [self._end])
+        chunk_end = min(stop, self.position + max(1, tokens))
+        self._span.prefill(self.position - self._start, chunk_end - self._start, self.cache)
+        mx.eval([layer.state for layer in self.cache])
+        done, self.position = chunk_end - self.position, chunk_end
+        if self.position in self._pauses:
+            self._keep_state(copy_prefix(self.cache, self.position), self._request.prompt[: self.position])
+        return done
+
+    def _read_images(self) -> None:
+        """The span from here through the last image, its images through the vision tower in one pass.
+
+        (One pass, as mlx-vlm's own generation makes it: the tower's
+        arithmetic differs in its last bits with the number of images it
+        reads together.  An agent's session brings its images a turn at a
+        time, the earlier ones read from the prompt cache.)
+        """
+        request, start = self._request, self.position
+        todo = [image for image in request.images if start <= image.start and image.end <= self._end]
+        self._span = self._vision.span(request.prompt[start : self._end], todo, start + position_shift(request, start))
+        mx.eval(self._span.embeddings)
+
+
 def prefill_through_images(
     vision: Any,
     cache: list[Any],
@@ -66,36 +132,12 @@ def prefill_through_images(
     should_stop: Callable[[], bool],
     new_cache: Callable[[], list[Any]],
 ) -> tuple[list[Any], int]:
-    """Prefill ``request.prompt`` from ``start`` through its last image; returns the cache and where it got to.
-
-    ``keep_state(copy, tokens)`` is called at each pause point passed (the
-    stable prefix, the end of the history).  A ``start`` inside an image (a
-    cache entry that ends there) steps back to the image's start, or to
-    nothing for a cache that cannot step back.  Stops early between chunks
-    when ``should_stop()``.
-    """
-    prompt, images = request.prompt, request.images
-    end = min(max(image.end for image in images), len(prompt) - 1)  # the batch needs one token to start from
-    inside = next((image for image in images if image.start < start < image.end), None)
-    if inside is not None:
-        cache, start = (copy_prefix(cache, inside.start), inside.start) if _trimmable(cache) else (new_cache(), 0)
-    if start >= end:
-        return cache, start
-    todo = [image for image in images if start <= image.start and image.end <= end]
-    span = vision.span(prompt[start:end], todo, start + position_shift(request, start))
-    stops = sorted({point for point in pauses if start < point <= end} | {end})
-    position = start
-    for stop in stops:
-        while position < stop:
-            if should_stop():
-                return cache, position
-            chunk_end = min(stop, position + prefill_step)
-            span.prefill(position - start, chunk_end - start, cache)
-            mx.eval([layer.state for layer in cache])
-            position = chunk_end
-        if stop in pauses:
-            keep_state(copy_prefix(cache, stop), prompt[:stop])
-    return cache, position
+    """All of an ``ImagePrefill`` at once, in ``prefill_step`` chunks (one sequence at a time: nothing else is
+    decoding); stops early between units when ``should_stop()``.  Returns the cache and where it got to."""
+    work = ImagePrefill(vision, cache, request, start, pauses, keep_state, new_cache)
+    while not work.done and not should_stop():
+        work.advance(prefill_step)
+    return work.cache, work.position
 
 
 def _trimmable(cache: list[Any]) -> bool:
