@@ -53,6 +53,7 @@ class Engines:
         self.tokenizer = loaded.tokenizer
         self.off = self._engine(loaded, "off")
         self.on = self._engine(loaded, "prompt-lookup")
+        self._plain: dict[Any, tuple[str, GenerationStats]] = {}  # plain decoding is deterministic: run once each
 
     @staticmethod
     def _engine(loaded: Any, mode: SpeculativeMode) -> GenerationEngine:
@@ -68,12 +69,17 @@ class Engines:
         self,
         engine: GenerationEngine,
         prompt: list[int],
-        max_tokens: int = 160,
+        max_tokens: int = 64,
         grammar: str | None = None,
         **sampling: Any,
     ) -> tuple[str, GenerationStats]:
         request = ask(max_tokens, grammar, **{"temperature": 0.0, **sampling}).request(prompt)
-        return asyncio.run(engine.complete(request))
+        if engine is not self.off:
+            return asyncio.run(engine.complete(request))
+        key = (tuple(prompt), max_tokens, grammar, tuple(sorted(sampling.items())))
+        if key not in self._plain:
+            self._plain[key] = asyncio.run(engine.complete(request))
+        return self._plain[key]
 
     def both(self, prompt: list[int], **settings: Any) -> tuple[str, str, GenerationStats]:
         plain, _ = self.run(self.off, prompt, **settings)
