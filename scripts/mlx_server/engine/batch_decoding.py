@@ -48,10 +48,11 @@ __all__ = ["BatchDecoder"]
 
 logger = logging.getLogger("mlx")
 
-#: Until measured: a decode step's seconds, and an image prefill's seconds per token.
-STEP_SECONDS = {"decode_step": 0.02, "image_token": 0.001}
-MEASURED_WEIGHT = 0.2  # each new measurement's weight in the running figure
+FIRST_DECODE_STEP_SECONDS = 0.02  # until measured
+MEASURED_WEIGHT = 0.2  # each new decode step's weight in the running figure
 MIN_IMAGE_CHUNK = 16  # tokens: an image's prefill goes on, however slow a token is against a step
+CHUNK_SLACK = 0.25  # an image chunk within a quarter of a decode step's time keeps its size
+CHUNK_GROWTH = 2.0  # at most doubled at a time
 
 
 @dataclass
@@ -99,7 +100,8 @@ class BatchDecoder:
         self._sequences: dict[int, ActiveSequence] = {}
         self._pauses: dict[int, list[int]] = {}  # uid -> where its prefill still pauses to keep KV state
         self._reading: list[_Reading] = []  # admitted, their images being prefilled a unit per step
-        self._step_seconds = STEP_SECONDS.copy()  # a decode step's time, and an image prefill's per token
+        self._decode_step_seconds = FIRST_DECODE_STEP_SECONDS  # measured as the batch decodes
+        self._image_chunk = MIN_IMAGE_CHUNK * 4  # tokens of an image's prefill per step while streams decode
 
     @property
     def active(self) -> int:
@@ -189,7 +191,7 @@ class BatchDecoder:
         began = time.perf_counter()
         prompt_responses, generation_responses = self._generator.next()
         if generation_responses and not started and not waiting:  # a decode step alone: what a stream waits
-            self._measured("decode_step", time.perf_counter() - began)
+            self._decode_step_seconds += (time.perf_counter() - began - self._decode_step_seconds) * MEASURED_WEIGHT
         for response in prompt_responses:
             pauses = self._pauses.get(response.uid)
             if pauses and response.end_of_segment and not response.end_of_prompt:
@@ -222,11 +224,12 @@ class BatchDecoder:
     def _read_images(self) -> None:
         """One unit of the first admitted image prompt's prefill; it joins the batch when its images are read.
 
-        While streams decode, a unit is sized from what was measured to take
-        about one decode step (the tower's pass is one unit whatever the
-        images' size), so a stream's longest wait while an image's tokens are
-        prefilled is about two steps; with nothing decoding, a unit is a whole
-        prefill step.
+        While streams decode, a chunk is resized after each one towards the
+        time of one decode step (a chunk's time is not proportional to its
+        tokens: a call has its own cost), so a stream's longest wait while an
+        image's tokens are prefilled is about two steps; the tower's pass is
+        one unit whatever the images' size.  With nothing decoding, a chunk is
+        a whole prefill step.
         """
         if not self._reading:
             return
@@ -236,21 +239,17 @@ class BatchDecoder:
             self._reading.pop(0)
             reading.sequence.finish(job.stop, None, None)
             return
-        if self.decoding:
-            per_token = self._step_seconds["image_token"]
-            tokens = max(MIN_IMAGE_CHUNK, min(self._prefill_step, int(self._step_seconds["decode_step"] / per_token)))
-        else:
-            tokens = self._prefill_step
+        decoding = self.decoding > 0
         began = time.perf_counter()
-        done = reading.work.advance(tokens)
-        if done:
-            self._measured("image_token", (time.perf_counter() - began) / done)
+        done = reading.work.advance(self._image_chunk if decoding else self._prefill_step)
+        if done and decoding:  # the next chunk nearer one decode step's time
+            took = (time.perf_counter() - began) / self._decode_step_seconds
+            if took < 1 - CHUNK_SLACK or took > 1 + CHUNK_SLACK:
+                scaled = int(self._image_chunk / max(took, 1 / CHUNK_GROWTH))
+                self._image_chunk = max(MIN_IMAGE_CHUNK, min(self._prefill_step, scaled))
         if reading.work.done:
             self._reading.pop(0)
             self._insert(reading.sequence, reading.grammar, reading.work.cache, reading.work.position, reading.pauses)
-
-    def _measured(self, what: str, seconds: float) -> None:
-        self._step_seconds[what] += (seconds - self._step_seconds[what]) * MEASURED_WEIGHT
 
     def _prompts_this_step(self) -> int:
         """How many prompts mlx-lm may prefill together in the next step.
