@@ -12,6 +12,11 @@ Both servers run at once and levels alternate between them, so machine noise
 hits both alike.  Both keep their prompt caches (mlx_lm.server's cannot be
 turned off): the prompts differ, but every one begins with the chat template's
 default system prompt, which both reuse; this server's answer cache is off.
+Before the levels, each server answers one untimed first request (its
+one-time costs: mlx_lm.server, for one, reads its weights lazily), after
+both have had a few seconds to settle: measured, a first request sent while
+the other server had just started took ~0.35 s longer than one sent after.
+Those first requests' times to first token are printed apart.
 
 Agent fan-out: 4 conversations at once that share a 2,000-token system prompt
 with tools (Claude Code's subagents), 4 turns each ending in a tool result,
@@ -44,6 +49,7 @@ from serverlib import StreamedReply, mlx_lm_server, our_server, stream_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL_STEP = "256"  # this server's step on CPU; mlx_lm.server is given the same
+SETTLE_SECONDS = 8  # after both servers answer, before the first request
 # mlx_lm.server samples plainly (no model defaults, no penalty): this server is asked to do the same work.
 SAME_SAMPLING = ["--generation-config", "none"]
 LEVELS = (1, 2, 4, 8, 16)
@@ -97,6 +103,14 @@ def _concurrently(workers: int, work: Callable[[int], list[StreamedReply]]) -> t
     if errors:
         raise errors[0]
     return time.perf_counter() - started, replies
+
+
+def first_request(url: str) -> float:
+    """A server's first request, which pays its one-time costs: its time to first token (ms)."""
+    body = {"model": "default_model", "messages": [{"role": "user", "content": "Write a short story about a kite."}],
+            "max_tokens": 4, "temperature": 0.7, "top_p": 1.0}  # fmt: skip
+    with httpx.Client(base_url=url, timeout=1800) as http:
+        return stream_chat(http, body).time_to_first_token_ms
 
 
 def throughput(name: str, url: str, clients: int, requests: int, max_tokens: int, round_: int) -> Level:
@@ -214,6 +228,10 @@ def main() -> None:
             print("Starting both servers (mlx_lm.server on the exported default weights)...", flush=True)
             cold = servers.enter_context(our_server(ROOT, ["--response-cache-size", "0", *SAME_SAMPLING, *extra]))
             reference = servers.enter_context(mlx_lm_server(ROOT, ["--prefill-step-size", PREFILL_STEP]))
+            time.sleep(SETTLE_SECONDS)
+            for name, url in (("this server", cold), ("mlx_lm.server", reference)):
+                first = first_request(url)
+                print(f"  {name:>14} first request (untimed in the levels): time to first token {first:.0f} ms")
         for round_, clients in enumerate(levels):
             ours.append(throughput("this server", cold, clients, arguments.requests, arguments.max_tokens, round_))
             theirs.append(
