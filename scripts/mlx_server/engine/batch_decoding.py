@@ -79,7 +79,6 @@ class BatchDecoder:
         speculative: SpeculativeMode = "off",
     ) -> None:
         self._tokenizer = loaded.tokenizer
-        self._model = loaded.model
         self._vision = loaded.vision
         self._prompt_cache = prompt_cache
         self._grammar_tokenizer = grammar_tokenizer
