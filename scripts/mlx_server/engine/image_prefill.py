@@ -5,15 +5,15 @@ vision tower computes.  So the part of an admitted prompt from where the
 prompt cache left off to the end of its last image is run here, on the
 worker thread, with the embeddings mlx-vlm computes for it
 (``VisionTower.span``): the tower's pass, then chunks that stop at the
-sequence's pause points to keep their KV state (``ImagePrefill``, a unit
-between two decode steps, so the streams decoding meanwhile never wait for a
-whole image); the text after the last image is then prefilled by the batch
-as any prompt.  A second turn with the
-same image finds its KV state in the prompt cache (keyed by the image's
-content: ``cache_prompt``) and computes nothing here.  Where images take
-M-RoPE's grid positions (Qwen-VL), the text after them sits at its index
-plus the images' deltas (``position_shift``): a function of the prompt's
-images up to a point, so a cached prefix's shift is that of its own images.
+sequence's pause points to keep their KV state, a unit between two decode
+steps (``ImagePrefill``), so the streams decoding meanwhile never wait for a
+whole image's prefill.  The text after the last image is then prefilled by
+the batch as any prompt.  A second turn with the same image finds its KV
+state in the prompt cache (keyed by the image's content: ``cache_prompt``)
+and computes nothing here.  Where images take M-RoPE's grid positions
+(Qwen-VL), the text after them sits at its index plus the images' deltas
+(``position_shift``): a function of the prompt's images up to a point, so a
+cached prefix's shift is that of its own images.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class ImagePrefill:
 
     A unit is the vision tower's pass over the images, or one chunk of up to
     a given number of tokens of the span (the text before and between the
-    images, and the images' own tokens).  The batch runs one unit per step, sized so that
-    the streams decoding meanwhile wait about one step more, not for the
-    whole image (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
+    images, and the images' own tokens).  The batch runs one unit per step,
+    its chunks sized so that the streams decoding meanwhile wait about one
+    step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
     each pause point passed (the stable prefix, the end of the history).  A
     ``start`` inside an image (a cache entry that ends there) steps back to
     the image's start, or to nothing for a cache that cannot step back.

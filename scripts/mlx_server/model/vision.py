@@ -12,8 +12,8 @@ Gemma 3 places image tokens at ordinary positions.  The Qwen-VL families
 place them on a 3-D grid (M-RoPE) that takes fewer positions than tokens, so
 an image's span is prefilled by mlx-vlm's own language model with the 3-D
 position ids it computes, and the text after it sits at its index plus the
-images' ``rope_delta`` (``mlx_lm_compat.ShiftedKVCache`` keeps that per row in the
-batch).
+images' ``rope_delta`` (``mlx_lm_compat.ShiftedKVCache`` keeps that per row
+in the batch).
 """
 
 from __future__ import annotations
