@@ -226,9 +226,9 @@ class BatchDecoder:
         While streams decode, a chunk is resized after each one towards the
         time of one decode step (a chunk's time is not proportional to its
         tokens: a call has its own cost), so a stream's longest wait while an
-        image's tokens are prefilled is about two steps; the tower's pass is
-        one unit whatever the images' size.  With nothing decoding, a chunk is
-        a whole prefill step.
+        image's tokens are prefilled is about two steps; one block of the
+        vision tower's pass is one unit, whatever the images' size.  With
+        nothing decoding, a chunk is a whole prefill step.
         """
         if not self._reading:
             return

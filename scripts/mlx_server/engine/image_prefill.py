@@ -57,8 +57,8 @@ def position_shift(request: GenerationRequest, upto: int) -> int:
 class ImagePrefill:
     """A prompt's prefill through its last image, done a unit at a time between the batch's decode steps.
 
-    A unit is the vision tower's pass over the images, or one chunk of up to
-    a given number of tokens of the span (the text before and between the
+    A unit is one block of the vision tower's pass over the images, or one
+    chunk of up to a given number of tokens of the span (the text before and between the
     images, and the images' own tokens).  The batch runs one unit per step,
     its chunks sized so that the streams decoding meanwhile wait about one
     step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
@@ -95,7 +95,7 @@ class ImagePrefill:
     def advance(self, tokens: int) -> int:
         """One unit of the work (the images' tower pass, or up to ``tokens`` of prefill); returns the tokens
         prefilled (0 for the tower pass)."""
-        if self._span is None:
+        if self._span is None or self._span.pending:
             self._read_images()
             return 0
         stop = min([point for point in self._pauses if point > self.position] + [self._end])
@@ -108,17 +108,22 @@ class ImagePrefill:
         return done
 
     def _read_images(self) -> None:
-        """The span from here through the last image, its images through the vision tower in one pass.
+        """The vision tower's pass over the span's images, a block per unit (its graph built at the first).
 
-        (One pass, as mlx-vlm's own generation makes it: the tower's
-        arithmetic differs in its last bits with the number of images it
-        reads together.  An agent's session brings its images a turn at a
-        time, the earlier ones read from the prompt cache.)
+        (One pass over all the new images, as mlx-vlm's own generation
+        makes it: the tower's arithmetic differs in its last bits with the
+        number of images it reads together.  An agent's session brings its
+        images a turn at a time, the earlier ones read from the cache.)
         """
-        request, start = self._request, self.position
-        todo = [image for image in request.images if start <= image.start and image.end <= self._end]
-        self._span = self._vision.span(request.prompt[start : self._end], todo, start + position_shift(request, start))
-        mx.eval(self._span.embeddings)
+        if self._span is None:
+            request, start = self._request, self.position
+            todo = [image for image in request.images if start <= image.start and image.end <= self._end]
+            shift = position_shift(request, start)
+            self._span = self._vision.span(request.prompt[start : self._end], todo, start + shift)
+        if self._span.pending:
+            mx.eval(self._span.pending.pop(0))
+        if not self._span.pending:
+            mx.eval(self._span.embeddings)
 
 
 def prefill_through_images(
