@@ -87,12 +87,17 @@ lint: install
 test-python-versions:
 	bash tools/test-python-versions.sh
 
-test: lint test-python-versions agent-clis model-tokenizers ollama-js $(VISION_STAMP)
-	$(BIN)/python -m pytest --durations=15
+# The downloads run side by side, and the vision extra is in place before mypy reads the code; the tests then run
+# on $(TEST_WORKERS) pytest-xdist workers, a test file to each (a file's tests share its servers).
+TEST_WORKERS ?= 2
+test:
+	$(MAKE) --no-print-directory -j4 -Otarget agent-clis model-tokenizers ollama-js $(VISION_STAMP)
+	$(MAKE) --no-print-directory -j2 -Otarget lint test-python-versions
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Everything that needs neither the real model nor an agent CLI, against the scripted engine: under a minute.
 test-fast: install model-tokenizers ollama-js $(VISION_STAMP)
-	$(BIN)/python -m pytest -m "not e2e" -q
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not e2e" -q
 
 # The property tests and schemathesis, randomized and with many more examples than CI's derandomized run: hunting
 # for new failing cases (each one found becomes an explicit example in the tests).

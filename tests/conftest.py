@@ -6,11 +6,17 @@ examples every run, so CI fails only on a real change.  ``make fuzz``
 
 No test needs the internet: huggingface_hub (and every server a test starts)
 stays offline unless a test points it at the stand-in hub on 127.0.0.1.
+
+``make test`` runs the tests on two pytest-xdist workers, one per core here;
+BLAS then runs one thread per process (every server a test starts included),
+as two workers' BLAS threads would otherwise wait on each other's cores.
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from hypothesis import settings
 
