@@ -8,9 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["launch_command", "rank_pids", "start_ranks_directly", "stop_ranks"]
+__all__ = ["launch_command", "lower_the_relay", "rank_pids", "start_ranks_directly", "stop_ranks"]
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
@@ -37,6 +38,25 @@ def rank_pids(port: int) -> dict[int, int]:
                 if variable.startswith(b"MLX_RANK="):
                     found[int(variable.split(b"=")[1])] = int(entry.name)
     return found
+
+
+def lower_the_relay(launcher: subprocess.Popen[bytes], port: int, ranks: int = 2, seconds: float = 60) -> None:
+    """Once every rank has started, give ``mlx.launch``'s own threads the lowest priority (the ranks keep theirs).
+
+    Its relay loop spins (see ``start_ranks_directly``), and on its own stdin
+    too when that is at its end (/dev/null, as under pytest-xdist): a core's
+    worth of work for nothing, taken from the ranks and from the tests beside
+    them.  At the lowest priority it takes only what nothing else wants.  (On
+    Linux: a thread's priority is its own there.)
+    """
+    tasks = Path(f"/proc/{launcher.pid}/task")
+    deadline = time.monotonic() + seconds
+    while len(rank_pids(port)) < ranks and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(task.name), 19)
 
 
 def stop_ranks(launcher: subprocess.Popen[bytes], port: int, seconds: float = 60) -> None:

@@ -27,7 +27,7 @@ import httpx
 import jsonschema
 import pytest
 
-from testbed.ranks import launch_command, rank_pids, stop_ranks
+from testbed.ranks import launch_command, lower_the_relay, rank_pids, stop_ranks
 from testbed.tiny_models import FAMILIES, build
 from tests.server.conftest import ROOT, RunningServer, free_port, serving_within, start_server, stop_server
 
@@ -54,6 +54,7 @@ def launch(model: Path, parallel: str, log_path: Path, *extra: str) -> RunningSe
     log = log_path.open("wb")
     environment = {**os.environ, "ANYCLAUDE_DEBUG": "0", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+    lower_the_relay(process, port)
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     if serving_within(server, STARTUP_SECONDS):
         return server
