@@ -79,10 +79,11 @@ def directories(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 SPLITS = {"tensor": "qwen3", "pipeline": "qwen3_moe"}
 
 
-@pytest.fixture(scope="module", params=sorted(SPLITS))
+@pytest.fixture(scope="class", params=sorted(SPLITS))
 def pair(request: pytest.FixtureRequest, directories: dict[str, Path],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, RunningServer, RunningServer]]:  # fmt: skip
-    """(split, the model over two ranks, the same model in one process)."""
+    """(split, the model over two ranks, the same model in one process); stopped once its class's tests ran (an
+    idle follower spends most of a core in the ring's receive, waiting for rank 0's next plan)."""
     split = str(request.param)
     model = directories[SPLITS[split]]
     logs = tmp_path_factory.mktemp(split)

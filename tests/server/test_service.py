@@ -333,7 +333,7 @@ class TestDisconnectDuringPrefill:
     def test_what_was_computed_before_a_disconnect_is_kept_and_reused(self, fresh: RunningServer) -> None:
         """A client gone as its long prompt starts prefilling: prefill stops between steps, and exactly what it
         computed is stored and read back by the resend (on a machine fast enough to finish first, all of it)."""
-        document = " ".join(f"Line {index}: the quick brown fox jumps over the lazy dog." for index in range(160))
+        document = " ".join(f"Line {index}: the quick brown fox jumps over the lazy dog." for index in range(64))
         messages = [{"role": "user", "content": f"{document}\nSummarize the text."}]
         body = {"model": "m", "messages": messages, "max_tokens": 3, "temperature": 0, "stream": True}
         fresh.wait_idle()
