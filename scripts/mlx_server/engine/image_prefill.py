@@ -58,10 +58,10 @@ class ImagePrefill:
     """A prompt's prefill through its last image, done a unit at a time between the batch's decode steps.
 
     A unit is one block of the vision tower's pass over the images, or one
-    chunk of up to a given number of tokens of the span (the text before and between the
-    images, and the images' own tokens).  The batch runs one unit per step,
-    its chunks sized so that the streams decoding meanwhile wait about one
-    step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
+    chunk of up to a given number of tokens of the span (the text before and
+    between the images, and the images' own tokens).  The batch runs one unit
+    per step, its chunks sized so that the streams decoding meanwhile wait
+    about one step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
     each pause point passed (the stable prefix, the end of the history).  A
     ``start`` inside an image (a cache entry that ends there) steps back to
     the image's start, or to nothing for a cache that cannot step back.
@@ -93,8 +93,8 @@ class ImagePrefill:
         return self.position >= self._end
 
     def advance(self, tokens: int) -> int:
-        """One unit of the work (the images' tower pass, or up to ``tokens`` of prefill); returns the tokens
-        prefilled (0 for the tower pass)."""
+        """One unit of the work (a block of the images' tower pass, or up to ``tokens`` of prefill); returns the
+        tokens prefilled (0 for a block of the tower)."""
         if self._span is None or self._span.pending:
             self._read_images()
             return 0
