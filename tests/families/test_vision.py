@@ -28,8 +28,10 @@ from typing import Any
 import jsonschema
 import pytest
 
+from mlx_server.model import tower_pieces
 from mlx_server.model.loading import ModelLoadError, load_model
 from mlx_server.pool.assembly import images_read
+from mlx_server.vocabulary import PromptImage
 from testbed.documents import data_url, huge_declared_png, png
 from testbed.serving import Served, serve
 from testbed.tiny_vision import QWEN_VISION_FAMILIES, build_qwen_vision, build_vision
@@ -226,6 +228,85 @@ class TestTheSecondTurn:
         usage = response.json()["usage"]  # Anthropic's input_tokens leaves out what was read from the cache
         prompt_tokens = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
         assert counted.json()["input_tokens"] == prompt_tokens + usage.get("cache_creation_input_tokens", 0)
+
+
+def use_small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call the tower's pass splits is split into pieces of four rows, even over a test's small image."""
+    for name in ("ATTENTION_SCORES_PER_PIECE", "CONVOLUTION_WORK_PER_PIECE", "MLP_WORK_PER_PIECE"):
+        monkeypatch.setattr(tower_pieces, name, 1)
+    monkeypatch.setattr(tower_pieces, "SMALLEST_PIECE", 4)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_small_pieces(monkeypatch)
+
+
+def span_of(served: Served, image: bytes) -> Any:
+    """The vision tower's span for a short prompt holding ``image``, its graph built (nothing evaluated)."""
+    vision = served.loaded.vision
+    assert vision is not None
+    read, before = vision.read(image, 10**8), served.loaded.tokenizer.encode("Look:")
+    tokens = [*before, *read.tokens, *served.loaded.tokenizer.encode(" why?")]
+    return vision.span(tokens, [PromptImage(len(before), len(read.tokens), read)], 0)
+
+
+def streamed_text(lines: Iterator[str]) -> str:
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+
+
+class TestTheTowerReadInPieces:
+    """A large image's tower pass is computed in pieces between decode steps (``tower_pieces``)."""
+
+    def test_the_pass_in_pieces_equals_the_whole_pass_to_its_last_bits(
+        self, served: Served, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Attention by query rows, the patch embedding by patches and the MLPs by rows: the same embeddings,
+        within float32 rounding (a matrix product's blocking differs with its rows)."""
+        import mlx.core as mx
+        import numpy as np
+
+        whole = span_of(served, SCREENSHOT)
+        mx.eval(whole.embeddings)
+        use_small_pieces(monkeypatch)
+        split = span_of(served, SCREENSHOT)
+        assert len(split.pieces) > 2 * len(whole.pieces)
+        for piece in split.pieces:
+            tower_pieces.evaluate_piece(piece)
+        assert np.allclose(np.array(split.embeddings), np.array(whole.embeddings), rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.usefixtures("small_pieces")
+    def test_an_image_read_in_pieces_while_a_stream_decodes_leaves_both_as_they_are_alone(self, served: Served) -> None:
+        fresh, counting = png(seed=11), asking(None, "Count on, one by one. " * 3)
+        alone_image, alone_text = chat(served.uncached, asking(fresh)), chat(served.uncached, counting, max_tokens=96)
+        body = {"model": "tiny", "messages": counting, "max_tokens": 96, "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(1) as pool, served.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            first = [next(line for line in lines if line.startswith("data: {"))]  # the stream is decoding
+            image_reply = pool.submit(chat, served.client, asking(fresh))
+            text = streamed_text(iter([*first, *lines]))
+        assert text == text_of(alone_text)
+        assert text_of(image_reply.result()) == text_of(alone_image)
+
+    @pytest.mark.usefixtures("small_pieces")
+    def test_only_the_building_thread_splits_its_calls_and_all_is_restored_after(
+        self, mlx_vlm_model: tuple[Any, Any]
+    ) -> None:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        model, _ = mlx_vlm_model
+        attention, convolution = mx.fast.scaled_dot_product_attention, mx.conv3d
+        rows = mx.ones((1, 2, 64, 16))
+        with tower_pieces.tower_pieces(model) as pieces, ThreadPoolExecutor(1) as other:
+            other.submit(mx.fast.scaled_dot_product_attention, rows, rows, rows, scale=1.0).result()
+            assert pieces == []  # another thread's attention is MLX's own
+            mx.fast.scaled_dot_product_attention(rows, rows, rows, scale=1.0)
+            assert len(pieces) == 64 // 4
+        assert mx.fast.scaled_dot_product_attention is attention and mx.conv3d is convolution
+        owner, name = tower_pieces._tower_blocks(model)
+        assert all(isinstance(block, nn.Module) and isinstance(block.mlp, nn.Module) for block in getattr(owner, name))
 
 
 class TestRefusals:

@@ -27,7 +27,9 @@ this module adds:
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +51,10 @@ __all__ = ["BatchDecoder"]
 logger = logging.getLogger("mlx")
 
 FIRST_DECODE_STEP_SECONDS = 0.02  # until measured
-MEASURED_WEIGHT = 0.2  # each new decode step's weight in the running figure
+STEPS_MEASURED = 32  # a decode step's time is the median of the last this many (a slow one is not the rule)
+UNIT_SHARE_OF_STEP = 0.5  # an image's unit of prefill, against a decode step: a stream waits ~1.5 steps
 MIN_IMAGE_CHUNK = 16  # tokens: an image's prefill goes on, however slow a token is against a step
-CHUNK_SLACK = 0.25  # an image chunk within a quarter of a decode step's time keeps its size
+CHUNK_SLACK = 0.25  # an image chunk within a quarter of its time keeps its size
 CHUNK_GROWTH = 2.0  # at most doubled at a time
 
 
@@ -99,7 +102,9 @@ class BatchDecoder:
         self._sequences: dict[int, ActiveSequence] = {}
         self._pauses: dict[int, list[int]] = {}  # uid -> where its prefill still pauses to keep KV state
         self._reading: list[_Reading] = []  # admitted, their images being prefilled a unit per step
-        self._decode_step_seconds = FIRST_DECODE_STEP_SECONDS  # measured as the batch decodes
+        self._decode_steps: deque[float] = deque(
+            [FIRST_DECODE_STEP_SECONDS], maxlen=STEPS_MEASURED
+        )  # seconds, as it decodes
         self._image_chunk = MIN_IMAGE_CHUNK * 4  # tokens of an image's prefill per step while streams decode
 
     @property
@@ -184,13 +189,13 @@ class BatchDecoder:
     def step(self) -> int:
         """One unit of an image's prefill, one decode step for the batch and one prefill chunk; returns the
         tokens generated."""
-        self._read_images()
+        reading = self._read_images()
         started, waiting = prompt_queue_lengths(self._generator)
         self._generator.prefill_batch_size = self._prompts_this_step(started, waiting)
         began = time.perf_counter()
         prompt_responses, generation_responses = self._generator.next()
-        if generation_responses and not started and not waiting:  # a decode step alone: what a stream waits
-            self._decode_step_seconds += (time.perf_counter() - began - self._decode_step_seconds) * MEASURED_WEIGHT
+        if generation_responses and not started and not waiting and not reading:  # a decode step alone
+            self._decode_steps.append(time.perf_counter() - began)
         for response in prompt_responses:
             pauses = self._pauses.get(response.uid)
             if pauses and response.end_of_segment and not response.end_of_prompt:
@@ -220,35 +225,45 @@ class BatchDecoder:
             self._remove(leaving)
         return len(generation_responses)
 
-    def _read_images(self) -> None:
+    def _read_images(self) -> bool:
         """One unit of the first admitted image prompt's prefill; it joins the batch when its images are read.
+        Returns whether a unit ran.
 
-        While streams decode, a chunk is resized after each one towards the
-        time of one decode step (a chunk's time is not proportional to its
-        tokens: a call has its own cost), so a stream's longest wait while an
-        image's tokens are prefilled is about two steps; one block of the
-        vision tower's pass is one unit, whatever the images' size.  With
-        nothing decoding, a chunk is a whole prefill step.
+        While streams decode, a unit is sized towards half a decode step
+        (the median of the last ones), so a stream waits about one and a half
+        steps: the tower's pass is read in pieces for that long
+        (``tower_pieces``), and a chunk of the image's tokens is resized after
+        each one (a chunk's time is not proportional to its tokens: a call has
+        its own cost).  A unit is timed from when the decode step mlx-lm left
+        running is done (that wait is the step's, not the unit's).  With
+        nothing decoding, a chunk is a whole prefill step and the tower's pass
+        one unit.
         """
         if not self._reading:
-            return
+            return False
         reading = self._reading[0]
         job = reading.sequence.job
         if job.stop is not None:
             self._reading.pop(0)
             reading.sequence.finish(job.stop, None, None)
-            return
+            return False
         decoding = self.decoding > 0
+        unit_seconds = statistics.median(self._decode_steps) * UNIT_SHARE_OF_STEP
+        mx.synchronize()
         began = time.perf_counter()
-        done = reading.work.advance(self._image_chunk if decoding else self._prefill_step)
-        if done and decoding:  # the next chunk nearer one decode step's time
-            took = (time.perf_counter() - began) / self._decode_step_seconds
+        if decoding:
+            done = reading.work.advance(self._image_chunk, unit_seconds)
+        else:
+            done = reading.work.advance(self._prefill_step)
+        if done and decoding:  # the next chunk nearer a unit's time
+            took = (time.perf_counter() - began) / unit_seconds
             if took < 1 - CHUNK_SLACK or took > 1 + CHUNK_SLACK:
                 scaled = int(self._image_chunk / max(took, 1 / CHUNK_GROWTH))
                 self._image_chunk = max(MIN_IMAGE_CHUNK, min(self._prefill_step, scaled))
         if reading.work.done:
             self._reading.pop(0)
             self._insert(reading.sequence, reading.grammar, reading.work.cache, reading.work.position, reading.pauses)
+        return True
 
     def _prompts_this_step(self, started: list[int], waiting: list[int]) -> int:
         """How many prompts mlx-lm may prefill together in the next step.

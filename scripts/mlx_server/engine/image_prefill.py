@@ -19,12 +19,15 @@ cached prefix's shift is that of its own images.
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 
 from mlx_server.engine.cache_entries import copy_prefix
+from mlx_server.model.tower_pieces import evaluate_piece
 from mlx_server.vocabulary import GenerationRequest, PromptImage
 
 __all__ = ["ImagePrefill", "cache_prompt", "position_shift", "prefill_through_images"]
@@ -57,11 +60,12 @@ def position_shift(request: GenerationRequest, upto: int) -> int:
 class ImagePrefill:
     """A prompt's prefill through its last image, done a unit at a time between the batch's decode steps.
 
-    A unit is one block of the vision tower's pass over the images, or one
-    chunk of up to a given number of tokens of the span (the text before and
-    between the images, and the images' own tokens).  The batch runs one unit
-    per step, its chunks sized so that the streams decoding meanwhile wait
-    about one step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
+    A unit is pieces of the vision tower's pass over the images for up to
+    about a given time (``tower_pieces``), or one chunk of up to a given
+    number of tokens of the span (the text before and between the images,
+    and the images' own tokens).  The batch runs one unit per step, sized so
+    that the streams decoding meanwhile wait about half a step more
+    (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
     each pause point passed (the stable prefix, the end of the history).  A
     ``start`` inside an image (a cache entry that ends there) steps back to
     the image's start, or to nothing for a cache that cannot step back.
@@ -86,17 +90,19 @@ class ImagePrefill:
         self.cache, self.position = cache, start
         self._pauses = [point for point in pauses if start < point <= self._end]
         self._span: Any = None
+        self._pieces: list[mx.array] = []  # the tower's pass, then the span's embeddings: evaluated in order
+        self._images_read = False
         self._start = start
 
     @property
     def done(self) -> bool:
         return self.position >= self._end
 
-    def advance(self, tokens: int) -> int:
-        """One unit of the work (a block of the images' tower pass, or up to ``tokens`` of prefill); returns the
-        tokens prefilled (0 for a block of the tower)."""
-        if self._span is None or self._span.pending:
-            self._read_images()
+    def advance(self, tokens: int, seconds: float = math.inf) -> int:
+        """One unit of the work: pieces of the images' tower pass for up to about ``seconds``, or up to
+        ``tokens`` of prefill; returns the tokens prefilled (0 for the tower's pieces)."""
+        if not self._images_read:
+            self._read_images(seconds)
             return 0
         stop = min([point for point in self._pauses if point > self.position] + [self._end])
         chunk_end = min(stop, self.position + max(1, tokens))
@@ -107,23 +113,29 @@ class ImagePrefill:
             self._keep_state(copy_prefix(self.cache, self.position), self._request.prompt[: self.position])
         return done
 
-    def _read_images(self) -> None:
-        """The vision tower's pass over the span's images, a block per unit (its graph built at the first).
+    def _read_images(self, seconds: float) -> None:
+        """The vision tower's pass over the span's images, its pieces in order until ``seconds`` have passed
+        (building its graph is a unit's work); the span's embeddings are a piece of their own, the last.
 
         (One pass over all the new images, as mlx-vlm's own generation
         makes it: the tower's arithmetic differs in its last bits with the
         number of images it reads together.  An agent's session brings its
         images a turn at a time, the earlier ones read from the cache.)
         """
+        began, progressed = time.perf_counter(), False
         if self._span is None:
             request, start = self._request, self.position
             todo = [image for image in request.images if start <= image.start and image.end <= self._end]
             shift = position_shift(request, start)
             self._span = self._vision.span(request.prompt[start : self._end], todo, start + shift)
-        if self._span.pending:
-            mx.eval(self._span.pending.pop(0))
-        if not self._span.pending:
-            mx.eval(self._span.embeddings)
+            self._pieces, progressed = [*self._span.pieces, self._span.embeddings], True
+        if not math.isfinite(seconds):  # nothing to wait for it: one evaluation (each has its own cost)
+            mx.eval(self._pieces[-1])
+            self._pieces.clear()
+        while self._pieces and not (progressed and time.perf_counter() - began >= seconds):
+            evaluate_piece(self._pieces.pop(0))
+            progressed = True
+        self._images_read = not self._pieces
 
 
 def prefill_through_images(

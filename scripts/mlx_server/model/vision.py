@@ -18,14 +18,13 @@ in the batch).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_server.model.tower_pieces import tower_pieces
 from mlx_server.vocabulary import InvalidRequestError, PromptImage, ReadImage
 
 __all__ = [
@@ -87,16 +87,16 @@ class ImageSpan:
     ``positions`` are the slice's M-RoPE position ids (3, 1, L) and ``visual``
     and ``deepstack`` the image tokens' mask and the tower's features that
     Qwen3-VL adds to its first layers.  All of it is lazy until evaluated:
-    ``pending`` are the tower's block outputs, in order.
+    ``pieces`` are the tower's pass, in order (``tower_pieces``).
     """
 
     def __init__(
         self, forward: Callable[..., Any], tokens: Sequence[int], features: Any, grid: bool,
-        pending: list[mx.array] | None = None,
+        pieces: list[mx.array] | None = None,
     ) -> None:  # fmt: skip
         self._forward = forward
         self._tokens = list(tokens)
-        self.pending = list(pending or [])  # the tower's block outputs, to evaluate one per unit before the rest
+        self.pieces = list(pieces or [])  # the tower's pass in pieces, evaluated in order before the rest
         self.embeddings: mx.array = features.inputs_embeds
         self.positions: mx.array | None = features.position_ids if grid else None
         self.visual: mx.array | None = getattr(features, "visual_pos_masks", None) if grid else None
@@ -224,57 +224,14 @@ class VisionTower:
         images before it)."""
         ids = mx.array(list(tokens))[None]
         pixels = mx.concatenate([mx.array(image.image.pixels) for image in images], axis=0) if images else None
-        with _tapped_blocks(self._model) as blocks:
+        with tower_pieces(self._model) as pieces:
             if not self.positions_on_grid:
                 features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
-                return ImageSpan(self._text_model, tokens, features, grid=False, pending=blocks)
+                return ImageSpan(self._text_model, tokens, features, grid=False, pieces=pieces)
             grid = mx.concatenate([mx.array(image.image.grid) for image in images], axis=0) if images else None
             features = self._model.get_input_embeddings(ids, pixels, image_grid_thw=grid, mask=mx.ones_like(ids))
         features.position_ids = features.position_ids + first_position
-        return ImageSpan(self._model.language_model.model, tokens, features, grid=True, pending=blocks)
-
-
-#: Where each family's vision tower keeps its blocks (Qwen-VL's ``blocks``; SigLIP's encoder layers).
-TOWER_BLOCKS = (("vision_tower", "blocks"), ("vision_tower", "vision_model", "encoder", "layers"))
-
-
-@contextlib.contextmanager
-def _tapped_blocks(model: nn.Module) -> Iterator[list[mx.array]]:
-    """The vision tower's block outputs, as the (lazy) graph of one pass is built.
-
-    MLX computes nothing until asked, so the graph of the tower's pass is
-    built whole and then evaluated up to one block at a time (``ImageSpan.
-    pending``): a decoding stream waits for one block's work, not the pass's.
-    Each block is wrapped only while the graph is built; the module is as
-    loaded afterwards.
-    """
-    owner, name = None, ""
-    for path in TOWER_BLOCKS:
-        found: Any = model
-        for attribute in path[:-1]:
-            found = getattr(found, attribute, None)
-        if isinstance(getattr(found, path[-1], None), list):
-            owner, name = found, path[-1]
-            break
-    outputs: list[mx.array] = []
-    if owner is None:
-        yield outputs
-        return
-    blocks = getattr(owner, name)
-
-    def tap(block: Any) -> Callable[..., Any]:
-        def run(*arguments: Any, **keywords: Any) -> Any:
-            output = block(*arguments, **keywords)
-            outputs.append(output[0] if isinstance(output, tuple) else output)
-            return output
-
-        return run
-
-    setattr(owner, name, [tap(block) for block in blocks])
-    try:
-        yield outputs
-    finally:
-        setattr(owner, name, blocks)
+        return ImageSpan(self._model.language_model.model, tokens, features, grid=True, pieces=pieces)
 
 
 def open_image(data: bytes, max_pixels: int) -> Any:

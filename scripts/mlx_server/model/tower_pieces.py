@@ -1,0 +1,204 @@
+"""A vision tower's pass as pieces to evaluate one at a time, so decoding streams wait for a piece, not the pass.
+
+MLX computes nothing until asked: the graph of the tower's pass is built
+whole (mlx-vlm's own ``get_input_embeddings``), and while it is built the
+outputs of its attention calls, of its patch embedding and of its blocks are
+collected, in the order they are computed.  Evaluating them in that order, a
+few between two decode steps, computes the pass in pieces; each piece reuses
+what the earlier ones computed.
+
+Three calls are too large to be one piece on a large image: a block of full
+attention over its patches (Qwen2.5-VL's ``fullatt_block_indexes``: ~700 ms
+over 4,000 patches on this CPU), the patch embedding (a ``Conv3d`` with
+every patch a sample of its own: ~170 ms for 4,000 with MLX's CPU
+convolution) and each block's MLP (~10 ms, most of it the activation).
+Attention's query rows are independent of one another, as are a
+convolution's samples and an MLP's tokens, so while the graph is built, on
+the thread building it, each is made a block of rows at a time, each block a
+piece; the result is their concatenation, equal to the whole call's to
+float32 rounding.  The sizes below make a piece take a few milliseconds on
+this CPU (a real model on a GPU makes pieces of the same size, fast).  Once
+the graph is built the modules and ``mx`` are as they were.  What is left
+whole is each attention's projections (queries, keys and values over all the
+patches, which every block of rows reads): the largest piece, ~10 ms here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+__all__ = [
+    "ATTENTION_SCORES_PER_PIECE",
+    "CONVOLUTION_WORK_PER_PIECE",
+    "MLP_WORK_PER_PIECE",
+    "SMALLEST_PIECE",
+    "TOWER_BLOCKS",
+    "evaluate_piece",
+    "tower_pieces",
+]
+
+#: Where each family's vision tower keeps its blocks (Qwen-VL's ``blocks``; SigLIP's encoder layers).
+TOWER_BLOCKS = (("vision_tower", "blocks"), ("vision_tower", "vision_model", "encoder", "layers"))
+#: Attention scores (heads x query rows x keys) one piece computes at most.
+ATTENTION_SCORES_PER_PIECE = 1 << 17
+#: A convolution's work (a sample's inputs x output channels) one piece does at most.
+CONVOLUTION_WORK_PER_PIECE = 1 << 22
+#: A block's MLP's work (its rows x its weights) one piece does at most.
+MLP_WORK_PER_PIECE = 1 << 22
+#: Query rows or samples a piece has at least (each piece is a call and an evaluation of its own).
+SMALLEST_PIECE = 16
+
+#: Held while MLX's attention and convolution are replaced: one tower's graph is built at a time.
+_REPLACING_CALLS = threading.Lock()
+
+
+@contextlib.contextmanager
+def tower_pieces(model: nn.Module) -> Iterator[list[mx.array]]:
+    """The pieces of the tower's pass whose graph is built inside the block (lazy arrays, in compute order).
+
+    Only the thread that entered sees the split calls; another thread's
+    (another model's decode step) go to MLX's own.
+    """
+    pieces: list[mx.array] = []
+    with (
+        _REPLACING_CALLS,
+        _tapped_blocks(model, pieces),
+        _on_this_thread(mx.fast, "scaled_dot_product_attention", _by_query_rows, pieces),
+        _on_this_thread(mx, "conv3d", _by_samples, pieces),
+    ):
+        yield pieces
+
+
+def evaluate_piece(piece: mx.array) -> None:
+    """Compute one piece.  A piece made inside a function mlx-vlm compiles (Qwen3-VL's ``ensure_fused_sdpa``)
+    is the compiled trace's, with no graph outside it: it is skipped, and the next piece computes its work."""
+    try:
+        mx.eval(piece)
+    except RuntimeError as error:
+        if "without a primitive" not in str(error):
+            raise
+
+
+def _tower_blocks(model: nn.Module) -> tuple[Any, str]:
+    """The module holding the tower's list of blocks, and the list's name (``(None, "")`` if none is found)."""
+    for path in TOWER_BLOCKS:
+        found: Any = model
+        for attribute in path[:-1]:
+            found = getattr(found, attribute, None)
+        if isinstance(getattr(found, path[-1], None), list):
+            return found, path[-1]
+    return None, ""
+
+
+@contextlib.contextmanager
+def _tapped_blocks(model: nn.Module, pieces: list[mx.array]) -> Iterator[None]:
+    """Each tower block's output joins ``pieces`` as the graph is built, and its MLP is applied a block of rows
+    at a time (each a piece: an MLP reads each token alone); the modules are as loaded afterwards."""
+    owner, name = _tower_blocks(model)
+    if owner is None:
+        yield
+        return
+    blocks = getattr(owner, name)
+
+    def tap(block: Any) -> Callable[..., Any]:
+        def run(*arguments: Any, **keywords: Any) -> Any:
+            output = block(*arguments, **keywords)
+            pieces.append(output[0] if isinstance(output, tuple) else output)
+            return output
+
+        return run
+
+    mlps = {index: block["mlp"] for index, block in enumerate(blocks) if isinstance(block.get("mlp"), nn.Module)}
+    for index, mlp in mlps.items():
+        blocks[index]["mlp"] = _by_rows(mlp, pieces)  # a module's dict entry is what its attribute reads
+    setattr(owner, name, [tap(block) for block in blocks])
+    try:
+        yield
+    finally:
+        setattr(owner, name, blocks)
+        for index, mlp in mlps.items():
+            blocks[index]["mlp"] = mlp
+
+
+def _by_rows(mlp: nn.Module, pieces: list[mx.array]) -> Callable[[mx.array], mx.array]:
+    """A per-token module applied a block of tokens (the second-to-last axis) at a time, each block a piece."""
+    weights: dict[str, mx.array] = dict(tree_flatten(mlp.parameters()))
+    per_row = max(1, sum(value.size for value in weights.values()))
+    rows = max(SMALLEST_PIECE, MLP_WORK_PER_PIECE // per_row)
+
+    def by_rows(inputs: mx.array) -> mx.array:
+        length = inputs.shape[-2]
+        if length <= rows:
+            whole: mx.array = mlp(inputs)
+            return whole
+        parts = [mlp(inputs[..., begin : begin + rows, :]) for begin in range(0, length, rows)]
+        pieces.extend(parts)
+        return mx.concatenate(parts, axis=-2)
+
+    return by_rows
+
+
+@contextlib.contextmanager
+def _on_this_thread(
+    owner: Any, name: str, split: Callable[[Callable[..., mx.array], list[mx.array]], Callable[..., mx.array]],
+    pieces: list[mx.array],
+) -> Iterator[None]:  # fmt: skip
+    """``owner.name`` made in pieces by ``split`` on this thread while the block runs; as it was elsewhere."""
+    original = getattr(owner, name)
+    in_pieces, builder = split(original, pieces), threading.get_ident()
+
+    def call(*arguments: Any, **keywords: Any) -> mx.array:
+        return (in_pieces if threading.get_ident() == builder else original)(*arguments, **keywords)
+
+    setattr(owner, name, call)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _by_query_rows(attention: Callable[..., mx.array], pieces: list[mx.array]) -> Callable[..., mx.array]:
+    """Scaled dot-product attention a block of query rows at a time, each block a piece."""
+
+    def by_rows(queries: mx.array, keys: mx.array, values: mx.array, **options: Any) -> mx.array:
+        mask, length = options.get("mask"), queries.shape[-2]
+        scores_per_row = queries.shape[0] * queries.shape[1] * keys.shape[-2]
+        rows = max(SMALLEST_PIECE, ATTENTION_SCORES_PER_PIECE // max(1, scores_per_row))
+        if length <= rows or set(options) - {"scale", "mask"} or not _rows_apart(mask, length):
+            pieces.append(attention(queries, keys, values, **options))
+            return pieces[-1]
+        parts = []
+        for begin in range(0, length, rows):
+            part_mask = mask[..., begin : begin + rows, :] if mask is not None and mask.shape[-2] > 1 else mask
+            part_options = {**options, "mask": part_mask}
+            parts.append(attention(queries[..., begin : begin + rows, :], keys, values, **part_options))
+        pieces.extend(parts)
+        return mx.concatenate(parts, axis=-2)
+
+    return by_rows
+
+
+def _by_samples(convolution: Callable[..., mx.array], pieces: list[mx.array]) -> Callable[..., mx.array]:
+    """A convolution a block of samples (its first axis) at a time, each block a piece."""
+
+    def by_samples(inputs: mx.array, weight: mx.array, *arguments: Any, **options: Any) -> mx.array:
+        per_sample = max(1, inputs[0].size * weight.shape[0])
+        samples = max(SMALLEST_PIECE, CONVOLUTION_WORK_PER_PIECE // per_sample)
+        parts = [convolution(inputs[begin : begin + samples], weight, *arguments, **options)
+                 for begin in range(0, inputs.shape[0], samples)]  # fmt: skip
+        pieces.extend(parts)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+    return by_samples
+
+
+def _rows_apart(mask: Any, length: int) -> bool:
+    """Whether a block of query rows can take its rows of ``mask`` (none, or an array with a row per query or one)."""
+    return mask is None or (isinstance(mask, mx.array) and mask.ndim >= 2 and mask.shape[-2] in (1, length))
