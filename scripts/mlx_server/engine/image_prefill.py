@@ -64,7 +64,7 @@ class ImagePrefill:
     about a given time (``tower_pieces``), or one chunk of up to a given
     number of tokens of the span (the text before and between the images,
     and the images' own tokens).  The batch runs one unit per step, sized so
-    that the streams decoding meanwhile wait about half a step more
+    that the streams decoding meanwhile wait about a quarter step more
     (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
     each pause point passed (the stable prefix, the end of the history).  A
     ``start`` inside an image (a cache entry that ends there) steps back to
