@@ -51,7 +51,7 @@ __all__ = ["BatchDecoder"]
 logger = logging.getLogger("mlx")
 
 FIRST_DECODE_STEP_SECONDS = 0.02  # until measured
-STEPS_MEASURED = 32  # a decode step's time is the median of the last this many (a slow one is not the rule)
+STEPS_MEASURED = 32  # a decode step's time (s): the median of the last this many (a slow one is not the rule)
 UNIT_SHARE_OF_STEP = 0.25  # an image's unit of prefill against a decode step (measured: 0.5 gave longer waits)
 MIN_IMAGE_CHUNK = 16  # tokens: an image's prefill goes on, however slow a token is against a step
 CHUNK_SLACK = 0.25  # an image chunk within a quarter of its time keeps its size
@@ -102,9 +102,7 @@ class BatchDecoder:
         self._sequences: dict[int, ActiveSequence] = {}
         self._pauses: dict[int, list[int]] = {}  # uid -> where its prefill still pauses to keep KV state
         self._reading: list[_Reading] = []  # admitted, their images being prefilled a unit per step
-        self._decode_steps: deque[float] = deque(
-            [FIRST_DECODE_STEP_SECONDS], maxlen=STEPS_MEASURED
-        )  # seconds, as it decodes
+        self._decode_steps: deque[float] = deque([FIRST_DECODE_STEP_SECONDS], maxlen=STEPS_MEASURED)
         self._image_chunk = MIN_IMAGE_CHUNK * 4  # tokens of an image's prefill per step while streams decode
 
     @property
