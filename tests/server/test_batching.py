@@ -204,8 +204,8 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
 
 class TestMemoryBudget:
     def test_a_request_that_does_not_fit_beside_another_waits(self, budgeted: RunningServer) -> None:
-        """Two requests that may each grow to ~130 tokens (a 256-token step): the second waits, then completes."""
-        body = chat_body(LONG_ANSWER, max_tokens=100)
+        """Two requests that may each grow to ~70 tokens (each a 256-token step): the second waits, then completes."""
+        body = chat_body(LONG_ANSWER, max_tokens=32)
         results: list[httpx.Response] = []
         threads = [
             threading.Thread(
@@ -235,9 +235,11 @@ class TestMemoryBudget:
 
     def test_a_limit_past_the_budget_is_a_ceiling(self, budgeted: RunningServer) -> None:
         """max_tokens beyond what the budget holds for the sequence generates until it is full, never refused."""
-        response = httpx.post(budgeted.base_url + CHAT, json=chat_body(LONG_ANSWER, max_tokens=300), timeout=300)
+        long_prompt = " ".join([LONG_ANSWER] * 16)  # ~220 tokens: the ~35 left are generated
+        response = httpx.post(budgeted.base_url + CHAT, json=chat_body(long_prompt, max_tokens=300), timeout=300)
         assert response.status_code == 200
         usage = response.json()["usage"]
+        assert usage["prompt_tokens"] > 200 and usage["completion_tokens"] > 0
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256
 
     def test_health_and_metrics_show_the_batch(self, budgeted: RunningServer) -> None:
