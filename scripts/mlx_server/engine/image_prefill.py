@@ -91,7 +91,6 @@ class ImagePrefill:
         self._pauses = [point for point in pauses if start < point <= self._end]
         self._span: Any = None
         self._pieces: list[mx.array] = []  # the tower's pass, then the span's embeddings: evaluated in order
-        self._images_read = False
         self._start = start
 
     @property
@@ -101,7 +100,7 @@ class ImagePrefill:
     def advance(self, tokens: int, seconds: float = math.inf) -> int:
         """One unit of the work: pieces of the images' tower pass for up to about ``seconds``, or up to
         ``tokens`` of prefill; returns the tokens prefilled (0 for the tower's pieces)."""
-        if not self._images_read:
+        if self._span is None or self._pieces:  # the images are not read yet
             self._read_images(seconds)
             return 0
         stop = min([point for point in self._pauses if point > self.position] + [self._end])
@@ -135,7 +134,6 @@ class ImagePrefill:
         while self._pieces and not (progressed and time.perf_counter() - began >= seconds):
             evaluate_piece(self._pieces.pop(0))
             progressed = True
-        self._images_read = not self._pieces
 
 
 def prefill_through_images(
