@@ -305,7 +305,7 @@ class TestTheTowerReadInPieces:
             mx.fast.scaled_dot_product_attention(rows, rows, rows, scale=1.0)
             assert len(pieces) == 64 // 4
         assert mx.fast.scaled_dot_product_attention is attention and mx.conv3d is convolution
-        owner, name = tower_pieces._tower_blocks(model)
+        owner, name = tower_pieces.tower_blocks(model)
         assert all(isinstance(block, nn.Module) and isinstance(block.mlp, nn.Module) for block in getattr(owner, name))
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "SMALLEST_PIECE",
     "TOWER_BLOCKS",
     "evaluate_piece",
+    "tower_blocks",
     "tower_pieces",
 ]
 
@@ -86,7 +87,7 @@ def evaluate_piece(piece: mx.array) -> None:
             raise
 
 
-def _tower_blocks(model: nn.Module) -> tuple[Any, str]:
+def tower_blocks(model: nn.Module) -> tuple[Any, str]:
     """The module holding the tower's list of blocks, and the list's name (``(None, "")`` if none is found)."""
     for path in TOWER_BLOCKS:
         found: Any = model
@@ -101,7 +102,7 @@ def _tower_blocks(model: nn.Module) -> tuple[Any, str]:
 def _tapped_blocks(model: nn.Module, pieces: list[mx.array]) -> Iterator[None]:
     """Each tower block's output joins ``pieces`` as the graph is built, and its MLP is applied a block of rows
     at a time (each a piece: an MLP reads each token alone); the modules are as loaded afterwards."""
-    owner, name = _tower_blocks(model)
+    owner, name = tower_blocks(model)
     if owner is None:
         yield
         return
