@@ -104,6 +104,11 @@ class ImageSpan:
         marks = [bool(mark) for mark in self.visual.tolist()[0]] if self.visual is not None else []
         self._visual_before = list(itertools.accumulate(marks, initial=0))  # image tokens before each index
 
+    def arrays(self) -> list[mx.array]:
+        """What ``prefill`` reads: evaluated on the thread that built them (MLX's streams are per thread)."""
+        kept = [self.embeddings, *(array for array in (self.positions, self.visual) if array is not None)]
+        return kept + list(self.deepstack or [])
+
     def prefill(self, begin: int, end: int, cache: list[Any]) -> None:
         """Run tokens ``begin:end`` of the slice through the language model into ``cache``."""
         ids = mx.array(self._tokens[begin:end])[None]
@@ -218,13 +223,16 @@ class VisionTower:
         height, width = height // merge, width // merge
         return max(frames, height, width) - frames * height * width
 
-    def span(self, tokens: Sequence[int], images: Sequence[PromptImage], first_position: int) -> ImageSpan:
-        """``tokens`` (a slice of a prompt holding exactly ``images``) as the language model reads them, on the
-        worker thread; ``first_position`` is where the slice's first token sits (its index plus the delta of the
-        images before it)."""
+    def span(
+        self, tokens: Sequence[int], images: Sequence[PromptImage], first_position: int,
+        pause: Callable[[], None] = lambda: None,
+    ) -> ImageSpan:  # fmt: skip
+        """``tokens`` (a slice of a prompt holding exactly ``images``) as the language model reads them;
+        ``first_position`` is where the slice's first token sits (its index plus the delta of the images before
+        it).  Building the graph may stop part-way at each ``pause()`` (``tower_pieces``)."""
         ids = mx.array(list(tokens))[None]
         pixels = mx.concatenate([mx.array(image.image.pixels) for image in images], axis=0) if images else None
-        with tower_pieces(self._model) as pieces:
+        with tower_pieces(self._model, pause) as pieces:
             if not self.positions_on_grid:
                 features = self._model.get_input_embeddings(ids, pixels, mask=mx.ones_like(ids))
                 return ImageSpan(self._text_model, tokens, features, grid=False, pieces=pieces)
