@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from mlx_server.engine.image_prefill import read_span
+from mlx_server.engine.side_thread import SideThread
 from mlx_server.model import tower_pieces
 from mlx_server.model.loading import ModelLoadError, load_model
 from mlx_server.pool.assembly import images_read
@@ -232,7 +235,12 @@ class TestTheSecondTurn:
 
 def use_small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every call the tower's pass splits is split into pieces of four rows, even over a test's small image."""
-    for name in ("ATTENTION_SCORES_PER_PIECE", "CONVOLUTION_WORK_PER_PIECE", "MLP_WORK_PER_PIECE"):
+    for name in (
+        "ATTENTION_SCORES_PER_PIECE",
+        "CONVOLUTION_WORK_PER_PIECE",
+        "MLP_WORK_PER_PIECE",
+        "ROTARY_VALUES_PER_PIECE",
+    ):
         monkeypatch.setattr(tower_pieces, name, 1)
     monkeypatch.setattr(tower_pieces, "SMALLEST_PIECE", 4)
 
@@ -242,13 +250,19 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     use_small_pieces(monkeypatch)
 
 
-def span_of(served: Served, image: bytes) -> Any:
-    """The vision tower's span for a short prompt holding ``image``, its graph built (nothing evaluated)."""
+def prompt_of(served: Served, image: bytes) -> tuple[list[int], list[PromptImage]]:
+    """A short prompt holding ``image``, and where the image is in it."""
     vision = served.loaded.vision
     assert vision is not None
     read, before = vision.read(image, 10**8), served.loaded.tokenizer.encode("Look:")
     tokens = [*before, *read.tokens, *served.loaded.tokenizer.encode(" why?")]
-    return vision.span(tokens, [PromptImage(len(before), len(read.tokens), read)], 0)
+    return tokens, [PromptImage(len(before), len(read.tokens), read)]
+
+
+def span_of(served: Served, image: bytes) -> Any:
+    """The vision tower's span for a short prompt holding ``image``, its graph built (nothing evaluated)."""
+    assert served.loaded.vision is not None
+    return served.loaded.vision.span(*prompt_of(served, image), 0, pause=lambda: None)
 
 
 def streamed_text(lines: Iterator[str]) -> str:
@@ -277,6 +291,31 @@ class TestTheTowerReadInPieces:
         assert np.allclose(np.array(split.embeddings), np.array(whole.embeddings), rtol=1e-5, atol=1e-5)
 
     @pytest.mark.usefixtures("small_pieces")
+    def test_a_read_on_the_side_thread_stops_while_its_graph_is_built_and_gives_the_same_embeddings(
+        self, served: Served
+    ) -> None:
+        """The read a turn at a time (each turn as short as can be) pauses after each piece is made and before
+        each is evaluated; its embeddings are those of the read in one go, to the bit.  (Both on the side thread:
+        a compiled function, Qwen3-VL's ``ensure_fused_sdpa``, keeps the trace its thread made first.)"""
+        import mlx.core as mx
+        import numpy as np
+
+        tokens, images = prompt_of(served, SCREENSHOT)
+        pieces = len(span_of(served, SCREENSHOT).pieces)
+        side = SideThread()
+        in_one_go = side.begin(lambda turn: read_span(served.loaded.vision, tokens, images, 0, turn))
+        assert in_one_go.resume(math.inf)
+        in_turns, turns = side.begin(lambda turn: read_span(served.loaded.vision, tokens, images, 0, turn)), 1
+        while not in_turns.resume(0.0):
+            turns += 1
+        side.close()
+        assert turns >= 2 * pieces > 0
+        read_in_turns, read_at_once = (
+            np.array(work.result().embeddings.astype(mx.float32)) for work in (in_turns, in_one_go)
+        )
+        assert np.array_equal(read_in_turns, read_at_once)
+
+    @pytest.mark.usefixtures("small_pieces")
     def test_an_image_read_in_pieces_while_a_stream_decodes_leaves_both_as_they_are_alone(self, served: Served) -> None:
         fresh, counting = png(seed=11), asking(None, "Count on, one by one. " * 3)
         alone_image, alone_text = chat(served.uncached, asking(fresh)), chat(served.uncached, counting, max_tokens=96)
@@ -298,15 +337,24 @@ class TestTheTowerReadInPieces:
 
         model, _ = mlx_vlm_model
         attention, convolution = mx.fast.scaled_dot_product_attention, mx.conv3d
+        rotations = {name: getattr(module, tower_pieces.VISION_ROTARY) for name, module in list(sys.modules.items())
+                     if name.startswith("mlx_vlm.") and hasattr(module, tower_pieces.VISION_ROTARY)}  # fmt: skip
         rows = mx.ones((1, 2, 64, 16))
         with tower_pieces.tower_pieces(model) as pieces, ThreadPoolExecutor(1) as other:
             other.submit(mx.fast.scaled_dot_product_attention, rows, rows, rows, scale=1.0).result()
             assert pieces == []  # another thread's attention is MLX's own
             mx.fast.scaled_dot_product_attention(rows, rows, rows, scale=1.0)
             assert len(pieces) == 64 // 4
+            rotating = [name for name, rotate in rotations.items()
+                        if getattr(sys.modules[name], tower_pieces.VISION_ROTARY) is not rotate]  # fmt: skip
+        assert bool(rotating) == model.config.model_type.startswith("qwen")  # Qwen-VL rotates its queries and keys
         assert mx.fast.scaled_dot_product_attention is attention and mx.conv3d is convolution
+        assert rotations == {name: getattr(sys.modules[name], tower_pieces.VISION_ROTARY) for name in rotations}
         owner, name = tower_pieces.tower_blocks(model)
         assert all(isinstance(block, nn.Module) and isinstance(block.mlp, nn.Module) for block in getattr(owner, name))
+        tower = model.vision_tower
+        mergers = [tower.get("merger"), *(tower.get("deepstack_merger_list") or [])]
+        assert all(merger is None or isinstance(merger, nn.Module) for merger in mergers)
 
 
 class TestRefusals:

@@ -42,6 +42,7 @@ from mlx_server.engine.image_prefill import ImagePrefill, position_shift
 from mlx_server.engine.prompt_cache import KVPromptCache
 from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
+from mlx_server.engine.side_thread import SideThread
 from mlx_server.engine.speculation import SpeculativeGenerationBatch
 from mlx_server.mlx_lm_compat import prompt_queue_lengths, shifted
 from mlx_server.vocabulary import FinishReason, GrammarError, SpeculativeMode
@@ -53,7 +54,7 @@ logger = logging.getLogger("mlx")
 FIRST_DECODE_STEP_SECONDS = 0.02  # until measured
 STEPS_MEASURED = 32  # a decode step's time (s): the median of the last this many (a slow one is not the rule)
 UNIT_SHARE_OF_STEP = 0.25  # an image's unit of prefill against a decode step (measured: 0.5 gave longer waits)
-MIN_IMAGE_CHUNK = 16  # tokens: an image's prefill goes on, however slow a token is against a step
+MIN_IMAGE_CHUNK = 4  # tokens: an image's prefill goes on, however slow a token is (16 took 2x a unit on Gemma 3)
 CHUNK_SLACK = 0.25  # an image chunk within a quarter of its time keeps its size
 CHUNK_GROWTH = 2.0  # at most doubled at a time
 
@@ -104,6 +105,7 @@ class BatchDecoder:
         self._reading: list[_Reading] = []  # admitted, their images being prefilled a unit per step
         self._decode_steps: deque[float] = deque([FIRST_DECODE_STEP_SECONDS], maxlen=STEPS_MEASURED)
         self._image_chunk = MIN_IMAGE_CHUNK * 4  # tokens of an image's prefill per step while streams decode
+        self._side = SideThread() if self._vision is not None else None  # the tower's work, in turns
 
     @property
     def active(self) -> int:
@@ -153,7 +155,7 @@ class BatchDecoder:
         cache, start = lease.cache, lease.cached_tokens
         if request.images:
             work = ImagePrefill(self._vision, cache, request, start, pauses, sequence.keep_state,
-                                self._prompt_cache.new_cache)  # fmt: skip
+                                self._prompt_cache.new_cache, self._side)  # fmt: skip
             if not work.done:
                 self._reading.append(_Reading(sequence, grammar, pauses, work))
                 return
@@ -229,8 +231,9 @@ class BatchDecoder:
 
         While streams decode, a unit is sized towards a quarter of a decode
         step (the median of the last ones), so a stream waits about a quarter
-        step more: the tower's pass is read in pieces for that long
-        (``tower_pieces``), and a chunk of the image's tokens is resized after
+        step more: the tower's work (building its pass's graph, then
+        evaluating it in pieces: ``read_span``) goes on for that long on the
+        side thread, and a chunk of the image's tokens is resized after
         each one (a chunk's time is not proportional to its tokens: a call has
         its own cost).  A unit is timed from when the decode step mlx-lm left
         running is done (that wait is the step's, not the unit's).  With
@@ -243,6 +246,7 @@ class BatchDecoder:
         job = reading.sequence.job
         if job.stop is not None:
             self._reading.pop(0)
+            reading.work.close()
             reading.sequence.finish(job.stop, None, None)
             return False
         decoding = self.decoding > 0
@@ -314,9 +318,13 @@ class BatchDecoder:
         self._generator.remove(list(self._sequences))
         for sequence in [*self._sequences.values(), *(reading.sequence for reading in self._reading)]:
             sequence.fail(error)
+        for reading in self._reading:
+            reading.work.close()
         self._sequences.clear()
         self._pauses.clear()
         self._reading.clear()
 
     def close(self) -> None:
         self._generator.close()
+        if self._side is not None:
+            self._side.close()

@@ -18,8 +18,8 @@ cached prefix's shift is that of its own images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,10 +27,11 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_server.engine.cache_entries import copy_prefix
+from mlx_server.engine.side_thread import SideThread, Turn, TurnedWork
 from mlx_server.model.tower_pieces import evaluate_piece
 from mlx_server.vocabulary import GenerationRequest, PromptImage
 
-__all__ = ["ImagePrefill", "cache_prompt", "position_shift", "prefill_through_images"]
+__all__ = ["ImagePrefill", "cache_prompt", "position_shift", "prefill_through_images", "read_span"]
 
 
 def _image_id(image: PromptImage) -> int:
@@ -60,10 +61,12 @@ def position_shift(request: GenerationRequest, upto: int) -> int:
 class ImagePrefill:
     """A prompt's prefill through its last image, done a unit at a time between the batch's decode steps.
 
-    A unit is pieces of the vision tower's pass over the images for up to
-    about a given time (``tower_pieces``), or one chunk of up to a given
-    number of tokens of the span (the text before and between the images,
-    and the images' own tokens).  The batch runs one unit per step, sized so
+    A unit is the vision tower's work over the images for up to about a given
+    time (building its graph, then evaluating its pieces: ``read_span``, on
+    ``side``, a thread that stops part-way and goes on at the next unit), or
+    one chunk of up to a given number of tokens of the span (the text before
+    and between the images, and the images' own tokens).  Without ``side``
+    the images are read in one go, on this thread.  The batch runs one unit per step, sized so
     that the streams decoding meanwhile wait about a quarter step more
     (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
     each pause point passed (the stable prefix, the end of the history).  A
@@ -80,8 +83,9 @@ class ImagePrefill:
         pauses: list[int],
         keep_state: Callable[[list[Any], list[int]], None],
         new_cache: Callable[[], list[Any]],
+        side: SideThread | None = None,
     ) -> None:
-        self._vision, self._request, self._keep_state = vision, request, keep_state
+        self._vision, self._request, self._keep_state, self._side = vision, request, keep_state, side
         prompt, images = request.prompt, request.images
         self._end = min(max(image.end for image in images), len(prompt) - 1)  # the batch starts from one token
         inside = next((image for image in images if image.start < start < image.end), None)
@@ -90,17 +94,17 @@ class ImagePrefill:
         self.cache, self.position = cache, start
         self._pauses = [point for point in pauses if start < point <= self._end]
         self._span: Any = None
-        self._pieces: list[mx.array] = []  # the tower's pass, then the span's embeddings: evaluated in order
+        self._reading: TurnedWork[Any] | None = None  # the images' read on the side thread, while under way
         self._start = start
 
     @property
     def done(self) -> bool:
         return self.position >= self._end
 
-    def advance(self, tokens: int, seconds: float = math.inf) -> int:
-        """One unit of the work: pieces of the images' tower pass for up to about ``seconds``, or up to
-        ``tokens`` of prefill; returns the tokens prefilled (0 for the tower's pieces)."""
-        if self._span is None or self._pieces:  # the images are not read yet
+    def advance(self, tokens: int, seconds: float = float("inf")) -> int:
+        """One unit of the work: the images' tower work for up to about ``seconds``, or up to ``tokens`` of
+        prefill; returns the tokens prefilled (0 for the tower's work)."""
+        if self._span is None:  # the images are not read yet
             self._read_images(seconds)
             return 0
         stop = min([point for point in self._pauses if point > self.position] + [self._end])
@@ -112,28 +116,52 @@ class ImagePrefill:
             self._keep_state(copy_prefix(self.cache, self.position), self._request.prompt[: self.position])
         return done
 
+    def close(self) -> None:
+        """Let go of an unfinished read (its request stopped): the side thread unwinds it."""
+        if self._reading is not None:
+            self._reading.abandon()
+            self._reading = None
+
     def _read_images(self, seconds: float) -> None:
-        """The vision tower's pass over the span's images, its pieces in order until ``seconds`` have passed
-        (building its graph is a unit's work); the span's embeddings are a piece of their own, the last.
+        """The images' read (``read_span``) for up to about ``seconds``, on the side thread; in one go without one.
 
         (One pass over all the new images, as mlx-vlm's own generation
         makes it: the tower's arithmetic differs in its last bits with the
         number of images it reads together.  An agent's session brings its
         images a turn at a time, the earlier ones read from the cache.)
         """
-        began, progressed = time.perf_counter(), False
-        if self._span is None:
+        if self._reading is None:
             request, start = self._request, self.position
             todo = [image for image in request.images if start <= image.start and image.end <= self._end]
             shift = position_shift(request, start)
-            self._span = self._vision.span(request.prompt[start : self._end], todo, start + shift)
-            self._pieces, progressed = [*self._span.pieces, self._span.embeddings], True
-        if not math.isfinite(seconds):  # nothing to wait for it: one evaluation (each has its own cost)
-            mx.eval(self._pieces[-1])
-            self._pieces.clear()
-        while self._pieces and not (progressed and time.perf_counter() - began >= seconds):
-            evaluate_piece(self._pieces.pop(0))
-            progressed = True
+            read = functools.partial(read_span, self._vision, request.prompt[start : self._end], todo, start + shift)
+            if self._side is None:
+                self._span = read(Turn())
+                return
+            self._reading = self._side.begin(read)
+        if self._reading.resume(seconds):
+            self._span, self._reading = self._reading.result(), None
+
+
+def read_span(vision: Any, tokens: list[int], images: list[PromptImage], first_position: int, turn: Turn) -> Any:
+    """The span's graph built (mlx-vlm's own, its tower's pass in pieces), then the pieces evaluated in order and
+    the rest; the turn may pause between any two (before a piece that would end past its deadline).  With the
+    turn unlimited (no stream waits for it), what is left is one evaluation (each has its own cost).  The pass
+    is made in pieces either way: their split depends only on the images, so an image gives the same
+    embeddings whatever else runs."""
+    span = vision.span(tokens, images, first_position, turn.pause)
+    last = 0.0
+    while span.pieces:
+        turn.pause(last)
+        if turn.unlimited:
+            break
+        began = time.perf_counter()
+        evaluate_piece(span.pieces.pop(0))
+        last = time.perf_counter() - began
+    turn.pause(last)
+    mx.eval(span.arrays())
+    span.pieces.clear()
+    return span
 
 
 def prefill_through_images(
