@@ -73,6 +73,7 @@ def test_a_run_stops_between_batches_once_its_client_has_gone() -> None:
         task = asyncio.ensure_future(engine.embed([[1, 2]] * (3 * MAX_BATCH_ROWS)))
         model.gate.release()
         await cancelled_after(task, model, 1)
+        await asyncio.wait([task])  # the cancellation has reached the engine before the gate opens again
         for _ in range(3):
             model.gate.release()
         await asyncio.sleep(0.2)
