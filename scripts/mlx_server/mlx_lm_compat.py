@@ -1,7 +1,9 @@
 """Every use of mlx-lm's private parts, in one place, checked against the installed release at start-up.
 
-The engine needs a few things mlx-lm does not expose: the generation batch of
-a ``BatchGenerator`` (to decode a lone sequence speculatively), that batch's
+The engine needs a few things mlx-lm does not expose: the generation and
+prompt batches of a ``BatchGenerator`` (to decode a lone sequence
+speculatively, and to let a finished prompt join in the batch's next step
+rather than a forward pass of its own: ``JoiningGenerationBatch``), that batch's
 per-row state (the pending token and its log-probabilities, the count of
 generated tokens, the stop matchers, the penalties' token context), the
 generator's prompt queues (to prefill by tokens, not by prompt count), the
@@ -24,11 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 from mlx_lm import tokenizer_utils
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch, StopSequences
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.sample_utils import greedy_sampler
 
@@ -36,12 +38,12 @@ __all__ = [
     "REQUIRED_ATTRIBUTES",
     "SUPPORTED_MLX_LM",
     "IncompatibleMlxLmError",
+    "JoiningGenerationBatch",
     "ShiftedKVCache",
-    "SpeculativeBatchBase",
     "check",
     "hf_tokenizer",
     "infer_tool_parser",
-    "install_generation_batch",
+    "install_batches",
     "installed_version",
     "missing_attributes",
     "prompt_queue_lengths",
@@ -62,7 +64,8 @@ class Attribute:
 
 
 REQUIRED_ATTRIBUTES = (
-    Attribute("BatchGenerator", "_generation_batch", "replacing the generation batch with the speculative one"),
+    Attribute("BatchGenerator", "_generation_batch", "replacing the generation batch with the server's own"),
+    Attribute("BatchGenerator", "_prompt_batch", "prompts joining the batch in its own next step"),
     Attribute("BatchGenerator", "_currently_processing", "prefilling by tokens, not by prompt count"),
     Attribute("BatchGenerator", "_unprocessed_sequences", "prefilling by tokens, not by prompt count"),
     Attribute("GenerationBatch", "_next_tokens", "the token a speculative step starts from"),
@@ -120,9 +123,13 @@ def _empty_generation_batch() -> GenerationBatch:
 # -- the batch generator ----------------------------------------------------------------------------------
 
 
-def install_generation_batch(generator: BatchGenerator, batch: GenerationBatch) -> None:
-    """Make ``batch`` the generator's generation batch (the one attribute it keeps it in)."""
+def install_batches(generator: BatchGenerator, batch: GenerationBatch) -> None:
+    """Make ``batch`` the generator's generation batch, and its prompt batch one whose finished prompts join
+    it without a step of their own (``JoiningGenerationBatch``)."""
     generator._generation_batch = batch
+    generator._prompt_batch = _JoiningPromptBatch.empty(
+        generator.model, generator.sampler, prefill_step_size=generator.prefill_step_size
+    )
 
 
 def prompt_queue_lengths(generator: BatchGenerator) -> tuple[list[int], list[int]]:
@@ -132,16 +139,96 @@ def prompt_queue_lengths(generator: BatchGenerator) -> tuple[list[int], list[int
     return started, waiting
 
 
-class SpeculativeBatchBase(GenerationBatch):
-    """mlx-lm's generation batch with a hook for a step that is not plain decoding, and the row state it needs.
+class _PendingRows(GenerationBatch):
+    """Prompts prefilled but for their last token, which the generation batch's next step feeds.
+
+    mlx-lm makes a finished prompt a generation batch of its own, whose
+    constructor runs a step for it alone (the last token's forward pass and
+    the first token's sampling), and then extends the decoding batch with it:
+    every stream decoding meanwhile waits for that extra pass, about a whole
+    step where the vocabulary's projection is most of a step.  These rows
+    skip it (``_step`` is their constructor's only call of it).
+    """
+
+    def _step(self) -> tuple[list[int], list[mx.array]]:
+        self._next_logprobs = [_NO_LOGPROBS] * len(self.uids)  # read by nothing: the step that feeds them skips them
+        return [], []
+
+
+_NO_LOGPROBS = mx.array(0.0)
+
+
+class _JoiningPromptBatch(PromptProcessingBatch):
+    """mlx-lm's prompt batch, whose finished prompts become ``_PendingRows`` (mlx-lm's ``generate`` otherwise)."""
+
+    def generate(self, tokens: list[list[int]]) -> GenerationBatch:
+        if any(len(prompt) > 1 for prompt in tokens):
+            self.prompt([prompt[:-1] for prompt in tokens])
+        last = mx.array([prompt[-1] for prompt in tokens], dtype=mx.uint32)  # the samplers' dtype
+        rows = _PendingRows(
+            self.model, self.uids, last, self.prompt_cache, self.tokens, self.samplers, self.fallback_sampler,
+            self.logits_processors, self.stop_sequences, self.max_tokens,
+        )  # fmt: skip
+        self.uids, self.prompt_cache, self.tokens, self.samplers = [], [], [], []
+        self.logits_processors, self.stop_sequences, self.max_tokens = [], [], []
+        return rows
+
+
+class JoiningGenerationBatch(GenerationBatch):
+    """mlx-lm's generation batch, in which joining rows' first step is the batch's own next step; with a hook
+    for a step that is not plain decoding, and the row state it needs.
+
+    Rows that join while others decode feed their prompt's last token in the
+    batch's next step, beside the others' pending tokens: what that step
+    samples for them is their first token, reported (as mlx-lm reports every
+    token) a step later.  That step's output for them is their prompt's last
+    token, so the row's length and stop matcher must not count it: the step
+    is mlx-lm's ``next`` with those rows' count started one lower and a
+    matcher that matches nothing.  Rows joining an empty batch take their
+    step at once, as in mlx-lm (no one waits, and their first token comes a
+    step sooner).
 
     ``speculate`` returns the step's responses, or None for a plain step.
     The methods below are the only way a subclass reaches the batch's private state.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._joining: set[int] = set()  # uids whose prompt's last token the next step feeds
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def install(cls: type[Batch], generator: BatchGenerator, model: Any, sampler: Any) -> Batch:
+        batch: Batch = cls.empty(model, sampler)
+        install_batches(generator, batch)
+        return batch
+
+    def extend(self, batch: GenerationBatch) -> None:
+        decoding = len(self.uids) > 0
+        super().extend(batch)  # type: ignore[no-untyped-call]  # mlx-lm's batches carry no annotations
+        if isinstance(batch, _PendingRows):
+            if decoding:
+                self._joining.update(batch.uids)
+            else:
+                self._step()
+
     def next(self) -> list[GenerationBatch.Response]:
+        if self._joining:
+            return self._joining_step()
         responses = self.speculate()
         return super().next() if responses is None else responses
+
+    def _joining_step(self) -> list[GenerationBatch.Response]:
+        joining, self._joining = self._joining, set()
+        matchers = {}
+        for row, uid in enumerate(self.uids):
+            if uid in joining:
+                self._num_tokens[row] -= 1
+                matchers[uid], self._matchers[row] = self._matchers[row], _MATCHES_NOTHING
+        responses: list[GenerationBatch.Response] = super().next()
+        for row, uid in enumerate(self.uids):  # rows that finished have left: the joining ones are all here
+            if uid in matchers:
+                self._matchers[row] = matchers[uid]
+        return [response for response in responses if response.uid not in joining]
 
     def speculate(self) -> list[GenerationBatch.Response] | None:
         return None
@@ -174,6 +261,10 @@ class SpeculativeBatchBase(GenerationBatch):
         self._num_tokens[row] += 1
         matched: bool = self._matchers[row].advance(token)
         return matched
+
+
+_MATCHES_NOTHING = StopSequences().matcher()
+Batch = TypeVar("Batch", bound=JoiningGenerationBatch)
 
 
 # -- the tokenizer ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .conftest import run_python
 #: Every private attribute, by owner: what this table lists is what the adapter checks at start-up.
 RELIED_ON = {
     ("BatchGenerator", "_generation_batch"),
+    ("BatchGenerator", "_prompt_batch"),
     ("BatchGenerator", "_currently_processing"),
     ("BatchGenerator", "_unprocessed_sequences"),
     ("GenerationBatch", "_next_tokens"),

@@ -18,6 +18,8 @@ this module adds:
 * a vision model's images, prefilled with the vision tower's embeddings
   before the rest of the prompt joins (``image_prefill``), and for M-RoPE
   models each row's position delta (``mlx_lm_compat.shifted``);
+* a prompt joining decoding streams without a forward pass of its own: its
+  last token goes through the batch's next step (``mlx_lm_compat.JoiningGenerationBatch``);
 * prompt-lookup speculation for a sequence decoding alone (``speculation``);
 * everything a request needs that is text, not tokens: detokenizing, stop
   strings (the sequence leaves the batch when one matches), cancellation and
@@ -44,7 +46,7 @@ from mlx_server.engine.sampling import logits_processors, sampler
 from mlx_server.engine.sequence import ActiveSequence, Job
 from mlx_server.engine.side_thread import SideThread
 from mlx_server.engine.speculation import SpeculativeGenerationBatch
-from mlx_server.mlx_lm_compat import prompt_queue_lengths, shifted
+from mlx_server.mlx_lm_compat import JoiningGenerationBatch, prompt_queue_lengths, shifted
 from mlx_server.vocabulary import FinishReason, GrammarError, SpeculativeMode
 
 __all__ = ["BatchDecoder"]
@@ -98,6 +100,8 @@ class BatchDecoder:
         self._drafted = self._accepted = 0
         if speculative == "prompt-lookup":
             self._speculation = SpeculativeGenerationBatch.install(self._generator, loaded.model, greedy_sampler)
+        else:
+            JoiningGenerationBatch.install(self._generator, loaded.model, greedy_sampler)
         self._prefill_step = prefill_step
         self._prefill_batch = min(prefill_batch, max_batch)
         self._sequences: dict[int, ActiveSequence] = {}

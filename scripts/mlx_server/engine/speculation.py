@@ -37,7 +37,7 @@ from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache
 from numpy.lib.stride_tricks import sliding_window_view
 
-from mlx_server.mlx_lm_compat import SpeculativeBatchBase, install_generation_batch
+from mlx_server.mlx_lm_compat import JoiningGenerationBatch
 
 __all__ = ["Acceptance", "PromptLookup", "SpeculativeGenerationBatch"]
 
@@ -102,7 +102,7 @@ class Acceptance:
         self.wait = min(self.backoff, 4)
 
 
-class SpeculativeGenerationBatch(SpeculativeBatchBase):
+class SpeculativeGenerationBatch(JoiningGenerationBatch):
     """mlx-lm's generation batch, with prompt-lookup speculation for a sequence that decodes alone.
 
     ``BatchGenerator`` keeps one generation batch and extends it as prompts
@@ -111,14 +111,9 @@ class SpeculativeGenerationBatch(SpeculativeBatchBase):
 
     lookup = PromptLookup()
 
-    @classmethod
-    def install(cls, generator: Any, model: Any, sampler: Any) -> SpeculativeGenerationBatch:
-        batch: SpeculativeGenerationBatch = cls.empty(model, sampler)
-        batch._acceptance = {}
-        install_generation_batch(generator, batch)
-        return batch
-
-    _acceptance: dict[int, Acceptance]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._acceptance: dict[int, Acceptance] = {}
+        super().__init__(*args, **kwargs)
 
     def take_counts(self, uid: int) -> tuple[int, int]:
         """(drafted, accepted) for a sequence that is leaving, forgetting it."""
