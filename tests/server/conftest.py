@@ -146,6 +146,21 @@ def stop_server(server: RunningServer) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama() -> Any:
+    """A two-layer llama from mlx-lm's own class, random weights, a 256-token vocabulary: enough for a generator."""
+    import mlx.core as mx  # here: the BLAS is preloaded when this module is imported, before MLX
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=256,
+    )  # fmt: skip
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
 def loaded_model() -> Any:
     """The default model loaded in this process (for in-process tests)."""
     from mlx_server.model.loading import load_model

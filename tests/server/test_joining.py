@@ -17,7 +17,6 @@ from typing import Any
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models import llama
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.mlx_lm_compat import JoiningGenerationBatch
@@ -50,17 +49,6 @@ class Run:
     passes_after_joining: list[tuple[int, ...]] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def tiny_model() -> Any:
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=256,
-    )  # fmt: skip
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
 def run(model: Any, ours: bool, second_after: int, second_max: int = 6, stop: list[int] | None = None) -> Run:
     """The first prompt decodes alone; the second is inserted once the first has ``second_after`` tokens."""
     counting = CountingModel(model)
@@ -83,8 +71,8 @@ def run(model: Any, ours: bool, second_after: int, second_max: int = 6, stop: li
 
 
 @pytest.mark.parametrize("second_after", [2, 5])
-def test_a_prompt_joining_decoding_streams_takes_no_pass_of_its_own(tiny_model: Any, second_after: int) -> None:
-    theirs, ours = run(tiny_model, False, second_after), run(tiny_model, True, second_after)
+def test_a_prompt_joining_decoding_streams_takes_no_pass_of_its_own(tiny_llama: Any, second_after: int) -> None:
+    theirs, ours = run(tiny_llama, False, second_after), run(tiny_llama, True, second_after)
     prefill = (1, len(SECOND) - 1)
     # A decode step, the second prompt's prefill, a decode step; then mlx-lm's pass for the second alone.
     assert theirs.passes_after_joining[:5] == [(1, 1), prefill, (1, 1), (1, 1), (2, 1)]
@@ -92,19 +80,19 @@ def test_a_prompt_joining_decoding_streams_takes_no_pass_of_its_own(tiny_model: 
 
 
 @pytest.mark.parametrize("second_after", [0, 2, 5])
-def test_every_sequence_gets_the_tokens_mlx_lm_s_own_joining_gives(tiny_model: Any, second_after: int) -> None:
+def test_every_sequence_gets_the_tokens_mlx_lm_s_own_joining_gives(tiny_llama: Any, second_after: int) -> None:
     """Inserted together (``0``: they join an empty batch, taking their first pass at once) or while decoding."""
-    assert run(tiny_model, True, second_after).tokens == run(tiny_model, False, second_after).tokens
+    assert run(tiny_llama, True, second_after).tokens == run(tiny_llama, False, second_after).tokens
 
 
-def test_a_one_token_reply_joining_gets_its_one_token(tiny_model: Any) -> None:
-    ours = run(tiny_model, True, 3, second_max=1)
-    assert ours.tokens == run(tiny_model, False, 3, second_max=1).tokens
+def test_a_one_token_reply_joining_gets_its_one_token(tiny_llama: Any) -> None:
+    ours = run(tiny_llama, True, 3, second_max=1)
+    assert ours.tokens == run(tiny_llama, False, 3, second_max=1).tokens
     assert len(ours.tokens[1]) == 1
 
 
-def test_a_prompt_ending_in_a_stop_sequence_is_not_stopped_by_it(tiny_model: Any) -> None:
+def test_a_prompt_ending_in_a_stop_sequence_is_not_stopped_by_it(tiny_llama: Any) -> None:
     """The last prompt token goes through the step that feeds it, but only generated tokens are matched."""
-    ours = run(tiny_model, True, 3, stop=[SECOND[-1]])
-    assert ours.tokens == run(tiny_model, False, 3, stop=[SECOND[-1]]).tokens
+    ours = run(tiny_llama, True, 3, stop=[SECOND[-1]])
+    assert ours.tokens == run(tiny_llama, False, 3, stop=[SECOND[-1]]).tokens
     assert len(ours.tokens[1]) == 6 or ours.tokens[1][-1] == SECOND[-1]

@@ -12,9 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import pytest
-from mlx_lm.models import llama
 
 from mlx_server import mlx_lm_compat
 from mlx_server.mlx_lm_compat import REQUIRED_ATTRIBUTES, Attribute, IncompatibleMlxLmError, check
@@ -38,26 +36,14 @@ RELIED_ON = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_model() -> Any:
-    """A two-layer llama from mlx-lm's own class (no weights file): enough for a generator to be built."""
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=256,
-    )  # fmt: skip
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
 def test_the_adapter_checks_exactly_the_attributes_the_server_relies_on() -> None:
     assert {(attribute.owner, attribute.name) for attribute in REQUIRED_ATTRIBUTES} == RELIED_ON
 
 
-def test_the_installed_mlx_lm_has_every_one(tiny_model: Any) -> None:
+def test_the_installed_mlx_lm_has_every_one(tiny_llama: Any) -> None:
     tokenizer = load_tokenizer("qwen3")
-    assert mlx_lm_compat.missing_attributes(tiny_model, tokenizer) == []
-    check(tiny_model, tokenizer)
+    assert mlx_lm_compat.missing_attributes(tiny_llama, tokenizer) == []
+    check(tiny_llama, tokenizer)
 
 
 def test_the_installed_mlx_lm_is_in_the_pinned_range() -> None:
@@ -70,12 +56,12 @@ def test_the_installed_mlx_lm_is_in_the_pinned_range() -> None:
 
 
 def test_a_missing_attribute_is_named_with_the_installed_version(
-    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     renamed = Attribute("GenerationBatch", "_renamed_in_a_later_release", "a test")
     monkeypatch.setattr(mlx_lm_compat, "REQUIRED_ATTRIBUTES", (*REQUIRED_ATTRIBUTES, renamed))
     with pytest.raises(IncompatibleMlxLmError) as refused:
-        check(tiny_model, load_tokenizer("qwen3"))
+        check(tiny_llama, load_tokenizer("qwen3"))
     message = str(refused.value)
     assert f"mlx-lm {version('mlx-lm')} lacks GenerationBatch._renamed_in_a_later_release" in message
     assert mlx_lm_compat.SUPPORTED_MLX_LM in message
