@@ -66,10 +66,11 @@ class ImagePrefill:
     ``side``, a thread that stops part-way and goes on at the next unit), or
     one chunk of up to a given number of tokens of the span (the text before
     and between the images, and the images' own tokens).  Without ``side``
-    the images are read in one go, on this thread.  The batch runs one unit per step, sized so
-    that the streams decoding meanwhile wait about a quarter step more
-    (``BatchDecoder``).  ``keep_state(copy, tokens)`` is called at
-    each pause point passed (the stable prefix, the end of the history).  A
+    the images are read in one go, on this thread.  The batch runs one unit
+    per step, sized so that the streams decoding meanwhile wait about a
+    quarter step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is
+    called at each pause point passed (the stable prefix, the end of the
+    history).  A
     ``start`` inside an image (a cache entry that ends there) steps back to
     the image's start, or to nothing for a cache that cannot step back.
     """

@@ -21,8 +21,9 @@ each is made a block of rows at a time, each block a piece; the result is
 their concatenation, equal to the whole call's to float32 rounding.  The
 sizes below make a piece take 1-4 ms on this CPU (a real model on a GPU
 makes pieces of the same size, fast; smaller ones here, 8 query rows, gave
-longer waits in bench-vision: more of them, each with its own cost).  Once the graph is built the
-modules, mlx-vlm's functions and ``mx`` are as they were.  What is left
+longer waits in bench-vision: more of them, each with its own cost).  Once
+the graph is built the modules, mlx-vlm's functions and ``mx`` are as they
+were.  What is left
 whole is each attention's projections (queries, keys and values over all the
 patches, which every block of rows reads): ~1 ms here.
 """
