@@ -15,10 +15,21 @@ from testbed.serving import Served, serve
 from testbed.tiny_models import FAMILIES, build
 
 
+class ModelDirectories(dict[str, Path]):
+    """Each family's tiny model directory, written when a test first asks for it (one to nine seconds each)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> Path:
+        directory = self[family] = build(FAMILIES[family], self.root / family)
+        return directory
+
+
 @pytest.fixture(scope="session")
 def model_directories(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
-    return {name: build(family, root / name) for name, family in FAMILIES.items()}
+    return ModelDirectories(tmp_path_factory.mktemp("families"))
 
 
 # The token that opens a call in each family whose call format starts with one special token.

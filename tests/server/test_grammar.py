@@ -351,3 +351,11 @@ def test_every_format_has_a_grammar_and_a_parser() -> None:
         call_format: ToolCallFormat = format_named(name)
         assert call_format.name == name and callable(call_format.call) and callable(call_format.parse)
     assert isinstance(llguidance.LLMatcher, type)
+
+
+def test_engines_over_one_tokenizer_share_one_vocabulary() -> None:
+    """Indexing a vocabulary takes seconds (Gemma 3's 262k tokens: about 7), so it is done once per tokenizer."""
+    tokenizer = load_tokenizer("qwen3")
+    shared = GrammarTokenizer.of(tokenizer)
+    assert GrammarTokenizer.of(tokenizer) is shared
+    assert GrammarTokenizer.of(load_tokenizer("qwen3", template="{{ messages }}")) is not shared

@@ -34,7 +34,7 @@ from testbed.requests import ask
 
 pytestmark = pytest.mark.e2e
 
-CODE = "\n".join(f"def scale_{i}(value):\n    return value * {i} + {i * i}  # step {i}" for i in range(24))
+CODE = "\n".join(f"def scale_{i}(value):\n    return value * {i} + {i * i}  # step {i}" for i in range(12))
 EDIT = Tool(
     "edit_file",
     parameters={
@@ -69,7 +69,7 @@ class Engines:
         self,
         engine: GenerationEngine,
         prompt: list[int],
-        max_tokens: int = 64,
+        max_tokens: int = 32,
         grammar: str | None = None,
         **sampling: Any,
     ) -> tuple[str, GenerationStats]:
@@ -134,12 +134,12 @@ def test_a_forced_edit_call_copies_old_string_under_its_grammar(engines: Engines
                          eos=tuple(sorted(engines.tokenizer.eos_token_ids))),
         writer,
     )  # fmt: skip
-    block = "\n".join(CODE.splitlines()[4:12])
+    block = "\n".join(CODE.splitlines()[4:8])
     prompt = engines.prompt(
         f"File scale.py:\n{CODE}\n\nReplace this block of scale.py:\n{block}\nCall edit_file with old_string set to "
         "exactly that block."
     )
-    plain, speculated, stats = engines.both(prompt, grammar=grammar, max_tokens=200)
+    plain, speculated, stats = engines.both(prompt, grammar=grammar, max_tokens=120)
     assert speculated == plain
     (call,) = parse_tool_calls(speculated, HERMES, {"edit_file"})[1]
     jsonschema.validate(json.loads(call.arguments), EDIT.parameters_schema())

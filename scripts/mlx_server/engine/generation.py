@@ -116,7 +116,7 @@ class GenerationEngine:
         self.options = options
         self._lockstep = lockstep  # a distributed model's: rank 0 leads every step, the other ranks follow
         self.max_batch = 1 if self.options.kv_bits else self.options.max_batch
-        self.grammar_tokenizer = GrammarTokenizer(loaded.tokenizer)
+        self.grammar_tokenizer = GrammarTokenizer.of(loaded.tokenizer)
         self._prefill_step = prefill_step()
         self._clock = StepClock()
         prompt_cache.use_clock(self._clock)
