@@ -22,7 +22,9 @@ BLAS = preload_optimized_blas()
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINT = ROOT / "scripts" / "mlx-server.py"
+AGENT_BIN = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin"
 STARTUP_TIMEOUT_SECONDS = 180
+AGENT_TIMEOUT_SECONDS = 600
 
 
 @dataclass
@@ -82,6 +84,17 @@ def run_agent_cli(
     name = executable.name
     assert completed.returncode == 0, f"{name} exited {completed.returncode}:\n{completed.stdout}\n{completed.stderr}"
     return completed.stdout
+
+
+def launch(agent: str, server_arguments: list[str], agent_arguments: list[str], home: Path,
+           workspace: Path) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """``mlx-server.py launch`` as a user runs it, with the pinned CLIs on PATH and an empty home."""
+    home.mkdir(exist_ok=True)
+    workspace.mkdir(exist_ok=True)
+    environment = {"PATH": f"{AGENT_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(home)}
+    command = [sys.executable, str(ENTRY_POINT), "launch", agent, *server_arguments, "--", *agent_arguments]
+    return subprocess.run(command, cwd=workspace, env=environment, capture_output=True, text=True,
+                          timeout=AGENT_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
 
 
 def run_python(code: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from mlx_server.settings import Settings
 
-from .conftest import ROOT, RunningServer, run_agent_cli, start_server, stop_server
+from .conftest import ROOT, RunningServer, launch, run_agent_cli, start_server, stop_server
 from .scripted import scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +89,20 @@ def test_exec_and_resume(codex_home: Path, codex_server: RunningServer, tmp_path
     assert turn_input > before["input_tokens"], "the second turn resends the first"
     assert turn_cached >= 0.9 * turn_input
     assert "POST /v1/responses HTTP/1.1" in codex_server.log_text()
+
+
+def test_launch_codex_answers_on_the_default_model_through_a_running_server(
+    codex_home: Path, codex_server: RunningServer, tmp_path: Path
+) -> None:
+    """``launch codex`` against this file's server: Codex configured by launch alone answers from the real model
+    (after the test above, Codex's instructions and tools are read from the prompt cache)."""
+    port = codex_server.base_url.rsplit(":", 1)[1]
+    options = [*SHRINK, "-c", f"model_instructions_file={codex_home / 'instructions.md'}"]
+    agent_arguments = ["exec", "--json", "--skip-git-repo-check", *options, "Say hi."]
+    ran = launch("codex", ["--port", port], agent_arguments, tmp_path / "home", tmp_path / "work")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    assert answer(events).strip(), events
 
 
 def test_a_tool_round_trip_with_streamed_arguments(tmp_path: Path) -> None:

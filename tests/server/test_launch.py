@@ -4,17 +4,15 @@ Against a server already answering on the port (the scripted engine over real
 HTTP), each CLI completes a tool round trip with only what ``launch`` gave it
 (its home directory is empty: no configuration of its own); against no server,
 ``launch`` starts one on the default model, Claude Code answers, and the server
-stops with it; Codex answers on the default model through the running one.
-OpenCode's ~7k-token prompt on the real model would take minutes of CPU
+stops with it.  (Codex through ``launch`` on the default model is in
+test_agent_cli_codex.py, on that file's server, whose cache holds Codex's
+prompt by then.)  OpenCode's ~7k-token prompt on the real model would take minutes of CPU
 prefill, so it meets the real model nowhere in CI.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,26 +21,12 @@ import pytest
 
 from mlx_server.settings import Settings
 
-from .conftest import ROOT, RunningServer, free_port
+from .conftest import free_port, launch
 from .scripted import ScriptedServer, scripted_server, served_over_http, tool_round_trip
 
 pytestmark = pytest.mark.e2e
 
-AGENT_BIN = ROOT / "tools" / "agent-clis" / "node_modules" / ".bin"
 GREETING = {"command": "echo hello-from-tool", "description": "Print a greeting"}
-TIMEOUT_SECONDS = 600
-
-
-def launch(agent: str, server_arguments: list[str], agent_arguments: list[str], home: Path,
-           workspace: Path) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """``mlx-server.py launch`` as a user runs it, with the pinned CLIs on PATH and an empty home."""
-    home.mkdir(exist_ok=True)
-    workspace.mkdir(exist_ok=True)
-    environment = {"PATH": f"{AGENT_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(home)}
-    command = [sys.executable, str(ROOT / "scripts" / "mlx-server.py"), "launch", agent, *server_arguments, "--",
-               *agent_arguments]  # fmt: skip
-    return subprocess.run(command, cwd=workspace, env=environment, capture_output=True, text=True,
-                          timeout=TIMEOUT_SECONDS, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +81,3 @@ def test_launch_starts_a_server_the_agent_answers_on_and_stops_it(tmp_path: Path
     assert "POST /v1/messages" in log.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-
-
-def test_codex_answers_on_the_default_model_through_a_running_server(server: RunningServer, tmp_path: Path) -> None:
-    """The real model, reused: Codex's prompt shrunk as its own end-to-end test does, to fit the 8k context."""
-    instructions = tmp_path / "instructions.md"
-    instructions.write_text("You are a helpful coding assistant. Answer briefly.\n")
-    shrink = ["--disable", "plugins", "--disable", "multi_agent", "--disable", "goals", "-c", "web_search=disabled",
-              "-c", f"model_instructions_file={instructions}"]  # fmt: skip
-    port = server.base_url.rsplit(":", 1)[1]
-    agent_arguments = ["exec", "--json", "--skip-git-repo-check", *shrink, "Say hi."]
-    ran = launch("codex", ["--port", port], agent_arguments, tmp_path / "home", tmp_path / "work")
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
-    said = [event["item"]["text"] for event in events if event.get("item", {}).get("type") == "agent_message"]
-    assert "".join(said).strip(), events
