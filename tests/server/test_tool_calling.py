@@ -53,6 +53,17 @@ TOOLS: list[ChatCompletionToolParam] = [
     },
 ]
 SCHEMAS = {"get_weather": WEATHER_PARAMETERS, "search_web": SEARCH_PARAMETERS}
+
+
+def bounded_strings(tool: ChatCompletionToolParam, length: int = 40) -> ChatCompletionToolParam:
+    """``tool`` with every free string at most ``length`` characters: sampled at temperature 1, the 135M model
+    may otherwise write a query past any token limit, and a call cut off there is no call."""
+    parameters = SCHEMAS[tool["function"]["name"]]
+    properties = {name: {**field, "maxLength": length} if field["type"] == "string" and "enum" not in field else field
+                  for name, field in parameters["properties"].items()}  # fmt: skip
+    return {**tool, "function": {**tool["function"], "parameters": {**parameters, "properties": properties}}}
+
+
 WEATHER_QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What's the weather in Paris?"}]
 TWO_CITIES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Weather in Paris and in London? Call the tool for each city."}
@@ -109,7 +120,7 @@ class TestForcedCalls:
             response = client.chat.completions.create(
                 model="m",
                 messages=[{"role": "user", "content": "Find me recent news about rockets."}],
-                tools=TOOLS,
+                tools=[bounded_strings(tool) for tool in TOOLS],
                 tool_choice="required",
                 parallel_tool_calls=False,
                 temperature=1.0,
