@@ -99,17 +99,17 @@ def _parameters(model: Any) -> list[tuple[str, Any]]:
 
 class TestGrowingConversation:
     def test_each_turn_reads_the_previous_prompt_from_the_cache(self, served: Served) -> None:
-        answers = conversation(served, 4, lambda message: message["content"] or "")
+        answers = conversation(served, 3, lambda message: message["content"] or "")
         for (previous, _), (current, _) in zip(answers, answers[1:]):
             assert current["usage"]["prompt_tokens_details"]["cached_tokens"] >= previous["usage"]["prompt_tokens"] - 4
 
     def test_outputs_equal_the_uncached_servers(self, served: Served) -> None:
-        for cached, uncached in conversation(served, 4, lambda message: message["content"] or ""):
+        for cached, uncached in conversation(served, 3, lambda message: message["content"] or ""):
             assert cached["choices"][0]["message"] == uncached["choices"][0]["message"]
 
     def test_a_reply_that_re_renders_differently_still_reuses_the_prompt_before_it(self, served: Served) -> None:
         """As when the client drops the reasoning: the next prompt differs from what was generated."""
-        answers = conversation(served, 4, lambda message: "(reasoning dropped) Done.")
+        answers = conversation(served, 3, lambda message: "(reasoning dropped) Done.")
         for (previous, _), (current, uncached) in zip(answers, answers[1:]):
             assert current["usage"]["prompt_tokens_details"]["cached_tokens"] >= previous["usage"]["prompt_tokens"] - 4
             assert current["choices"][0]["message"] == uncached["choices"][0]["message"]
@@ -119,8 +119,8 @@ def test_speculative_decoding_changes_no_token(served: Served) -> None:
     """Greedy output with prompt lookup equals output without it (random models repeat, so drafts are kept)."""
     for prompt in ("Repeat after me: alpha beta gamma delta alpha beta gamma delta", "Tell me a story."):
         messages = [{"role": "user", "content": prompt}]
-        speculated = chat(served.client, messages, max_tokens=48)
-        plain = chat(served.plain, messages, max_tokens=48)
+        speculated = chat(served.client, messages, max_tokens=32)
+        plain = chat(served.plain, messages, max_tokens=32)
         assert speculated["choices"][0]["message"] == plain["choices"][0]["message"]
 
 

@@ -277,7 +277,7 @@ class TestErrors:
         finished: list[int] = []
 
         def long_stream() -> None:
-            body = messages_body(LONG_ANSWER, max_tokens=48, stream=True)
+            body = messages_body(LONG_ANSWER, max_tokens=24, stream=True)
             with httpx.stream(
                 "POST", limited.base_url + MESSAGES, json=body, headers={"x-api-key": KEY}, timeout=120
             ) as response:

@@ -1,8 +1,9 @@
 """Every route of the server's own OpenAPI schema, fuzzed by schemathesis: no 5xx, no traceback, still healthy.
 
 The real application (guards, dialects, chat core) over the scripted engine,
-in-process: an open server, and one with an API key, called with and without
-it.  Hypothesis runs derandomized here, so CI fails only on a real change;
+in-process: an open server (schemathesis's coverage cases and fuzzed ones),
+and one with an API key, called with and without it (fuzzed cases).
+Hypothesis runs derandomized here, so CI fails only on a real change;
 ``make fuzz`` runs many more examples, randomized, to hunt for new cases.
 """
 
@@ -34,6 +35,9 @@ OPEN = app()
 KEYED = app((KEY,))
 open_schema = schemathesis.openapi.from_asgi("/openapi.json", OPEN)
 keyed_schema = schemathesis.openapi.from_asgi("/openapi.json", KEYED, headers={"authorization": f"Bearer {KEY}"})
+# The coverage phase's cases (every boundary and negative value the schema defines, ~10k, built at collection in
+# every worker) run against the open server; the keyed one serves the same routes behind a key: fuzzed cases only.
+keyed_schema.config.phases.update(phases=["examples", "fuzzing"])
 fuzzing = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -216,7 +216,7 @@ class TestQueue:
 
         def long_request() -> None:
             with authorized(guarded) as client:
-                results.append(client.post(CHAT, json=chat_body(LONG_ANSWER, 48)).status_code)
+                results.append(client.post(CHAT, json=chat_body(LONG_ANSWER, 24)).status_code)
 
         workers = [threading.Thread(target=long_request) for _ in range(2)]
         for worker in workers:
