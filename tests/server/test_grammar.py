@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
+import weakref
 from typing import Any
 
 import jsonschema
@@ -30,7 +32,7 @@ from mlx_server.chat.tool_parsing import ToolCalling, parse_tool_calls
 from mlx_server.chat.tool_prompts import template_tool
 from mlx_server.engine.constrained import GrammarProcessor, GrammarTokenizer
 from mlx_server.vocabulary import GrammarError, Tool, ToolGrammar
-from testbed.tokenizers import load_tokenizer
+from testbed.tokenizers import load_tokenizer, tokenizer_directory
 
 WEATHER = Tool(
     "get_weather",
@@ -359,3 +361,15 @@ def test_engines_over_one_tokenizer_share_one_vocabulary() -> None:
     shared = GrammarTokenizer.of(tokenizer)
     assert GrammarTokenizer.of(tokenizer) is shared
     assert GrammarTokenizer.of(load_tokenizer("qwen3", template="{{ messages }}")) is not shared
+
+
+def test_a_shared_vocabulary_does_not_keep_its_tokenizer_alive() -> None:
+    """An unloaded model's tokenizer (and its vocabulary) can be freed: the shared map holds neither."""
+    from mlx_lm.tokenizer_utils import load
+
+    tokenizer = load(tokenizer_directory("qwen3"))
+    GrammarTokenizer.of(tokenizer).get()
+    gone = weakref.ref(tokenizer)
+    del tokenizer
+    gc.collect()
+    assert gone() is None

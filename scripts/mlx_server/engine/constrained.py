@@ -51,7 +51,7 @@ class GrammarTokenizer:
             return vocabulary
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # so that the shared map lets an unloaded model's tokenizer go
         self._built: llguidance.LLTokenizer | None = None
         self.special_ids: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, dtype=np.int64)
         self.unavailable: str | None = None
@@ -61,9 +61,11 @@ class GrammarTokenizer:
         """The llguidance tokenizer; GrammarError when this model's tokenizer cannot be used."""
         with self._lock:
             if self._built is None and self.unavailable is None:
-                inner = hf_tokenizer(self._tokenizer)
+                tokenizer = self._tokenizer()
+                assert tokenizer is not None, "whoever asks for the vocabulary holds its tokenizer"
+                inner = hf_tokenizer(tokenizer)
                 try:
-                    eos = sorted(self._tokenizer.eos_token_ids)
+                    eos = sorted(tokenizer.eos_token_ids)
                     self._built = llguidance.hf.from_tokenizer(inner, eos_token=eos)
                     added = getattr(inner, "added_tokens_decoder", {}) or {}
                     self.special_ids = np.array(
