@@ -174,4 +174,22 @@ def _download(repo_id: str, cache: Path, endpoint: str) -> Path:
         with _lock:
             _downloads.pop(repo_id, None)
     logger.info("Downloaded %s (%s) in %.1fs", repo_id, _size(total), time.monotonic() - started)
-    return Path(snapshot_download(repo_id, allow_patterns=ALLOWED_FILES, local_files_only=True))
+    return _recorded_snapshot(repo_id, files[0].commit_hash if files else None)
+
+
+def _recorded_snapshot(repo_id: str, commit: str | None) -> Path:
+    """The downloaded snapshot, with the commit its revision resolved to recorded in the cache (``refs/main``), so
+    that an offline start finds it.
+
+    A snapshot over files already cached downloads nothing: it asks the hub for the tree once and records the
+    revision (huggingface_hub's dry run did that too before 2.5).  When the hub cannot be asked just now, the
+    commit's own snapshot is still returned.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=ALLOWED_FILES))
+    except (HfHubHTTPError, OSError) as error:
+        logger.warning("The hub could not be asked for %s's revision after its download: %s", repo_id, error)
+        return Path(snapshot_download(repo_id, revision=commit, allow_patterns=ALLOWED_FILES, local_files_only=True))
