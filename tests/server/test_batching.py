@@ -108,7 +108,7 @@ class TestPerRequestSettings:
     def test_greedy_outputs_equal_their_solo_outputs(self, engine: GenerationEngine) -> None:
         """At temperature 0, six different prompts with different lengths give, together, what each gives alone."""
         requests = [
-            (prompt_for(engine, question), ask(12 + 4 * index, temperature=0.0))
+            (prompt_for(engine, question), ask(8 + 3 * index, temperature=0.0))
             for index, question in enumerate(QUESTIONS)
         ]
         solo = [alone(engine, *request) for request in requests]

@@ -227,7 +227,7 @@ def engines(loaded_model: Any) -> Iterator[tuple[GenerationEngine, GenerationEng
 def _generate(
     engine: GenerationEngine,
     messages: list[Message],
-    max_tokens: int = 12,
+    max_tokens: int = 8,
     cancel_after: int | None = None,
 ) -> tuple[str, GenerationStats]:
     tokenizer = engine.loaded.tokenizer
