@@ -6,8 +6,8 @@ HTTP), each CLI completes a tool round trip with only what ``launch`` gave it
 ``launch`` starts one on the default model, Claude Code answers, and the server
 stops with it.  (Codex through ``launch`` on the default model is in
 test_agent_cli_codex.py, on that file's server, whose cache holds Codex's
-prompt by then.)  OpenCode's ~7k-token prompt on the real model would take minutes of CPU
-prefill, so it meets the real model nowhere in CI.
+prompt by then.)  OpenCode's ~7k-token prompt on the real model would take
+minutes of CPU prefill, so it meets the real model nowhere in CI.
 """
 
 from __future__ import annotations
