@@ -400,13 +400,8 @@ class GenerationEngine:
         )  # fmt: skip
 
     def _bytes_per_token(self) -> int:
-        """KV bytes one token takes in this model's cache (measured on one cache step, quantized if asked).
-
-        A plain ``KVCache`` allocates a whole step at its first token, so one
-        token measures it (a 256-token pass took 1.7 s of the default model's
-        start-up on a CPU); other caches (sliding windows, recurrent state)
-        are measured on a step of tokens.
-        """
+        """KV bytes one token takes in this model's cache, quantized if asked: a plain ``KVCache`` holds a whole step
+        from its first token, so one token measures it (not a 1.7 s pass); other caches get a step of tokens."""
         cache = make_prompt_cache(self.loaded.model)
         plain = all(type(layer) is KVCache and layer.step == KV_STEP for layer in cache)
         self.loaded.model(mx.zeros((1, 1 if plain else KV_STEP), dtype=mx.int32), cache=cache)
