@@ -61,7 +61,11 @@ def codex(home: Path, workspace: Path, *arguments: str) -> list[dict[str, Any]]:
     options = [*SHRINK, "-c", f"model_instructions_file={home / 'instructions.md'}"]
     command = ["exec", "--json", "--skip-git-repo-check", *options, *arguments]
     environment = {"CODEX_HOME": str(home), "OPENAI_API_KEY": "sk-local-test"}
-    stdout = run_agent_cli(CODEX, command, workspace, home, environment, CLI_TIMEOUT_SECONDS)
+    return json_events(run_agent_cli(CODEX, command, workspace, home, environment, CLI_TIMEOUT_SECONDS))
+
+
+def json_events(stdout: str) -> list[dict[str, Any]]:
+    """``codex exec --json``'s events: the lines of its output that are JSON objects."""
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
@@ -101,7 +105,7 @@ def test_launch_codex_answers_on_the_default_model_through_a_running_server(
     agent_arguments = ["exec", "--json", "--skip-git-repo-check", *options, "Say hi."]
     ran = launch("codex", ["--port", port], agent_arguments, tmp_path / "home", tmp_path / "work")
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    events = json_events(ran.stdout)
     assert answer(events).strip(), events
 
 

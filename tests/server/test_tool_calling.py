@@ -53,6 +53,11 @@ TOOLS: list[ChatCompletionToolParam] = [
     },
 ]
 SCHEMAS = {"get_weather": WEATHER_PARAMETERS, "search_web": SEARCH_PARAMETERS}
+WEATHER_QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What's the weather in Paris?"}]
+TWO_CITIES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Weather in Paris and in London? Call the tool for each city."}
+]
+FORCE_WEATHER: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 def bounded_strings(tool: ChatCompletionToolParam, length: int = 40) -> ChatCompletionToolParam:
@@ -62,13 +67,6 @@ def bounded_strings(tool: ChatCompletionToolParam, length: int = 40) -> ChatComp
     properties = {name: {**field, "maxLength": length} if field["type"] == "string" and "enum" not in field else field
                   for name, field in parameters["properties"].items()}  # fmt: skip
     return {**tool, "function": {**tool["function"], "parameters": {**parameters, "properties": properties}}}
-
-
-WEATHER_QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What's the weather in Paris?"}]
-TWO_CITIES: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "Weather in Paris and in London? Call the tool for each city."}
-]
-FORCE_WEATHER: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")

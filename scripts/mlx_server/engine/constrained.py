@@ -34,8 +34,8 @@ class GrammarTokenizer:
 
     Building it walks the whole vocabulary: about 0.7 s for a 49k-token one, 7 s
     for Gemma 3's 262k. ``of`` gives every engine over the same tokenizer object
-    the same one (a models config naming one model twice, or the tests' engines
-    with and without the cache), so it is built once.
+    (one loaded model served with and without the cache, as the tests do) the
+    same one, so it is built once.
     """
 
     _shared: ClassVar[weakref.WeakKeyDictionary[Any, GrammarTokenizer]] = weakref.WeakKeyDictionary()

@@ -70,9 +70,9 @@ class ImagePrefill:
     per step, sized so that the streams decoding meanwhile wait about a
     quarter step more (``BatchDecoder``).  ``keep_state(copy, tokens)`` is
     called at each pause point passed (the stable prefix, the end of the
-    history).  A
-    ``start`` inside an image (a cache entry that ends there) steps back to
-    the image's start, or to nothing for a cache that cannot step back.
+    history).  A ``start`` inside an image (a cache entry that ends there)
+    steps back to the image's start, or to nothing for a cache that cannot
+    step back.
     """
 
     def __init__(

@@ -23,9 +23,8 @@ sizes below make a piece take 1-4 ms on this CPU (a real model on a GPU
 makes pieces of the same size, fast; smaller ones here, 8 query rows, gave
 longer waits in bench-vision: more of them, each with its own cost).  Once
 the graph is built the modules, mlx-vlm's functions and ``mx`` are as they
-were.  What is left
-whole is each attention's projections (queries, keys and values over all the
-patches, which every block of rows reads): ~1 ms here.
+were.  What is left whole is each attention's projections (queries, keys and
+values over all the patches, which every block of rows reads): ~1 ms here.
 """
 
 from __future__ import annotations
