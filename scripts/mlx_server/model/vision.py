@@ -52,13 +52,13 @@ logger = logging.getLogger("mlx")
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 #: The families whose images take M-RoPE's 3-D positions (the text after an image sits at a per-row delta).
-POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_5"})
+POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
 #: What the chat template gets for one image, by model type (the processor expands it to the image's tokens).
 IMAGE_FAMILIES = {"gemma3": "<start_of_image>", **{family: QWEN_IMAGE for family in POSITION_GRID_FAMILIES}}
 #: Vision families served as text models here, and why.
 TEXT_ONLY_VISION_FAMILIES = {
     family: "reading its images is not yet tested here (no tiny model of it in the test suite)"
-    for family in ("qwen2_vl", "qwen3_vl_moe", "qwen3_5_moe")
+    for family in ("qwen2_vl", "qwen3_vl_moe")
 }
 INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
 IMAGES_REMEMBERED = 32
