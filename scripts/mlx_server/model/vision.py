@@ -39,27 +39,20 @@ __all__ = [
     "IMAGE_FAMILIES",
     "INSTALL_VISION",
     "POSITION_GRID_FAMILIES",
-    "TEXT_ONLY_VISION_FAMILIES",
     "ImageSpan",
     "VisionTower",
     "VisionUnavailableError",
     "load_vision",
     "open_image",
-    "vision_family",
 ]
 
 logger = logging.getLogger("mlx")
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 #: The families whose images take M-RoPE's 3-D positions (the text after an image sits at a per-row delta).
-POSITION_GRID_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"})
+POSITION_GRID_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"})
 #: What the chat template gets for one image, by model type (the processor expands it to the image's tokens).
 IMAGE_FAMILIES = {"gemma3": "<start_of_image>", **{family: QWEN_IMAGE for family in POSITION_GRID_FAMILIES}}
-#: Vision families served as text models here, and why.
-TEXT_ONLY_VISION_FAMILIES = {
-    family: "reading its images is not yet tested here (no tiny model of it in the test suite)"
-    for family in ("qwen2_vl", "qwen3_vl_moe")
-}
 INSTALL_VISION = "make install-vision (or: pip install -e '.[vision]')"
 IMAGES_REMEMBERED = 32
 REMEMBERED_PIXEL_BYTES = 256 * 1024**2  # what the remembered images' pixels may hold, in all
@@ -72,9 +65,10 @@ class VisionUnavailableError(RuntimeError):
 
 
 def vision_family(config: dict[str, Any]) -> str | None:
-    """The model type, when the checkpoint is a vision model's (it has a vision tower's config)."""
+    """The model type, when the checkpoint is a vision model's whose images this server reads (it has a vision
+    tower's config); None for a text model, and for another family's vision checkpoint (served as text by mlx-lm)."""
     model_type = str(config.get("model_type", ""))
-    if config.get("vision_config") is None or model_type not in {*IMAGE_FAMILIES, *TEXT_ONLY_VISION_FAMILIES}:
+    if config.get("vision_config") is None or model_type not in IMAGE_FAMILIES:
         return None
     return model_type
 
@@ -288,7 +282,7 @@ def load_vision(directory: Path, text_model: nn.Module, config: dict[str, Any]) 
     VisionUnavailableError when the model reads images and mlx-vlm is not installed.
     """
     family = vision_family(config)
-    if family is None or family not in IMAGE_FAMILIES:
+    if family is None:
         return None
     try:
         from mlx_vlm.utils import load_image_processor, load_model, load_processor
