@@ -43,7 +43,8 @@ QWEN3_5_TEXT = {
 #: Experts for the MoE families (every layer's MLP a mixture; Qwen3.5 MoE's with a shared expert, as the real one).
 QWEN_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
                 "mlp_only_layers": [], "shared_expert_intermediate_size": 32, "norm_topk_prob": True}  # fmt: skip
-#: The language models over Qwen3's tiny config (Qwen2-VL's and Qwen2.5-VL's are Qwen2's: it takes the same keys).
+#: M-RoPE's settings for the families whose language model is built on Qwen3's tiny config (Qwen2-VL's and
+#: Qwen2.5-VL's are Qwen2's, which takes the same keys).
 QWEN_ROPE = {
     "qwen2_vl": {"type": "mrope", "mrope_section": [2, 3, 3]},
     "qwen2_5_vl": {"type": "mrope", "mrope_section": [2, 3, 3]},
