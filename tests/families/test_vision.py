@@ -36,9 +36,11 @@ from mlx_server.model import tower_pieces
 from mlx_server.model.loading import ModelLoadError, load_model
 from mlx_server.pool.assembly import images_read
 from mlx_server.vocabulary import PromptImage
+from testbed import tiny_models
 from testbed.documents import data_url, huge_declared_png, png
 from testbed.serving import Served, serve
 from testbed.tiny_vision import QWEN_VISION_FAMILIES, build_qwen_vision, build_vision
+from testbed.tokenizers import tokenizer_directory
 from tests.server.conftest import ROOT, start_server, stop_server
 
 from .test_family_matrix import FORECAST, SCHEMA
@@ -218,6 +220,22 @@ def test_a_bfloat16_mixture_of_experts_reads_images_on_a_cpu(tmp_path: Path) -> 
         assert reply["usage"]["prompt_tokens"] > image + len(loaded.tokenizer.encode(QUESTION))
     finally:
         engine.shutdown()
+
+
+def test_a_vision_checkpoint_of_a_family_not_read_here_is_served_as_text_and_start_up_says_so(tmp_path: Path) -> None:
+    """A Mistral 3 (Mistral Small 3.1) checkpoint: mlx-lm serves its language model; its images are left out,
+    and the warning names the family and the ones whose images are read."""
+    llama = tiny_models.FAMILIES["llama"]
+    vocabulary = tiny_models.vocabulary_size(tokenizer_directory(llama.tokenizer) / "tokenizer.json")
+    config = {"model_type": "mistral3", "text_config": {**llama.config, "vocab_size": vocabulary}}
+    directory = tiny_models.build(tiny_models.Family("mistral3", llama.tokenizer, config, llama.caches), tmp_path)
+    vision = {"model_type": "pixtral", "hidden_size": 32, "num_hidden_layers": 1}  # mlx-lm's save_config drops it
+    (directory / "config.json").write_text(json.dumps({**config, "vision_config": vision}))
+    loaded = load_model(str(directory))
+    assert loaded.vision is None
+    (warning,) = loaded.warnings
+    assert "vision model (mistral3) served as a text model, images left out" in warning
+    assert all(family in warning for family in FAMILIES)
 
 
 class TestTheSecondTurn:

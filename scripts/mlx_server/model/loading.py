@@ -28,6 +28,7 @@ from mlx_server.model.hub import HubError, fetch
 from mlx_server.model.vision import (
     VisionTower,
     VisionUnavailableError,
+    images_left_out,
     load_vision,
 )
 from mlx_server.model.weight_format import UnrunnableModelError, moe_on_cpu
@@ -141,8 +142,10 @@ def _load_with_mlx_lm(reference: str, display_name: str, kind: str, identity: st
         vision = load_vision(Path(reference), model, config)
     except VisionUnavailableError as error:
         raise ModelLoadError(str(error)) from error
+    left_out = images_left_out(config, display_name)
     return LoadedModel(
         vision=vision,
+        warnings=[left_out] if left_out is not None else [],
         recommended_sampling=read_generation_config(Path(reference)),
         model=model,
         tokenizer=tokenizer,

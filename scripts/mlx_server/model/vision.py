@@ -42,6 +42,7 @@ __all__ = [
     "ImageSpan",
     "VisionTower",
     "VisionUnavailableError",
+    "images_left_out",
     "load_vision",
     "open_image",
 ]
@@ -64,9 +65,19 @@ class VisionUnavailableError(RuntimeError):
     """The model reads images, and what reads them (the vision extra) is not installed."""
 
 
+def images_left_out(config: dict[str, Any], name: str) -> str | None:
+    """What start-up says of a vision checkpoint whose family's images are not read here (mlx-lm serves its
+    language model as text); None for a text model and for the families read."""
+    model_type = str(config.get("model_type", ""))
+    if config.get("vision_config") is None or model_type in IMAGE_FAMILIES:
+        return None
+    return (f"{name} is a vision model ({model_type}) served as a text model, images left out: this server reads "
+            f"the images of {', '.join(sorted(IMAGE_FAMILIES))}")  # fmt: skip
+
+
 def vision_family(config: dict[str, Any]) -> str | None:
     """The model type, when the checkpoint is a vision model's whose images this server reads (it has a vision
-    tower's config); None for a text model, and for another family's vision checkpoint (served as text by mlx-lm)."""
+    tower's config); None for a text model, and for another family's vision checkpoint (``images_left_out``)."""
     model_type = str(config.get("model_type", ""))
     if config.get("vision_config") is None or model_type not in IMAGE_FAMILIES:
         return None
