@@ -68,20 +68,16 @@ class VisionUnavailableError(RuntimeError):
 def images_left_out(config: dict[str, Any], name: str) -> str | None:
     """What start-up says of a vision checkpoint whose family's images are not read here (mlx-lm serves its
     language model as text); None for a text model and for the families read."""
-    model_type = str(config.get("model_type", ""))
-    if config.get("vision_config") is None or model_type in IMAGE_FAMILIES:
+    family = _vision_checkpoint(config)
+    if family is None or family in IMAGE_FAMILIES:
         return None
-    return (f"{name} is a vision model ({model_type}) served as a text model, images left out: this server reads "
+    return (f"{name} is a vision model ({family}) served as a text model, images left out: this server reads "
             f"the images of {', '.join(sorted(IMAGE_FAMILIES))}")  # fmt: skip
 
 
-def vision_family(config: dict[str, Any]) -> str | None:
-    """The model type, when the checkpoint is a vision model's whose images this server reads (it has a vision
-    tower's config); None for a text model, and for another family's vision checkpoint (``images_left_out``)."""
-    model_type = str(config.get("model_type", ""))
-    if config.get("vision_config") is None or model_type not in IMAGE_FAMILIES:
-        return None
-    return model_type
+def _vision_checkpoint(config: dict[str, Any]) -> str | None:
+    """The model type, when the checkpoint is a vision model's (it has a vision tower's config)."""
+    return str(config.get("model_type", "")) if config.get("vision_config") is not None else None
 
 
 class ImageSpan:
@@ -292,8 +288,8 @@ def load_vision(directory: Path, text_model: nn.Module, config: dict[str, Any]) 
 
     VisionUnavailableError when the model reads images and mlx-vlm is not installed.
     """
-    family = vision_family(config)
-    if family is None:
+    family = _vision_checkpoint(config)
+    if family is None or family not in IMAGE_FAMILIES:
         return None
     try:
         from mlx_vlm.utils import load_image_processor, load_model, load_processor
